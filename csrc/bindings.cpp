@@ -1,0 +1,181 @@
+// The only pybind11 file: exposes the native core to pybrain_mpi/ as `pybrain_mpi._core`.
+//
+// Buffers cross as (address, element count, dtype code); pybrain_mpi/communication/buffers.py
+// is the one place that turns tensors and arrays into those. Every call that can block
+// releases the GIL.
+#include <mpi.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "collectives/engine.h"
+#include "common/errors.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string compiled_mpi_vendor() {
+#if defined(OMPI_MAJOR_VERSION)
+  return "Open MPI " + std::to_string(OMPI_MAJOR_VERSION) + "." + std::to_string(OMPI_MINOR_VERSION);
+#elif defined(I_MPI_VERSION)
+  return std::string("Intel MPI ") + I_MPI_VERSION;
+#elif defined(MVAPICH2_VERSION)
+  return std::string("MVAPICH2 ") + MVAPICH2_VERSION;
+#elif defined(MPICH_VERSION)
+  return std::string("MPICH ") + MPICH_VERSION;
+#else
+  return "unknown MPI";
+#endif
+}
+
+std::string runtime_mpi_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING];
+  int length = 0;
+  MPI_Get_library_version(text, &length);
+  return std::string(text, length);
+}
+
+int query_thread_level() {
+  int level = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&level);
+  return level;
+}
+
+// Raises the Python exception class of pybrain_mpi.errors that matches a core failure.
+void raise_python(const char* class_name, const std::exception& error,
+                  const std::vector<int>* missing_ranks) {
+  py::object errors = py::module_::import("pybrain_mpi.errors");
+  py::object instance = errors.attr(class_name)(py::str(error.what()));
+  if (missing_ranks) instance.attr("missing_ranks") = py::cast(*missing_ranks);
+  PyErr_SetObject(errors.attr(class_name).ptr(), instance.ptr());
+}
+
+pbm::CollectiveSpec make_spec(pbm::CollectiveKind kind, std::uintptr_t address, size_t count,
+                              int dtype, int op, int algorithm, int root, const std::string& name) {
+  pbm::CollectiveSpec spec;
+  spec.kind = kind;
+  spec.data = reinterpret_cast<void*>(address);
+  spec.count = count;
+  spec.dtype = static_cast<pbm::DType>(dtype);
+  pbm::dtype_size(spec.dtype);  // validates the code
+  spec.op = static_cast<pbm::ReduceOp>(op);
+  spec.algorithm = static_cast<pbm::Algorithm>(algorithm);
+  spec.root = root;
+  spec.name = name;
+  return spec;
+}
+
+// Runs a collective blocking (returns None) or queues it (returns the Operation).
+py::object start(pbm::Engine& engine, pbm::CollectiveSpec spec, bool async_op, double timeout_s) {
+  if (async_op) {
+    std::shared_ptr<pbm::Operation> op;
+    {
+      py::gil_scoped_release release;
+      op = engine.submit(std::move(spec));
+    }
+    return py::cast(op);
+  }
+  py::gil_scoped_release release;
+  engine.run(std::move(spec), timeout_s);
+  return py::none();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
+
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (const pbm::CollectiveTimeoutError& error) {
+      raise_python("CollectiveTimeout", error, &error.missing_ranks());
+    } catch (const pbm::CollectiveMismatchError& error) {
+      raise_python("CollectiveMismatch", error, nullptr);
+    } catch (const pbm::PbmError& error) {
+      raise_python("PbmError", error, nullptr);
+    }
+  });
+
+  m.def("compiled_mpi_vendor", &compiled_mpi_vendor,
+        "MPI implementation (and version) whose mpi.h this extension was compiled against.");
+  m.def("mpi_library_version", &runtime_mpi_library_version,
+        "MPI_Get_library_version() of the MPI library loaded in this process.");
+  m.def("query_thread_level", &query_thread_level,
+        "MPI_Query_thread(): the thread support level MPI was initialized with.");
+  m.attr("MPI_THREAD_MULTIPLE") = static_cast<int>(MPI_THREAD_MULTIPLE);
+  m.attr("MAX_INLINE_PAYLOAD_BYTES") = pbm::kMaxInlinePayloadBytes;
+
+  py::class_<pbm::Operation, std::shared_ptr<pbm::Operation>>(
+      m, "Operation", "A queued collective; pybrain_mpi.Handle wraps it.")
+      .def(
+          "wait",
+          [](pbm::Operation& op, double timeout_s) {
+            py::gil_scoped_release release;
+            return op.wait(timeout_s);
+          },
+          py::arg("timeout_s"), "Waits up to timeout_s (negative: forever); returns done().")
+      .def("done", &pbm::Operation::done)
+      .def("check", &pbm::Operation::rethrow_if_failed, "Raises the collective's error, if any.")
+      .def("describe", &pbm::Operation::describe)
+      .def("phase", [](pbm::Operation& op) { return op.status().phase(); })
+      .def("waiting_for", [](pbm::Operation& op) { return op.status().waiting_for(); });
+
+  py::class_<pbm::Engine>(m, "Engine", "Owns the duplicated communicator and progress thread.")
+      .def(py::init([](int64_t fortran_comm, double timeout_s, bool progress_thread) {
+             MPI_Comm comm = MPI_Comm_f2c(static_cast<MPI_Fint>(fortran_comm));
+             py::gil_scoped_release release;
+             return std::make_unique<pbm::Engine>(comm, timeout_s, progress_thread);
+           }),
+           py::arg("fortran_comm"), py::arg("timeout_s"), py::arg("progress_thread"))
+      .def_property_readonly("rank", &pbm::Engine::rank)
+      .def_property_readonly("size", &pbm::Engine::size)
+      .def_property_readonly("bytes_sent", &pbm::Engine::bytes_sent)
+      .def_property_readonly("timeout_s", &pbm::Engine::timeout_s)
+      .def_property(
+          "ring_chunk_bytes", [](pbm::Engine& e) { return e.ring().chunk_bytes; },
+          [](pbm::Engine& e, size_t bytes) { e.ring().chunk_bytes = bytes; })
+      .def_property(
+          "ring_window", [](pbm::Engine& e) { return e.ring().window; },
+          [](pbm::Engine& e, int window) { e.ring().window = window; })
+      .def(
+          "allreduce",
+          [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int op,
+             int algorithm, const std::string& name, bool async_op, double timeout_s) {
+            return start(engine,
+                         make_spec(pbm::CollectiveKind::kAllreduce, address, count, dtype, op,
+                                   algorithm, 0, name),
+                         async_op, timeout_s);
+          },
+          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+          py::arg("algorithm"), py::arg("name"), py::arg("async_op"), py::arg("timeout_s"))
+      .def(
+          "broadcast",
+          [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int root,
+             const std::string& name, bool async_op, double timeout_s) {
+            return start(engine,
+                         make_spec(pbm::CollectiveKind::kBroadcast, address, count, dtype, 0, 0,
+                                   root, name),
+                         async_op, timeout_s);
+          },
+          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("name"),
+          py::arg("async_op"), py::arg("timeout_s"))
+      .def(
+          "barrier",
+          [](pbm::Engine& engine, double timeout_s) {
+            return start(engine, make_spec(pbm::CollectiveKind::kBarrier, 0, 0, 0, 0, 0, 0, ""),
+                         false, timeout_s);
+          },
+          py::arg("timeout_s"))
+      .def(
+          "shutdown",
+          [](pbm::Engine& engine) {
+            py::gil_scoped_release release;
+            engine.shutdown();
+          },
+          "Stops the progress thread; queued collectives fail, a stuck one is aborted.");
+}

@@ -1,0 +1,48 @@
+// What a collective call asks for, independent of how it is executed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "../common/dtype.h"
+
+namespace pbm {
+
+enum class CollectiveKind : int32_t { kAllreduce = 0, kBroadcast = 1, kBarrier = 2 };
+
+// Allreduce algorithms. Each lives in its own file with the same run() shape.
+enum class Algorithm : int32_t {
+  kRing = 0,  // ring_allreduce.cpp: pipelined reduce-scatter + allgather over point-to-point
+  kMpi = 1,   // mpi_allreduce.cpp: the MPI library's own MPI_Iallreduce (baseline, fallback)
+};
+
+inline const char* collective_kind_name(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kAllreduce: return "allreduce";
+    case CollectiveKind::kBroadcast: return "broadcast";
+    case CollectiveKind::kBarrier: return "barrier";
+  }
+  return "unknown";
+}
+
+inline const char* algorithm_name(Algorithm algorithm) {
+  switch (algorithm) {
+    case Algorithm::kRing: return "ring";
+    case Algorithm::kMpi: return "mpi";
+  }
+  return "unknown";
+}
+
+struct CollectiveSpec {
+  CollectiveKind kind = CollectiveKind::kAllreduce;
+  Algorithm algorithm = Algorithm::kRing;
+  ReduceOp op = ReduceOp::kSum;
+  DType dtype = DType::kFloat32;
+  void* data = nullptr;  // in place: input on entry, result on exit
+  size_t count = 0;      // elements
+  int root = 0;          // broadcast only
+  std::string name;      // tensor name for messages; may be empty
+};
+
+}  // namespace pbm

@@ -1,0 +1,298 @@
+#include "engine.h"
+
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "../kernels/reduce.h"
+#include "mpi_allreduce.h"
+
+namespace pbm {
+
+namespace {
+// Transport scratch slots used here (handshake uses 0-1, the ring 2).
+constexpr size_t kScratchWiden = 3;
+constexpr size_t kScratchFold = 4;
+// An allreduce whose payload is at most this many bytes travels inside the join message
+// itself (all-to-all, then every rank folds the n inputs in rank order). Bounded in total
+// bytes too, so the all-to-all never sends much more than the ring would.
+constexpr size_t kInlineTotalBytes = 256 * 1024;
+
+bool inline_allreduce(size_t bytes, int n) {
+  return bytes <= kMaxInlinePayloadBytes && bytes * static_cast<size_t>(n - 1) <= kInlineTotalBytes;
+}
+
+CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq) {
+  CollectiveHeader header;
+  header.seq = seq;
+  header.kind = static_cast<int32_t>(spec.kind);
+  header.algorithm = static_cast<int32_t>(spec.algorithm);
+  header.op = static_cast<int32_t>(spec.op);
+  header.dtype = static_cast<int32_t>(spec.dtype);
+  header.count = spec.count;
+  header.root = spec.root;
+  std::strncpy(header.name, spec.name.c_str(), sizeof(header.name) - 1);
+  return header;
+}
+}  // namespace
+
+std::string Operation::describe() const {
+  return describe_header(header_for(spec_, seq_));
+}
+
+bool Operation::wait(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (timeout_s < 0) {
+    finished_cv_.wait(lock, [&] { return finished_; });
+    return true;
+  }
+  return finished_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                               [&] { return finished_; });
+}
+
+bool Operation::done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return finished_;
+}
+
+void Operation::rethrow_if_failed() const {
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    error = error_;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void Operation::finish(std::exception_ptr error) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    finished_ = true;
+    error_ = error;
+  }
+  status_.set(error ? "failed" : "done", {});
+  finished_cv_.notify_all();
+}
+
+Engine::Engine(MPI_Comm comm, double timeout_s, bool progress_thread)
+    : transport_(comm), handshake_(transport_), ring_(transport_), timeout_s_(timeout_s) {
+  if (progress_thread) progress_thread_ = std::thread([this] { progress_loop(); });
+}
+
+Engine::~Engine() { shutdown(); }
+
+Clock::time_point Engine::deadline_after(double timeout_s) const {
+  if (!(timeout_s > 0) || !std::isfinite(timeout_s)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(timeout_s));
+}
+
+std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec) {
+  // Called with mu_ held: sequence numbers follow submission order.
+  if (stopping_) throw PbmError("rank " + std::to_string(rank()) + ": pybrain-mpi was shut down");
+  throw_if_broken();
+  return std::make_shared<Operation>(std::move(spec), next_seq_++);
+}
+
+std::shared_ptr<Operation> Engine::submit(CollectiveSpec spec) {
+  std::shared_ptr<Operation> op;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    op = make_operation(std::move(spec));
+    if (progress_thread_.joinable()) {
+      queue_.push_back(op);
+      queue_cv_.notify_all();
+      return op;
+    }
+    executing_ = true;
+  }
+  // No progress thread: execute now, on this thread.
+  execute(*op, deadline_after(timeout_s_));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    executing_ = false;
+  }
+  return op;
+}
+
+void Engine::run(CollectiveSpec spec, double timeout_s) {
+  if (timeout_s < 0) timeout_s = timeout_s_;
+  std::shared_ptr<Operation> op;
+  bool run_here = false;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    op = make_operation(std::move(spec));
+    if (queue_.empty() && !executing_) {
+      executing_ = true;
+      run_here = true;
+    } else {
+      queue_.push_back(op);
+      queue_cv_.notify_all();
+    }
+  }
+  if (run_here) {
+    execute(*op, deadline_after(timeout_s));
+    std::lock_guard<std::mutex> lock(mu_);
+    executing_ = false;
+    queue_cv_.notify_all();  // async work queued meanwhile may start now
+  } else if (!op->wait(timeout_s > 0 ? timeout_s : -1.0)) {
+    const std::vector<int> waiting = op->status().waiting_for();
+    std::ostringstream message;
+    message << "rank " << rank() << ": " << op->describe() << " timed out after " << timeout_s
+            << " s while " << op->status().phase();
+    throw CollectiveTimeoutError(message.str(), waiting);
+  }
+  op->rethrow_if_failed();
+}
+
+void Engine::progress_loop() {
+  for (;;) {
+    std::shared_ptr<Operation> op;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      queue_cv_.wait(lock, [&] { return stopping_ || (!queue_.empty() && !executing_); });
+      if (stopping_) break;
+      op = queue_.front();
+      queue_.pop_front();
+      executing_ = true;
+    }
+    execute(*op, deadline_after(timeout_s_));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      executing_ = false;
+    }
+    queue_cv_.notify_all();
+  }
+}
+
+void Engine::mark_broken(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (broken_reason_.empty()) broken_reason_ = reason;
+}
+
+void Engine::throw_if_broken() const {
+  // Called with mu_ held.
+  if (!broken_reason_.empty()) {
+    throw PbmError("rank " + std::to_string(rank()) +
+                   ": pybrain-mpi cannot run more collectives after an earlier failure left the "
+                   "ranks out of step: " + broken_reason_);
+  }
+}
+
+void Engine::execute(Operation& op, Clock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!broken_reason_.empty()) {
+      try {
+        throw_if_broken();
+      } catch (...) {
+        op.finish(std::current_exception());
+        return;
+      }
+    }
+  }
+  try {
+    switch (op.spec().kind) {
+      case CollectiveKind::kAllreduce: execute_allreduce(op, deadline); break;
+      case CollectiveKind::kBroadcast: execute_broadcast(op, deadline); break;
+      case CollectiveKind::kBarrier: {
+        CollectiveHeader header = header_for(op.spec(), op.seq());
+        handshake_.exchange(header, nullptr, deadline, op.describe(), &op.status());
+        break;
+      }
+    }
+    op.finish(nullptr);
+  } catch (const CollectiveMismatchError& error) {
+    // Headers agreed on the order but not the shape: every rank raised the same error
+    // and no data moved, so later collectives can still match.
+    if (handshake_.order_broken()) mark_broken(error.what());
+    op.finish(std::current_exception());
+  } catch (const std::exception& error) {
+    mark_broken(error.what());
+    op.finish(std::current_exception());
+  }
+}
+
+void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
+  const CollectiveSpec& spec = op.spec();
+  const int n = size();
+  const std::string what = op.describe();
+  if (is_integer(spec.dtype) && spec.op == ReduceOp::kAvg) {
+    throw PbmError("rank " + std::to_string(rank()) + ": " + what +
+                   ": op='avg' needs a floating-point dtype; use op='sum' for integers");
+  }
+  // 16-bit floats accumulate in float32 (a widened copy in persistent scratch).
+  void* work = spec.data;
+  DType work_dtype = spec.dtype;
+  if (is_half_precision(spec.dtype)) {
+    work = transport_.scratch(kScratchWiden, spec.count * sizeof(float));
+    widen_to_float32(static_cast<const uint16_t*>(spec.data), static_cast<float*>(work), spec.count,
+                     spec.dtype);
+    work_dtype = DType::kFloat32;
+  }
+  const size_t esize = dtype_size(work_dtype);
+  const size_t bytes = spec.count * esize;
+  const double divisor = spec.op == ReduceOp::kAvg ? static_cast<double>(n) : 1.0;
+  const bool small = n > 1 && inline_allreduce(bytes, n);
+
+  CollectiveHeader header = header_for(spec, op.seq());
+  header.payload_bytes = small ? static_cast<uint32_t>(bytes) : 0;
+  handshake_.exchange(header, small ? work : nullptr, deadline, what, &op.status());
+  op.status().set(what + ": data phase", {});
+
+  if (n == 1) {
+    // Nothing to exchange; avg over one rank is the identity.
+  } else if (small) {
+    // Fold the n inputs in rank order so every rank computes bitwise the same result.
+    char* acc = transport_.scratch(kScratchFold, std::max<size_t>(bytes, 1));
+    std::memcpy(acc, handshake_.payload(0), bytes);
+    for (int r = 1; r < n; ++r) reduce_into(acc, handshake_.payload(r), spec.count, work_dtype, spec.op);
+    if (divisor != 1.0) divide_in_place(acc, spec.count, work_dtype, divisor);
+    std::memcpy(work, acc, bytes);
+  } else if (spec.algorithm == Algorithm::kMpi) {
+    mpi_allreduce(transport_, work, spec.count, work_dtype, spec.op, deadline, what, &op.status());
+    if (divisor != 1.0) divide_in_place(work, spec.count, work_dtype, divisor);
+  } else {
+    ring_.run(work, spec.count, work_dtype, spec.op, divisor, deadline, what, &op.status());
+  }
+
+  if (work != spec.data) {
+    narrow_from_float32(static_cast<const float*>(work), static_cast<uint16_t*>(spec.data),
+                        spec.count, spec.dtype);
+  }
+}
+
+void Engine::execute_broadcast(Operation& op, Clock::time_point deadline) {
+  const CollectiveSpec& spec = op.spec();
+  const std::string what = op.describe();
+  if (spec.root < 0 || spec.root >= size()) {
+    throw PbmError("rank " + std::to_string(rank()) + ": " + what + ": root " +
+                   std::to_string(spec.root) + " is not a rank of a world of size " +
+                   std::to_string(size()));
+  }
+  CollectiveHeader header = header_for(spec, op.seq());
+  handshake_.exchange(header, nullptr, deadline, what, &op.status());
+  mpi_broadcast(transport_, spec.data, spec.count * dtype_size(spec.dtype), spec.root, deadline,
+                what, &op.status());
+}
+
+void Engine::shutdown() {
+  std::deque<std::shared_ptr<Operation>> abandoned;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    abandoned.swap(queue_);
+    // A collective stuck waiting for a peer that will never come gives up now.
+    if (executing_) transport_.abort();
+  }
+  queue_cv_.notify_all();
+  if (progress_thread_.joinable()) progress_thread_.join();
+  for (auto& op : abandoned) {
+    op->finish(std::make_exception_ptr(
+        PbmError("rank " + std::to_string(rank()) + ": " + op->describe() +
+                 " was never run: pybrain-mpi was shut down first")));
+  }
+}
+
+}  // namespace pbm

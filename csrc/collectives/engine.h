@@ -1,0 +1,106 @@
+// The engine owns pybrain-mpi's communicator and its one background progress thread.
+//
+// Collectives execute one at a time, in submission order, on every rank. Asynchronous
+// calls are queued for the progress thread; a blocking call made while nothing is queued
+// runs directly on the calling thread (GIL released by the bindings), which keeps small
+// allreduces at MPI latency instead of paying a thread hand-off.
+#pragma once
+
+#include <mpi.h>
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "collective.h"
+#include "handshake.h"
+#include "ring_allreduce.h"
+#include "transport.h"
+
+namespace pbm {
+
+// One submitted collective; shared by the engine and the Python handle that waits on it.
+class Operation {
+ public:
+  Operation(CollectiveSpec spec, uint64_t seq) : spec_(std::move(spec)), seq_(seq) {}
+
+  const CollectiveSpec& spec() const { return spec_; }
+  uint64_t seq() const { return seq_; }
+  // "allreduce #12 'fc1.weight' (float32 x 1000, op=sum, algorithm=ring)"
+  std::string describe() const;
+
+  // Blocks until the collective finished (successfully or not) or timeout_s passed
+  // (negative: no limit). Returns whether it finished. Does not throw its error.
+  bool wait(double timeout_s);
+  bool done() const;
+  // Throws the collective's error, if it failed.
+  void rethrow_if_failed() const;
+
+  ProgressStatus& status() { return status_; }
+  void finish(std::exception_ptr error);
+
+ private:
+  CollectiveSpec spec_;
+  uint64_t seq_;
+  ProgressStatus status_;
+  mutable std::mutex mu_;
+  std::condition_variable finished_cv_;
+  bool finished_ = false;
+  std::exception_ptr error_;
+};
+
+class Engine {
+ public:
+  // Collective over `comm` (it is duplicated). `timeout_s` bounds every collective even
+  // when nobody waits on it (PBM_TIMEOUT_S); `progress_thread` false executes async
+  // collectives at submission (for MPI libraries without MPI_THREAD_MULTIPLE).
+  Engine(MPI_Comm comm, double timeout_s, bool progress_thread);
+  ~Engine();
+
+  int rank() const { return transport_.rank(); }
+  int size() const { return transport_.size(); }
+
+  // Queues a collective for the progress thread.
+  std::shared_ptr<Operation> submit(CollectiveSpec spec);
+  // Executes a collective and returns when it is done; throws its error. timeout_s < 0
+  // uses the engine's timeout.
+  void run(CollectiveSpec spec, double timeout_s);
+
+  // Stops the progress thread. Queued collectives fail; one stuck in MPI is aborted.
+  void shutdown();
+
+  RingAllreduce& ring() { return ring_; }
+  uint64_t bytes_sent() const { return transport_.bytes_sent.load(); }
+  double timeout_s() const { return timeout_s_; }
+
+ private:
+  std::shared_ptr<Operation> make_operation(CollectiveSpec spec);
+  void progress_loop();
+  void execute(Operation& op, Clock::time_point deadline);
+  void execute_allreduce(Operation& op, Clock::time_point deadline);
+  void execute_broadcast(Operation& op, Clock::time_point deadline);
+  void mark_broken(const std::string& reason);
+  void throw_if_broken() const;
+  Clock::time_point deadline_after(double timeout_s) const;
+
+  Transport transport_;
+  Handshake handshake_;
+  RingAllreduce ring_;
+  double timeout_s_;
+
+  mutable std::mutex mu_;
+  std::condition_variable queue_cv_;
+  std::deque<std::shared_ptr<Operation>> queue_;
+  bool executing_ = false;
+  bool stopping_ = false;
+  uint64_t next_seq_ = 0;
+  std::string broken_reason_;
+  std::thread progress_thread_;
+};
+
+}  // namespace pbm

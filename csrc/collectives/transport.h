@@ -1,0 +1,109 @@
+// Point-to-point plumbing shared by every collective algorithm: a duplicated MPI
+// communicator, persistent scratch memory, and waits that poll against a deadline.
+//
+// Every blocking wait in the core goes through Transport::wait_all, so no collective can
+// hang silently: past the deadline (or when the engine is shutting down) it cancels what
+// it can and throws CollectiveTimeoutError naming the peers it was still waiting for.
+#pragma once
+
+#include <mpi.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../common/errors.h"
+
+namespace pbm {
+
+using Clock = std::chrono::steady_clock;
+
+// Message tags. Each collective's messages use their own tag so a header of the next
+// collective can arrive early without being mistaken for data (MPI matches by tag and
+// keeps order per sender and tag, which the chunked ring relies on).
+enum Tag : int { kTagHeader = 17001, kTagRing = 17002, kTagBroadcast = 17003 };
+
+// Live progress of the operation being executed, readable from a waiting thread so a
+// timeout on the Python side can say what the engine is stuck on.
+class ProgressStatus {
+ public:
+  void set(std::string phase, std::vector<int> waiting_for) {
+    std::lock_guard<std::mutex> lock(mu_);
+    phase_ = std::move(phase);
+    waiting_for_ = std::move(waiting_for);
+  }
+  std::string phase() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return phase_;
+  }
+  std::vector<int> waiting_for() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return waiting_for_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::string phase_ = "queued";
+  std::vector<int> waiting_for_;
+};
+
+class Transport {
+ public:
+  // Duplicates `comm` (collective over it) so pybrain-mpi traffic never matches user
+  // messages, and makes MPI errors return codes instead of aborting.
+  explicit Transport(MPI_Comm comm);
+  ~Transport();
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  MPI_Comm comm() const { return comm_; }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+  // Raises PbmError with MPI's error string when rc is not MPI_SUCCESS.
+  void check(int rc, const char* what) const;
+
+  // Polls `requests` until all complete. `peers[i]` is the rank request i talks to and
+  // `is_recv[i]` whether it is a receive (receives are cancelled on failure). Throws
+  // CollectiveTimeoutError at `deadline` or when abort() was called.
+  // `cancellable` false leaves requests untouched on failure: MPI forbids freeing or
+  // cancelling the request of a non-blocking collective.
+  void wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
+                const std::vector<bool>& is_recv, Clock::time_point deadline,
+                const std::string& what, ProgressStatus* status, bool cancellable = true);
+
+  // Polls one request; on completion returns the MPI_Status.
+  MPI_Status wait_one(MPI_Request& request, int peer, bool is_recv, Clock::time_point deadline,
+                      const std::string& what, ProgressStatus* status);
+
+  // Makes every wait in progress (and later) give up promptly: used at shutdown.
+  void abort() { aborted_.store(true); }
+  bool aborted() const { return aborted_.load(); }
+
+  // Persistent scratch: grows, never shrinks, so large collectives do not pay page
+  // faults on every call (MPICH loses half its large-message speed to exactly that).
+  char* scratch(size_t slot, size_t bytes);
+
+  // Bytes this rank handed to MPI sends since start (for "bytes communicated" reports).
+  std::atomic<uint64_t> bytes_sent{0};
+
+ private:
+  void cancel_pending(std::vector<MPI_Request>& requests, const std::vector<bool>& is_recv);
+  [[noreturn]] void throw_timeout(const std::vector<MPI_Request>& requests,
+                                  const std::vector<int>& peers, const std::string& what,
+                                  bool aborted);
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+  std::atomic<bool> aborted_{false};
+  std::vector<std::unique_ptr<char[]>> scratch_;
+  std::vector<size_t> scratch_bytes_;
+};
+
+}  // namespace pbm

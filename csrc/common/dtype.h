@@ -1,0 +1,154 @@
+// Element types the native core understands, and the one dtype dispatch of the project.
+//
+// The core never sees framework types: Python maps torch/numpy dtypes to DType once
+// (pybrain_mpi/communication/buffers.py) and hands over pointer + count + DType.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace pbm {
+
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kFloat64 = 1,
+  kFloat16 = 2,
+  kBFloat16 = 3,
+  kInt32 = 4,
+  kInt64 = 5,
+};
+
+enum class ReduceOp : int32_t { kSum = 0, kAvg = 1, kMin = 2, kMax = 3 };
+
+inline size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+    case DType::kFloat16: return 2;
+    case DType::kBFloat16: return 2;
+    case DType::kInt32: return 4;
+    case DType::kInt64: return 8;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
+  }
+  return "unknown";
+}
+
+inline const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kMin: return "min";
+    case ReduceOp::kMax: return "max";
+  }
+  return "unknown";
+}
+
+inline bool is_half_precision(DType dtype) {
+  return dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+}
+
+inline bool is_integer(DType dtype) { return dtype == DType::kInt32 || dtype == DType::kInt64; }
+
+// Calls fn(T{}) with the C++ type of a dtype that the reduction loops handle directly.
+// 16-bit floats are widened to float32 by the caller first (they accumulate in float32).
+template <typename Fn>
+decltype(auto) dispatch_wide_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float{});
+    case DType::kFloat64: return fn(double{});
+    case DType::kInt32: return fn(int32_t{});
+    case DType::kInt64: return fn(int64_t{});
+    default: break;
+  }
+  throw std::invalid_argument(std::string("dtype ") + dtype_name(dtype) +
+                              " must be widened to float32 before reduction");
+}
+
+// IEEE binary16 <-> binary32, round to nearest even, subnormals and Inf/NaN preserved.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal half: renormalise into a float32 normal
+      int shift = 0;
+      while ((mantissa & 0x400u) == 0) {
+        mantissa <<= 1;
+        ++shift;
+      }
+      mantissa &= 0x3ffu;
+      bits = sign | static_cast<uint32_t>(127 - 15 - shift + 1) << 23 | mantissa << 13;
+    }
+  } else if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | mantissa << 13;
+  } else {
+    bits = sign | (exponent + 127 - 15) << 23 | mantissa << 13;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint16_t float_to_half(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs_bits = bits & 0x7fffffffu;
+  if (abs_bits >= 0x7f800000u) {  // Inf or NaN (keep NaN quiet)
+    return sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x200u : 0u);
+  }
+  if (abs_bits >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: overflow to Inf
+  if (abs_bits < 0x38800000u) {                        // result is subnormal or zero
+    if (abs_bits < 0x33000000u) return sign;            // below half of the smallest subnormal
+    const uint32_t exponent = abs_bits >> 23;
+    const uint32_t mantissa = (abs_bits & 0x7fffffu) | 0x800000u;
+    // value = mantissa * 2^(exponent-150); in half-subnormal units of 2^-24 that is
+    // mantissa >> (126 - exponent), a shift of 14..24 bits here.
+    const uint32_t total_shift = 126 - exponent;
+    uint32_t half_mantissa = mantissa >> total_shift;
+    const uint32_t remainder = mantissa & ((1u << total_shift) - 1);
+    const uint32_t halfway = 1u << (total_shift - 1);
+    if (remainder > halfway || (remainder == halfway && (half_mantissa & 1u))) ++half_mantissa;
+    return sign | static_cast<uint16_t>(half_mantissa);
+  }
+  // normal: rebias exponent, round mantissa from 23 to 10 bits (nearest even)
+  uint32_t rebased = abs_bits - (112u << 23);
+  const uint32_t remainder = rebased & 0x1fffu;
+  rebased >>= 13;
+  if (remainder > 0x1000u || (remainder == 0x1000u && (rebased & 1u))) ++rebased;
+  return sign | static_cast<uint16_t>(rebased);
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
+  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+}  // namespace pbm

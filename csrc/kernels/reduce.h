@@ -1,0 +1,81 @@
+// Element-wise reduction and widening loops used by every collective.
+//
+// The op is switched outside the loops so each loop body is a plain, branch-free
+// expression the compiler vectorizes (checked with -fopt-info-vec at -O3).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/dtype.h"
+
+namespace pbm {
+
+// Integer sums wrap around like MPI's and torch's do; doing the add in the unsigned
+// type keeps that defined behaviour in C++.
+template <typename T>
+inline T wrapping_add(T a, T b) {
+  if constexpr (std::is_integral_v<T>) {
+    using U = std::make_unsigned_t<T>;
+    return static_cast<T>(static_cast<U>(a) + static_cast<U>(b));
+  } else {
+    return a + b;
+  }
+}
+
+// dst[i] = op(dst[i], src[i]). kAvg reduces as a sum; the caller divides once at the end.
+template <typename T>
+void reduce_into(T* __restrict dst, const T* __restrict src, size_t count, ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      for (size_t i = 0; i < count; ++i) dst[i] = wrapping_add(dst[i], src[i]);
+      break;
+    case ReduceOp::kMin:
+      for (size_t i = 0; i < count; ++i) dst[i] = src[i] < dst[i] ? src[i] : dst[i];
+      break;
+    case ReduceOp::kMax:
+      for (size_t i = 0; i < count; ++i) dst[i] = src[i] > dst[i] ? src[i] : dst[i];
+      break;
+  }
+}
+
+inline void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op) {
+  dispatch_wide_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    reduce_into(static_cast<T*>(dst), static_cast<const T*>(src), count, op);
+  });
+}
+
+// data[i] /= divisor for floating types (the kAvg finish). Integers are rejected earlier.
+inline void divide_in_place(void* data, size_t count, DType dtype, double divisor) {
+  if (dtype == DType::kFloat64) {
+    auto* d = static_cast<double*>(data);
+    for (size_t i = 0; i < count; ++i) d[i] /= divisor;
+  } else if (dtype == DType::kFloat32) {
+    auto* f = static_cast<float*>(data);
+    const float div = static_cast<float>(divisor);
+    for (size_t i = 0; i < count; ++i) f[i] /= div;
+  }
+}
+
+// 16-bit floats accumulate in float32: widen before the collective, narrow after.
+inline void widen_to_float32(const uint16_t* src, float* dst, size_t count, DType dtype) {
+  if (dtype == DType::kBFloat16) {
+    for (size_t i = 0; i < count; ++i) dst[i] = bf16_to_float(src[i]);
+  } else {
+    for (size_t i = 0; i < count; ++i) dst[i] = half_to_float(src[i]);
+  }
+}
+
+inline void narrow_from_float32(const float* src, uint16_t* dst, size_t count, DType dtype) {
+  if (dtype == DType::kBFloat16) {
+    for (size_t i = 0; i < count; ++i) dst[i] = float_to_bf16(src[i]);
+  } else {
+    for (size_t i = 0; i < count; ++i) dst[i] = float_to_half(src[i]);
+  }
+}
+
+}  // namespace pbm

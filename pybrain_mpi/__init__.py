@@ -1,0 +1,23 @@
+"""pybrain-mpi: MPI-native deep-learning training engine for brain imaging.
+
+    import pybrain_mpi as pbm
+    pbm.init()                       # on MPI.COMM_WORLD (mpiexec / srun)
+    grad = pbm.allreduce(grad, op="avg")
+
+Importing the package does not initialize MPI; :func:`init` does.
+"""
+
+from .communication import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allreduce_async_,
+                            barrier, broadcast_, broadcast_async_, bytes_sent, comm, cross_rank,
+                            cross_size, init, is_initialized, local_rank, local_size, rank, shutdown,
+                            size)
+from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
+    "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
+    "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
+    "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
+]

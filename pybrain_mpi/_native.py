@@ -1,0 +1,44 @@
+"""Loads the compiled core and checks it runs against the MPI it was built for."""
+
+from __future__ import annotations
+
+from .errors import MPILibraryMismatch
+
+try:
+    from . import _core  # noqa: F401  (re-exported)
+except ImportError as error:  # pragma: no cover - exercised only on broken installs
+    raise MPILibraryMismatch(
+        "pybrain_mpi's native core (pybrain_mpi._core) failed to load: "
+        f"{error}.\nThis usually means the MPI library it was compiled against is not the "
+        "one available now (another `module load`, a removed `mpich` wheel, or a build made "
+        "for another environment). Rebuild in this environment: `pip install --force-reinstall "
+        "--no-deps --no-build-isolation .` (see README, 'On a cluster')."
+    ) from error
+
+
+def _family(version_text: str) -> str:
+    text = version_text.lower()
+    for family in ("open mpi", "intel", "mvapich", "mpich"):
+        if family in text:
+            return family
+    return text.split()[0] if text.split() else "unknown"
+
+
+def check_mpi_library(mpi4py_library_version: str) -> None:
+    """Raises MPILibraryMismatch unless mpi4py and the core use the same MPI library.
+
+    Two different MPI libraries in one process crash in obscure ways (or deadlock), so
+    this is checked at ``pybrain_mpi.init()``, before any communicator is handed over.
+    """
+    compiled = _core.compiled_mpi_vendor()
+    linked = _core.mpi_library_version()
+    if linked.strip() != mpi4py_library_version.strip() or _family(compiled) != _family(linked):
+        raise MPILibraryMismatch(
+            "pybrain_mpi's native core and mpi4py use different MPI libraries:\n"
+            f"  core compiled against: {compiled}\n"
+            f"  core linked to:        {linked.strip().splitlines()[0]}\n"
+            f"  mpi4py uses:           {mpi4py_library_version.strip().splitlines()[0]}\n"
+            "Build both against the same MPI: with PyPI's mpich use `pip install mpich mpi4py` "
+            "then reinstall pybrain-mpi; on a cluster build mpi4py and pybrain-mpi with the "
+            "system MPI loaded (README, 'On a cluster')."
+        )

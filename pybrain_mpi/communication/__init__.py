@@ -1,0 +1,12 @@
+"""Communication: process context, topology and collectives over MPI."""
+
+from .collectives import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allreduce_async_, barrier,
+                          broadcast_, broadcast_async_)
+from .context import (bytes_sent, comm, cross_rank, cross_size, init, is_initialized, local_rank,
+                      local_size, rank, shutdown, size)
+
+__all__ = [
+    "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
+    "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
+    "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
+]

@@ -1,0 +1,104 @@
+"""The one place where torch tensors and numpy arrays become (address, count, dtype) buffers.
+
+The native core never sees framework objects. A non-contiguous input is gathered into a
+contiguous copy, and in-place operations scatter the result back when they finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Codes of csrc/common/dtype.h (enum class DType).
+FLOAT32, FLOAT64, FLOAT16, BFLOAT16, INT32, INT64 = range(6)
+
+_NUMPY_CODES = {
+    np.dtype(np.float32): FLOAT32,
+    np.dtype(np.float64): FLOAT64,
+    np.dtype(np.float16): FLOAT16,
+    np.dtype(np.int32): INT32,
+    np.dtype(np.int64): INT64,
+}
+_SUPPORTED = "float32, float64, float16, bfloat16 (torch), int32, int64"
+
+
+def _torch_codes() -> dict:
+    import torch
+
+    return {
+        torch.float32: FLOAT32,
+        torch.float64: FLOAT64,
+        torch.float16: FLOAT16,
+        torch.bfloat16: BFLOAT16,
+        torch.int32: INT32,
+        torch.int64: INT64,
+    }
+
+
+def _is_torch(x: Any) -> bool:
+    module = type(x).__module__
+    return module.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _label(name: str | None) -> str:
+    return f"tensor '{name}'" if name else "tensor"
+
+
+@dataclass
+class Buffer:
+    """A contiguous view of a tensor or array, with what is needed to finish in place."""
+
+    original: Any
+    work: Any  # contiguous tensor/array the core reads and writes
+    address: int
+    count: int
+    dtype_code: int
+    copy_back: bool  # work is a copy: write it into original when done
+
+    def finish(self) -> Any:
+        """Writes the result into the original object (if it was copied) and returns it."""
+        if self.copy_back:
+            if _is_torch(self.original):
+                self.original.detach().copy_(self.work)
+            else:
+                self.original[...] = self.work
+        return self.original
+
+
+def dtype_code(x: Any, name: str | None = None) -> int:
+    """The core's dtype code for a tensor/array; TypeError naming it when unsupported."""
+    if _is_torch(x):
+        code = _torch_codes().get(x.dtype)
+    elif isinstance(x, np.ndarray):
+        code = _NUMPY_CODES.get(x.dtype)
+    else:
+        raise TypeError(
+            f"{_label(name)}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}"
+        )
+    if code is None:
+        raise TypeError(f"{_label(name)} has dtype {x.dtype}; supported: {_SUPPORTED}")
+    return code
+
+
+def as_buffer(x: Any, name: str | None = None, *, copy: bool = False) -> Buffer:
+    """Adapts a tensor/array for the core.
+
+    With ``copy`` the core works on a fresh contiguous copy (out-of-place operations) and
+    the original is left untouched; otherwise it works in place, through a temporary
+    contiguous copy only when ``x`` is not contiguous (or not writeable).
+    """
+    code = dtype_code(x, name)
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise TypeError(
+                f"{_label(name)} lives on {x.device}; pybrain-mpi collectives take CPU tensors"
+            )
+        data = x.detach()
+        contiguous = data.is_contiguous()
+        work = data.clone(memory_format=__import__("torch").contiguous_format) if (copy or not contiguous) else data
+        return Buffer(x, work, work.data_ptr(), work.numel(), code, copy_back=not copy and not contiguous)
+    contiguous = x.flags.c_contiguous and x.flags.writeable
+    work = np.array(x, order="C", copy=True) if (copy or not contiguous) else x
+    return Buffer(x, work, work.ctypes.data, work.size, code, copy_back=not copy and not contiguous)

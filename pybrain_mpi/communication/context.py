@@ -1,0 +1,226 @@
+"""Process-wide state: the communicator pybrain-mpi uses, its engine and the topology.
+
+There is exactly one context per process. It owns the duplicated MPI communicator and the
+native engine with its background progress thread (see csrc/collectives/engine.h).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PbmError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+__all__ = [
+    "init",
+    "shutdown",
+    "is_initialized",
+    "rank",
+    "size",
+    "local_rank",
+    "local_size",
+    "cross_rank",
+    "cross_size",
+    "comm",
+    "bytes_sent",
+    "default_timeout_s",
+]
+
+
+@dataclass
+class _Context:
+    comm: Any  # the mpi4py communicator given to init()
+    engine: Any  # pybrain_mpi._core.Engine
+    rank: int
+    size: int
+    local_comm: Any
+    local_rank: int
+    local_size: int
+    cross_rank: int
+    cross_size: int
+    timeout_s: float
+    thread_level: int
+
+
+_context: _Context | None = None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise PbmError(f"environment variable {name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise PbmError(f"environment variable {name}={raw!r} must be positive")
+    return value
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise PbmError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value <= 0:
+        raise PbmError(f"environment variable {name}={raw!r} must be positive")
+    return value
+
+
+def default_timeout_s() -> float:
+    """The timeout of blocking waits: ``PBM_TIMEOUT_S`` or 300 s."""
+    return _env_float("PBM_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+
+
+def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: int | None = None) -> None:
+    """Initializes pybrain-mpi on an mpi4py communicator (default ``MPI.COMM_WORLD``).
+
+    Idempotent: calling it again with the same communicator (or none) does nothing.
+    MPI itself is initialized through mpi4py (thread level MULTIPLE, so the progress
+    thread can run collectives while Python calls MPI too).
+
+    Args:
+        comm: any mpi4py intracommunicator; pybrain-mpi duplicates it for its own traffic.
+        timeout_s: how long a collective may wait for other ranks before raising
+            :class:`~pybrain_mpi.CollectiveTimeout`; default ``PBM_TIMEOUT_S`` or 300.
+        ranks_per_node: treat consecutive blocks of this many ranks as one node instead of
+            asking MPI which ranks share memory (``PBM_RANKS_PER_NODE``); lets tests
+            emulate several nodes on one machine.
+    """
+    global _context
+    from mpi4py import MPI
+
+    from .._native import _core, check_mpi_library
+
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if _context is not None:
+        if comm is _context.comm or comm == _context.comm:
+            return
+        raise PbmError(
+            f"rank {_context.rank}: pybrain_mpi is already initialized on another communicator; "
+            "call pybrain_mpi.shutdown() first"
+        )
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    check_mpi_library(MPI.Get_library_version())
+
+    timeout = float(timeout_s) if timeout_s is not None else default_timeout_s()
+    thread_level = MPI.Query_thread()
+    progress_thread = thread_level == MPI.THREAD_MULTIPLE
+    if not progress_thread:
+        warnings.warn(
+            "MPI was initialized without MPI_THREAD_MULTIPLE; pybrain-mpi runs asynchronous "
+            "collectives at submission instead of on its progress thread",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    engine = _core.Engine(comm.py2f(), timeout, progress_thread)
+    chunk = _env_int("PBM_RING_CHUNK_BYTES")
+    if chunk:
+        engine.ring_chunk_bytes = chunk
+
+    rank_, size_ = comm.Get_rank(), comm.Get_size()
+    forced = ranks_per_node if ranks_per_node is not None else _env_int("PBM_RANKS_PER_NODE")
+    if forced is not None:
+        if forced <= 0:
+            raise PbmError(f"ranks_per_node must be positive, got {forced}")
+        local_comm = comm.Split(color=rank_ // forced, key=rank_)
+    else:
+        local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank_)
+    # Nodes are numbered by their lowest world rank, so every rank derives the same order.
+    leader = local_comm.allreduce(rank_, op=MPI.MIN)
+    leaders = sorted(set(comm.allgather(leader)))
+    _context = _Context(
+        comm=comm,
+        engine=engine,
+        rank=rank_,
+        size=size_,
+        local_comm=local_comm,
+        local_rank=local_comm.Get_rank(),
+        local_size=local_comm.Get_size(),
+        cross_rank=leaders.index(leader),
+        cross_size=len(leaders),
+        timeout_s=timeout,
+        thread_level=thread_level,
+    )
+    atexit.register(shutdown)
+
+
+def shutdown() -> None:
+    """Stops the progress thread and releases pybrain-mpi's communicators.
+
+    Queued collectives fail with :class:`~pybrain_mpi.PbmError`; one stuck waiting for a
+    missing rank is aborted. MPI itself stays initialized (mpi4py finalizes it at exit).
+    Safe to call more than once.
+    """
+    global _context
+    if _context is None:
+        return
+    context, _context = _context, None
+    context.engine.shutdown()
+    try:
+        context.local_comm.Free()
+    except Exception:  # noqa: BLE001 - MPI may already be finalized at interpreter exit
+        pass
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` has been called (and :func:`shutdown` not since)."""
+    return _context is not None
+
+
+def current() -> _Context:
+    """The live context; raises :class:`PbmError` before :func:`init`."""
+    if _context is None:
+        raise PbmError("pybrain_mpi is not initialized: call pybrain_mpi.init() first")
+    return _context
+
+
+def rank() -> int:
+    """This process's rank in the communicator given to :func:`init`."""
+    return current().rank
+
+
+def size() -> int:
+    """Number of ranks in the communicator given to :func:`init`."""
+    return current().size
+
+
+def local_rank() -> int:
+    """Rank among the ranks of this node (MPI_COMM_TYPE_SHARED, or ``ranks_per_node``)."""
+    return current().local_rank
+
+
+def local_size() -> int:
+    """Number of ranks on this node."""
+    return current().local_size
+
+
+def cross_rank() -> int:
+    """Index of this rank's node (nodes ordered by their lowest rank)."""
+    return current().cross_rank
+
+
+def cross_size() -> int:
+    """Number of nodes."""
+    return current().cross_size
+
+
+def comm() -> Any:
+    """The mpi4py communicator given to :func:`init` (not pybrain-mpi's private duplicate)."""
+    return current().comm
+
+
+def bytes_sent() -> int:
+    """Bytes this rank has handed to MPI sends in pybrain-mpi collectives so far."""
+    return current().engine.bytes_sent
