@@ -87,8 +87,26 @@ Clock::time_point Engine::deadline_after(double timeout_s) const {
                             std::chrono::duration<double>(timeout_s));
 }
 
+void Engine::validate(const CollectiveSpec& spec) const {
+  // Argument errors are raised before a sequence number is taken, so a rejected call
+  // leaves the ranks in step.
+  const std::string where = "rank " + std::to_string(rank()) + ": " +
+                            collective_kind_name(spec.kind) +
+                            (spec.name.empty() ? "" : " '" + spec.name + "'");
+  if (spec.kind == CollectiveKind::kAllreduce && is_integer(spec.dtype) &&
+      spec.op == ReduceOp::kAvg) {
+    throw PbmError(where + ": op='avg' needs a floating-point dtype; use op='sum' for integers");
+  }
+  if (spec.kind == CollectiveKind::kBroadcast && (spec.root < 0 || spec.root >= size())) {
+    throw PbmError(where + ": root " + std::to_string(spec.root) +
+                   " is not a rank of a world of size " + std::to_string(size()));
+  }
+  if (spec.count > 0 && spec.data == nullptr) throw PbmError(where + ": null buffer");
+}
+
 std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec) {
   // Called with mu_ held: sequence numbers follow submission order.
+  validate(spec);
   if (stopping_) throw PbmError("rank " + std::to_string(rank()) + ": pybrain-mpi was shut down");
   throw_if_broken();
   return std::make_shared<Operation>(std::move(spec), next_seq_++);
@@ -197,7 +215,8 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
       case CollectiveKind::kBroadcast: execute_broadcast(op, deadline); break;
       case CollectiveKind::kBarrier: {
         CollectiveHeader header = header_for(op.spec(), op.seq());
-        handshake_.exchange(header, nullptr, deadline, op.describe(), &op.status());
+        handshake_.exchange(header, nullptr, deadline, [&op] { return op.describe(); },
+                            &op.status());
         break;
       }
     }
@@ -216,11 +235,7 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
 void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
   const CollectiveSpec& spec = op.spec();
   const int n = size();
-  const std::string what = op.describe();
-  if (is_integer(spec.dtype) && spec.op == ReduceOp::kAvg) {
-    throw PbmError("rank " + std::to_string(rank()) + ": " + what +
-                   ": op='avg' needs a floating-point dtype; use op='sum' for integers");
-  }
+  const Describe what = [&op] { return op.describe(); };
   // 16-bit floats accumulate in float32 (a widened copy in persistent scratch).
   void* work = spec.data;
   DType work_dtype = spec.dtype;
@@ -238,7 +253,6 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
   CollectiveHeader header = header_for(spec, op.seq());
   header.payload_bytes = small ? static_cast<uint32_t>(bytes) : 0;
   handshake_.exchange(header, small ? work : nullptr, deadline, what, &op.status());
-  op.status().set(what + ": data phase", {});
 
   if (n == 1) {
     // Nothing to exchange; avg over one rank is the identity.
@@ -264,12 +278,7 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
 
 void Engine::execute_broadcast(Operation& op, Clock::time_point deadline) {
   const CollectiveSpec& spec = op.spec();
-  const std::string what = op.describe();
-  if (spec.root < 0 || spec.root >= size()) {
-    throw PbmError("rank " + std::to_string(rank()) + ": " + what + ": root " +
-                   std::to_string(spec.root) + " is not a rank of a world of size " +
-                   std::to_string(size()));
-  }
+  const Describe what = [&op] { return op.describe(); };
   CollectiveHeader header = header_for(spec, op.seq());
   handshake_.exchange(header, nullptr, deadline, what, &op.status());
   mpi_broadcast(transport_, spec.data, spec.count * dtype_size(spec.dtype), spec.root, deadline,

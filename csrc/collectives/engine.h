@@ -79,6 +79,7 @@ class Engine {
   double timeout_s() const { return timeout_s_; }
 
  private:
+  void validate(const CollectiveSpec& spec) const;
   std::shared_ptr<Operation> make_operation(CollectiveSpec spec);
   void progress_loop();
   void execute(Operation& op, Clock::time_point deadline);

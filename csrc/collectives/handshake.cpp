@@ -30,7 +30,7 @@ std::string describe_header(const CollectiveHeader& header) {
 }
 
 void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
-                         Clock::time_point deadline, const std::string& what,
+                         Clock::time_point deadline, const Describe& what,
                          ProgressStatus* status) {
   const int n = transport_.size();
   const int me = transport_.rank();
@@ -71,8 +71,8 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
     peers.push_back(peer);
     is_recv.push_back(false);
   }
-  transport_.wait_all(requests, peers, is_recv, deadline, what + ": waiting for ranks to join",
-                      status);
+  transport_.wait_all(requests, peers, is_recv, deadline,
+                      [&] { return what() + ": waiting for ranks to join"; }, status);
   for (int peer = 0; peer < n; ++peer) {
     if (peer == me) continue;
     std::memcpy(&headers_[peer], recv + kSlotBytes * peer, sizeof(CollectiveHeader));
@@ -81,7 +81,7 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
   check_agreement(what);
 }
 
-void Handshake::check_agreement(const std::string& what) {
+void Handshake::check_agreement(const Describe& what) {
   const int n = transport_.size();
   const CollectiveHeader& first = headers_[0];
   bool agree = true;
@@ -89,7 +89,7 @@ void Handshake::check_agreement(const std::string& what) {
     const CollectiveHeader& h = headers_[r];
     if (h.magic != kHeaderMagic || h.version != kHeaderVersion) {
       std::ostringstream message;
-      message << "rank " << transport_.rank() << ": " << what << ": rank " << r
+      message << "rank " << transport_.rank() << ": " << what() << ": rank " << r
               << " sent a malformed join header (magic/version mismatch): is every rank running "
                  "the same pybrain-mpi build?";
       order_broken_ = true;

@@ -45,7 +45,7 @@ class Handshake {
   // naming the ranks that did not join by `deadline`, and CollectiveMismatchError (on
   // every rank alike) when the headers disagree on anything but the payload.
   void exchange(const CollectiveHeader& mine, const void* payload, Clock::time_point deadline,
-                const std::string& what, ProgressStatus* status);
+                const Describe& what, ProgressStatus* status);
 
   const CollectiveHeader& header(int rank) const { return headers_[rank]; }
   const char* payload(int rank) const { return payloads_[rank]; }
@@ -55,7 +55,7 @@ class Handshake {
   bool order_broken() const { return order_broken_; }
 
  private:
-  void check_agreement(const std::string& what);
+  void check_agreement(const Describe& what);
 
   Transport& transport_;
   std::vector<CollectiveHeader> headers_;

@@ -39,7 +39,7 @@ std::vector<int> everyone_but(const Transport& transport) {
 }  // namespace
 
 void mpi_allreduce(Transport& transport, void* data, size_t count, DType dtype, ReduceOp op,
-                   Clock::time_point deadline, const std::string& what, ProgressStatus* status) {
+                   Clock::time_point deadline, const Describe& what, ProgressStatus* status) {
   char* bytes = static_cast<char*>(data);
   const size_t esize = dtype_size(dtype);
   for (size_t first = 0; first < count; first += kMaxElemsPerCall) {
@@ -53,13 +53,13 @@ void mpi_allreduce(Transport& transport, void* data, size_t count, DType dtype, 
     std::vector<MPI_Request> requests{request};
     const std::vector<int> others = everyone_but(transport);
     std::vector<int> peers{others.empty() ? transport.rank() : others.front()};
-    transport.wait_all(requests, peers, {false}, deadline, what + ": MPI_Iallreduce", status,
+    transport.wait_all(requests, peers, {false}, deadline, [&] { return what() + ": MPI_Iallreduce"; }, status,
                        /*cancellable=*/false);
   }
 }
 
 void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
-                   Clock::time_point deadline, const std::string& what, ProgressStatus* status) {
+                   Clock::time_point deadline, const Describe& what, ProgressStatus* status) {
   char* base = static_cast<char*>(data);
   for (size_t first = 0; first < bytes; first += kMaxElemsPerCall) {
     const size_t piece = std::min(kMaxElemsPerCall, bytes - first);
@@ -69,7 +69,7 @@ void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
                     "MPI_Ibcast");
     if (transport.rank() == root) transport.bytes_sent += piece;
     std::vector<MPI_Request> requests{request};
-    transport.wait_all(requests, {root}, {false}, deadline, what + ": MPI_Ibcast", status,
+    transport.wait_all(requests, {root}, {false}, deadline, [&] { return what() + ": MPI_Ibcast"; }, status,
                        /*cancellable=*/false);
   }
 }

@@ -13,10 +13,10 @@ namespace pbm {
 
 // In-place MPI_Iallreduce on a wide dtype; kAvg reduces as a sum (the caller divides).
 void mpi_allreduce(Transport& transport, void* data, size_t count, DType dtype, ReduceOp op,
-                   Clock::time_point deadline, const std::string& what, ProgressStatus* status);
+                   Clock::time_point deadline, const Describe& what, ProgressStatus* status);
 
 // MPI_Ibcast of `bytes` bytes from `root`.
 void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
-                   Clock::time_point deadline, const std::string& what, ProgressStatus* status);
+                   Clock::time_point deadline, const Describe& what, ProgressStatus* status);
 
 }  // namespace pbm

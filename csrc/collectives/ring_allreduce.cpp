@@ -18,7 +18,7 @@ constexpr size_t kMaxMessageBytes = size_t{1} << 30;
 RingAllreduce::RingAllreduce(Transport& transport) : transport_(transport) {}
 
 void RingAllreduce::run(void* data_void, size_t count, DType dtype, ReduceOp op, double divisor,
-                        Clock::time_point deadline, const std::string& what,
+                        Clock::time_point deadline, const Describe& what,
                         ProgressStatus* status) {
   const int n = transport_.size();
   const int r = transport_.rank();
@@ -44,7 +44,8 @@ void RingAllreduce::run(void* data_void, size_t count, DType dtype, ReduceOp op,
     const int recv_seg = mod(r - step - 1);
     reduce_scatter_step(data, esize, dtype, op, begin(send_seg), seg_count(send_seg),
                         begin(recv_seg), seg_count(recv_seg), deadline,
-                        what + ": ring reduce-scatter step " + std::to_string(step), status);
+                        [&] { return what() + ": ring reduce-scatter step " + std::to_string(step); },
+                        status);
   }
   const int owned = mod(r + 1);
   if (divisor != 1.0) divide_in_place(data + begin(owned) * esize, seg_count(owned), dtype, divisor);
@@ -56,14 +57,14 @@ void RingAllreduce::run(void* data_void, size_t count, DType dtype, ReduceOp op,
     const int recv_seg = mod(r - step);
     allgather_step(data, esize, begin(send_seg), seg_count(send_seg), begin(recv_seg),
                    seg_count(recv_seg), deadline,
-                   what + ": ring allgather step " + std::to_string(step), status);
+                   [&] { return what() + ": ring allgather step " + std::to_string(step); }, status);
   }
 }
 
 void RingAllreduce::reduce_scatter_step(char* data, size_t esize, DType dtype, ReduceOp op,
                                         size_t send_begin, size_t send_count, size_t recv_begin,
                                         size_t recv_count, Clock::time_point deadline,
-                                        const std::string& what, ProgressStatus* status) {
+                                        const Describe& what, ProgressStatus* status) {
   const int n = transport_.size();
   const int r = transport_.rank();
   const int left = (r - 1 + n) % n;
@@ -113,7 +114,7 @@ void RingAllreduce::reduce_scatter_step(char* data, size_t esize, DType dtype, R
 
 void RingAllreduce::allgather_step(char* data, size_t esize, size_t send_begin, size_t send_count,
                                    size_t recv_begin, size_t recv_count,
-                                   Clock::time_point deadline, const std::string& what,
+                                   Clock::time_point deadline, const Describe& what,
                                    ProgressStatus* status) {
   const int n = transport_.size();
   const int r = transport_.rank();

@@ -19,7 +19,7 @@ class RingAllreduce {
   // all ranks. `divisor` > 1 divides the result (kAvg); it is applied to the one segment
   // each rank owns between the two phases, so the division costs 1/n of a pass.
   void run(void* data, size_t count, DType dtype, ReduceOp op, double divisor,
-           Clock::time_point deadline, const std::string& what, ProgressStatus* status);
+           Clock::time_point deadline, const Describe& what, ProgressStatus* status);
 
   // Size of the pieces a segment is cut into during reduce-scatter. Small enough that the
   // received piece is still in cache when it is reduced (so the reduce reads it for free),
@@ -32,11 +32,11 @@ class RingAllreduce {
  private:
   void reduce_scatter_step(char* data, size_t esize, DType dtype, ReduceOp op, size_t send_begin,
                            size_t send_count, size_t recv_begin, size_t recv_count,
-                           Clock::time_point deadline, const std::string& what,
+                           Clock::time_point deadline, const Describe& what,
                            ProgressStatus* status);
   void allgather_step(char* data, size_t esize, size_t send_begin, size_t send_count,
                       size_t recv_begin, size_t recv_count, Clock::time_point deadline,
-                      const std::string& what, ProgressStatus* status);
+                      const Describe& what, ProgressStatus* status);
 
   Transport& transport_;
 };

@@ -62,7 +62,7 @@ void Transport::cancel_pending(std::vector<MPI_Request>& requests,
 }
 
 void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
-                              const std::vector<int>& peers, const std::string& what,
+                              const std::vector<int>& peers, const Describe& what,
                               bool aborted) {
   std::vector<int> missing;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -71,7 +71,7 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
   std::sort(missing.begin(), missing.end());
   missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
   std::ostringstream message;
-  message << "rank " << rank_ << ": " << what
+  message << "rank " << rank_ << ": " << what()
           << (aborted ? " was aborted (engine shutting down)" : " timed out") << "; waiting for rank"
           << (missing.size() == 1 ? " " : "s ");
   for (size_t i = 0; i < missing.size(); ++i) message << (i ? ", " : "") << missing[i];
@@ -80,13 +80,13 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
 
 void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
                          const std::vector<bool>& is_recv, Clock::time_point deadline,
-                         const std::string& what, ProgressStatus* status, bool cancellable) {
+                         const Describe& what, ProgressStatus* status, bool cancellable) {
   bool reported = false;
   for (uint64_t spin = 0;; ++spin) {
     int all_done = 0;
     check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &all_done,
                       MPI_STATUSES_IGNORE),
-          what.c_str());
+          "MPI_Testall");
     if (all_done) return;
     // Reading the clock costs ~20 ns; MPI_Testall a few hundred. Check every 64 polls.
     if ((spin & 63) == 63) {
@@ -94,7 +94,9 @@ void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<i
         std::vector<int> waiting;
         for (size_t i = 0; i < requests.size(); ++i)
           if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(peers[i]);
-        status->set(what, waiting);
+        std::sort(waiting.begin(), waiting.end());
+        waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
+        status->set(what(), waiting);
         reported = true;
       }
       const bool aborted = aborted_.load();
@@ -108,15 +110,15 @@ void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<i
 }
 
 MPI_Status Transport::wait_one(MPI_Request& request, int peer, bool is_recv,
-                               Clock::time_point deadline, const std::string& what,
+                               Clock::time_point deadline, const Describe& what,
                                ProgressStatus* status) {
   MPI_Status result;
   for (uint64_t spin = 0;; ++spin) {
     int done = 0;
-    check(MPI_Test(&request, &done, &result), what.c_str());
+    check(MPI_Test(&request, &done, &result), "MPI_Test");
     if (done) return result;
     if ((spin & 63) == 63) {
-      if (status && spin == 63) status->set(what, {peer});
+      if (status && spin == 63) status->set(what(), {peer});
       const bool aborted = aborted_.load();
       if (aborted || Clock::now() >= deadline) {
         std::vector<MPI_Request> one{request};

@@ -23,6 +23,10 @@ namespace pbm {
 
 using Clock = std::chrono::steady_clock;
 
+// Names what is being waited for; called only when a wait is slow or fails, so the hot
+// path never formats strings.
+using Describe = std::function<std::string()>;
+
 // Message tags. Each collective's messages use their own tag so a header of the next
 // collective can arrive early without being mistaken for data (MPI matches by tag and
 // keeps order per sender and tag, which the chunked ring relies on).
@@ -75,11 +79,11 @@ class Transport {
   // cancelling the request of a non-blocking collective.
   void wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
                 const std::vector<bool>& is_recv, Clock::time_point deadline,
-                const std::string& what, ProgressStatus* status, bool cancellable = true);
+                const Describe& what, ProgressStatus* status, bool cancellable = true);
 
   // Polls one request; on completion returns the MPI_Status.
   MPI_Status wait_one(MPI_Request& request, int peer, bool is_recv, Clock::time_point deadline,
-                      const std::string& what, ProgressStatus* status);
+                      const Describe& what, ProgressStatus* status);
 
   // Makes every wait in progress (and later) give up promptly: used at shutdown.
   void abort() { aborted_.store(true); }
@@ -95,7 +99,7 @@ class Transport {
  private:
   void cancel_pending(std::vector<MPI_Request>& requests, const std::vector<bool>& is_recv);
   [[noreturn]] void throw_timeout(const std::vector<MPI_Request>& requests,
-                                  const std::vector<int>& peers, const std::string& what,
+                                  const std::vector<int>& peers, const Describe& what,
                                   bool aborted);
 
   MPI_Comm comm_ = MPI_COMM_NULL;

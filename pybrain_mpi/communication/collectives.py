@@ -39,6 +39,14 @@ def _algorithm_code(algorithm: str) -> int:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}") from None
 
 
+def _root(root: int, name: str | None) -> int:
+    world = context.size()
+    if not 0 <= int(root) < world:
+        label = f"tensor '{name}'" if name else "broadcast"
+        raise ValueError(f"{label}: root {root} is not a rank of a world of size {world}")
+    return int(root)
+
+
 def _timeout(timeout_s: float | None) -> float:
     return context.current().timeout_s if timeout_s is None else float(timeout_s)
 
@@ -133,7 +141,7 @@ def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: 
 def broadcast_(x: Any, root: int = 0, *, name: str | None = None, timeout_s: float | None = None) -> Any:
     """Overwrites ``x`` on every rank with its value on ``root``; returns ``x``."""
     buffer = as_buffer(x, name)
-    context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype_code, int(root),
+    context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype_code, _root(root, name),
                                        name or "", False, _timeout(timeout_s))
     return buffer.finish()
 
@@ -142,7 +150,7 @@ def broadcast_async_(x: Any, root: int = 0, *, name: str | None = None) -> Handl
     """Starts :func:`broadcast_` on the progress thread and returns its :class:`Handle`."""
     buffer = as_buffer(x, name)
     operation = context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype_code,
-                                                   int(root), name or "", True, 0.0)
+                                                   _root(root, name), name or "", True, 0.0)
     return Handle(operation, buffer)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,31 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
         thread_level=thread_level,
     )
     atexit.register(shutdown)
+    if size_ > 1 and os.environ.get("PBM_ABORT_ON_ERROR", "1") != "0":
+        _abort_on_uncaught_exception(MPI, rank_)
+
+
+def _abort_on_uncaught_exception(MPI: Any, rank_: int) -> None:
+    """Makes an uncaught exception on one rank end the whole job.
+
+    Otherwise the other ranks would wait in their next collective (until its timeout) or,
+    worse, in a plain MPI call with no timeout at all. Same idea as ``python -m mpi4py``.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_pbm_abort_hook", False):
+        return
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stderr.write(
+            f"pybrain-mpi: rank {rank_} raised an uncaught {kind.__name__}; aborting all ranks "
+            "(set PBM_ABORT_ON_ERROR=0 to leave that to you)\n"
+        )
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    hook._pbm_abort_hook = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def shutdown() -> None:

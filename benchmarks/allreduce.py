@@ -1,0 +1,123 @@
+"""Allreduce bandwidth and latency: pybrain-mpi's ring vs MPI_Allreduce vs torch gloo.
+
+Run under MPI, one thread per rank:
+
+    mpiexec -n 2 python benchmarks/allreduce.py              # 4 KiB .. 256 MiB
+    mpiexec -n 2 python benchmarks/allreduce.py --sizes 4K,64M --impls pbm_ring,mpi
+
+Every implementation runs in the same job on the same buffers (float32 sum, in place).
+For each size the table shows the median over iterations of the slowest rank's time,
+algorithm bandwidth (size / time) and bus bandwidth busbw = algbw * 2(n-1)/n, which
+compares across rank counts (NCCL's convention). JSON lines go to --json with fields
+impl, size_bytes, ranks, median_s, algbw_gbps, busbw_gbps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from common import (human_bytes, median, parse_size, print_table, time_collective,  # noqa: E402
+                    write_json_lines)
+
+DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
+IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo")
+
+
+def iterations_for(size_bytes: int) -> int:
+    # enough repetitions for a stable median at small sizes, bounded time at large ones
+    return int(min(300, max(8, (256 << 20) // max(size_bytes, 1) // 2)))
+
+
+def setup_gloo(comm):
+    import torch.distributed as dist
+
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=comm.Get_rank(), world_size=comm.Get_size())
+    return dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated sizes in bytes (4K, 16M, ...)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    parser.add_argument("--iterations", type=int, default=0, help="fixed iteration count (0: by size)")
+    parser.add_argument("--json", default="results/allreduce.jsonl", help="JSON lines output (rank 0)")
+    args = parser.parse_args()
+
+    import torch
+    from mpi4py import MPI
+
+    import pybrain_mpi as pbm
+
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    pbm.init(comm)
+    n, rank = comm.Get_size(), comm.Get_rank()
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown implementations {sorted(unknown)}")
+    dist = setup_gloo(comm) if "gloo" in impls else None
+
+    records = []
+    for size_bytes in (parse_size(s) for s in args.sizes.split(",")):
+        count = max(1, size_bytes // 4)
+        buffer = torch.zeros(count, dtype=torch.float32)
+        array = buffer.numpy()
+        runs = {
+            "pbm_ring": lambda: pbm.allreduce_(buffer, algorithm="ring"),
+            "pbm_mpi": lambda: pbm.allreduce_(buffer, algorithm="mpi"),
+            "mpi": lambda: comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM),
+            "gloo": lambda: dist.all_reduce(buffer),
+        }
+        iterations = args.iterations or iterations_for(size_bytes)
+        for impl in impls:
+            seconds = median(time_collective(comm, runs[impl], iterations))
+            algbw = count * 4 / seconds / 1e9
+            records.append({
+                "impl": impl, "size_bytes": count * 4, "ranks": n, "median_s": seconds,
+                "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (n - 1) / n, "iterations": iterations,
+            })
+        del buffer, array
+
+    if rank == 0:
+        rows = []
+        for size in sorted({r["size_bytes"] for r in records}):
+            by_impl = {r["impl"]: r for r in records if r["size_bytes"] == size}
+            row = {"size": human_bytes(size)}
+            for impl in impls:
+                row[f"{impl}_us"] = by_impl[impl]["median_s"] * 1e6
+                row[f"{impl}_bus"] = by_impl[impl]["busbw_gbps"]
+            if "pbm_ring" in by_impl:
+                for base in ("mpi", "gloo"):
+                    if base in by_impl:
+                        row[f"x_{base}"] = by_impl[base]["median_s"] / by_impl["pbm_ring"]["median_s"]
+            rows.append(row)
+        columns = [("size", "size")]
+        for impl in impls:
+            columns += [(f"{impl}_us", f"{impl} us"), (f"{impl}_bus", f"{impl} busbw GB/s")]
+        columns += [(k, f"ring speedup vs {k[2:]}") for k in ("x_mpi", "x_gloo") if k in rows[0]]
+        print(f"float32 sum allreduce, {n} ranks, {os.environ.get('OMP_NUM_THREADS', '?')} thread(s)/rank; "
+              "median of slowest-rank times")
+        print_table(rows, columns)
+        write_json_lines(args.json, records)
+        print(f"wrote {args.json}")
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything pybrain-mpi needs and builds its native core.
+# Used by README's first command and by .ci/run (one way to install).
+#
+#   PBM_SYSTEM_MPI=1 ./setup.sh   build against the MPI on PATH (cluster: module load ...)
+#                                 instead of PyPI's mpich wheel; see README "On a cluster".
+set -euo pipefail
+cd "$(dirname "$0")"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# The CPU wheel of torch first: with no torch present, a dependency asking for plain
+# "torch" would pull a multi-GB CUDA build.
+"${pip[@]}" torch==2.13.0
+if [ "${PBM_SYSTEM_MPI:-0}" = 1 ]; then
+  # mpi4py compiled against the same MPI the core will link to.
+  "${pip[@]}" --no-binary=mpi4py mpi4py
+else
+  "${pip[@]}" mpich mpi4py
+fi
+"${pip[@]}" ".[data,examples,test]"
+echo "pybrain-mpi installed in $(pwd)/.venv"
