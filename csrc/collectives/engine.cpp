@@ -70,7 +70,6 @@ void Operation::finish(std::exception_ptr error) {
     finished_ = true;
     error_ = error;
   }
-  status_.set(error ? "failed" : "done", {});
   finished_cv_.notify_all();
 }
 
@@ -90,18 +89,19 @@ Clock::time_point Engine::deadline_after(double timeout_s) const {
 void Engine::validate(const CollectiveSpec& spec) const {
   // Argument errors are raised before a sequence number is taken, so a rejected call
   // leaves the ranks in step.
-  const std::string where = "rank " + std::to_string(rank()) + ": " +
-                            collective_kind_name(spec.kind) +
-                            (spec.name.empty() ? "" : " '" + spec.name + "'");
+  auto fail = [&](const std::string& problem) {
+    throw PbmError("rank " + std::to_string(rank()) + ": " + collective_kind_name(spec.kind) +
+                   (spec.name.empty() ? "" : " '" + spec.name + "'") + ": " + problem);
+  };
   if (spec.kind == CollectiveKind::kAllreduce && is_integer(spec.dtype) &&
       spec.op == ReduceOp::kAvg) {
-    throw PbmError(where + ": op='avg' needs a floating-point dtype; use op='sum' for integers");
+    fail("op='avg' needs a floating-point dtype; use op='sum' for integers");
   }
   if (spec.kind == CollectiveKind::kBroadcast && (spec.root < 0 || spec.root >= size())) {
-    throw PbmError(where + ": root " + std::to_string(spec.root) +
-                   " is not a rank of a world of size " + std::to_string(size()));
+    fail("root " + std::to_string(spec.root) + " is not a rank of a world of size " +
+         std::to_string(size()));
   }
-  if (spec.count > 0 && spec.data == nullptr) throw PbmError(where + ": null buffer");
+  if (spec.count > 0 && spec.data == nullptr) fail("null buffer");
 }
 
 std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec) {

@@ -6,7 +6,7 @@ contiguous copy, and in-place operations scatter the result back when they finis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
 from typing import Any
 
 import numpy as np
@@ -24,38 +24,47 @@ _NUMPY_CODES = {
 _SUPPORTED = "float32, float64, float16, bfloat16 (torch), int32, int64"
 
 
-def _torch_codes() -> dict:
-    import torch
+_TORCH_CODES: dict | None = None
 
-    return {
-        torch.float32: FLOAT32,
-        torch.float64: FLOAT64,
-        torch.float16: FLOAT16,
-        torch.bfloat16: BFLOAT16,
-        torch.int32: INT32,
-        torch.int64: INT64,
-    }
+
+def _torch_codes() -> dict:
+    global _TORCH_CODES
+    if _TORCH_CODES is None:
+        import torch
+
+        _TORCH_CODES = {
+            torch.float32: FLOAT32,
+            torch.float64: FLOAT64,
+            torch.float16: FLOAT16,
+            torch.bfloat16: BFLOAT16,
+            torch.int32: INT32,
+            torch.int64: INT64,
+        }
+    return _TORCH_CODES
 
 
 def _is_torch(x: Any) -> bool:
-    module = type(x).__module__
-    return module.startswith("torch") and hasattr(x, "data_ptr")
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _label(name: str | None) -> str:
     return f"tensor '{name}'" if name else "tensor"
 
 
-@dataclass
 class Buffer:
     """A contiguous view of a tensor or array, with what is needed to finish in place."""
 
-    original: Any
-    work: Any  # contiguous tensor/array the core reads and writes
-    address: int
-    count: int
-    dtype_code: int
-    copy_back: bool  # work is a copy: write it into original when done
+    __slots__ = ("original", "work", "address", "count", "dtype_code", "copy_back")
+
+    def __init__(self, original: Any, work: Any, address: int, count: int, dtype_code: int,
+                 copy_back: bool):
+        self.original = original
+        self.work = work  # contiguous tensor/array the core reads and writes
+        self.address = address
+        self.count = count
+        self.dtype_code = dtype_code
+        self.copy_back = copy_back  # work is a copy: write it into original when done
 
     def finish(self) -> Any:
         """Writes the result into the original object (if it was copied) and returns it."""
@@ -90,15 +99,19 @@ def as_buffer(x: Any, name: str | None = None, *, copy: bool = False) -> Buffer:
     contiguous copy only when ``x`` is not contiguous (or not writeable).
     """
     code = dtype_code(x, name)
-    if _is_torch(x):
-        if x.device.type != "cpu":
-            raise TypeError(
-                f"{_label(name)} lives on {x.device}; pybrain-mpi collectives take CPU tensors"
-            )
-        data = x.detach()
-        contiguous = data.is_contiguous()
-        work = data.clone(memory_format=__import__("torch").contiguous_format) if (copy or not contiguous) else data
-        return Buffer(x, work, work.data_ptr(), work.numel(), code, copy_back=not copy and not contiguous)
-    contiguous = x.flags.c_contiguous and x.flags.writeable
-    work = np.array(x, order="C", copy=True) if (copy or not contiguous) else x
-    return Buffer(x, work, work.ctypes.data, work.size, code, copy_back=not copy and not contiguous)
+    if isinstance(x, np.ndarray):
+        if not copy and x.flags.c_contiguous and x.flags.writeable:
+            return Buffer(x, x, x.ctypes.data, x.size, code, False)
+        if not copy and not x.flags.writeable:
+            raise ValueError(f"{_label(name)} is a read-only array and cannot be reduced in place; "
+                             "use the out-of-place function (e.g. pbm.allreduce)")
+        work = np.array(x, order="C", copy=True)
+        return Buffer(x, work, work.ctypes.data, work.size, code, not copy)
+    if not x.is_cpu:
+        raise TypeError(f"{_label(name)} lives on {x.device}; pybrain-mpi collectives take CPU tensors")
+    # data_ptr() of a tensor that requires grad is fine: the core writes through the
+    # pointer, outside autograd, exactly like an in-place op under torch.no_grad().
+    if not copy and x.is_contiguous():
+        return Buffer(x, x, x.data_ptr(), x.numel(), code, False)
+    work = x.detach().clone(memory_format=sys.modules["torch"].contiguous_format)
+    return Buffer(x, work, work.data_ptr(), work.numel(), code, not copy)

@@ -22,21 +22,20 @@ ALGORITHMS = {"ring": 0, "mpi": 1}
 
 
 def _op_code(op: str, buffer: Buffer, name: str | None) -> int:
-    try:
-        code = OPS[op]
-    except KeyError:
-        raise ValueError(f"unknown op {op!r}; choose one of {sorted(OPS)}") from None
-    if op == "avg" and buffer.dtype_code in (INT32, INT64):
+    code = OPS.get(op)
+    if code is None:
+        raise ValueError(f"unknown op {op!r}; choose one of {sorted(OPS)}")
+    if code == 1 and buffer.dtype_code in (INT32, INT64):
         label = f"tensor '{name}'" if name else "tensor"
         raise TypeError(f"{label}: op='avg' needs a floating-point dtype; use op='sum' for integers")
     return code
 
 
 def _algorithm_code(algorithm: str) -> int:
-    try:
-        return ALGORITHMS[algorithm]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}") from None
+    code = ALGORITHMS.get(algorithm)
+    if code is None:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    return code
 
 
 def _root(root: int, name: str | None) -> int:
@@ -97,10 +96,10 @@ class Handle:
 
 def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
                timeout_s: float | None) -> Any:
-    engine = context.current().engine
-    return engine.allreduce(buffer.address, buffer.count, buffer.dtype_code,
-                            _op_code(op, buffer, name), _algorithm_code(algorithm), name or "",
-                            async_op, _timeout(timeout_s))
+    ctx = context.current()
+    return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code,
+                                _op_code(op, buffer, name), _algorithm_code(algorithm), name or "",
+                                async_op, ctx.timeout_s if timeout_s is None else float(timeout_s))
 
 
 def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,

@@ -207,9 +207,9 @@ def is_initialized() -> bool:
 
 def current() -> _Context:
     """The live context; raises :class:`PbmError` before :func:`init`."""
-    if _context is None:
-        raise PbmError("pybrain_mpi is not initialized: call pybrain_mpi.init() first")
-    return _context
+    if _context is not None:
+        return _context
+    raise PbmError("pybrain_mpi is not initialized: call pybrain_mpi.init() first")
 
 
 def rank() -> int:
