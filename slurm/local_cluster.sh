@@ -75,9 +75,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
-# A requeued job waits cred_expire seconds before it may start again (default 120); 10 s keeps
+# A requeued job waits cred_expire seconds before it may start again (default 120); 5 s keeps
 # preempt-and-requeue tests short while leaving step launches (milliseconds here) ample time.
-AuthInfo=cred_expire=${PBM_SLURM_CRED_EXPIRE_S:-10}
+AuthInfo=cred_expire=${PBM_SLURM_CRED_EXPIRE_S:-5}
 StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid

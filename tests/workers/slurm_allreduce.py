@@ -65,7 +65,9 @@ def main() -> int:
             print(f"SLURM_ALLREDUCE_FAIL rank={rank}: {failure}", flush=True)
         return 1
     print(f"SLURM_ALLREDUCE_OK rank={rank} size={size} ntasks={slurm['NTASKS']} "
-          f"local_rank={pbm.local_rank()} job={slurm['JOB_ID']} checked={checked}", flush=True)
+          f"local_rank={pbm.local_rank()} job={slurm['JOB_ID']} checked={checked} "
+          f"env_token={os.environ.get('PBM_SLURM_ENV_TOKEN')} "
+          f"path0={os.environ.get('PATH', '').split(os.pathsep)[0]} python={sys.executable}", flush=True)
     pbm.shutdown()
     return 0
 

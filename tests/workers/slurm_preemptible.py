@@ -21,7 +21,7 @@ import numpy as np
 
 import pybrain_mpi as pbm
 
-STEPS = 40
+STEPS = 24
 STEP_SLEEP_S = 0.1
 RUNNING_AFTER_STEP = 3   # rank 0 announces it is running (a file) once past this step
 
