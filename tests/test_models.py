@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from pybrain_mpi import models as M
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Small convolutions run erratically with 2 intra-op threads on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _independent_dca_count(length, hidden):
     # Written out layer by layer (not reusing the module's helper): conv weights + biases.
     enc = (1 * 32 * 21 + 32) + (32 * 64 * 9 + 64) + (64 * 128 * 9 + 128) + (128 * 256 * 9 + 256)
