@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 import tomllib
@@ -527,15 +528,15 @@ def _check_model(v: _Validator, model: dict):
                       + f"; its arguments: {', '.join(allowed)}")
             continue
         default = allowed[key]
-        if default is None or default is dataclasses.MISSING:
-            continue
+        if default is None or default is inspect.Parameter.empty:
+            continue  # no default to infer the type from: the model checks it
         kind = list if isinstance(default, (tuple, list)) else type(default)
         try:
             if kind is list:
                 if not isinstance(value, list):
                     raise ValueError(f"got {_toml_type_name(value)} {_show(value)}")
             else:
-                _convert_scalar(kind, value)
+                model["kwargs"][key] = _convert_scalar(kind, value)
         except (ValueError, TypeError) as exc:
             v.problem(path, f"[model] {key} = {_show(value)}: model '{name}' expects "
                       f"{_TYPE_NAMES.get(kind, kind.__name__)} (default {_show(default)}), {exc}")
@@ -641,5 +642,5 @@ def describe_schema(section: Section = SCHEMA, path: tuple[str, ...] = ()) -> st
         default = "required" if spec.required else f"default {_show(spec.default)}"
         out.append(f"  {key}: {spec.describe()}; {default}" + (f" -- {spec.doc}" if spec.doc else ""))
     if section.extra:
-        out.append(f"  (other keys: the model's keyword arguments)")
+        out.append("  (other keys: the model's keyword arguments)")
     return "\n".join(out)

@@ -172,3 +172,10 @@ def test_key_lines_handles_dotted_keys_inline_tables_and_multiline_strings():
     assert lines[("t", "b", "c")] == 5
     assert lines[("t", "d", "e")] == 6 and lines[("t", "d", "f")] == 6
     assert lines[("t", "u")] == 7 and lines[("t", "u", "g")] == 8
+
+
+def test_model_float_argument_accepts_an_integer_and_lists_become_tuples():
+    text = (EXAMPLES / "cnn3d_mni.toml").read_text()
+    config = parse_config(_replace_line(text, "dropout = 0.1", "dropout = 0"), "run.toml")
+    assert config.model.kwargs["dropout"] == 0.0 and isinstance(config.model.kwargs["dropout"], float)
+    assert config.model.kwargs["input_shape"] == (32, 32, 32)
