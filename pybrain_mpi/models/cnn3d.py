@@ -1,0 +1,118 @@
+"""NaiveCNN3D: the plain 3D CNN used for structural-MRI regression.
+
+Architecture (REFERENCE.md section 2, after the ABCD fluid-intelligence 3D CNN): four blocks
+``Conv3d(k=3, padding=1, no bias) -> BatchNorm3d -> MaxPool3d(2) -> ReLU -> Dropout3d`` with 10, 20,
+40, 80 output channels, then fully connected layers ``flat -> fc1 -> fc2 -> out`` (ReLU and
+dropout between them). MSE loss is the caller's.
+
+The fully connected widths are derived from the input size unless given: with the grid after
+the four poolings ``g = (d // 16, h // 16, w // 16)`` and ``flat = 80 * prod(g)``,
+``fc1 = max(16, flat // 22)`` and ``fc2 = max(8, fc1 // 2)``. At the original full-resolution grid of
+11 x 11 x 11 (inputs 176..191 voxels per side) that is flat = 106,480 -> 4840 -> 2420 -> 1,
+the published widths, and **527,199,651** parameters (the FC layers are 99.98%).
+
+Parameter count::
+
+    conv = sum(c_in * c_out * 27) + 2 * sum(c_out)   (BN weight+bias)  = 113,970
+    (without batch norm the convolutions keep their biases: + sum(c_out) instead)
+    fc   = flat * fc1 + fc1 + fc1 * fc2 + fc2 + fc2 * out + out
+
+Default (``input_shape=(64, 64, 64)``, derived widths 232/116, 1 output): **1,329,187**.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["NaiveCNN3D", "naive_cnn3d_parameter_count", "CNN3D_CHANNELS"]
+
+CNN3D_CHANNELS = (10, 20, 40, 80)
+_REDUCTION = 2 ** len(CNN3D_CHANNELS)
+_MIN_FC1 = 16
+
+
+def _derived_widths(input_shape) -> tuple[int, int, int]:
+    grid = [int(s) // _REDUCTION for s in input_shape]
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"NaiveCNN3D: input_shape must be 3 sizes of at least {_REDUCTION} "
+                         f"voxels (four 2x poolings), got {tuple(input_shape)}")
+    flat = CNN3D_CHANNELS[-1] * math.prod(grid)
+    # Small inputs would give fc widths of 1-3 units (easily all-dead ReLUs): keep a floor.
+    fc1 = max(_MIN_FC1, flat // 22)
+    return flat, fc1, max(_MIN_FC1 // 2, fc1 // 2)
+
+
+def naive_cnn3d_parameter_count(input_shape=(64, 64, 64), in_channels: int = 1,
+                                fc_widths=None, out_features: int = 1,
+                                batch_norm: bool = True) -> int:
+    """Number of trainable parameters of ``NaiveCNN3D`` with these arguments, in closed form."""
+    flat, fc1, fc2 = _derived_widths(input_shape)
+    if fc_widths is not None:
+        fc1, fc2 = (int(w) for w in fc_widths)
+    chans = [in_channels, *CNN3D_CHANNELS]
+    conv = sum(chans[i] * chans[i + 1] * 27 for i in range(4))
+    # With batch norm the conv bias is redundant (BN subtracts the mean): BN weight+bias
+    # replace it; without batch norm each conv has its bias.
+    conv += 2 * sum(CNN3D_CHANNELS) if batch_norm else sum(CNN3D_CHANNELS)
+    fc = flat * fc1 + fc1 + fc1 * fc2 + fc2 + fc2 * out_features + out_features
+    return conv + fc
+
+
+class NaiveCNN3D(nn.Module):
+    """Four-block 3D CNN regressor (channels 10/20/40/80) with fully connected head.
+
+    Args:
+        input_shape: spatial size ``(D, H, W)`` of the input volumes/patches, each >= 16.
+        in_channels: input channels (1 for a T1 volume).
+        fc_widths: ``(fc1, fc2)``; default derived from ``input_shape`` (module docstring).
+        out_features: regression outputs (1 in the original).
+        dropout: dropout probability after each conv block and hidden FC layer.
+        batch_norm: BatchNorm3d after each convolution.
+
+    ``forward(x)`` takes ``(N, C, D, H, W)`` (or ``(N, D, H, W)`` when ``in_channels == 1``)
+    and returns ``(N, out_features)``. ``features`` is an ``nn.Sequential`` of the four conv
+    blocks, so activation checkpointing can split it into segments.
+    """
+
+    def __init__(self, input_shape=(64, 64, 64), in_channels: int = 1, fc_widths=None,
+                 out_features: int = 1, dropout: float = 0.1, batch_norm: bool = True):
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"NaiveCNN3D: dropout must be in [0, 1), got {dropout}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.in_channels = int(in_channels)
+        flat, fc1, fc2 = _derived_widths(self.input_shape)
+        if fc_widths is not None:
+            if len(fc_widths) != 2 or min(int(w) for w in fc_widths) < 1:
+                raise ValueError(f"NaiveCNN3D: fc_widths must be two positive widths, "
+                                 f"got {fc_widths}")
+            fc1, fc2 = (int(w) for w in fc_widths)
+        self.fc_widths = (fc1, fc2)
+        blocks = []
+        c_in = self.in_channels
+        for c_out in CNN3D_CHANNELS:
+            layers = [nn.Conv3d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm3d(c_out))
+            layers += [nn.MaxPool3d(2), nn.ReLU(inplace=True), nn.Dropout3d(dropout)]
+            blocks.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, fc1), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(fc1, fc2), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(fc2, int(out_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict ``(N, out_features)`` from a batch of volumes."""
+        if x.dim() == 4 and self.in_channels == 1:
+            x = x.unsqueeze(1)
+        if x.dim() != 5 or tuple(x.shape[1:]) != (self.in_channels, *self.input_shape):
+            raise ValueError(f"NaiveCNN3D expects (N, {self.in_channels}, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}; "
+                             "set [model] input_shape to the patch size")
+        return self.head(self.features(x))
