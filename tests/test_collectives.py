@@ -45,6 +45,12 @@ def test_timeout_names_the_ranks_that_did_not_join(ranks):
     assert f"waiting for rank{'s' if ranks > 2 else ''} {missing}" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_timeout_names_only_the_rank_that_stayed_away(ranks):
+    _ok_on_every_rank(run_mpi(ranks, "collectives_worker.py", "partial_join", timeout_s=90),
+                      "partial_join", ranks)
+
+
 def test_async_wait_timeout_names_missing_ranks():
     result = run_mpi(3, "collectives_worker.py", "async_timeout", timeout_s=60)
     _ok_on_every_rank(result, "async_timeout", 3)

@@ -164,6 +164,7 @@ void Engine::run(CollectiveSpec spec, double timeout_s) {
 }
 
 void Engine::progress_loop() {
+  Transport::set_polite_polling_for_this_thread(true);
   for (;;) {
     std::shared_ptr<Operation> op;
     {

@@ -2,8 +2,25 @@
 
 #include <algorithm>
 #include <sstream>
+#include <thread>
 
 namespace pbm {
+
+namespace {
+thread_local bool polite_polling = false;
+
+// Called every 64 unsuccessful polls. Spins for ~50 us, then yields, then naps 20 us.
+inline void back_off(uint64_t spin) {
+  if (!polite_polling || spin < 4096) return;
+  if (spin < 16384) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+}  // namespace
+
+void Transport::set_polite_polling_for_this_thread(bool polite) { polite_polling = polite; }
 
 Transport::Transport(MPI_Comm comm) {
   int initialized = 0;
@@ -81,24 +98,37 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
 void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
                          const std::vector<bool>& is_recv, Clock::time_point deadline,
                          const Describe& what, ProgressStatus* status, bool cancellable) {
-  bool reported = false;
+  size_t reported_pending = requests.size() + 1;  // nothing reported yet
+  // MPI_Testsome, not MPI_Testall: Testall leaves every request untouched until all are
+  // done, and then a timeout could not tell which peers had already answered.
+  std::vector<int> completed(requests.size());
+  size_t pending = 0;
+  for (const MPI_Request& request : requests) pending += request != MPI_REQUEST_NULL;
   for (uint64_t spin = 0;; ++spin) {
-    int all_done = 0;
-    check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &all_done,
-                      MPI_STATUSES_IGNORE),
-          "MPI_Testall");
-    if (all_done) return;
+    if (pending == 0) return;
+    int count = 0;
+    check(MPI_Testsome(static_cast<int>(requests.size()), requests.data(), &count,
+                       completed.data(), MPI_STATUSES_IGNORE),
+          "MPI_Testsome");
+    if (count == MPI_UNDEFINED) return;  // no active request left
+    pending -= static_cast<size_t>(count);
+    if (pending == 0) return;
     // Reading the clock costs ~20 ns; MPI_Testall a few hundred. Check every 64 polls.
     if ((spin & 63) == 63) {
-      if (status && !reported) {
-        std::vector<int> waiting;
-        for (size_t i = 0; i < requests.size(); ++i)
-          if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(peers[i]);
-        std::sort(waiting.begin(), waiting.end());
-        waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
-        status->set(what(), waiting);
-        reported = true;
+      if (status) {
+        // Re-report whenever the set of peers still pending shrinks, so a waiter that
+        // times out names exactly the ranks that are late.
+        if (pending != reported_pending) {
+          std::vector<int> waiting;
+          for (size_t i = 0; i < requests.size(); ++i)
+            if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(peers[i]);
+          std::sort(waiting.begin(), waiting.end());
+          waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
+          status->set(what(), waiting);
+          reported_pending = pending;
+        }
       }
+      back_off(spin);
       const bool aborted = aborted_.load();
       if (aborted || Clock::now() >= deadline) {
         std::vector<MPI_Request> snapshot = requests;
@@ -119,6 +149,7 @@ MPI_Status Transport::wait_one(MPI_Request& request, int peer, bool is_recv,
     if (done) return result;
     if ((spin & 63) == 63) {
       if (status && spin == 63) status->set(what(), {peer});
+      back_off(spin);
       const bool aborted = aborted_.load();
       if (aborted || Clock::now() >= deadline) {
         std::vector<MPI_Request> one{request};

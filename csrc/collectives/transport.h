@@ -93,6 +93,12 @@ class Transport {
   // faults on every call (MPICH loses half its large-message speed to exactly that).
   char* scratch(size_t slot, size_t bytes);
 
+  // Waits on the progress thread back off (yield, then short naps) once a wait has lasted
+  // a while: on machines where every core also runs a training process, a busy-polling
+  // progress thread would steal the cycles of the backward pass it is meant to overlap.
+  // Waits on the caller's thread (blocking calls) spin for lowest latency.
+  static void set_polite_polling_for_this_thread(bool polite);
+
   // Bytes this rank handed to MPI sends since start (for "bytes communicated" reports).
   std::atomic<uint64_t> bytes_sent{0};
 

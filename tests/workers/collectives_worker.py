@@ -181,6 +181,19 @@ def mode_timeout(comm: MPI.Comm) -> None:
     comm.Barrier()  # user-level MPI still works afterwards
 
 
+def mode_partial_join(comm: MPI.Comm) -> None:
+    """Only the last rank stays away: the others' timeouts name exactly that rank."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    if r != n - 1:
+        try:
+            pbm.allreduce(np.ones(50_000, dtype=np.float32), name="grad", timeout_s=1.5)
+        except pbm.CollectiveTimeout as error:
+            assert error.missing_ranks == [n - 1], error.missing_ranks
+        else:
+            raise AssertionError("no CollectiveTimeout")
+    comm.Barrier()
+
+
 def mode_async_timeout(comm: MPI.Comm) -> None:
     """Handle.wait(timeout_s) raises CollectiveTimeout listing the ranks not yet joined."""
     n, r = comm.Get_size(), comm.Get_rank()

@@ -1,0 +1,61 @@
+"""Cross-rank checks run when a model is wrapped: every rank must hold the same parameters."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+
+from ..communication import context
+from ..errors import CollectiveMismatch
+
+
+def _signature(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple, str]]:
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
+
+
+def check_same_parameters(named_tensors: list[tuple[str, torch.Tensor]], what: str = "parameter") -> None:
+    """Raises CollectiveMismatch on every rank unless all ranks hold the same names, shapes and
+    dtypes, in the same order.
+
+    A cheap 8-byte digest is compared first (one small allreduce); only on a mismatch are the
+    full lists gathered to name the first differing entry and the ranks that differ.
+    """
+    ctx = context.current()
+    if ctx.size == 1:
+        return
+    signature = _signature(named_tensors)
+    digest = int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=7).digest(), "little")
+    from mpi4py import MPI
+
+    low = ctx.comm.allreduce(digest, op=MPI.MIN)
+    high = ctx.comm.allreduce(digest, op=MPI.MAX)
+    if low == high:
+        return
+    signatures = ctx.comm.allgather(signature)
+    reference = signatures[0]
+    differing = [r for r, s in enumerate(signatures) if s != reference]
+    first_index = None
+    for r in differing:
+        s = signatures[r]
+        for i in range(max(len(s), len(reference))):
+            a = reference[i] if i < len(reference) else None
+            b = s[i] if i < len(s) else None
+            if a != b:
+                first_index = i if first_index is None else min(first_index, i)
+                break
+
+    def entry(r: int) -> str:
+        s = signatures[r]
+        if first_index is None or first_index >= len(s):
+            return f"(no {what} #{first_index}; {len(s)} in total)"
+        name, shape, dtype = s[first_index]
+        return f"{name} shape={list(shape)} dtype={dtype}"
+
+    lines = [f"rank {r}: {entry(r)}" for r in [0, *differing]]
+    raise CollectiveMismatch(
+        f"rank {ctx.rank}: ranks hold different models: {what} #{first_index} differs on rank(s) "
+        f"{', '.join(map(str, differing))} (compared with rank 0):\n  " + "\n  ".join(lines)
+        + "\nBuild the same model on every rank before wrapping it."
+    )

@@ -1,0 +1,277 @@
+"""Data-parallel training: gradients averaged across ranks while backward still runs.
+
+``DistributedDataParallel`` follows the design of PyTorch DDP and Horovod (REFERENCE.md
+section 3, "tensor fusion" and "overlap"):
+
+1. At wrap time every rank checks it holds the same parameters (names, shapes, dtypes),
+   then rank 0's parameters and buffers are broadcast so all replicas start equal.
+2. Parameters are grouped into buckets in reverse registration order (roughly the order
+   backward produces their gradients): the first bucket small (``first_bucket_bytes``) so
+   communication starts early, the rest up to ``bucket_bytes``. Each bucket owns one flat
+   buffer and every parameter's ``.grad`` is a view into it, so the flat buffer is what
+   gets reduced (no packing copy in the common case).
+3. A hook after each gradient's accumulation marks the parameter ready. When all of a
+   bucket's parameters are ready, and all earlier buckets were launched, the bucket's
+   allreduce starts on the progress thread. Launching strictly in bucket order keeps the
+   sequence of collectives identical on every rank.
+4. When backward ends, buckets not yet launched (parameters without a gradient in this
+   pass) are launched with zeros for the missing gradients, and everything is waited for;
+   a wait past ``PBM_STALL_WARN_S`` warns naming the bucket's tensors and the ranks that
+   have not joined; past the engine timeout it raises CollectiveTimeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..communication import collectives, context
+from ..errors import CollectiveTimeout, PbmError
+from .consistency import check_same_parameters
+
+MiB = 1 << 20
+
+
+@dataclass
+class _Bucket:
+    index: int
+    dtype: torch.dtype
+    params: list[torch.nn.Parameter]
+    names: list[str]
+    offsets: list[int]
+    flat: torch.Tensor
+    ready: set[int] = field(default_factory=set)  # positions in params that are ready
+    handle: Any = None
+    launched_at: float = 0.0
+    finished_at: float = 0.0
+
+    def view(self, position: int) -> torch.Tensor:
+        param = self.params[position]
+        start = self.offsets[position]
+        return self.flat[start:start + param.numel()].view_as(param)
+
+
+def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str) -> None:
+    """Broadcasts tensors from root with one collective per dtype (packed flat)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        if dtype == torch.bool:
+            group_flat = torch.cat([t.detach().reshape(-1).to(torch.int32) for t in group])
+        else:
+            group_flat = torch.cat([t.detach().reshape(-1) for t in group])
+        collectives.broadcast_(group_flat, root=root, name=f"{what} ({dtype})")
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(group_flat[offset:offset + n].view_as(t).to(t.dtype))
+                offset += n
+
+
+class DistributedDataParallel(torch.nn.Module):
+    """Wraps a module so its gradients are averaged across all ranks during backward.
+
+    Args:
+        module: the model; build it identically on every rank.
+        bucket_bytes: target size of a gradient bucket (default 25 MiB, as PyTorch DDP).
+        first_bucket_bytes: size of the first bucket, which is ready earliest (1 MiB).
+        algorithm: allreduce algorithm, ``"ring"`` or ``"mpi"``.
+        compression: ``None`` or a codec from :mod:`pybrain_mpi.compression` with
+            ``compress(tensor) -> (payload, ctx)`` / ``decompress(payload, ctx)``
+            (e.g. ``Cast("bf16")``): gradients travel compressed.
+        broadcast_buffers: broadcast rank 0's buffers (e.g. batch-norm statistics) before
+            every forward pass, as PyTorch DDP does.
+        stall_warn_s: warn when a bucket waits longer than this (``PBM_STALL_WARN_S``, 60).
+
+    Use like ``torch.nn.parallel.DistributedDataParallel``; :meth:`no_sync` accumulates
+    gradients locally for gradient accumulation.
+    """
+
+    def __init__(self, module: torch.nn.Module, bucket_bytes: int = 25 * MiB,
+                 first_bucket_bytes: int = 1 * MiB, algorithm: str = "ring",
+                 compression: Any = None, broadcast_buffers: bool = True,
+                 stall_warn_s: float | None = None):
+        super().__init__()
+        if not context.is_initialized():
+            context.init()
+        if algorithm not in collectives.ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(collectives.ALGORITHMS)}")
+        self.module = module
+        self.algorithm = algorithm
+        self.compression = compression
+        self.broadcast_buffers = broadcast_buffers
+        self.stall_warn_s = float(stall_warn_s if stall_warn_s is not None
+                                  else os.environ.get("PBM_STALL_WARN_S", 60))
+        self._sync = True
+        self._in_backward = False
+        self._next_to_launch = 0
+        self.timeline: list[dict] = []  # per-bucket launch/finish times of the last step
+        self.backward_finished_at = 0.0  # when autograd finished the last backward pass
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise PbmError("DistributedDataParallel: the module has no parameter that requires grad")
+        check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()))
+        _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
+                           root=0, what="initial parameters and buffers")
+        self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes)
+        self._where: dict[int, tuple[int, int]] = {}
+        for bucket in self._buckets:
+            for position, param in enumerate(bucket.params):
+                self._where[id(param)] = (bucket.index, position)
+                param.grad = bucket.view(position)  # gradients accumulate straight into buckets
+                param.grad.zero_()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for _, p in named]
+
+    # -- construction -------------------------------------------------------------------
+    @staticmethod
+    def _build_buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int,
+                       first_bucket_bytes: int) -> list[_Bucket]:
+        buckets: list[_Bucket] = []
+        pending: dict[torch.dtype, tuple[list, list]] = {}
+
+        def close(dtype: torch.dtype) -> None:
+            params, names = pending.pop(dtype)
+            offsets, total = [], 0
+            for p in params:
+                offsets.append(total)
+                total += p.numel()
+            flat = torch.zeros(total, dtype=dtype)
+            buckets.append(_Bucket(len(buckets), dtype, params, names, offsets, flat))
+
+        for name, param in reversed(named):
+            params, names = pending.setdefault(param.dtype, ([], []))
+            params.append(param)
+            names.append(name)
+            limit = first_bucket_bytes if not buckets else bucket_bytes
+            if sum(p.numel() for p in params) * param.element_size() >= limit:
+                close(param.dtype)
+        for dtype in list(pending):
+            close(dtype)
+        return buckets
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broadcast_buffers and self._sync and context.size() > 1:
+            buffers = [b for b in self.module.buffers()]
+            if buffers:
+                _flatten_broadcast(buffers, root=0, what="module buffers")
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulates gradients locally (no communication) inside the block."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    # -- backward hooks -----------------------------------------------------------------
+    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
+        bucket_index, position = self._where[id(param)]
+        bucket = self._buckets[bucket_index]
+        view = bucket.view(position)
+        if param.grad is None or param.grad.data_ptr() != view.data_ptr():
+            # zero_grad(set_to_none=True) replaced the view: bring the gradient home.
+            if param.grad is not None:
+                view.copy_(param.grad)
+            param.grad = view
+        if not self._sync:
+            return
+        if not self._in_backward:
+            self._in_backward = True
+            self._next_to_launch = 0
+            self.timeline = []
+            for b in self._buckets:
+                b.ready.clear()
+                b.handle = None
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        bucket.ready.add(position)
+        self._launch_ready_buckets()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.launched_at = time.perf_counter()
+        label = f"bucket {bucket.index} ({len(bucket.params)} tensors: {bucket.names[0]}"
+        label += ", ...)" if len(bucket.params) > 1 else ")"
+        if self.compression is not None:
+            payload, ctx = self.compression.compress(bucket.flat)
+            bucket.handle = (collectives.allreduce_async_(payload, op="avg", algorithm=self.algorithm,
+                                                          name=label[:60]), payload, ctx)
+        else:
+            bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
+                                                         name=label[:60])
+
+    def _launch_ready_buckets(self) -> None:
+        while (self._next_to_launch < len(self._buckets)
+               and len(self._buckets[self._next_to_launch].ready) == len(self._buckets[self._next_to_launch].params)):
+            self._launch(self._buckets[self._next_to_launch])
+            self._next_to_launch += 1
+
+    def _finish_backward(self) -> None:
+        self.backward_finished_at = time.perf_counter()
+        self._in_backward = False
+        # Parameters that got no gradient in this pass (unused on this rank): their share is
+        # zero, and their buckets must still be reduced, in order, so the ranks stay in step.
+        for bucket in self._buckets[self._next_to_launch:]:
+            for position, param in enumerate(bucket.params):
+                if position not in bucket.ready:
+                    if param.grad is None or param.grad.data_ptr() != bucket.view(position).data_ptr():
+                        bucket.view(position).zero_()
+                        param.grad = bucket.view(position)
+                    bucket.ready.add(position)
+        self._launch_ready_buckets()
+        for bucket in self._buckets:
+            self._wait(bucket)
+        self.timeline = [
+            {"bucket": b.index, "tensors": len(b.params), "bytes": b.flat.numel() * b.flat.element_size(),
+             "launched_at": b.launched_at, "finished_at": b.finished_at}
+            for b in self._buckets
+        ]
+
+    def _wait(self, bucket: _Bucket) -> None:
+        handle = bucket.handle
+        if isinstance(handle, tuple):
+            handle, payload, ctx = handle
+        else:
+            payload = ctx = None
+        started = time.monotonic()
+        limit = context.current().timeout_s
+        warned = False
+        while True:
+            remaining = limit - (time.monotonic() - started)
+            step = remaining if warned else min(self.stall_warn_s, remaining)
+            try:
+                handle.wait(timeout_s=max(step, 0.0))
+                break
+            except CollectiveTimeout as error:
+                if warned or time.monotonic() - started >= limit:
+                    raise
+                warned = True
+                warnings.warn(
+                    f"rank {context.rank()}: gradient bucket {bucket.index} ({', '.join(bucket.names[:4])}"
+                    f"{', ...' if len(bucket.names) > 4 else ''}) has waited {self.stall_warn_s:g} s; "
+                    f"ranks that have not submitted it: {error.missing_ranks or 'unknown'}",
+                    RuntimeWarning, stacklevel=2)
+        if payload is not None:
+            self.compression.decompress(payload, ctx, out=bucket.flat)
+        bucket.finished_at = time.perf_counter()
+
+    def remove_hooks(self) -> None:
+        """Detaches the gradient hooks (the wrapped module then trains locally)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @property
+    def bucket_sizes_bytes(self) -> list[int]:
+        """Sizes of the gradient buckets, in launch order."""
+        return [b.flat.numel() * b.flat.element_size() for b in self._buckets]
