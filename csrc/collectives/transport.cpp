@@ -9,10 +9,13 @@ namespace pbm {
 namespace {
 thread_local bool polite_polling = false;
 
-// Called every 64 unsuccessful polls. Spins for ~50 us, then yields, then naps 20 us.
+// Called every 64 unsuccessful polls. Every waiting thread spins briefly, then yields the
+// core: with more processes than cores (oversubscribed test runs, hyperthreads shared with
+// data loaders) a spinning rank would otherwise burn its whole time slice while the peer
+// it waits for cannot run. The progress thread additionally naps once a wait is long.
 inline void back_off(uint64_t spin) {
-  if (!polite_polling || spin < 4096) return;
-  if (spin < 16384) {
+  if (spin < 1024) return;
+  if (!polite_polling || spin < 16384) {
     std::this_thread::yield();
   } else {
     std::this_thread::sleep_for(std::chrono::microseconds(20));

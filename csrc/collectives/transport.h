@@ -93,10 +93,10 @@ class Transport {
   // faults on every call (MPICH loses half its large-message speed to exactly that).
   char* scratch(size_t slot, size_t bytes);
 
-  // Waits on the progress thread back off (yield, then short naps) once a wait has lasted
-  // a while: on machines where every core also runs a training process, a busy-polling
-  // progress thread would steal the cycles of the backward pass it is meant to overlap.
-  // Waits on the caller's thread (blocking calls) spin for lowest latency.
+  // Every wait spins briefly and then yields its core. Waits on the progress thread also
+  // nap once they have lasted a while: on machines where every core also runs a training
+  // process, a busy-polling progress thread would steal the cycles of the backward pass it
+  // is meant to overlap.
   static void set_polite_polling_for_this_thread(bool polite);
 
   // Bytes this rank handed to MPI sends since start (for "bytes communicated" reports).
