@@ -6,9 +6,11 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 
 #include "../common/errors.h"
@@ -283,21 +285,35 @@ ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* resi
                  "count; make sure sender and receiver use the same tensor.");
 }
 
-// Trit i of each group byte, and what that group adds: table[b][i] = (t_i - 1) * scale,
-// with -0.0 for zero trits so that `x + table` leaves x bit-for-bit unchanged.
+// What each body byte does, for all 256 values: group bytes (0..242) hold their five
+// decoded values q_i * scale, run bytes (243..255) none. add[] has -0.0 for zero trits and
+// runs, so `x + add` leaves x bit-for-bit unchanged; set[] has +0.0 and is padded with zeros
+// to 16 floats, so that one 16-float store also clears runs of up to 3 groups.
 struct DecodeTable {
-  alignas(64) float add[243][8];
-  alignas(64) float set[243][8];
-  explicit DecodeTable(float scale) {
-    for (int b = 0; b < 243; ++b) {
+  alignas(64) float add[256][8];
+  alignas(64) float set[256][16];
+  uint8_t advance[256];  // groups consumed: 1, or k for a run byte 241 + k
+  // Fills only the half a decode needs: small tensors should not pay for both.
+  DecodeTable(float scale, bool for_add) {
+    for (int b = 0; b < 256; ++b) {
       int rest = b;
+      if (for_add) {
+        for (int i = 0; i < 8; ++i) add[b][i] = -0.0f;
+      } else {
+        for (int i = 0; i < 16; ++i) set[b][i] = 0.f;
+      }
+      advance[b] = static_cast<uint8_t>(b > kMaxGroupByte ? b - kRunBase : 1);
+      if (b > kMaxGroupByte) continue;
       for (int i = 0; i < 5; ++i) {
         const int q = rest % 3 - 1;
         rest /= 3;
-        add[b][i] = q == 0 ? -0.0f : static_cast<float>(q) * scale;
-        set[b][i] = q == 0 ? 0.0f : static_cast<float>(q) * scale;
+        if (q == 0) continue;
+        if (for_add) {
+          add[b][i] = static_cast<float>(q) * scale;
+        } else {
+          set[b][i] = static_cast<float>(q) * scale;
+        }
       }
-      for (int i = 5; i < 8; ++i) add[b][i] = set[b][i] = 0.f;
     }
   }
 };
@@ -316,7 +332,36 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
   const size_t groups = threelc_groups(count);
   const size_t full_groups = count / 5;
   size_t group = 0;
-  for (size_t p = 0; p < bytes; ++p) {
+  size_t p = 0;
+  // Fast path without data-dependent branches: while 14 full groups remain, no byte can
+  // run past the end or reach the short last group, so every byte is applied blindly
+  // (a run byte adds -0.0 to, or stores zeros over, the groups it covers).
+  while (p < bytes && group + kMaxRun <= full_groups) {
+    const uint8_t byte = in[p++];
+    typename Out::T* o = out + 5 * group;
+    if (kAdd) {
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<Out, Float32>) {  // the compiler misses this as SIMD
+        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_load_ps(table.add[byte])));
+        o[4] += table.add[byte][4];
+      } else
+#endif
+      for (size_t i = 0; i < 5; ++i) o[i] = Out::store(Out::load(o[i]) + table.add[byte][i]);
+    } else {
+      // 16 stores: the 5 values, then zeros that the next bytes overwrite or that clear a
+      // run of up to 3 groups; longer runs (sparse data, predictable) clear the rest.
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<Out, Float32>) {
+        for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o + i, _mm_load_ps(table.set[byte] + i));
+      } else
+#endif
+      for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
+      const size_t run = table.advance[byte];
+      for (size_t i = 16; i < 5 * run; ++i) o[i] = Out::store(0.f);
+    }
+    group += table.advance[byte];
+  }
+  for (; p < bytes; ++p) {
     const uint8_t byte = in[p];
     if (byte > kMaxGroupByte) {
       const size_t run = byte - kRunBase;
@@ -383,7 +428,7 @@ void decode_dispatch(const uint8_t* in, size_t bytes, float scale, size_t count,
   check_scale(scale, name);
   if (count > 0 && out == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
   if (bytes > 0 && in == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
-  const DecodeTable table(scale);
+  const DecodeTable table(scale, kAdd);
   if (out_dtype == DType::kFloat32) {
     (kAdd ? decode_add_f32 : decode_set_f32)(in, bytes, count, static_cast<float*>(out), table, name);
     return;
