@@ -3,8 +3,9 @@
     python benchmarks/compression.py [--json results/compression.json] [--quick]
 
 Part 1, throughput: encode, decode (overwrite) and decode-add of float32 buffers from
-64 KiB to 256 MiB, in GB/s of float32 input, on the calling thread (one core). The
-buffers hold real gradients (captured in part 2, tiled to size) with a warm residual.
+64 KiB to 256 MiB, in GB/s of float32 input, on the calling thread (one core), with a warm
+residual. Two inputs: "fmri", the real gradients of part 2 tiled to size (sparse after
+quantization), and "dense", Student-t noise whose many nonzero trits are the slow case.
 Baselines in the same run: numpy `r += g` (one read-modify-write pass, what the error
 feedback step alone costs) and a float32 -> bfloat16 cast (Cast('bf16')).
 Times are medians; GB/s are given on thread CPU time (robust to other processes on a busy
@@ -124,15 +125,19 @@ def timed(fn, repeats: int):
 def throughput(gradients: list[np.ndarray], sizes: list[int], budget_s: float) -> list[dict]:
     rows = []
     source = np.concatenate(gradients[len(gradients) // 2:])  # mid-training gradients
-    for size in sizes:
+    rng = np.random.default_rng(0)
+    for size, kind in [(size, kind) for size in sizes for kind in ("fmri", "dense")]:
         n = size // 4
-        grad = np.resize(source, n).astype(np.float32)
+        if kind == "fmri":  # the real gradients, tiled: sparse once quantized (one M)
+            grad = np.resize(source, n).astype(np.float32)
+        else:  # heavy-tailed noise: many nonzero trits, the codec's slow case
+            grad = (rng.standard_t(3, n) * 1e-3).astype(np.float32)
         residual = np.zeros(n, np.float32)
         body = np.empty(_core.threelc_max_encoded_bytes(n), np.uint8)
         out = np.zeros(n, np.float32)
         bf16 = np.empty(n, np.uint16)
         repeats = int(min(200, max(5, budget_s / max(size / 1e9, 1e-4))))
-        result = {"bytes": size, "repeats": repeats}
+        result = {"bytes": size, "input": kind, "repeats": repeats}
         for sparsity in (1.0,):
             def encode():
                 result["_body"] = _core.threelc_encode(grad.ctypes.data, 0, n, residual.ctypes.data,
@@ -192,12 +197,12 @@ def main(argv=None) -> int:
 
     rows = throughput(captured, sizes, budget_s=2.0 if not args.quick else 0.2)
     print("\nThroughput, GB/s of float32 input, one core (thread CPU time; wall time in brackets)")
-    print(f"{'size':>9} {'encode':>14} {'decode':>14} {'decode_add':>14} {'numpy r+=g':>14} {'cast bf16':>14} {'ratio':>7}")
+    print(f"{'size':>9} {'input':>6} {'encode':>14} {'decode':>14} {'decode_add':>14} {'numpy r+=g':>14} {'cast bf16':>14} {'ratio':>7}")
     for r in rows:
         def cell(key):
             return f"{r[key + '_gbps']:6.2f} ({r[key + '_wall_gbps']:5.2f})"
         size = f"{r['bytes'] >> 20} MiB" if r["bytes"] >= 1 << 20 else f"{r['bytes'] >> 10} KiB"
-        print(f"{size:>9} {cell('encode'):>14} {cell('decode'):>14} {cell('decode_add'):>14} "
+        print(f"{size:>9} {r['input']:>6} {cell('encode'):>14} {cell('decode'):>14} {cell('decode_add'):>14} "
               f"{cell('numpy_add'):>14} {cell('cast_bf16'):>14} {r['ratio']:>7.1f}")
 
     report = {"machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0]},
