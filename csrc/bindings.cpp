@@ -13,6 +13,8 @@
 
 #include "collectives/engine.h"
 #include "common/errors.h"
+#include "compression/payload.h"
+#include "compression/threelc.h"
 
 namespace py = pybind11;
 
@@ -85,6 +87,118 @@ py::object start(pbm::Engine& engine, pbm::CollectiveSpec spec, bool async_op, d
 }
 
 }  // namespace
+
+// Compression codecs (csrc/compression/): body-level 3LC for tests and benchmarks, and the
+// self-describing payloads behind pybrain_mpi.compression. Buffers cross as addresses.
+void bind_compression(py::module_& m) {
+  auto name_or_null = [](const std::string& name) { return name.empty() ? nullptr : name.c_str(); };
+  m.attr("PAYLOAD_HEADER_BYTES") = pbm::kPayloadHeaderBytes;
+  m.def("threelc_max_encoded_bytes", &pbm::threelc_max_encoded_bytes, py::arg("count"),
+        "Upper bound of a 3LC body for `count` elements (one byte per 5 elements).");
+  m.def(
+      "threelc_encode",
+      [=](std::uintptr_t grad, int dtype, size_t count, std::uintptr_t residual, float sparsity,
+          std::uintptr_t out, const std::string& name) {
+        py::gil_scoped_release release;
+        const pbm::ThreeLCEncoded encoded = pbm::threelc_encode(
+            reinterpret_cast<const void*>(grad), static_cast<pbm::DType>(dtype), count,
+            reinterpret_cast<float*>(residual), sparsity, reinterpret_cast<uint8_t*>(out),
+            name_or_null(name));
+        return std::make_pair(encoded.bytes, encoded.scale);
+      },
+      py::arg("grad"), py::arg("dtype"), py::arg("count"), py::arg("residual"),
+      py::arg("sparsity"), py::arg("out"), py::arg("name") = "",
+      "3LC body encode (no header); returns (body bytes, scale M).");
+  m.def(
+      "threelc_decode",
+      [=](std::uintptr_t in, size_t bytes, float scale, size_t count, std::uintptr_t out,
+          int out_dtype, bool add, const std::string& name) {
+        py::gil_scoped_release release;
+        auto* body = reinterpret_cast<const uint8_t*>(in);
+        if (add) {
+          pbm::threelc_decode_add(body, bytes, scale, count, reinterpret_cast<void*>(out),
+                                  static_cast<pbm::DType>(out_dtype), name_or_null(name));
+        } else {
+          pbm::threelc_decode(body, bytes, scale, count, reinterpret_cast<void*>(out),
+                              static_cast<pbm::DType>(out_dtype), name_or_null(name));
+        }
+      },
+      py::arg("body"), py::arg("bytes"), py::arg("scale"), py::arg("count"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("add"), py::arg("name") = "",
+      "3LC body decode into out (overwrite, or add with add=True).");
+  m.def(
+      "payload_max_bytes",
+      [](int codec, size_t count, int dtype, int wire_dtype) {
+        return pbm::payload_max_bytes(static_cast<pbm::PayloadCodec>(codec), count,
+                                      static_cast<pbm::DType>(dtype),
+                                      static_cast<pbm::DType>(wire_dtype));
+      },
+      py::arg("codec"), py::arg("count"), py::arg("dtype"), py::arg("wire_dtype"));
+  m.def(
+      "threelc_encode_payload",
+      [=](std::uintptr_t grad, int dtype, size_t count, std::uintptr_t residual, float sparsity,
+          std::uintptr_t out, size_t capacity, const std::string& name) {
+        py::gil_scoped_release release;
+        return pbm::threelc_encode_payload(
+            reinterpret_cast<const void*>(grad), static_cast<pbm::DType>(dtype), count,
+            reinterpret_cast<float*>(residual), sparsity, reinterpret_cast<uint8_t*>(out),
+            capacity, name_or_null(name));
+      },
+      py::arg("grad"), py::arg("dtype"), py::arg("count"), py::arg("residual"),
+      py::arg("sparsity"), py::arg("out"), py::arg("capacity"), py::arg("name") = "");
+  m.def(
+      "cast_encode_payload",
+      [=](std::uintptr_t in, int dtype, size_t count, int wire_dtype, std::uintptr_t out,
+          size_t capacity, const std::string& name) {
+        py::gil_scoped_release release;
+        return pbm::cast_encode_payload(reinterpret_cast<const void*>(in),
+                                        static_cast<pbm::DType>(dtype), count,
+                                        static_cast<pbm::DType>(wire_dtype),
+                                        reinterpret_cast<uint8_t*>(out), capacity,
+                                        name_or_null(name));
+      },
+      py::arg("data"), py::arg("dtype"), py::arg("count"), py::arg("wire_dtype"), py::arg("out"),
+      py::arg("capacity"), py::arg("name") = "");
+  m.def(
+      "raw_encode_payload",
+      [=](std::uintptr_t in, int dtype, size_t count, std::uintptr_t out, size_t capacity,
+          const std::string& name) {
+        py::gil_scoped_release release;
+        return pbm::raw_encode_payload(reinterpret_cast<const void*>(in),
+                                       static_cast<pbm::DType>(dtype), count,
+                                       reinterpret_cast<uint8_t*>(out), capacity,
+                                       name_or_null(name));
+      },
+      py::arg("data"), py::arg("dtype"), py::arg("count"), py::arg("out"), py::arg("capacity"),
+      py::arg("name") = "");
+  m.def(
+      "read_payload_header",
+      [=](std::uintptr_t in, size_t bytes, const std::string& name) {
+        const pbm::PayloadHeader header =
+            pbm::read_payload_header(reinterpret_cast<const uint8_t*>(in), bytes, name_or_null(name));
+        py::dict info;
+        info["codec"] = static_cast<int>(header.codec);
+        info["dtype"] = static_cast<int>(header.dtype);
+        info["wire_dtype"] = static_cast<int>(header.wire_dtype);
+        info["count"] = header.count;
+        info["scale"] = header.scale;
+        info["body_bytes"] = header.body_bytes;
+        return info;
+      },
+      py::arg("payload"), py::arg("bytes"), py::arg("name") = "",
+      "Validates a payload (header, length, checksum) and returns its header fields.");
+  m.def(
+      "decode_payload",
+      [=](std::uintptr_t in, size_t bytes, std::uintptr_t out, size_t count, int out_dtype,
+          bool add, const std::string& name) {
+        py::gil_scoped_release release;
+        pbm::decode_payload(reinterpret_cast<const uint8_t*>(in), bytes,
+                            reinterpret_cast<void*>(out), count,
+                            static_cast<pbm::DType>(out_dtype), add, name_or_null(name));
+      },
+      py::arg("payload"), py::arg("bytes"), py::arg("out"), py::arg("count"), py::arg("out_dtype"),
+      py::arg("add"), py::arg("name") = "");
+}
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
@@ -178,4 +292,5 @@ PYBIND11_MODULE(_core, m) {
             engine.shutdown();
           },
           "Stops the progress thread; queued collectives fail, a stuck one is aborted.");
+  bind_compression(m);
 }

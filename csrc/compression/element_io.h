@@ -1,0 +1,91 @@
+// Branch-free element loads and stores shared by the codecs (csrc/compression/*).
+//
+// The codecs compute in float32. These adapters widen float32/bfloat16/float16 inputs and
+// narrow into the output dtype with expressions the compiler can vectorize: the scalar
+// converters of common/dtype.h loop over subnormals, which stops vectorization.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../common/dtype.h"
+
+#if defined(__GNUC__)
+#define PBM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PBM_ALWAYS_INLINE inline
+#endif
+
+// Hot loops are compiled twice (AVX2 and baseline x86-64) and picked at load time, so a
+// default build (no -march=native) still uses the wide vectors of the machine it runs on.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+#define PBM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PBM_MULTIVERSION
+#endif
+
+namespace pbm {
+namespace element_io {
+
+PBM_ALWAYS_INLINE float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+PBM_ALWAYS_INLINE uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return bits;
+}
+
+// binary16 -> binary32 without branches: shift exponent and mantissa into place and rebias;
+// Inf/NaN get the extra rebias to the all-ones exponent, and zero/subnormal halves are
+// renormalised by one float subtraction (2^-14 * (1 + m/1024) - 2^-14 = m * 2^-24).
+PBM_ALWAYS_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t rebased = shifted + (112u << 23);
+  const uint32_t special = exponent == 0x0f800000u ? rebased + (112u << 23) : rebased;
+  const float subnormal = bits_to_float(rebased + (1u << 23)) - bits_to_float(113u << 23);
+  const uint32_t magnitude = exponent == 0 ? float_to_bits(subnormal) : special;
+  return bits_to_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+struct Float32 {
+  using T = float;
+  static constexpr DType kDType = DType::kFloat32;
+  static PBM_ALWAYS_INLINE float load(float v) { return v; }
+  static PBM_ALWAYS_INLINE float store(float v) { return v; }
+};
+
+struct BFloat16 {
+  using T = uint16_t;
+  static constexpr DType kDType = DType::kBFloat16;
+  static PBM_ALWAYS_INLINE float load(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+  static inline uint16_t store(float v) { return float_to_bf16(v); }
+};
+
+struct Float16 {
+  using T = uint16_t;
+  static constexpr DType kDType = DType::kFloat16;
+  static PBM_ALWAYS_INLINE float load(uint16_t v) { return half_bits_to_float(v); }
+  static inline uint16_t store(float v) { return float_to_half(v); }
+};
+
+// Calls fn(Float32{} | BFloat16{} | Float16{}) for the dtype; other dtypes throw
+// std::invalid_argument with `what` in the message.
+template <typename Fn>
+decltype(auto) dispatch_float_io(DType dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(Float32{});
+    case DType::kBFloat16: return fn(BFloat16{});
+    case DType::kFloat16: return fn(Float16{});
+    default: break;
+  }
+  throw std::invalid_argument(std::string(what) + " supports float32, bfloat16 and float16, not " +
+                              dtype_name(dtype));
+}
+
+}  // namespace element_io
+}  // namespace pbm

@@ -1,0 +1,61 @@
+// Self-describing payloads of the compression codecs: a 32-byte header, then the body.
+//
+// The Python API (pybrain_mpi.compression) hands these out; the engine's compressed
+// allreduce sends bare bodies (threelc.h) because both sides already know count and dtype.
+//
+// Header, little-endian:
+//   offset  size  field
+//        0     4  magic "PBMC"
+//        4     1  version (kPayloadVersion)
+//        5     1  codec (PayloadCodec)
+//        6     1  dtype code of the tensor that was encoded (common/dtype.h)
+//        7     1  wire dtype code of the body elements (raw and cast), 0 for 3LC
+//        8     8  element count
+//       16     4  scale M (float32; 3LC only, else 0)
+//       20     4  checksum of the header (with this field zeroed) and the body
+//       24     8  body length in bytes
+// Decoding validates every field and the checksum, so a truncated, corrupted or
+// mismatched payload raises PbmError instead of producing a wrong gradient.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/dtype.h"
+
+namespace pbm {
+
+constexpr size_t kPayloadHeaderBytes = 32;
+constexpr uint8_t kPayloadVersion = 1;
+
+enum class PayloadCodec : uint8_t { kRaw = 0, kThreeLC = 1, kCast = 2 };
+
+struct PayloadHeader {
+  PayloadCodec codec = PayloadCodec::kRaw;
+  DType dtype = DType::kFloat32;
+  DType wire_dtype = DType::kFloat32;
+  uint64_t count = 0;
+  float scale = 0.f;
+  uint64_t body_bytes = 0;
+};
+
+// Largest payload (header included) that encoding `count` elements of `dtype` can produce.
+size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype);
+
+// Each writes a complete payload into `out` (capacity bytes) and returns its length.
+size_t threelc_encode_payload(const void* grad, DType dtype, size_t count, float* residual,
+                              float sparsity, uint8_t* out, size_t capacity, const char* name);
+size_t cast_encode_payload(const void* in, DType dtype, size_t count, DType wire_dtype,
+                           uint8_t* out, size_t capacity, const char* name);
+size_t raw_encode_payload(const void* in, DType dtype, size_t count, uint8_t* out,
+                          size_t capacity, const char* name);
+
+// Parses and validates a payload of `bytes` bytes (header, length, checksum).
+PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* name);
+
+// Decodes a payload into `out` (`out_count` elements of `out_dtype`), overwriting it or,
+// with `add`, adding to it. The element count must match the payload's.
+void decode_payload(const uint8_t* in, size_t bytes, void* out, size_t out_count,
+                    DType out_dtype, bool add, const char* name);
+
+}  // namespace pbm

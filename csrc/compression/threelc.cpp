@@ -1,0 +1,480 @@
+// 3LC codec: see threelc.h for the format and the passes.
+#include "threelc.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
+
+#include "../common/errors.h"
+#include "element_io.h"
+
+namespace pbm {
+namespace {
+
+using element_io::BFloat16;
+using element_io::Float16;
+using element_io::Float32;
+using element_io::float_to_bits;
+
+constexpr uint8_t kZeroGroup = 121;      // five zero trits: 1 + 3 + 9 + 27 + 81
+constexpr uint8_t kMaxGroupByte = 242;   // five +1 trits
+constexpr uint8_t kRunBase = 241;        // byte 241 + k is a run of k zero groups
+constexpr size_t kMaxRun = 14;
+constexpr uint32_t kInfBits = 0x7f800000u;
+
+// Pass 2 works on blocks of this many groups: 2560 float32 residuals (10 KiB), their trits
+// (2.5 KiB) and quartic bytes (512 B) stay in L1 between the sub-steps.
+constexpr size_t kBlockGroups = 512;
+constexpr size_t kBlockElements = kBlockGroups * 5;
+
+std::string label(const char* name) {
+  return name && *name ? std::string("tensor '") + name + "'" : std::string("tensor");
+}
+
+// --- encode ------------------------------------------------------------------------------
+
+// Pass 1: the largest |residual + grad| as float32 bits. Comparing the bits of |x| as
+// unsigned integers orders finite values, puts Inf above them and NaN above Inf, so one
+// integer max both finds M and detects non-finite values.
+template <class In>
+PBM_ALWAYS_INLINE uint32_t max_abs_bits(const typename In::T* __restrict grad,
+                                        const float* __restrict residual, size_t count) {
+  uint32_t largest = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const uint32_t bits = float_to_bits(residual[i] + In::load(grad[i])) & 0x7fffffffu;
+    largest = bits > largest ? bits : largest;
+  }
+  return largest;
+}
+
+PBM_MULTIVERSION uint32_t max_abs_bits_f32(const float* g, const float* r, size_t n) {
+  return max_abs_bits<Float32>(g, r, n);
+}
+PBM_MULTIVERSION uint32_t max_abs_bits_bf16(const uint16_t* g, const float* r, size_t n) {
+  return max_abs_bits<BFloat16>(g, r, n);
+}
+PBM_MULTIVERSION uint32_t max_abs_bits_f16(const uint16_t* g, const float* r, size_t n) {
+  return max_abs_bits<Float16>(g, r, n);
+}
+
+// Pass 2, step a: acc = residual + grad; q = round(acc / M) as trits t = q + 1;
+// residual = acc - q * M (exact, see threelc.h). Branch-free so it vectorizes.
+template <class In>
+PBM_ALWAYS_INLINE void quantize_block(const typename In::T* __restrict grad,
+                                      float* __restrict residual, size_t count, float scale,
+                                      float threshold, uint8_t* __restrict trits) {
+  for (size_t i = 0; i < count; ++i) {
+    const float acc = residual[i] + In::load(grad[i]);
+    const int up = acc >= threshold;
+    const int down = acc <= -threshold;
+    residual[i] = acc - static_cast<float>(up - down) * scale;
+    trits[i] = static_cast<uint8_t>(1 + up - down);
+  }
+}
+
+PBM_MULTIVERSION void quantize_block_f32(const float* g, float* r, size_t n, float m, float t,
+                                         uint8_t* trits) {
+  quantize_block<Float32>(g, r, n, m, t, trits);
+}
+PBM_MULTIVERSION void quantize_block_bf16(const uint16_t* g, float* r, size_t n, float m, float t,
+                                          uint8_t* trits) {
+  quantize_block<BFloat16>(g, r, n, m, t, trits);
+}
+PBM_MULTIVERSION void quantize_block_f16(const uint16_t* g, float* r, size_t n, float m, float t,
+                                         uint8_t* trits) {
+  quantize_block<Float16>(g, r, n, m, t, trits);
+}
+
+// Step b: five trits per byte, least significant trit first. One 64-bit multiply packs a
+// group: with the trits t0..t4 in bytes 0..4 of a little-endian word w, byte 4 of
+// w * (81 + 27<<8 + 9<<16 + 3<<24 + 1<<32) is t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4. The lower
+// bytes of the product never exceed 240, so no carry reaches byte 4, and the bytes of w
+// above byte 4 only reach bytes 5 and up. `trits` needs 3 readable bytes past the group.
+PBM_ALWAYS_INLINE uint8_t pack_group(const uint8_t* trits) {
+  constexpr uint64_t kWeights = 81ull | 27ull << 8 | 9ull << 16 | 3ull << 24 | 1ull << 32;
+  uint64_t word;
+  std::memcpy(&word, trits, 8);
+  return static_cast<uint8_t>((word * kWeights) >> 32);
+}
+
+PBM_MULTIVERSION void pack_quartic(const uint8_t* __restrict trits, size_t groups,
+                                   uint8_t* __restrict quartic) {
+  for (size_t j = 0; j < groups; ++j) quartic[j] = pack_group(trits + 5 * j);
+}
+
+// Step c: zero-run encoding of the quartic bytes of the whole stream, fed block by block.
+// Zero groups (121) are found 64 at a time with a SIMD compare, and only the nonzero
+// groups are visited (count-trailing-zeros over the bit mask): each emits the code of the
+// zero run before it, then itself. The run ends where the previous nonzero group was, so
+// runs span blocks for free, and sparse gradients cost little more than the compare.
+class ZeroRunWriter {
+ public:
+  ZeroRunWriter(uint8_t* out, size_t total_groups) : out_(out), begin_(out), total_(total_groups) {}
+
+  // Appends the quartic bytes of groups [first, first + count) of the stream.
+  void push(const uint8_t* __restrict quartic, size_t first, size_t count) {
+    size_t j = 0;
+    for (; j + 64 <= count; j += 64) {
+      uint64_t nonzero = ~zero_mask64(quartic + j);
+      // The stream's last group takes the careful path in finish(): emit_fast writes one
+      // byte ahead of what it keeps, and a stream of only nonzero groups fills `out`.
+      if (first + j + 64 == total_) nonzero &= ~(1ull << 63);
+      while (nonzero) {
+        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(nonzero));
+        nonzero &= nonzero - 1;
+        emit_fast(first + j + bit, quartic[j + bit]);
+      }
+    }
+    for (; j < count; ++j) {
+      const size_t group = first + j;
+      if (quartic[j] == kZeroGroup || group + 1 == total_) continue;
+      emit_fast(group, quartic[j]);
+    }
+    if (first + count == total_ && count > 0) last_byte_ = quartic[count - 1];
+  }
+
+  // Emits the final group and the zero run before it; returns the body length.
+  size_t finish() {
+    if (total_ == 0) return 0;
+    if (last_byte_ == kZeroGroup) {
+      emit_run(total_ - run_start_);
+    } else {
+      emit_run(total_ - 1 - run_start_);
+      *out_++ = last_byte_;
+    }
+    return static_cast<size_t>(out_ - begin_);
+  }
+
+ private:
+  static uint64_t zero_mask64(const uint8_t* bytes) {
+#if defined(__SSE2__)
+    const __m128i zero_group = _mm_set1_epi8(static_cast<char>(kZeroGroup));
+    uint64_t mask = 0;
+    for (int k = 0; k < 4; ++k) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * k));
+      mask |= static_cast<uint64_t>(static_cast<uint16_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(v, zero_group))))
+              << (16 * k);
+    }
+    return mask;
+#else
+    uint64_t mask = 0;
+    for (int k = 0; k < 64; ++k) mask |= static_cast<uint64_t>(bytes[k] == kZeroGroup) << k;
+    return mask;
+#endif
+  }
+
+  // Greedy run codes: 255 per 14 groups, then 241 + r (r >= 2) or a lone 121.
+  void emit_run(size_t run) {
+    const size_t full = run / kMaxRun;
+    std::memset(out_, kRunBase + kMaxRun, full);
+    out_ += full;
+    const size_t rest = run - full * kMaxRun;
+    if (rest == 1) *out_++ = kZeroGroup;
+    if (rest >= 2) *out_++ = static_cast<uint8_t>(kRunBase + rest);
+  }
+
+  // Nonzero group `group` with byte `byte`: branch-free for runs shorter than 14 (dense
+  // gradients mix zero and nonzero groups unpredictably).
+  PBM_ALWAYS_INLINE void emit_fast(size_t group, uint8_t byte) {
+    size_t run = group - run_start_;
+    run_start_ = group + 1;
+    if (run >= kMaxRun) {
+      const size_t full = run / kMaxRun;
+      std::memset(out_, kRunBase + kMaxRun, full);
+      out_ += full;
+      run -= full * kMaxRun;
+    }
+    // Table lookups instead of selects, which the compiler turns back into branches.
+    // Run r in 1..13 writes (code of r, byte); r == 0 writes (byte, byte) and keeps one.
+    struct RunCodes {
+      uint8_t code[kMaxRun];
+      uint8_t keep_byte[kMaxRun];
+      uint8_t advance[kMaxRun];
+      constexpr RunCodes() : code(), keep_byte(), advance() {
+        for (size_t r = 0; r < kMaxRun; ++r) {
+          code[r] = r == 0 ? 0 : r == 1 ? kZeroGroup : static_cast<uint8_t>(kRunBase + r);
+          keep_byte[r] = r == 0 ? 0xff : 0;
+          advance[r] = r == 0 ? 1 : 2;
+        }
+      }
+    };
+    static constexpr RunCodes kCodes{};
+    const uint16_t pair = static_cast<uint16_t>(kCodes.code[run] | (byte & kCodes.keep_byte[run]) |
+                                                static_cast<uint16_t>(byte) << 8);
+    std::memcpy(out_, &pair, 2);
+    out_ += kCodes.advance[run];
+  }
+
+  uint8_t* out_;
+  uint8_t* begin_;
+  size_t total_;
+  size_t run_start_ = 0;  // first group of the current zero run
+  uint8_t last_byte_ = kZeroGroup;
+};
+
+// Finds the first element whose grad or grad + residual is not finite, for the error.
+template <class In>
+std::string describe_non_finite(const typename In::T* grad, const float* residual, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    const float g = In::load(grad[i]);
+    if (!std::isfinite(g)) {
+      return "element " + std::to_string(i) + " of the gradient is " + std::to_string(g);
+    }
+    if (!std::isfinite(residual[i])) {
+      return "element " + std::to_string(i) + " of the residual (error-feedback state) is " +
+             std::to_string(residual[i]);
+    }
+    if (!std::isfinite(residual[i] + g)) {
+      return "element " + std::to_string(i) + " overflows float32 when added to the residual (" +
+             std::to_string(residual[i]) + " + " + std::to_string(g) + ")";
+    }
+  }
+  return "a value is not finite";
+}
+
+template <class In>
+ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* residual,
+                           float sparsity, uint8_t* out, const char* name,
+                           uint32_t (*max_pass)(const typename In::T*, const float*, size_t),
+                           void (*quantize)(const typename In::T*, float*, size_t, float, float,
+                                            uint8_t*)) {
+  const uint32_t largest_bits = max_pass(grad, residual, count);
+  if (largest_bits >= kInfBits) {
+    throw PbmError("3LC encode of " + label(name) + ": " +
+                   describe_non_finite<In>(grad, residual, count) +
+                   ". Nothing was encoded and the residual is unchanged; a NaN/Inf gradient "
+                   "usually means the loss diverged (lower the learning rate or the loss scale).");
+  }
+  const float largest = element_io::bits_to_float(largest_bits);
+  ThreeLCEncoded result;
+  // M = max|acc| * s in float32, clamped so that a huge max cannot make M infinite.
+  const float scale = std::min(largest * sparsity, FLT_MAX);
+  // With all-zero input no element may become +-1: an infinite threshold keeps q = 0.
+  const float threshold = largest_bits == 0 ? INFINITY : scale * 0.5f;
+  result.scale = largest_bits == 0 ? 0.f : scale;
+
+  alignas(64) uint8_t trits[kBlockElements + 8];  // + 8: pack_group reads ahead
+  alignas(64) uint8_t quartic[kBlockGroups];
+  ZeroRunWriter writer(out, threelc_groups(count));
+  for (size_t start = 0; start < count; start += kBlockElements) {
+    const size_t n = std::min(kBlockElements, count - start);
+    quantize(grad + start, residual + start, n, result.scale, threshold, trits);
+    const size_t groups = (n + 4) / 5;
+    std::memset(trits + n, 1, groups * 5 - n);  // padding rule: zero trits
+    std::memset(trits + groups * 5, 0, 8);       // defined bytes for pack_group's read-ahead
+    pack_quartic(trits, groups, quartic);
+    writer.push(quartic, start / 5, groups);
+  }
+  result.bytes = writer.finish();
+  return result;
+}
+
+// --- decode ------------------------------------------------------------------------------
+
+[[noreturn]] void malformed(const char* name, const std::string& what) {
+  throw PbmError("malformed 3LC body for " + label(name) + ": " + what +
+                 ". The payload was truncated, corrupted, or decoded with the wrong element "
+                 "count; make sure sender and receiver use the same tensor.");
+}
+
+// What each body byte does, for all 256 values: group bytes (0..242) hold their five
+// decoded values q_i * scale, run bytes (243..255) none. add[] has -0.0 for zero trits and
+// runs, so `x + add` leaves x bit-for-bit unchanged; set[] has +0.0 and is padded with zeros
+// to 16 floats, so that one 16-float store also clears runs of up to 3 groups.
+struct DecodeTable {
+  alignas(64) float add[256][8];
+  alignas(64) float set[256][16];
+  uint8_t advance[256];  // groups consumed: 1, or k for a run byte 241 + k
+  // Fills only the half a decode needs: small tensors should not pay for both.
+  DecodeTable(float scale, bool for_add) {
+    for (int b = 0; b < 256; ++b) {
+      int rest = b;
+      if (for_add) {
+        for (int i = 0; i < 8; ++i) add[b][i] = -0.0f;
+      } else {
+        for (int i = 0; i < 16; ++i) set[b][i] = 0.f;
+      }
+      advance[b] = static_cast<uint8_t>(b > kMaxGroupByte ? b - kRunBase : 1);
+      if (b > kMaxGroupByte) continue;
+      for (int i = 0; i < 5; ++i) {
+        const int q = rest % 3 - 1;
+        rest /= 3;
+        if (q == 0) continue;
+        if (for_add) {
+          add[b][i] = static_cast<float>(q) * scale;
+        } else {
+          set[b][i] = static_cast<float>(q) * scale;
+        }
+      }
+    }
+  }
+};
+
+// Padding check of the last group: its trits from `used` on must be zero (t = 1), i.e.
+// byte / 3^used must equal 121 / 3^used.
+bool padding_is_zero(uint8_t byte, size_t used) {
+  static constexpr int kPow3[5] = {1, 3, 9, 27, 81};
+  return used == 0 || byte / kPow3[used] == kZeroGroup / kPow3[used];
+}
+
+template <class Out, bool kAdd>
+PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, size_t count,
+                                   typename Out::T* __restrict out, const DecodeTable& table,
+                                   const char* name) {
+  const size_t groups = threelc_groups(count);
+  const size_t full_groups = count / 5;
+  size_t group = 0;
+  size_t p = 0;
+  // Fast path without data-dependent branches: while 14 full groups remain, no byte can
+  // run past the end or reach the short last group, so every byte is applied blindly
+  // (a run byte adds -0.0 to, or stores zeros over, the groups it covers).
+  while (p < bytes && group + kMaxRun <= full_groups) {
+    const uint8_t byte = in[p++];
+    typename Out::T* o = out + 5 * group;
+    if (kAdd) {
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<Out, Float32>) {  // the compiler misses this as SIMD
+        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_load_ps(table.add[byte])));
+        o[4] += table.add[byte][4];
+      } else
+#endif
+      for (size_t i = 0; i < 5; ++i) o[i] = Out::store(Out::load(o[i]) + table.add[byte][i]);
+    } else {
+      // 16 stores: the 5 values, then zeros that the next bytes overwrite or that clear a
+      // run of up to 3 groups; longer runs (sparse data, predictable) clear the rest.
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<Out, Float32>) {
+        for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o + i, _mm_load_ps(table.set[byte] + i));
+      } else
+#endif
+      for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
+      const size_t run = table.advance[byte];
+      for (size_t i = 16; i < 5 * run; ++i) o[i] = Out::store(0.f);
+    }
+    group += table.advance[byte];
+  }
+  for (; p < bytes; ++p) {
+    const uint8_t byte = in[p];
+    if (byte > kMaxGroupByte) {
+      const size_t run = byte - kRunBase;
+      if (group + run > groups) {
+        malformed(name, "byte " + std::to_string(p) + " is a run of " + std::to_string(run) +
+                            " zero groups but only " + std::to_string(groups - group) +
+                            " of the " + std::to_string(groups) + " groups remain");
+      }
+      if (!kAdd) {
+        const size_t first = 5 * group, last = std::min(5 * (group + run), count);
+        for (size_t i = first; i < last; ++i) out[i] = Out::store(0.f);
+      }
+      group += run;
+      continue;
+    }
+    if (group >= full_groups) {
+      if (group >= groups) {
+        malformed(name, std::to_string(bytes - p) + " bytes remain after all " +
+                            std::to_string(groups) + " groups were decoded");
+      }
+      const size_t used = count - 5 * group;  // the short last group
+      if (!padding_is_zero(byte, used)) {
+        malformed(name, "the last group (byte " + std::to_string(p) + " = " +
+                            std::to_string(byte) + ") has nonzero padding trits");
+      }
+      typename Out::T* o = out + 5 * group;
+      for (size_t i = 0; i < used; ++i) {
+        o[i] = kAdd ? Out::store(Out::load(o[i]) + table.add[byte][i]) : Out::store(table.set[byte][i]);
+      }
+      ++group;
+      continue;
+    }
+    typename Out::T* o = out + 5 * group;
+    const float* values = kAdd ? table.add[byte] : table.set[byte];
+    for (size_t i = 0; i < 5; ++i) {
+      o[i] = kAdd ? Out::store(Out::load(o[i]) + values[i]) : Out::store(values[i]);
+    }
+    ++group;
+  }
+  if (group != groups) {
+    malformed(name, "it holds " + std::to_string(group) + " groups, " + std::to_string(groups) +
+                        " expected for " + std::to_string(count) + " elements");
+  }
+}
+
+PBM_MULTIVERSION void decode_add_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
+                                     const DecodeTable& table, const char* name) {
+  decode_impl<Float32, true>(in, bytes, count, out, table, name);
+}
+PBM_MULTIVERSION void decode_set_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
+                                     const DecodeTable& table, const char* name) {
+  decode_impl<Float32, false>(in, bytes, count, out, table, name);
+}
+
+void check_scale(float scale, const char* name) {
+  if (!(scale >= 0.f && scale <= FLT_MAX)) {
+    malformed(name, "its scale M = " + std::to_string(scale) + " is not a finite number >= 0");
+  }
+}
+
+template <bool kAdd>
+void decode_dispatch(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
+                     DType out_dtype, const char* name) {
+  check_scale(scale, name);
+  if (count > 0 && out == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
+  if (bytes > 0 && in == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
+  const DecodeTable table(scale, kAdd);
+  if (out_dtype == DType::kFloat32) {
+    (kAdd ? decode_add_f32 : decode_set_f32)(in, bytes, count, static_cast<float*>(out), table, name);
+    return;
+  }
+  element_io::dispatch_float_io(out_dtype, "3LC decode", [&](auto io) {
+    using Out = decltype(io);
+    decode_impl<Out, kAdd>(in, bytes, count, static_cast<typename Out::T*>(out), table, name);
+  });
+}
+
+}  // namespace
+
+ThreeLCEncoded threelc_encode(const void* grad, DType dtype, size_t count, float* residual,
+                              float sparsity, uint8_t* out, const char* name) {
+  if (!(sparsity >= 1.f && sparsity < 2.f)) {
+    throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
+                   std::to_string(sparsity) + " is outside [1, 2) (1 keeps the most detail, "
+                   "values towards 2 send fewer nonzeros)");
+  }
+  if (count == 0) return ThreeLCEncoded{};
+  if (!grad || !residual || !out) throw PbmError("3LC encode of " + label(name) + ": null buffer");
+  switch (dtype) {
+    case DType::kFloat32:
+      return encode_impl<Float32>(static_cast<const float*>(grad), count, residual, sparsity, out,
+                                  name, max_abs_bits_f32, quantize_block_f32);
+    case DType::kBFloat16:
+      return encode_impl<BFloat16>(static_cast<const uint16_t*>(grad), count, residual, sparsity,
+                                   out, name, max_abs_bits_bf16, quantize_block_bf16);
+    case DType::kFloat16:
+      return encode_impl<Float16>(static_cast<const uint16_t*>(grad), count, residual, sparsity,
+                                  out, name, max_abs_bits_f16, quantize_block_f16);
+    default:
+      break;
+  }
+  throw PbmError("3LC encode of " + label(name) + ": dtype " + dtype_name(dtype) +
+                 " is not supported; 3LC takes float32, bfloat16 or float16 gradients");
+}
+
+void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
+                        DType out_dtype, const char* name) {
+  decode_dispatch<true>(in, bytes, scale, count, out, out_dtype, name);
+}
+
+void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
+                    DType out_dtype, const char* name) {
+  decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
+}
+
+}  // namespace pbm

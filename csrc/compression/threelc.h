@@ -1,0 +1,80 @@
+// 3LC gradient compression (Lim, Andersen, Kaminsky, "3LC: Lightweight and Effective
+// Traffic Compression for Distributed Machine Learning", SysML 2019; REFERENCE.md section 4).
+//
+// Buffer-level and allocation-free, so a collective can call it per partition:
+//
+//   std::vector<uint8_t> wire(threelc_max_encoded_bytes(count));
+//   ThreeLCEncoded e = threelc_encode(grad, DType::kFloat32, count, residual, 1.0f, wire.data());
+//   ... send e.bytes bytes of wire and e.scale ...
+//   threelc_decode_add(wire.data(), e.bytes, e.scale, count, sum, DType::kFloat32);
+//
+// The body carries no header: the caller transmits `scale` (M) and the element count
+// (csrc/compression/payload.h adds a validated header for the Python API).
+//
+// Encoding of one tensor (acc is the float32 error-accumulation buffer, `residual`):
+//   1. acc += grad                                  (error feedback)
+//   2. M = min(max|acc| * s, FLT_MAX), s in [1, 2)  (float32 arithmetic)
+//      q_i = +1 if acc_i >= M/2, -1 if acc_i <= -M/2, else 0  (round(acc/M), ties away
+//      from zero); acc_i -= q_i * M. Because M/2 <= |acc_i| <= M whenever q_i != 0, that
+//      subtraction is exact (Sterbenz), so decode(body) + residual reproduces the
+//      accumulated input up to the single rounding of step 1.
+//      If max|acc| == 0 every q_i is 0 and M = 0.
+//   3. Quartic encoding: trits t_i = q_i + 1; byte j = sum_{i<5} t_{5j+i} * 3^i, 0..242;
+//      121 means five zeros. Padding rule: a last group shorter than 5 is padded with zero
+//      trits (t = 1), so its byte is what the group would encode if the tensor continued
+//      with zeros. The decoder checks the padding and rejects anything else.
+//   4. Zero-run encoding: a maximal run of L consecutive 121-bytes is written greedily as
+//      floor(L/14) bytes 255 (= 241 + 14), then 241 + r for a remainder r in 2..13, or a
+//      single 121 for r == 1. Bytes 243..255 therefore mean k = b - 241 zero groups.
+//   Every one of the 256 byte values is meaningful: 0..242 one group, 243..255 a run.
+//
+// Passes over memory (float32 input, count N):
+//   pass 1 reads grad and residual and computes max|grad + residual| without writing, so a
+//          NaN/Inf found there raises PbmError and leaves the residual untouched;
+//   pass 2 works in L1-sized blocks: recompute acc = residual + grad, quantize, write the
+//          residual back, pack the block's trits into quartic bytes in a stack buffer, and
+//          zero-run encode that buffer into `out` (runs carry over block boundaries).
+//   Traffic: 8 bytes/element read in pass 1, 8 read + 4 written in pass 2, out ~N/5 bytes
+//   at most. Recomputing acc in pass 2 is cheaper than writing it in pass 1 and rereading.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/dtype.h"
+
+namespace pbm {
+
+struct ThreeLCEncoded {
+  size_t bytes = 0;   // body bytes written to `out`
+  float scale = 0.f;  // M: decoded values are q * scale
+};
+
+// Number of quartic groups (bytes before zero-run encoding) of `count` elements.
+inline size_t threelc_groups(size_t count) { return (count + 4) / 5; }
+
+// Upper bound of the body size of `count` elements: one byte per group (zero-run coding
+// never grows the stream). Size `out` of threelc_encode with it.
+inline size_t threelc_max_encoded_bytes(size_t count) { return threelc_groups(count); }
+
+// Encodes `grad` (float32, bfloat16 or float16; `count` elements) with error feedback into
+// `residual` (float32, `count` elements, updated in place) and writes the body to `out`
+// (at least threelc_max_encoded_bytes(count) bytes). `sparsity` is 3LC's multiplier s in
+// [1, 2). `name` (may be null) labels the tensor in error messages.
+// Throws PbmError if grad + residual has a NaN or Inf (the residual is then unchanged) or
+// on a bad argument.
+ThreeLCEncoded threelc_encode(const void* grad, DType dtype, size_t count, float* residual,
+                              float sparsity, uint8_t* out, const char* name = nullptr);
+
+// out[i] += q_i * scale for the `count` elements encoded in body `in` of `bytes` bytes.
+// `out` is float32, bfloat16 or float16 (16-bit outputs add in float32 and round once).
+// Elements whose trit is zero are left bit-for-bit unchanged. Throws PbmError naming
+// `name` when the body is malformed (wrong length, runs past the end, bad padding).
+void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
+                        DType out_dtype, const char* name = nullptr);
+
+// out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add.
+void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
+                    DType out_dtype, const char* name = nullptr);
+
+}  // namespace pbm
