@@ -259,14 +259,25 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "allreduce",
           [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int op,
-             int algorithm, const std::string& name, bool async_op, double timeout_s) {
-            return start(engine,
-                         make_spec(pbm::CollectiveKind::kAllreduce, address, count, dtype, op,
-                                   algorithm, 0, name),
-                         async_op, timeout_s);
+             int algorithm, const std::string& name, bool async_op, double timeout_s,
+             float sparsity, std::uintptr_t residual, std::uintptr_t owner_residual,
+             bool half_wire) {
+            pbm::CollectiveSpec spec = make_spec(pbm::CollectiveKind::kAllreduce, address, count,
+                                                 dtype, op, algorithm, 0, name);
+            spec.half_wire = half_wire;
+            if (sparsity > 0) {
+              spec.threelc = true;
+              spec.sparsity = sparsity;
+              spec.residual = reinterpret_cast<float*>(residual);
+              spec.owner_residual = reinterpret_cast<float*>(owner_residual);
+            }
+            return start(engine, std::move(spec), async_op, timeout_s);
           },
           py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("op"),
-          py::arg("algorithm"), py::arg("name"), py::arg("async_op"), py::arg("timeout_s"))
+          py::arg("algorithm"), py::arg("name"), py::arg("async_op"), py::arg("timeout_s"),
+          py::arg("sparsity") = 0.0f, py::arg("residual") = 0, py::arg("owner_residual") = 0,
+          py::arg("half_wire") = false,
+          "Allreduce; sparsity > 0 selects the two-stage 3LC-compressed algorithm.")
       .def(
           "broadcast",
           [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int root,

@@ -43,6 +43,14 @@ struct CollectiveSpec {
   size_t count = 0;      // elements
   int root = 0;          // broadcast only
   std::string name;      // tensor name for messages; may be empty
+  // 16-bit floats travel as 16-bit (each hop adds in float32 and rounds once) instead of
+  // being widened to float32 for the whole collective: Cast compression.
+  bool half_wire = false;
+  // 3LC compression (allreduce sum/avg of float32/bfloat16/float16 only).
+  bool threelc = false;
+  float sparsity = 1.0f;
+  float* residual = nullptr;        // float32 x count, first-stage error feedback
+  float* owner_residual = nullptr;  // float32 x this rank's partition, second stage
 };
 
 }  // namespace pbm

@@ -31,6 +31,7 @@ CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq) {
   header.dtype = static_cast<int32_t>(spec.dtype);
   header.count = spec.count;
   header.root = spec.root;
+  header.sparsity = spec.threelc ? spec.sparsity : 0.f;
   std::strncpy(header.name, spec.name.c_str(), sizeof(header.name) - 1);
   return header;
 }
@@ -74,7 +75,11 @@ void Operation::finish(std::exception_ptr error) {
 }
 
 Engine::Engine(MPI_Comm comm, double timeout_s, bool progress_thread)
-    : transport_(comm), handshake_(transport_), ring_(transport_), timeout_s_(timeout_s) {
+    : transport_(comm),
+      handshake_(transport_),
+      ring_(transport_),
+      compressed_(transport_),
+      timeout_s_(timeout_s) {
   if (progress_thread) progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
@@ -102,6 +107,14 @@ void Engine::validate(const CollectiveSpec& spec) const {
          std::to_string(size()));
   }
   if (spec.count > 0 && spec.data == nullptr) fail("null buffer");
+  if (spec.threelc) {
+    if (spec.op != ReduceOp::kSum && spec.op != ReduceOp::kAvg) fail("3LC compression needs op 'sum' or 'avg'");
+    if (spec.dtype != DType::kFloat32 && !is_half_precision(spec.dtype))
+      fail(std::string("3LC compression takes float32/bfloat16/float16, not ") + dtype_name(spec.dtype));
+    if (!(spec.sparsity >= 1.0f && spec.sparsity < 2.0f)) fail("3LC sparsity must be in [1, 2)");
+    if (spec.count > 0 && (spec.residual == nullptr || spec.owner_residual == nullptr))
+      fail("3LC compression needs its error-feedback state");
+  }
 }
 
 std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec) {
@@ -227,6 +240,8 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
     // and no data moved, so later collectives can still match.
     if (handshake_.order_broken()) mark_broken(error.what());
     op.finish(std::current_exception());
+  } catch (const AgreedFailureError&) {
+    op.finish(std::current_exception());
   } catch (const std::exception& error) {
     mark_broken(error.what());
     op.finish(std::current_exception());
@@ -237,10 +252,20 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
   const CollectiveSpec& spec = op.spec();
   const int n = size();
   const Describe what = [&op] { return op.describe(); };
+  if (spec.threelc) {
+    // Compressed data travels in its own messages: the join carries no payload.
+    CollectiveHeader header = header_for(spec, op.seq());
+    handshake_.exchange(header, nullptr, deadline, what, &op.status());
+    compressed_.run(spec.data, spec.count, spec.dtype, spec.op == ReduceOp::kAvg, spec.sparsity,
+                    spec.residual, spec.owner_residual, spec.name, deadline, what, &op.status());
+    return;
+  }
   // 16-bit floats accumulate in float32 (a widened copy in persistent scratch).
   void* work = spec.data;
   DType work_dtype = spec.dtype;
-  if (is_half_precision(spec.dtype)) {
+  const bool widen = is_half_precision(spec.dtype) &&
+                     (!spec.half_wire || spec.algorithm == Algorithm::kMpi);
+  if (widen) {
     work = transport_.scratch(kScratchWiden, spec.count * sizeof(float));
     widen_to_float32(static_cast<const uint16_t*>(spec.data), static_cast<float*>(work), spec.count,
                      spec.dtype);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "collective.h"
+#include "compressed_allreduce.h"
 #include "handshake.h"
 #include "ring_allreduce.h"
 #include "transport.h"
@@ -92,6 +93,7 @@ class Engine {
   Transport transport_;
   Handshake handshake_;
   RingAllreduce ring_;
+  CompressedAllreduce compressed_;
   double timeout_s_;
 
   mutable std::mutex mu_;

@@ -23,6 +23,7 @@ std::string describe_header(const CollectiveHeader& header) {
   if (kind == CollectiveKind::kAllreduce) {
     out << ", op=" << reduce_op_name(static_cast<ReduceOp>(header.op))
         << ", algorithm=" << algorithm_name(static_cast<Algorithm>(header.algorithm));
+    if (header.sparsity > 0) out << ", compression=3lc(s=" << header.sparsity << ")";
   }
   if (kind == CollectiveKind::kBroadcast) out << ", root=" << header.root;
   out << ")";
@@ -98,7 +99,7 @@ void Handshake::check_agreement(const Describe& what) {
     if (h.seq != first.seq) order_broken_ = true;
     if (h.seq != first.seq || h.kind != first.kind || h.algorithm != first.algorithm ||
         h.op != first.op || h.dtype != first.dtype || h.count != first.count ||
-        h.root != first.root) {
+        h.root != first.root || h.sparsity != first.sparsity) {
       agree = false;
     }
   }

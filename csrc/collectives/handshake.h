@@ -33,6 +33,8 @@ struct CollectiveHeader {
   uint64_t count = 0;
   int32_t root = 0;
   uint32_t payload_bytes = 0;
+  float sparsity = 0.f;  // 3LC sparsity multiplier; 0 when uncompressed
+  uint32_t reserved = 0;
   char name[64] = {};
 };
 

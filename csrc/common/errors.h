@@ -28,6 +28,13 @@ class CollectiveTimeoutError : public PbmError {
   std::vector<int> missing_ranks_;
 };
 
+// A failure every rank detected and raised alike (e.g. a NaN gradient under 3LC): the
+// ranks are still in step, so later collectives can run.
+class AgreedFailureError : public PbmError {
+ public:
+  using PbmError::PbmError;
+};
+
 // Ranks called the same collective with different sizes, dtypes, ops or order.
 class CollectiveMismatchError : public PbmError {
  public:

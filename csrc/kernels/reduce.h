@@ -42,7 +42,29 @@ void reduce_into(T* __restrict dst, const T* __restrict src, size_t count, Reduc
   }
 }
 
+// 16-bit floats reduced in their own format (16-bit wire): each element is widened, combined
+// in float32 and rounded once.
+inline void reduce_half_into(uint16_t* __restrict dst, const uint16_t* __restrict src, size_t count,
+                             DType dtype, ReduceOp op) {
+  const bool bf16 = dtype == DType::kBFloat16;
+  for (size_t i = 0; i < count; ++i) {
+    const float a = bf16 ? bf16_to_float(dst[i]) : half_to_float(dst[i]);
+    const float b = bf16 ? bf16_to_float(src[i]) : half_to_float(src[i]);
+    float r;
+    switch (op) {
+      case ReduceOp::kMin: r = b < a ? b : a; break;
+      case ReduceOp::kMax: r = b > a ? b : a; break;
+      default: r = a + b; break;
+    }
+    dst[i] = bf16 ? float_to_bf16(r) : float_to_half(r);
+  }
+}
+
 inline void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op) {
+  if (is_half_precision(dtype)) {
+    reduce_half_into(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src), count, dtype, op);
+    return;
+  }
   dispatch_wide_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     reduce_into(static_cast<T*>(dst), static_cast<const T*>(src), count, op);
@@ -58,6 +80,14 @@ inline void divide_in_place(void* data, size_t count, DType dtype, double diviso
     auto* f = static_cast<float*>(data);
     const float div = static_cast<float>(divisor);
     for (size_t i = 0; i < count; ++i) f[i] /= div;
+  } else if (is_half_precision(dtype)) {
+    auto* h = static_cast<uint16_t*>(data);
+    const float div = static_cast<float>(divisor);
+    const bool bf16 = dtype == DType::kBFloat16;
+    for (size_t i = 0; i < count; ++i) {
+      const float v = (bf16 ? bf16_to_float(h[i]) : half_to_float(h[i])) / div;
+      h[i] = bf16 ? float_to_bf16(v) : float_to_half(v);
+    }
   }
 }
 

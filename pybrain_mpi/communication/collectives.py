@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..errors import CollectiveTimeout
 from . import context
 from .buffers import INT32, INT64, Buffer, as_buffer
@@ -61,6 +63,7 @@ class Handle:
         self._buffer = buffer
         self._result: Any = None
         self._finished = False
+        self._cast_back_into: Any = None  # Cast compression: the caller's full-precision tensor
 
     def done(self) -> bool:
         """True once the collective has finished (successfully or not); never blocks."""
@@ -86,6 +89,13 @@ class Handle:
             )
         self._operation.check()
         self._result = self._buffer.finish()
+        target = self._cast_back_into
+        if target is not None:  # a Cast-compressed allreduce: widen into the caller's tensor
+            if isinstance(target, np.ndarray):
+                target[...] = self._result
+            else:
+                target.detach().copy_(self._result)
+            self._result = target
         self._finished = True
         return self._result
 
@@ -94,16 +104,67 @@ class Handle:
         return f"<pybrain_mpi.Handle {self._operation.describe()}: {state}>"
 
 
-def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
-               timeout_s: float | None) -> Any:
+def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None) -> tuple:
+    """(sparsity, residual address, owner residual address) for a 3LC allreduce."""
+    from ..compression.codecs import ThreeLCState
+
+    label = f"tensor '{name}'" if name else "tensor"
+    if not isinstance(state, ThreeLCState):
+        raise TypeError(f"{label}: a ThreeLC allreduce needs state=codec.new_state(tensor), kept "
+                        "across steps (it holds the error-feedback residuals)")
+    if state.count != buffer.count:
+        raise ValueError(f"{label} has {buffer.count} elements but its ThreeLC state was made for "
+                         f"{state.count}; keep one state per tensor")
     ctx = context.current()
-    return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code,
-                                _op_code(op, buffer, name), _algorithm_code(algorithm), name or "",
-                                async_op, ctx.timeout_s if timeout_s is None else float(timeout_s))
+    owner = state.owner_residual_for(ctx.size, ctx.rank)
+    state.steps += 1
+    return compression.sparsity, state.residual.ctypes.data, owner.ctypes.data
+
+
+def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
+               timeout_s: float | None, compression: Any = None, state: Any = None,
+               half_wire: bool = False) -> Any:
+    ctx = context.current()
+    op_code = _op_code(op, buffer, name)
+    algorithm_code = _algorithm_code(algorithm)
+    timeout = ctx.timeout_s if timeout_s is None else float(timeout_s)
+    if compression is not None:
+        sparsity, residual, owner = _threelc_args(compression, state, buffer, name)
+        return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
+                                    algorithm_code, name or "", async_op, timeout, sparsity,
+                                    residual, owner)
+    return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
+                                algorithm_code, name or "", async_op, timeout, half_wire=half_wire)
+
+
+def _split_compression(compression: Any) -> tuple[Any, Any]:
+    """(3LC codec or None, cast dtype or None) for a ``compression=`` argument."""
+    if compression is None:
+        return None, None
+    from ..compression.codecs import Cast, NoCompression, ThreeLC
+
+    if isinstance(compression, NoCompression):
+        return None, None
+    if isinstance(compression, ThreeLC):
+        return compression, None
+    if isinstance(compression, Cast):
+        return None, compression.dtype
+    raise TypeError(f"compression must be ThreeLC, Cast or NoCompression, got {type(compression).__name__}")
+
+
+def _cast_copy(x: Any, wire: str) -> Any:
+    """A 16-bit copy of x for a Cast-compressed allreduce (16-bit sums accumulate in float32)."""
+    if isinstance(x, np.ndarray):
+        if wire != "fp16":
+            raise TypeError("numpy arrays can be cast to fp16 only (numpy has no bfloat16); use a torch tensor")
+        return x.astype(np.float16)
+    import torch
+
+    return x.detach().to(torch.bfloat16 if wire == "bf16" else torch.float16)
 
 
 def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
-               timeout_s: float | None = None) -> Any:
+               timeout_s: float | None = None, compression: Any = None, state: Any = None) -> Any:
     """Reduces ``x`` across all ranks in place and returns it.
 
     Args:
@@ -113,27 +174,51 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
         algorithm: ``"ring"`` (pybrain-mpi's pipelined ring) or ``"mpi"`` (MPI_Allreduce).
         name: tensor name used in error messages.
         timeout_s: raise :class:`CollectiveTimeout` after this long (default PBM_TIMEOUT_S).
+        compression: ``None``; ``pbm.compression.Cast("bf16"|"fp16")`` (values travel and
+            are summed as 16-bit, accumulating in float32); or
+            ``pbm.compression.ThreeLC(sparsity)`` with ``state=codec.new_state(x)`` kept
+            across steps: the two-stage compressed allreduce with error feedback
+            (op "sum"/"avg", float32/bfloat16/float16).
     """
+    threelc, wire = _split_compression(compression)
+    if wire is not None:
+        low = _cast_copy(x, wire)
+        _allreduce(as_buffer(low, name), op, algorithm, name, False, timeout_s, half_wire=True)
+        if isinstance(x, np.ndarray):
+            x[...] = low
+        else:
+            x.detach().copy_(low)
+        return x
     buffer = as_buffer(x, name)
-    _allreduce(buffer, op, algorithm, name, False, timeout_s)
+    _allreduce(buffer, op, algorithm, name, False, timeout_s, threelc, state)
     return buffer.finish()
 
 
 def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
-              timeout_s: float | None = None) -> Any:
+              timeout_s: float | None = None, compression: Any = None, state: Any = None) -> Any:
     """Like :func:`allreduce_` but returns a new tensor/array and leaves ``x`` unchanged."""
     buffer = as_buffer(x, name, copy=True)
-    _allreduce(buffer, op, algorithm, name, False, timeout_s)
-    return buffer.work
+    return allreduce_(buffer.work, op, algorithm, name=name, timeout_s=timeout_s,
+                      compression=compression, state=state)
 
 
-def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None) -> Handle:
+def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
+                     compression: Any = None, state: Any = None) -> Handle:
     """Starts an in-place allreduce on the progress thread and returns its :class:`Handle`.
 
-    Do not read or write ``x`` until ``handle.wait()`` returns.
+    Takes the arguments of :func:`allreduce_`. Do not read or write ``x`` until
+    ``handle.wait()`` returns.
     """
+    threelc, wire = _split_compression(compression)
+    if wire is not None:
+        low = _cast_copy(x, wire)
+        low_buffer = as_buffer(low, name)
+        handle = Handle(_allreduce(low_buffer, op, algorithm, name, True, None, half_wire=True),
+                        low_buffer)
+        handle._cast_back_into = x
+        return handle
     buffer = as_buffer(x, name)
-    operation = _allreduce(buffer, op, algorithm, name, True, None)
+    operation = _allreduce(buffer, op, algorithm, name, True, None, threelc, state)
     return Handle(operation, buffer)
 
 

@@ -94,6 +94,25 @@ class ThreeLCState:
         """Drops the accumulated residual (e.g. after loading a checkpoint)."""
         self.residual[...] = 0
         self.steps = 0
+        self.owner_residual = None
+
+    # The compressed allreduce keeps a second residual for the partition this rank owns
+    # (its size depends on the number of ranks and this rank's index).
+    owner_residual: np.ndarray | None = None
+    owner_layout: tuple[int, int] | None = None
+
+    def owner_residual_for(self, world_size: int, rank: int) -> np.ndarray:
+        """The second-stage residual of this rank's partition (created on first use)."""
+        layout = (world_size, rank)
+        if self.owner_residual is None:
+            count = self.count // world_size + (1 if rank < self.count % world_size else 0)
+            self.owner_residual = np.zeros(count, dtype=np.float32)
+            self.owner_layout = layout
+        elif self.owner_layout != layout:
+            raise ValueError(f"{_label(self.name)}: this ThreeLC state belongs to rank "
+                             f"{self.owner_layout[1]} of {self.owner_layout[0]}, not rank {rank} of "
+                             f"{world_size}; make a new state after changing the world")
+        return self.owner_residual
 
     def __repr__(self) -> str:
         return f"ThreeLCState({_label(self.name)}, count={self.count}, steps={self.steps})"

@@ -1,0 +1,202 @@
+#include "compressed_allreduce.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <vector>
+
+#include "../compression/threelc.h"
+
+namespace pbm {
+
+namespace {
+// Transport scratch slots (the handshake uses 0-1, the ring 2, the engine 3-4).
+constexpr size_t kScratchSend = 5;
+constexpr size_t kScratchRecv = 6;
+constexpr size_t kScratchSum = 7;
+constexpr int kTagCompressed = 17010;
+
+// Precedes every encoded partition on the wire.
+struct PartHeader {
+  float scale = 0.f;
+  uint32_t bytes = 0;
+  uint32_t failed = 0;  // the sender's gradient had a NaN/Inf: nothing was encoded
+  uint32_t reserved = 0;
+};
+
+size_t slot_bytes(size_t elements) { return sizeof(PartHeader) + threelc_max_encoded_bytes(elements); }
+}  // namespace
+
+size_t CompressedAllreduce::partition_begin(size_t count, int parts, int index) {
+  return (count / parts) * static_cast<size_t>(index) + std::min<size_t>(index, count % parts);
+}
+
+size_t CompressedAllreduce::partition_count(size_t count, int parts, int index) {
+  return partition_begin(count, parts, index + 1) - partition_begin(count, parts, index);
+}
+
+void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool average,
+                              float sparsity, float* residual, float* owner_residual,
+                              const std::string& name, Clock::time_point deadline,
+                              const Describe& what, ProgressStatus* status) {
+  const int n = transport_.size();
+  const int me = transport_.rank();
+  char* data = static_cast<char*>(data_void);
+  const size_t esize = dtype_size(dtype);
+  auto begin = [&](int p) { return partition_begin(count, n, p); };
+  auto elems = [&](int p) { return partition_count(count, n, p); };
+
+  // Send buffer: one slot per partition, laid out back to back.
+  std::vector<size_t> send_offset(n + 1, 0);
+  for (int p = 0; p < n; ++p) send_offset[p + 1] = send_offset[p] + slot_bytes(elems(p));
+  char* send = transport_.scratch(kScratchSend, send_offset[n]);
+
+  // Step 1: encode every partition with the first-stage residual.
+  std::string local_error;
+  for (int p = 0; p < n && local_error.empty(); ++p) {
+    auto* header = reinterpret_cast<PartHeader*>(send + send_offset[p]);
+    *header = PartHeader{};
+    try {
+      const ThreeLCEncoded encoded = threelc_encode(
+          data + begin(p) * esize, dtype, elems(p), residual + begin(p), sparsity,
+          reinterpret_cast<uint8_t*>(send + send_offset[p] + sizeof(PartHeader)), name.c_str());
+      header->scale = encoded.scale;
+      header->bytes = static_cast<uint32_t>(encoded.bytes);
+    } catch (const PbmError& error) {
+      local_error = error.what();
+    }
+  }
+  if (!local_error.empty()) {
+    for (int p = 0; p < n; ++p) {
+      auto* header = reinterpret_cast<PartHeader*>(send + send_offset[p]);
+      *header = PartHeader{};
+      header->failed = 1;
+    }
+  }
+
+  // Step 1 (wire): partition p goes to rank p; receive the n-1 peers' encodings of ours.
+  const size_t my_slot = slot_bytes(elems(me));
+  // Receive area: n slots of our partition (reused in step 4 for all partitions).
+  size_t recv_bytes = my_slot * n;
+  for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(elems(p)) * n);
+  char* recv = transport_.scratch(kScratchRecv, recv_bytes);
+  {
+    std::vector<MPI_Request> requests;
+    std::vector<int> peers;
+    std::vector<bool> is_recv;
+    for (int q = 0; q < n; ++q) {
+      if (q == me) continue;
+      requests.emplace_back();
+      transport_.check(MPI_Irecv(recv + my_slot * q, static_cast<int>(my_slot), MPI_BYTE, q,
+                                 kTagCompressed, transport_.comm(), &requests.back()),
+                       "MPI_Irecv (3LC)");
+      peers.push_back(q);
+      is_recv.push_back(true);
+    }
+    for (int p = 0; p < n; ++p) {
+      if (p == me) continue;
+      const auto* header = reinterpret_cast<const PartHeader*>(send + send_offset[p]);
+      const size_t bytes = sizeof(PartHeader) + header->bytes;
+      requests.emplace_back();
+      transport_.check(MPI_Isend(send + send_offset[p], static_cast<int>(bytes), MPI_BYTE, p,
+                                 kTagCompressed, transport_.comm(), &requests.back()),
+                       "MPI_Isend (3LC)");
+      transport_.bytes_sent += bytes;
+      peers.push_back(p);
+      is_recv.push_back(false);
+    }
+    transport_.wait_all(requests, peers, is_recv, deadline,
+                        [&] { return what() + ": 3LC reduce-scatter"; }, status);
+    std::memcpy(recv + my_slot * me, send + send_offset[me], my_slot);
+  }
+
+  // Every rank sees every rank's flag for its partition: all agree on failure.
+  std::vector<int> failed_ranks;
+  for (int q = 0; q < n; ++q) {
+    if (reinterpret_cast<const PartHeader*>(recv + my_slot * q)->failed) failed_ranks.push_back(q);
+  }
+  if (!failed_ranks.empty()) {
+    std::ostringstream message;
+    message << "rank " << me << ": " << what() << ": 3LC found NaN/Inf in the gradient on rank";
+    message << (failed_ranks.size() > 1 ? "s " : " ");
+    for (size_t i = 0; i < failed_ranks.size(); ++i) message << (i ? ", " : "") << failed_ranks[i];
+    message << "; no rank applied this allreduce";
+    if (!local_error.empty()) message << " (here: " << local_error << ")";
+    throw AgreedFailureError(message.str());
+  }
+
+  // Step 2: decode and sum the n encodings of our partition in rank order.
+  const size_t mine = elems(me);
+  auto* sum = reinterpret_cast<float*>(transport_.scratch(kScratchSum, std::max<size_t>(mine, 1) * 4));
+  std::fill(sum, sum + mine, 0.f);
+  for (int q = 0; q < n; ++q) {
+    const auto* header = reinterpret_cast<const PartHeader*>(recv + my_slot * q);
+    if (header->bytes > my_slot - sizeof(PartHeader)) {
+      throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(q) +
+                     " sent a 3LC partition larger than possible (corrupt message)");
+    }
+    threelc_decode_add(reinterpret_cast<const uint8_t*>(recv + my_slot * q + sizeof(PartHeader)),
+                       header->bytes, header->scale, mine, sum, DType::kFloat32, name.c_str());
+  }
+  if (average && n > 1) {
+    const float inv = 1.0f / static_cast<float>(n);
+    for (size_t i = 0; i < mine; ++i) sum[i] *= inv;
+  }
+
+  // Step 3: re-encode the reduced partition with the owner's residual.
+  char* reduced = send;  // the step-1 send buffer is free again
+  {
+    auto* header = reinterpret_cast<PartHeader*>(reduced);
+    *header = PartHeader{};
+    const ThreeLCEncoded encoded =
+        threelc_encode(sum, DType::kFloat32, mine, owner_residual, sparsity,
+                       reinterpret_cast<uint8_t*>(reduced + sizeof(PartHeader)), name.c_str());
+    header->scale = encoded.scale;
+    header->bytes = static_cast<uint32_t>(encoded.bytes);
+  }
+
+  // Step 4: allgather the re-encoded partitions; decode each into place.
+  std::vector<size_t> recv_offset(n + 1, 0);
+  for (int p = 0; p < n; ++p) recv_offset[p + 1] = recv_offset[p] + slot_bytes(elems(p));
+  char* gathered = recv;
+  {
+    std::vector<MPI_Request> requests;
+    std::vector<int> peers;
+    std::vector<bool> is_recv;
+    for (int q = 0; q < n; ++q) {
+      if (q == me) continue;
+      requests.emplace_back();
+      transport_.check(MPI_Irecv(gathered + recv_offset[q], static_cast<int>(slot_bytes(elems(q))),
+                                 MPI_BYTE, q, kTagCompressed, transport_.comm(), &requests.back()),
+                       "MPI_Irecv (3LC)");
+      peers.push_back(q);
+      is_recv.push_back(true);
+    }
+    const size_t bytes = sizeof(PartHeader) + reinterpret_cast<const PartHeader*>(reduced)->bytes;
+    for (int q = 0; q < n; ++q) {
+      if (q == me) continue;
+      requests.emplace_back();
+      transport_.check(MPI_Isend(reduced, static_cast<int>(bytes), MPI_BYTE, q, kTagCompressed,
+                                 transport_.comm(), &requests.back()),
+                       "MPI_Isend (3LC)");
+      transport_.bytes_sent += bytes;
+      peers.push_back(q);
+      is_recv.push_back(false);
+    }
+    transport_.wait_all(requests, peers, is_recv, deadline,
+                        [&] { return what() + ": 3LC allgather"; }, status);
+    std::memcpy(gathered + recv_offset[me], reduced, sizeof(PartHeader) + bytes - sizeof(PartHeader));
+  }
+  for (int p = 0; p < n; ++p) {
+    const auto* header = reinterpret_cast<const PartHeader*>(gathered + recv_offset[p]);
+    if (header->bytes > slot_bytes(elems(p)) - sizeof(PartHeader)) {
+      throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(p) +
+                     " sent a 3LC partition larger than possible (corrupt message)");
+    }
+    threelc_decode(reinterpret_cast<const uint8_t*>(gathered + recv_offset[p] + sizeof(PartHeader)),
+                   header->bytes, header->scale, elems(p), data + begin(p) * esize, dtype,
+                   name.c_str());
+  }
+}
+
+}  // namespace pbm

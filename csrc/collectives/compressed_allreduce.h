@@ -1,0 +1,43 @@
+// Two-stage 3LC-compressed allreduce with error feedback at both stages (REFERENCE.md
+// section 4; the same shape as the compressed allreduce of 1-bit Adam):
+//
+//   1. every rank 3LC-encodes each partition p of its gradient with its own residual
+//      (first-stage error feedback) and sends it to p's owner, rank p;
+//   2. the owner decodes the n encodings of its partition and sums them (reduce-scatter on
+//      compressed data), dividing by n for avg;
+//   3. the owner re-encodes the reduced partition with a second residual of its own, so
+//      what it drops now is sent in a later step rather than lost;
+//   4. the re-encoded partitions are allgathered and every rank (owner included) decodes
+//      all of them into the output, so all ranks hold bitwise the same result.
+//
+// Per-rank traffic is about 2(n-1)/n * S / ratio. A NaN/Inf in any rank's gradient is
+// flagged in the messages of step 1, so every rank raises the same error naming the ranks
+// at fault and no output is written.
+#pragma once
+
+#include <cstddef>
+
+#include "../common/dtype.h"
+#include "transport.h"
+
+namespace pbm {
+
+class CompressedAllreduce {
+ public:
+  explicit CompressedAllreduce(Transport& transport) : transport_(transport) {}
+
+  // `data`: float32/bfloat16/float16, in place. `residual`: float32 x count (this rank's
+  // first-stage state); `owner_residual`: float32 x partition_count(rank) (second stage).
+  void run(void* data, size_t count, DType dtype, bool average, float sparsity, float* residual,
+           float* owner_residual, const std::string& name, Clock::time_point deadline,
+           const Describe& what, ProgressStatus* status);
+
+  // Elements of partition `index` when `count` elements are split over `parts` ranks.
+  static size_t partition_count(size_t count, int parts, int index);
+  static size_t partition_begin(size_t count, int parts, int index);
+
+ private:
+  Transport& transport_;
+};
+
+}  // namespace pbm

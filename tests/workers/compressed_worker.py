@@ -1,0 +1,151 @@
+"""Multi-rank checks of the 3LC-compressed allreduce (run by tests/test_compressed_allreduce.py).
+
+The reference is the same two-stage algorithm simulated in float64-free NumPy float32 on
+every rank (each rank can regenerate every rank's gradients from the seeds): first-stage
+3LC with per-rank residuals, sum of the partitions, avg, second-stage 3LC with the
+owner's residual, decode. Results must match it to float32 rounding and be bitwise equal
+across ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import pybrain_mpi as pbm
+from pybrain_mpi.compression import Cast, ThreeLC
+
+
+def quantize(acc: np.ndarray, sparsity: float) -> tuple[np.ndarray, np.float32]:
+    """3LC step 2 in float32: q in {-1,0,1} with ties away from zero; M = max|acc|*s."""
+    peak = np.float32(np.abs(acc).max()) if acc.size else np.float32(0)
+    scale = np.float32(min(float(peak * np.float32(sparsity)), float(np.finfo(np.float32).max)))
+    if scale == 0:
+        return np.zeros(acc.shape, np.float32), np.float32(0)
+    half = scale / np.float32(2)
+    q = np.where(acc >= half, 1, np.where(acc <= -half, -1, 0)).astype(np.float32)
+    return q, scale
+
+
+def partitions(count: int, n: int) -> list[slice]:
+    bounds = [(count // n) * p + min(p, count % n) for p in range(n + 1)]
+    return [slice(bounds[p], bounds[p + 1]) for p in range(n)]
+
+
+def gradients(step: int, count: int, n: int) -> list[np.ndarray]:
+    out = []
+    for rank in range(n):
+        rng = np.random.default_rng([step, rank])
+        g = rng.standard_normal(count).astype(np.float32)
+        g[rng.random(count) < 0.3] *= 10  # heavy tails, like real gradients
+        out.append(g)
+    return out
+
+
+def mode_reference(comm, count_text: str, sparsity_text: str, op: str) -> None:
+    n, r = comm.Get_size(), comm.Get_rank()
+    count, sparsity = int(count_text), float(sparsity_text)
+    codec = ThreeLC(sparsity)
+    parts = partitions(count, n)
+    residual = [np.zeros(count, np.float32) for _ in range(n)]
+    owner_residual = [np.zeros(parts[p].stop - parts[p].start, np.float32) for p in range(n)]
+    state = codec.new_state(np.zeros(count, np.float32))
+    sent_total = np.zeros(count, np.float64)
+    input_total = np.zeros(count, np.float64)
+    for step in range(6):
+        grads = gradients(step, count, n)
+        x = torch.from_numpy(grads[r].copy())
+        pbm.allreduce_(x, op=op, compression=codec, state=state, name="grad")
+        expected = np.empty(count, np.float32)
+        for p, part in enumerate(parts):
+            total = np.zeros(part.stop - part.start, np.float32)
+            for q in range(n):
+                acc = residual[q][part] + grads[q][part]
+                qs, scale = quantize(acc, sparsity)
+                residual[q][part] = acc - qs * scale
+                total += qs * scale
+            if op == "avg":
+                total *= np.float32(1.0 / n)
+            acc2 = owner_residual[p] + total
+            q2, scale2 = quantize(acc2, sparsity)
+            owner_residual[p] = acc2 - q2 * scale2
+            expected[part] = q2 * scale2
+        tolerance = 4 * n * np.finfo(np.float32).eps * (np.abs(expected).max(initial=0) + 1)
+        np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=tolerance,
+                                   err_msg=f"step {step}, {n} ranks, count {count}")
+        np.testing.assert_allclose(state.residual, residual[r], rtol=0, atol=tolerance)
+        blobs = comm.allgather(x.numpy().tobytes())
+        assert all(b == blobs[0] for b in blobs), "ranks disagree"
+        sent_total += x.numpy()
+        input_total += sum(g.astype(np.float64) for g in grads) / (n if op == "avg" else 1)
+    # error feedback: what was delivered tracks what was put in, up to the residuals
+    leftover = sum(res.astype(np.float64) for res in residual) / (n if op == "avg" else 1)
+    leftover_owner = np.concatenate(owner_residual).astype(np.float64)
+    np.testing.assert_allclose(sent_total + leftover + leftover_owner, input_total, rtol=0, atol=1e-3)
+
+
+def mode_traffic(comm) -> None:
+    """3LC sends far fewer bytes than the plain ring for the same gradient."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    count = 1_000_000
+    g = torch.from_numpy(gradients(0, count, n)[r])
+    before = pbm.bytes_sent()
+    pbm.allreduce(g)
+    plain = pbm.bytes_sent() - before
+    codec = ThreeLC(1.5)
+    state = codec.new_state(g)
+    before = pbm.bytes_sent()
+    pbm.allreduce(g, compression=codec, state=state)
+    compressed = pbm.bytes_sent() - before
+    assert compressed * 20 < plain, (plain, compressed)
+    before = pbm.bytes_sent()
+    pbm.allreduce(g, compression=Cast("bf16"))
+    half = pbm.bytes_sent() - before
+    assert half < 0.6 * plain, (plain, half)
+    print(f"rank {r}: plain {plain} B, bf16 {half} B, 3lc {compressed} B")
+
+
+def mode_errors(comm) -> None:
+    """NaN on one rank raises on all; wrong state raises before any communication."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    codec = ThreeLC(1.0)
+    g = torch.ones(5000)
+    if r == n - 1:
+        g[1234] = float("inf")
+    before = g.clone()
+    try:
+        pbm.allreduce_(g, compression=codec, state=codec.new_state(g), name="fc.weight")
+    except pbm.PbmError as error:
+        assert f"on rank {n - 1}" in str(error) and "fc.weight" in str(error), str(error)
+    else:
+        raise AssertionError("NaN/Inf not reported")
+    assert torch.equal(g, before) or torch.isinf(g).any()
+    try:
+        pbm.allreduce_(torch.ones(10), compression=codec, state=codec.new_state(torch.ones(11)))
+    except ValueError as error:
+        assert "11" in str(error)
+    else:
+        raise AssertionError("state of the wrong size accepted")
+    try:
+        pbm.allreduce_(torch.ones(10), compression=codec)
+    except TypeError as error:
+        assert "new_state" in str(error)
+    else:
+        raise AssertionError("missing state accepted")
+    # ranks still in step
+    assert torch.all(pbm.allreduce(torch.ones(3)) == n)
+
+
+def main() -> None:
+    mode, *args = sys.argv[1:]
+    comm = MPI.COMM_WORLD
+    pbm.init()
+    globals()[f"mode_{mode}"](comm, *args)
+    print(f"OK {mode} rank {comm.Get_rank()}")
+
+
+if __name__ == "__main__":
+    main()
