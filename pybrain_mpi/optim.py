@@ -271,7 +271,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale *= min(1.0, float(max_grad_norm) / (self.last_grad_norm + 1e-6))
         for group, flat, runs in zip(self.param_groups, self._flat, plans):
             for first, last in runs:
-                self._update(group, flat, first, last, flat.grad, flat.offsets[first], scale, threads)
+                self._update(group, flat, first, last, flat.grad, 0, scale, threads)
         return loss
 
     @torch.no_grad()

@@ -11,6 +11,13 @@
 
 #include "kernels/parallel.h"
 
+// No fused multiply-add contraction: the vector body and the scalar tail of a loop (and
+// builds with and without AVX2) must round identically, so that a buffer updated in buckets
+// gives bit-identical results to one update of the whole, on every rank and every machine.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PBM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
