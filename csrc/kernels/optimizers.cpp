@@ -30,14 +30,14 @@ namespace detail {
 
 // ---- gradient statistics -----------------------------------------------------------------
 
-PBM_CLONES double sq_norm_chunk(const float* __restrict grad, size_t count, float scale) {
-  // Eight independent float64 partial sums: lets the compiler vectorize without
-  // reassociating one sum (no -ffast-math), and float64 cannot overflow on squares of
-  // finite float32 values, so the sum is Inf/NaN exactly when some grad*scale is.
-  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Exact path: float64 squares cannot overflow for finite float32 inputs, so the sum is
+// Inf/NaN exactly when some grad*scale is. Used only when the fast path overflows.
+PBM_CLONES double sq_norm_chunk_f64(const float* __restrict grad, size_t count, float scale) {
+  constexpr int kLanes = 32;
+  double partial[kLanes] = {};
   size_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    for (int k = 0; k < 8; ++k) {
+  for (; i + kLanes <= count; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
       const double x = static_cast<double>(grad[i + k] * scale);
       partial[k] += x * x;
     }
@@ -49,6 +49,35 @@ PBM_CLONES double sq_norm_chunk(const float* __restrict grad, size_t count, floa
   double total = 0;
   for (double p : partial) total += p;
   return total;
+}
+
+// Fast path: float32 partial sums over blocks of 4096 elements (128 terms per lane, relative
+// error about 1e-5 at worst, ample for a clipping norm), each block's sum added in float64.
+// Float32 arithmetic keeps this pass at memory speed (the float64 version is about 25% slower
+// from a cold cache); 32 independent lanes vectorize without -ffast-math. A float32 square
+// overflows for |x| > 1.8e19, so a non-finite result is re-checked on the exact path.
+PBM_CLONES double sq_norm_chunk(const float* __restrict grad, size_t count, float scale) {
+  constexpr size_t kLanes = 32, kBlock = 4096;
+  double total = 0;
+  size_t i = 0;
+  while (i + kLanes <= count) {
+    const size_t block_end = std::min(count, i + kBlock);
+    float partial[kLanes] = {};
+    for (; i + kLanes <= block_end; i += kLanes) {
+      for (size_t k = 0; k < kLanes; ++k) {
+        const float x = grad[i + k] * scale;
+        partial[k] += x * x;
+      }
+    }
+    float block = 0;
+    for (float p : partial) block += p;
+    total += block;
+  }
+  for (; i < count; ++i) {
+    const double x = static_cast<double>(grad[i] * scale);
+    total += x * x;
+  }
+  return std::isfinite(total) ? total : sq_norm_chunk_f64(grad, count, scale);
 }
 
 // Non-finite test on the exponent bits (all ones = Inf or NaN): an integer OR-reduction
