@@ -200,6 +200,85 @@ void bind_compression(py::module_& m) {
       py::arg("add"), py::arg("name") = "");
 }
 
+// ---- kernels: fused optimizer updates and loss-scaling checks (pybrain_mpi/optim.py, amp.py)
+#include "kernels/optimizers.h"
+#include "kernels/parallel.h"
+
+void bind_kernels(py::module_& m) {
+  auto f32 = [](std::uintptr_t address) { return reinterpret_cast<float*>(address); };
+  m.def("available_threads", &pbm::available_threads,
+        "CPU threads this process may run on (its affinity mask).");
+  m.def(
+      "grad_sq_norm_and_finite",
+      [f32](std::uintptr_t grad, size_t count, double scale, int num_threads) {
+        py::gil_scoped_release release;
+        const pbm::GradStats stats = pbm::grad_sq_norm_and_finite(
+            f32(grad), count, static_cast<float>(scale), num_threads);
+        return std::make_pair(stats.sq_norm, stats.finite);
+      },
+      py::arg("grad"), py::arg("count"), py::arg("scale"), py::arg("num_threads"),
+      "One read of a float32 buffer: (sum of (grad*scale)^2 in float64, all finite).");
+  m.def(
+      "unscale_and_check",
+      [](std::uintptr_t grad, size_t count, int dtype, double scale, int num_threads) {
+        py::gil_scoped_release release;
+        if (static_cast<pbm::DType>(dtype) == pbm::DType::kFloat64)
+          return pbm::unscale_and_check(reinterpret_cast<double*>(grad), count, scale, num_threads);
+        if (static_cast<pbm::DType>(dtype) != pbm::DType::kFloat32)
+          throw pbm::PbmError(std::string("unscale_and_check takes float32 or float64 gradients, not ") +
+                              pbm::dtype_name(static_cast<pbm::DType>(dtype)));
+        return pbm::unscale_and_check(reinterpret_cast<float*>(grad), count,
+                                      static_cast<float>(scale), num_threads);
+      },
+      py::arg("grad"), py::arg("count"), py::arg("dtype"), py::arg("scale"), py::arg("num_threads"),
+      "grad *= scale in place; returns True when every element is finite.");
+  m.def(
+      "sgd_step",
+      [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, size_t count,
+            double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+            bool momentum_initialized, double grad_scale, int num_threads) {
+        py::gil_scoped_release release;
+        const pbm::SgdParams p{lr, momentum, dampening, weight_decay, nesterov,
+                               momentum_initialized, static_cast<float>(grad_scale)};
+        pbm::sgd_step(f32(param), f32(grad), f32(momentum_buffer), count, p, num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("count"),
+      py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+      py::arg("nesterov"), py::arg("momentum_initialized"), py::arg("grad_scale"),
+      py::arg("num_threads"), "Fused torch.optim.SGD update over flat float32 buffers.");
+  m.def(
+      "adam_step",
+      [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
+            std::uintptr_t exp_avg_sq, std::uintptr_t max_exp_avg_sq, size_t count, double lr,
+            double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+            bool amsgrad, double step, double grad_scale, int num_threads) {
+        py::gil_scoped_release release;
+        const pbm::AdamParams p{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                                amsgrad, step, static_cast<float>(grad_scale)};
+        pbm::adam_step(f32(param), f32(grad), f32(exp_avg), f32(exp_avg_sq), f32(max_exp_avg_sq),
+                       count, p, num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+      py::arg("max_exp_avg_sq"), py::arg("count"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("amsgrad"),
+      py::arg("step"), py::arg("grad_scale"), py::arg("num_threads"),
+      "Fused torch.optim.Adam/AdamW update over flat float32 buffers.");
+  m.def(
+      "adagrad_step",
+      [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t state_sum, size_t count,
+            double lr, double lr_decay, double weight_decay, double eps, double step,
+            double grad_scale, int num_threads) {
+        py::gil_scoped_release release;
+        const pbm::AdagradParams p{lr, lr_decay, weight_decay, eps, step,
+                                   static_cast<float>(grad_scale)};
+        pbm::adagrad_step(f32(param), f32(grad), f32(state_sum), count, p, num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("state_sum"), py::arg("count"), py::arg("lr"),
+      py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("step"),
+      py::arg("grad_scale"), py::arg("num_threads"),
+      "Fused torch.optim.Adagrad update over flat float32 buffers.");
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
 
@@ -304,4 +383,5 @@ PYBIND11_MODULE(_core, m) {
           },
           "Stops the progress thread; queued collectives fail, a stuck one is aborted.");
   bind_compression(m);
+  bind_kernels(m);
 }

@@ -11,7 +11,7 @@ from .communication import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allr
                             barrier, broadcast_, broadcast_async_, bytes_sent, comm, cross_rank,
                             cross_size, init, is_initialized, local_rank, local_size, rank, shutdown,
                             size)
-from . import compression
+from . import amp, checkpointing, compression, optim
 from .engine import DistributedDataParallel
 from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError
 
@@ -21,5 +21,5 @@ __all__ = [
     "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
     "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
-    "DistributedDataParallel", "compression", "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
+    "DistributedDataParallel", "amp", "checkpointing", "compression", "optim", "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
 ]

@@ -1,0 +1,129 @@
+"""Activation checkpointing on a small 3D CNN: peak memory and step time, with and without.
+
+    python benchmarks/checkpointing.py [--size 64] [--batch 2] [--steps 6]
+
+Each configuration runs in its own subprocess with glibc told to return freed memory
+(MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072; PyTorch has no CPU allocator
+statistics), one torch thread. Peak = the process's high-water RSS during training steps
+(VmHWM, reset through /proc/self/clear_refs after set-up) minus the RSS before them.
+Configurations:
+  plain          no checkpointing (the baseline, same run)
+  sqrt           pbm.checkpointing "sqrt" policy (about sqrt(n) segments)
+  sqrt_inplace   sqrt + in-place ReLU (one activation tensor per conv block instead of two)
+  sqrt_stem      sqrt + in-place ReLU + a strided first convolution (downsampling in the stem,
+                 so no full-resolution activation is kept: the layer that sets the peak)
+Step time = median over --steps steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = ["plain", "sqrt", "sqrt_inplace", "sqrt_stem"]
+
+
+def build_model(config: str):
+    import torch
+
+    inplace = config in ("sqrt_inplace", "sqrt_stem")
+    layers = []
+    channels, stride = 1, 2 if config == "sqrt_stem" else 1
+    for index, width in enumerate((8, 8, 16, 16, 32, 32, 64, 64)):
+        layers += [torch.nn.Conv3d(channels, width, 3, padding=1, stride=stride if index == 0 else 1),
+                   torch.nn.ReLU(inplace=inplace)]
+        if index % 2 == 1:
+            layers.append(torch.nn.MaxPool3d(2))
+        channels = width
+    layers += [torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 2)]
+    return torch.nn.Sequential(*layers)
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(config: str, size: int, batch: int, steps: int) -> dict:
+    import torch
+
+    from pybrain_mpi.checkpointing import checkpoint_sequential, segments_for_policy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(config)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 1, size, size, size)
+    y = torch.randn(batch, 2)
+    segments = "none" if config == "plain" else "sqrt"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = checkpoint_sequential(model, segments, x)
+        torch.nn.functional.mse_loss(out, y).backward()
+        opt.step()
+
+    step()  # warm-up: allocates gradients
+    before = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"config": config, "segments": segments_for_policy(len(model), segments),
+            "layers": len(model), "peak_mib": (rss_kib("VmHWM") - before) / 1024,
+            "step_s": statistics.median(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS)
+    parser.add_argument("--json", default="results/checkpointing.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.size, args.batch, args.steps)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               OMP_NUM_THREADS="1")
+    rows = []
+    for config in args.configs:
+        out = subprocess.run([sys.executable, __file__, "--child", config, "--size", str(args.size),
+                              "--batch", str(args.batch), "--steps", str(args.steps)],
+                             env=env, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    base = rows[0] if rows[0]["config"] == "plain" else None
+    print(f"\n3D CNN, {args.size}^3, batch {args.batch}, 1 thread")
+    print("| config | segments | peak MiB | step s | memory vs plain | time vs plain |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        mem = f"{base['peak_mib'] / row['peak_mib']:.2f}x less" if base else "-"
+        tim = f"{row['step_s'] / base['step_s']:.2f}x" if base else "-"
+        row.update(memory_reduction=base["peak_mib"] / row["peak_mib"] if base else None,
+                   time_ratio=row["step_s"] / base["step_s"] if base else None)
+        print(f"| {row['config']} | {row['segments']} | {row['peak_mib']:.0f} | {row['step_s']:.3f} | "
+              f"{mem} | {tim} |")
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "checkpointing", "size": args.size, "batch": args.batch,
+                                "loadavg": os.getloadavg(), "rows": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
