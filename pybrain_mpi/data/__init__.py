@@ -11,6 +11,11 @@
 from .convert import convert, default_chunks
 from .errors import ChunkError, DataMismatch, PatchOutOfBounds, SampleError
 from .volume import Volume
+from .samplers import (GridAggregator, GridSampler, LabelSampler, PatchSpec, Sampler, TimeSeriesSampler,
+                       UniformSampler, WeightedSampler)
+from .augment import Augment
+from .loader import PatchLoader
 
-__all__ = ["convert", "default_chunks", "Volume", "ChunkError", "DataMismatch", "PatchOutOfBounds",
-           "SampleError"]
+__all__ = ["convert", "default_chunks", "Volume", "PatchSpec", "Sampler", "UniformSampler",
+           "WeightedSampler", "LabelSampler", "GridSampler", "GridAggregator", "TimeSeriesSampler",
+           "Augment", "PatchLoader", "ChunkError", "DataMismatch", "PatchOutOfBounds", "SampleError"]
