@@ -89,12 +89,13 @@ def _open_hdf5(path: str, dataset: str, affine: np.ndarray | None) -> _Source:
     import h5py
 
     handle = h5py.File(path, "r")
-    if dataset not in handle:
+    if dataset is None or dataset not in handle or not isinstance(handle[dataset], h5py.Dataset):
         names: list[str] = []
         handle.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
         handle.close()
-        raise DataMismatch(f"{path}: no dataset {dataset!r}; datasets in the file: {names[:20]}. "
-                           "Name one as file.h5:/path/to/dataset")
+        what = "no dataset named" if dataset is None else f"no dataset {dataset!r} in"
+        raise DataMismatch(f"{what} {path}; datasets in the file: {names[:20]}. "
+                           f"Name one as {path}:/path/to/dataset")
     dset = handle[dataset]
     if affine is None and "affine" in dset.attrs:
         affine = np.asarray(dset.attrs["affine"], dtype=np.float64)
@@ -141,9 +142,11 @@ def _open_source(src: str, affine) -> _Source:
             path, dataset = text[: at + len(ext) - 1], text[at + len(ext):]
             if not os.path.exists(path):
                 raise FileNotFoundError(f"HDF5 file {path} does not exist")
-            return _open_hdf5(path, dataset or "/", affine)
-    if lower.endswith((".h5", ".hdf5")):
-        raise DataMismatch(f"{text}: name the dataset inside the HDF5 file as {text}:/path/to/dataset")
+            return _open_hdf5(path, dataset or None, affine)
+    if lower.endswith((".h5", ".hdf5", ".hdf")):
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"HDF5 file {text} does not exist")
+        return _open_hdf5(text, None, affine)
     raise DataMismatch(f"{text}: unknown input format; pybrain-mpi converts .nii/.nii.gz, "
                        ".npy and HDF5 datasets (file.h5:/path)")
 
