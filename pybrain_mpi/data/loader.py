@@ -70,7 +70,8 @@ class PatchLoader:
         self._stop = threading.Event()
 
     def __len__(self) -> int:
-        n = len(self.sampler) - self.sampler.position
+        left = len(self.sampler) - self.sampler.position
+        n = left if left > 0 else len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def state_dict(self) -> dict:
@@ -133,6 +134,8 @@ class PatchLoader:
     # ---------------------------------------------------------------- iteration
     def __iter__(self):
         n = len(self.sampler)
+        if self.sampler.position >= n:
+            self.sampler.position = 0  # a finished epoch repeats, as the sampler's own iteration
         ranges = [(k, min(k + self.batch_size, n)) for k in range(self.sampler.position, n, self.batch_size)]
         if self.drop_last and ranges and ranges[-1][1] - ranges[-1][0] < self.batch_size:
             ranges.pop()

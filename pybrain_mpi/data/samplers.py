@@ -93,6 +93,11 @@ class Sampler:
         return self._make(self.global_index(k))
 
     def __iter__(self):
+        """Yields this rank's samples from ``position`` on. Iterating again after the epoch
+        ended repeats it (like torch's DistributedSampler); call :meth:`set_epoch` for new
+        samples."""
+        if self.position >= len(self):
+            self.position = 0
         while self.position < len(self):
             spec = self[self.position]
             self.position += 1
@@ -254,17 +259,30 @@ class WeightedSampler(Sampler):
         if sums.sum() <= 0:
             raise DataMismatch(f"WeightedSampler: {self.weights.name} is zero everywhere; nothing to sample")
         self._cumsum = np.cumsum(sums)
+        # Within-block cumulative sums of recently drawn blocks (bounded, shared by threads:
+        # a stale duplicate computation is harmless).
+        self._inner: dict = {}
+        self._inner_limit = max(1, (64 * 2**20) // (8 * int(np.prod(self.weights.block))))
         super().__init__(samples_per_epoch, seed, rank, world_size, uneven)
+
+    def _inner_cumsum(self, flat: int):
+        hit = self._inner.get(flat)
+        if hit is None:
+            origin, block = self.weights.read_block(flat)
+            hit = (origin, block.shape, np.cumsum(block.ravel(), dtype=np.float64))
+            if len(self._inner) >= self._inner_limit:
+                self._inner.pop(next(iter(self._inner)), None)
+            self._inner[flat] = hit
+        return hit
 
     def _make(self, g: int) -> PatchSpec:
         rng = self._rng(g)
         flat = int(np.searchsorted(self._cumsum, rng.random() * self._cumsum[-1], side="right"))
         flat = min(flat, len(self._cumsum) - 1)
-        origin, block = self.weights.read_block(flat)
-        inner = np.cumsum(block.ravel(), dtype=np.float64)
+        origin, block_shape, inner = self._inner_cumsum(flat)
         voxel = int(np.searchsorted(inner, rng.random() * inner[-1], side="right"))
         voxel = min(voxel, inner.size - 1)
-        center = tuple(o + int(i) for o, i in zip(origin, np.unravel_index(voxel, block.shape)))
+        center = tuple(o + int(i) for o, i in zip(origin, np.unravel_index(voxel, block_shape)))
         return PatchSpec(g, _centered_start(center, self.patch_size, self.shape), self.patch_size,
                          self._sample_seed(g))
 
