@@ -90,19 +90,18 @@ class PatchLoader:
     def _read_sample(self, spec: PatchSpec, buffers: dict, row: int) -> None:
         sample = {}
         for name, vol in self.volumes.items():
-            out = buffers[name][row]
             if self.series:
-                series = vol.read_patch(spec.start, spec.size)
-                out[...] = series.reshape(-1)
-                continue
-            view = out[0]
-            vol.read_patch(spec.start, spec.size, out=view)
+                view = buffers[name][row]  # (T,)
+                view[...] = vol.read_patch(spec.start, spec.size).reshape(-1)
+            else:
+                view = buffers[name][row, 0]  # the patch, read straight into the batch
+                vol.read_patch(spec.start, spec.size, out=view)
             sample[name] = view
-        if self.augment is not None and sample:
-            done = self.augment(sample, spec.seed)
+        if self.augment is not None:
+            done = self.augment(dict(sample), spec.seed)
             for name, arr in done.items():
-                if arr is not sample[name]:
-                    buffers[name][row][0] = arr
+                if arr is not sample[name]:  # flips return new arrays
+                    sample[name][...] = arr
 
     def _make_batch(self, lo: int, hi: int):
         import torch
