@@ -21,6 +21,7 @@ another rank's, whatever the world size.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -259,20 +260,23 @@ class WeightedSampler(Sampler):
         if sums.sum() <= 0:
             raise DataMismatch(f"WeightedSampler: {self.weights.name} is zero everywhere; nothing to sample")
         self._cumsum = np.cumsum(sums)
-        # Within-block cumulative sums of recently drawn blocks (bounded, shared by threads:
-        # a stale duplicate computation is harmless).
+        # Within-block cumulative sums of recently drawn blocks (bounded; prefetch threads
+        # share it, so it has a lock).
         self._inner: dict = {}
+        self._inner_lock = threading.Lock()
         self._inner_limit = max(1, (64 * 2**20) // (8 * int(np.prod(self.weights.block))))
         super().__init__(samples_per_epoch, seed, rank, world_size, uneven)
 
     def _inner_cumsum(self, flat: int):
-        hit = self._inner.get(flat)
+        with self._inner_lock:
+            hit = self._inner.get(flat)
         if hit is None:
             origin, block = self.weights.read_block(flat)
             hit = (origin, block.shape, np.cumsum(block.ravel(), dtype=np.float64))
-            if len(self._inner) >= self._inner_limit:
-                self._inner.pop(next(iter(self._inner)), None)
-            self._inner[flat] = hit
+            with self._inner_lock:
+                if len(self._inner) >= self._inner_limit:
+                    self._inner.pop(next(iter(self._inner)))
+                self._inner[flat] = hit
         return hit
 
     def _make(self, g: int) -> PatchSpec:

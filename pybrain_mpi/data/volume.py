@@ -180,7 +180,7 @@ class Volume:
             self.path = str(path)
             if "://" not in self.path and not os.path.exists(self.path):
                 raise FileNotFoundError(f"no Zarr store at {self.path}; create one with "
-                                        "`pybrain-mpi convert IN {self.path}`")
+                                        f"`pybrain-mpi convert IN {self.path}`")
             node = zarr.open(self.path, mode="r")
         attrs = dict(node.attrs)
         meta = attrs.get(ATTRS_KEY, {})

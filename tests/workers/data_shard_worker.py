@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
 import pybrain_mpi as pbm
