@@ -188,25 +188,31 @@ def worker_amplification(args) -> dict:
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
-def worker_large_convert(args) -> dict:
-    """Writes a synthetic ``--large-gb`` float32 .npy slab by slab, then converts it to Zarr
-    (32^3 chunks) with the default bounded slab size; reports time and peak RSS."""
-    from pybrain_mpi.data import convert
-
+def worker_large_make(args) -> dict:
+    """Writes a synthetic ``--large-gb`` float32 .npy slab by slab (its own process, so the
+    conversion's peak RSS is measured apart)."""
     side = int(round((args.large_gb * 2**30 / 4) ** (1 / 3) / 32)) * 32
     npy = Path(args.zarr).with_suffix(".npy")
-    data = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(side,) * 3)
     j, k = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    for lo in range(0, side, 32):  # a smooth pattern plus a ramp: compressible, not constant
-        data[lo:lo + 32] = (np.sin((np.arange(lo, lo + 32)[:, None, None] + j + k) / 50.0) * 100
-                            + np.arange(lo, lo + 32)[:, None, None] % 7).astype(np.float32)
-        data.flush()
-    del data, j, k
+    with open(npy, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (side,) * 3})
+        for lo in range(0, side, 32):  # a smooth pattern plus a ramp: compressible, not constant
+            planes = np.arange(lo, lo + 32)[:, None, None]
+            ((np.sin((planes + j + k) / 50.0) * 100 + planes % 7).astype(np.float32)).tofile(f)
+    return {"side": side, "gib": side**3 * 4 / 2**30, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_large_convert(args) -> dict:
+    """Converts the synthetic .npy to Zarr (32^3 chunks, default 256 MiB slabs); time, peak RSS."""
+    from pybrain_mpi.data import convert
+
+    npy = Path(args.zarr).with_suffix(".npy")
     t0 = time.perf_counter()
     convert(str(npy), args.zarr, chunks=(32, 32, 32), overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
     os.remove(npy)
-    return {"side": side, "gib": side**3 * 4 / 2**30, "convert_s": seconds, "peak_rss_mb": peak_rss_mb()}
+    return {"convert_s": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_large_sample(args) -> dict:
@@ -232,7 +238,7 @@ def worker_baseline(args) -> dict:
     return {"peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"large_convert": worker_large_convert, "large_sample": worker_large_sample,
+WORKERS = {"large_make": worker_large_make, "large_convert": worker_large_convert, "large_sample": worker_large_sample,
            "baseline": worker_baseline, "pbm": worker_pbm, "torchio": worker_torchio, "nibabel": worker_nibabel,
            "amplification": worker_amplification}
 
@@ -310,7 +316,9 @@ def main() -> int:
     large = None
     if args.large_gb > 0:
         large_zarr = str(workdir / "large.zarr")
-        conv = run_child("large_convert", dict(data, zarr=large_zarr), large_gb=args.large_gb)
+        made = run_child("large_make", dict(data, zarr=large_zarr), large_gb=args.large_gb)
+        conv = dict(run_child("large_convert", dict(data, zarr=large_zarr)), **{
+            k: made[k] for k in ("side", "gib")})
         samp = run_child("large_sample", dict(data, zarr=large_zarr), samples=200, cache_mb=256)
         large = {"convert": conv, "sample": samp}
         print(f"large volume {conv['side']}^3 float32 = {conv['gib']:.2f} GiB: convert {conv['convert_s']:.0f} s "

@@ -58,7 +58,15 @@ def test_hdf5_dataset_converts_in_bounded_slabs_with_affine_attribute():
     assert vol.voxel_size == pytest.approx((0.5, 0.5, 2.0))
 
 
-def test_npy_converts_through_memory_map_with_given_affine():
+def test_fortran_ordered_npy_converts_slab_by_slab():
+    data = np.asfortranarray(np.random.default_rng(6).normal(size=(19, 13, 22)))
+    np.save(_tmp("fortran.npy"), data)
+    pbd.convert(_tmp("fortran.npy"), _tmp("fortran.zarr"), chunks=(8, 8, 4), max_slab_bytes=4096,
+                overwrite=True, progress=False)
+    np.testing.assert_array_equal(pbd.Volume(_tmp("fortran.zarr")).read(), data)
+
+
+def test_npy_converts_slab_by_slab_with_given_affine():
     data = np.arange(30 * 17 * 9, dtype=np.int16).reshape(30, 17, 9)
     np.save(_tmp("vol.npy"), data)
     affine = np.diag([2.0, 3.0, 4.0, 1.0])

@@ -110,15 +110,35 @@ def _open_hdf5(path: str, dataset: str, affine: np.ndarray | None) -> _Source:
 
 
 def _open_npy(path: str, affine: np.ndarray | None) -> _Source:
-    data = np.load(path, mmap_mode="r")
+    # Slabs along the file's slowest axis are read with plain file reads, not through a
+    # memory map: mapped pages would count towards (and stay in) the process's resident set.
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    shape = tuple(int(n) for n in shape)
+    slow_axis = len(shape) - 1 if fortran else 0
+    row_items = int(np.prod(shape)) // max(1, shape[slow_axis])
+    mapped = None
 
     def read(axis, lo, hi):
-        sl = [slice(None)] * data.ndim
+        nonlocal mapped
+        if axis == slow_axis:
+            with open(path, "rb") as f:
+                f.seek(offset + lo * row_items * dtype.itemsize)
+                flat = np.fromfile(f, dtype=dtype, count=(hi - lo) * row_items)
+            slab_shape = list(shape)
+            slab_shape[axis] = hi - lo
+            return flat.reshape(slab_shape, order="F" if fortran else "C")
+        if mapped is None:
+            mapped = np.load(path, mmap_mode="r")
+        sl = [slice(None)] * len(shape)
         sl[axis] = slice(lo, hi)
-        return np.array(data[tuple(sl)])
-    slab_axis = 0 if data.flags.c_contiguous else data.ndim - 1
-    return _Source("npy", tuple(data.shape), data.dtype, _affine_or_identity(affine), None, read,
-                   slab_axis, lambda: None)
+        return np.array(mapped[tuple(sl)])
+    return _Source("npy", shape, dtype, _affine_or_identity(affine), None, read, slow_axis,
+                   lambda: None)
 
 
 def _affine_or_identity(affine) -> np.ndarray:
