@@ -12,7 +12,7 @@ NIfTI (fMRI) is stored time-first, ``(t, x, y, z)``, because NGFF requires time 
 its default chunk spans the whole time axis so one voxel's series is one chunk read.
 
 Memory stays bounded: the source is read slab by slab along an axis the chunks split
-(NIfTI through nibabel's array proxy, HDF5 through h5py, .npy through a memory map), and
+(NIfTI through nibabel's array proxy, HDF5 through h5py, .npy with plain reads of contiguous slabs), and
 each slab covers whole chunks so no chunk is written twice.
 """
 
