@@ -12,8 +12,8 @@ NIfTI (fMRI) is stored time-first, ``(t, x, y, z)``, because NGFF requires time 
 its default chunk spans the whole time axis so one voxel's series is one chunk read.
 
 Memory stays bounded: the source is read slab by slab along an axis the chunks split
-(NIfTI through nibabel's array proxy, HDF5 through h5py, .npy with plain reads of contiguous slabs), and
-each slab covers whole chunks so no chunk is written twice.
+(NIfTI through nibabel's array proxy, HDF5 through h5py, .npy with plain reads of contiguous
+slabs), and each slab covers whole chunks so no chunk is written twice.
 """
 
 from __future__ import annotations
