@@ -12,15 +12,14 @@ then on the intensity arrays only: z-scoring, gamma, scale/shift, noise.
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
-import numba
 import numpy as np
 
 __all__ = ["Augment", "flip", "zscore_", "gamma_", "scale_shift_", "gaussian_noise_"]
 
 
-@numba.njit(nogil=True, cache=True)
 def _flip3(src, dst, f0, f1, f2):
     n0, n1, n2 = src.shape
     for i in range(n0):
@@ -35,7 +34,6 @@ def _flip3(src, dst, f0, f1, f2):
                     dst[i, j, k] = src[si, sj, k]
 
 
-@numba.njit(nogil=True, cache=True)
 def _zscore(x, nonzero):
     # Two passes in float64: exact enough for float32 data of any size.
     total = 0.0
@@ -59,7 +57,6 @@ def _zscore(x, nonzero):
             x[i] = (x[i] - mean) * inv
 
 
-@numba.njit(nogil=True, cache=True)
 def _gamma(x, gamma):
     # Gamma acts on intensities rescaled to [0, 1] and mapped back, so negative
     # (z-scored) values are allowed.
@@ -80,13 +77,11 @@ def _gamma(x, gamma):
         x[i] = lo + span * (np.exp(gamma * np.log(v)) if v > 0 else 0.0)
 
 
-@numba.njit(nogil=True, cache=True)
 def _scale_shift(x, scale, shift):
     for i in range(x.size):
         x[i] = x[i] * scale + shift
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
 def _splitmix64(state):
     # SplitMix64 (Steele, Lea, Flood 2014): one 64-bit add and a mix per draw; the stream
     # depends only on the seed, not on the thread that runs it.
@@ -97,7 +92,6 @@ def _splitmix64(state):
     return state, z ^ (z >> np.uint64(31))
 
 
-@numba.njit(nogil=True, cache=True)
 def _noise(x, std, seed):
     # Box-Muller on pairs of uniforms in (0, 1]; numba's np.random is ~10x slower per draw.
     state = np.uint64(seed)
@@ -116,36 +110,56 @@ def _noise(x, std, seed):
         i += 2
 
 
+_KERNELS = ("_splitmix64", "_flip3", "_zscore", "_gamma", "_scale_shift", "_noise")
+_compiled: dict = {}
+_compile_lock = threading.Lock()
+
+
+def _jit():
+    """Compiles the kernels on first use: importing numba costs ~55 MB of resident memory,
+    which a loader without augmentations should not pay."""
+    if len(_compiled) < len(_KERNELS):
+        with _compile_lock:  # prefetch threads may arrive together
+            if len(_compiled) < len(_KERNELS):
+                import numba
+
+                for name in _KERNELS:  # _splitmix64 first: _noise calls it as a compiled global
+                    fn = numba.njit(nogil=True, cache=True)(globals()[name])
+                    globals()[name] = fn
+                    _compiled[name] = fn
+    return _compiled
+
+
 def flip(x: np.ndarray, axes: Sequence[bool]) -> np.ndarray:
     """``x`` flipped along the axes marked True (a new array)."""
     if x.ndim == 3:
         out = np.empty_like(x)
-        _flip3(np.ascontiguousarray(x), out, bool(axes[0]), bool(axes[1]), bool(axes[2]))
+        _jit()["_flip3"](np.ascontiguousarray(x), out, bool(axes[0]), bool(axes[1]), bool(axes[2]))
         return out
     return np.ascontiguousarray(np.flip(x, axis=tuple(i for i, f in enumerate(axes) if f)))
 
 
 def zscore_(x: np.ndarray, nonzero: bool = False) -> np.ndarray:
     """In place: zero mean, unit standard deviation (over nonzero voxels only if ``nonzero``)."""
-    _zscore(x.reshape(-1), nonzero)
+    _jit()["_zscore"](x.reshape(-1), nonzero)
     return x
 
 
 def gamma_(x: np.ndarray, gamma: float) -> np.ndarray:
     """In place: ``lo + span * ((x - lo) / span) ** gamma`` with lo/span the patch's range."""
-    _gamma(x.reshape(-1), float(gamma))
+    _jit()["_gamma"](x.reshape(-1), float(gamma))
     return x
 
 
 def scale_shift_(x: np.ndarray, scale: float, shift: float) -> np.ndarray:
     """In place: ``x * scale + shift``."""
-    _scale_shift(x.reshape(-1), float(scale), float(shift))
+    _jit()["_scale_shift"](x.reshape(-1), float(scale), float(shift))
     return x
 
 
 def gaussian_noise_(x: np.ndarray, std: float, seed: int) -> np.ndarray:
     """In place: adds N(0, std^2) noise drawn from ``seed``."""
-    _noise(x.reshape(-1), float(std), int(seed) % (2**32))
+    _jit()["_noise"](x.reshape(-1), float(std), int(seed) % (2**32))
     return x
 
 
