@@ -1,0 +1,158 @@
+"""PatchLoader and augmentations: exact batches, determinism across threads, resume, errors,
+shutdown; numba kernels against numpy references."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import converted, load, nilearn_mni, nitime_fmri, scratch_dir
+
+import pybrain_mpi.data as pbd
+from pybrain_mpi.data import augment as aug
+
+F32_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 kernels vs float64 numpy references
+
+
+@pytest.fixture(scope="module")
+def t1():
+    return pbd.Volume(converted(nilearn_mni("t1"), "t1.zarr", chunks=(32, 32, 32)))
+
+
+@pytest.fixture(scope="module")
+def gm():
+    return pbd.Volume(converted(nilearn_mni("gm"), "gm.zarr", chunks=(32, 32, 32)))
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("pbm-prefetch")]
+
+
+def _collect(loader):
+    return [{k: v.clone() for k, v in batch.items()} for batch in loader]
+
+
+def test_batches_hold_the_sampled_patches_as_float_tensors(t1):
+    ref = load(nilearn_mni("t1"))
+    sampler = pbd.UniformSampler(t1, (24, 20, 16), 10, seed=0, rank=0, world_size=1)
+    batches = _collect(pbd.PatchLoader(t1, sampler, batch_size=4, threads=2))
+    assert [b["image"].shape for b in batches] == [(4, 1, 24, 20, 16)] * 2 + [(2, 1, 24, 20, 16)]
+    assert batches[0]["image"].dtype == torch.float32
+    specs = [sampler[k] for k in range(10)]
+    got = torch.cat([b["image"] for b in batches])
+    for k, spec in enumerate(specs):
+        s = spec.start
+        np.testing.assert_array_equal(got[k, 0].numpy(), ref[s[0]:s[0] + 24, s[1]:s[1] + 20, s[2]:s[2] + 16])
+        assert tuple(torch.cat([b["start"] for b in batches])[k].tolist()) == s
+
+
+def test_augmented_batches_do_not_depend_on_the_number_of_threads(t1, gm):
+    augment = pbd.Augment(flip_axes=(0, 1, 2), scale=(0.8, 1.2), shift=(-5, 5), gamma=(0.7, 1.4),
+                          noise_std=(0.5, 2.0), zscore=True)
+    runs = []
+    for threads in (1, 3):
+        sampler = pbd.UniformSampler(t1, (16, 16, 16), 12, seed=9, rank=0, world_size=1)
+        runs.append(_collect(pbd.PatchLoader({"image": t1, "label": gm}, sampler, 4, threads=threads,
+                                             augment=augment)))
+    for a, b in zip(*runs):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert runs[0][0]["label"].dtype == torch.uint8  # labels keep an integer dtype
+
+
+def test_flips_move_image_and_label_together(t1, gm):
+    ref_t1, ref_gm = load(nilearn_mni("t1")), load(nilearn_mni("gm"))
+    augment = pbd.Augment(flip_axes=(0, 1, 2), flip_probability=1.0)
+    sampler = pbd.UniformSampler(t1, (16, 12, 8), 3, seed=2, rank=0, world_size=1)
+    batch = next(iter(pbd.PatchLoader({"image": t1, "label": gm}, sampler, 3, augment=augment)))
+    for k in range(3):
+        s = sampler[k].start
+        region = (slice(s[0], s[0] + 16), slice(s[1], s[1] + 12), slice(s[2], s[2] + 8))
+        np.testing.assert_array_equal(batch["image"][k, 0].numpy(), np.flip(ref_t1[region]))
+        np.testing.assert_array_equal(batch["label"][k, 0].numpy(), np.flip(ref_gm[region]))
+
+
+def test_resume_mid_epoch_continues_with_the_identical_batches(t1):
+    augment = pbd.Augment(noise_std=(1.0, 1.0))
+
+    def loader():
+        s = pbd.UniformSampler(t1, (8, 8, 8), 20, seed=4, rank=0, world_size=1)
+        s.set_epoch(3)
+        return pbd.PatchLoader(t1, s, 3, threads=2, prefetch_batches=3, augment=augment)
+
+    expected = _collect(loader())
+    run = loader()
+    seen = []
+    for batch in run:
+        seen.append({k: v.clone() for k, v in batch.items()})
+        if len(seen) == 3:
+            state = run.state_dict()
+            break
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(expected) - 3
+    seen += _collect(resumed)
+    assert len(seen) == len(expected)
+    for a, b in zip(seen, expected):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+def test_chunk_failure_in_a_worker_surfaces_in_the_loop_naming_sample_and_chunk(t1):
+    broken = os.path.join(scratch_dir(), "loader-corrupt.zarr")
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(t1.path, broken)
+    with open(os.path.join(broken, "0", "c", "3", "3", "3"), "wb") as f:
+        f.write(b"not a blosc frame")
+    vol = pbd.Volume(broken)
+    sampler = pbd.GridSampler(vol, (32, 32, 32), rank=0, world_size=1)
+    with pytest.raises(pbd.SampleError, match=r"sample \d+ .*start \(96, 96, 96\).*chunk 0/c/3/3/3 of store") as err:
+        for _ in pbd.PatchLoader(vol, sampler, 2, threads=2):
+            pass
+    assert err.value.chunk_key == "0/c/3/3/3" and err.value.start == (96, 96, 96)
+    assert isinstance(err.value.__cause__, pbd.ChunkError)
+    assert not _prefetch_threads(), "prefetch threads outlived the failed loop"
+
+
+def test_breaking_out_of_the_loop_stops_the_prefetch_threads(t1):
+    sampler = pbd.UniformSampler(t1, (32, 32, 32), 64, seed=0, rank=0, world_size=1)
+    loader = pbd.PatchLoader(t1, sampler, 2, threads=3, prefetch_batches=6)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    assert not _prefetch_threads()
+
+
+def test_time_series_batches_are_voxel_series(t1):
+    fmri = pbd.Volume(converted(nitime_fmri(), "fmri1.zarr"))
+    ref = load(nitime_fmri())
+    sampler = pbd.TimeSeriesSampler(fmri, ref.mean(axis=3) > 0, seed=1, rank=0, world_size=1)
+    batch = next(iter(pbd.PatchLoader(fmri, sampler, 16, augment=pbd.Augment(zscore=True))))
+    assert batch["image"].shape == (16, 40)
+    for row, start in zip(batch["image"].numpy(), batch["start"].tolist()):
+        series = ref[tuple(start[1:])].astype(np.float64)
+        np.testing.assert_allclose(row, (series - series.mean()) / series.std(), **F32_TOL)
+
+
+def test_kernels_match_numpy_references():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(11, 9, 7)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    for axes in [(1, 0, 0), (0, 1, 1), (1, 1, 1)]:
+        np.testing.assert_array_equal(aug.flip(x, axes), np.flip(x, [i for i, f in enumerate(axes) if f]))
+    np.testing.assert_allclose(aug.zscore_(x.copy()), (x64 - x64.mean()) / x64.std(), **F32_TOL)
+    lo, hi = x64.min(), x64.max()
+    np.testing.assert_allclose(aug.gamma_(x.copy(), 1.7), lo + (hi - lo) * ((x64 - lo) / (hi - lo)) ** 1.7,
+                               **F32_TOL)
+    np.testing.assert_allclose(aug.scale_shift_(x.copy(), 1.3, -2.0), x64 * 1.3 - 2.0, **F32_TOL)
+    z = np.zeros(200_000, np.float32)
+    aug.gaussian_noise_(z, 2.0, seed=11)
+    # N(0, 4): mean within 5 standard errors, std within 5 standard errors of the std.
+    assert abs(z.mean()) < 5 * 2.0 / np.sqrt(z.size)
+    assert abs(z.std() - 2.0) < 5 * 2.0 / np.sqrt(2 * z.size)
+    again = np.zeros(200_000, np.float32)
+    np.testing.assert_array_equal(aug.gaussian_noise_(again, 2.0, seed=11), z)
+    nz = np.array([0, 0, 2, 4], np.float32)
+    np.testing.assert_allclose(aug.zscore_(nz, nonzero=True), [0, 0, -1, 1])
