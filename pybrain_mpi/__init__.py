@@ -17,6 +17,15 @@ from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, P
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # pbm.data pulls in zarr/nibabel/numcodecs: import it on first use only.
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
+    raise AttributeError(f"module 'pybrain_mpi' has no attribute {name!r}")
+
 __all__ = [
     "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
