@@ -28,3 +28,8 @@ def test_sends_far_fewer_bytes_than_the_plain_ring():
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_nan_on_one_rank_raises_on_every_rank_and_bad_state_is_refused(ranks):
     _ok(run_mpi(ranks, "compressed_worker.py", "errors"), "errors", ranks)
+
+
+def test_ddp_with_3lc_trains_within_two_percent_of_uncompressed_on_real_fmri(tmp_path):
+    result = run_mpi(2, "compressed_worker.py", "convergence", str(tmp_path), timeout_s=240)
+    _ok(result, "convergence", 2)

@@ -48,6 +48,7 @@ class _Bucket:
     flat: torch.Tensor
     ready: set[int] = field(default_factory=set)  # positions in params that are ready
     handle: Any = None
+    state: Any = None  # compression state (3LC residuals), kept across steps
     launched_at: float = 0.0
     finished_at: float = 0.0
 
@@ -84,9 +85,10 @@ class DistributedDataParallel(torch.nn.Module):
         bucket_bytes: target size of a gradient bucket (default 25 MiB, as PyTorch DDP).
         first_bucket_bytes: size of the first bucket, which is ready earliest (1 MiB).
         algorithm: allreduce algorithm, ``"ring"`` or ``"mpi"``.
-        compression: ``None`` or a codec from :mod:`pybrain_mpi.compression` with
-            ``compress(tensor) -> (payload, ctx)`` / ``decompress(payload, ctx)``
-            (e.g. ``Cast("bf16")``): gradients travel compressed.
+        compression: ``None``; ``pbm.compression.ThreeLC(sparsity)`` (two-stage 3LC
+            allreduce with error feedback, one state per bucket); ``Cast("bf16"|"fp16")``
+            (16-bit on the wire); or any object with Horovod's ``compress(tensor) ->
+            (tensor, ctx)`` / ``decompress(tensor, ctx)``.
         broadcast_buffers: broadcast rank 0's buffers (e.g. batch-norm statistics) before
             every forward pass, as PyTorch DDP does.
         stall_warn_s: warn when a bucket waits longer than this (``PBM_STALL_WARN_S``, 60).
@@ -123,6 +125,12 @@ class DistributedDataParallel(torch.nn.Module):
         _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
                            root=0, what="initial parameters and buffers")
         self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes)
+        from ..compression.codecs import Compressor, ThreeLC
+
+        self._native_compression = isinstance(compression, Compressor)
+        if isinstance(compression, ThreeLC):
+            for bucket in self._buckets:
+                bucket.state = compression.new_state(bucket.flat, name=f"bucket {bucket.index}")
         self._where: dict[int, tuple[int, int]] = {}
         for bucket in self._buckets:
             for position, param in enumerate(bucket.params):
@@ -202,7 +210,11 @@ class DistributedDataParallel(torch.nn.Module):
         bucket.launched_at = time.perf_counter()
         label = f"bucket {bucket.index} ({len(bucket.params)} tensors: {bucket.names[0]}"
         label += ", ...)" if len(bucket.params) > 1 else ")"
-        if self.compression is not None:
+        if self._native_compression:
+            bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
+                                                         name=label[:60], compression=self.compression,
+                                                         state=bucket.state)
+        elif self.compression is not None:
             payload, ctx = self.compression.compress(bucket.flat)
             bucket.handle = (collectives.allreduce_async_(payload, op="avg", algorithm=self.algorithm,
                                                           name=label[:60]), payload, ctx)
@@ -262,7 +274,7 @@ class DistributedDataParallel(torch.nn.Module):
                     f"ranks that have not submitted it: {error.missing_ranks or 'unknown'}",
                     RuntimeWarning, stacklevel=2)
         if payload is not None:
-            self.compression.decompress(payload, ctx, out=bucket.flat)
+            bucket.flat.copy_(self.compression.decompress(payload, ctx))
         bucket.finished_at = time.perf_counter()
 
     def remove_hooks(self) -> None:
@@ -270,6 +282,32 @@ class DistributedDataParallel(torch.nn.Module):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def compression_state_dict(self) -> dict[str, Any]:
+        """The 3LC residuals of every bucket (for exact resume from a checkpoint)."""
+        import numpy as np
+
+        out: dict[str, Any] = {}
+        for bucket in self._buckets:
+            if bucket.state is not None:
+                out[f"bucket{bucket.index}.residual"] = torch.from_numpy(np.array(bucket.state.residual))
+                if bucket.state.owner_residual is not None:
+                    out[f"bucket{bucket.index}.owner_residual"] = torch.from_numpy(
+                        np.array(bucket.state.owner_residual))
+        return out
+
+    def load_compression_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`compression_state_dict` returned (same model and ranks)."""
+        for bucket in self._buckets:
+            if bucket.state is None:
+                continue
+            key = f"bucket{bucket.index}.residual"
+            if key not in state:
+                raise PbmError(f"compression state has no {key}: saved with another model or compression")
+            bucket.state.residual[...] = state[key].numpy()
+            owner = state.get(f"bucket{bucket.index}.owner_residual")
+            if owner is not None:
+                bucket.state.owner_residual_for(context.size(), context.rank())[...] = owner.numpy()
 
     @property
     def bucket_sizes_bytes(self) -> list[int]:
