@@ -79,31 +79,26 @@ decltype(auto) dispatch_wide_dtype(DType dtype, Fn&& fn) {
 }
 
 // IEEE binary16 <-> binary32, round to nearest even, subnormals and Inf/NaN preserved.
+//
+// half -> float without branches, so loops over it vectorize: shift exponent and mantissa
+// into place and rebias; Inf/NaN get a second rebias to the all-ones exponent, and
+// zero/subnormal halves are renormalised by one float subtraction
+// (2^-14 * (1 + m/1024) - 2^-14 = m * 2^-24).
 inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  uint32_t bits;
-  if (exponent == 0) {
-    if (mantissa == 0) {
-      bits = sign;
-    } else {  // subnormal half: renormalise into a float32 normal
-      int shift = 0;
-      while ((mantissa & 0x400u) == 0) {
-        mantissa <<= 1;
-        ++shift;
-      }
-      mantissa &= 0x3ffu;
-      bits = sign | static_cast<uint32_t>(127 - 15 - shift + 1) << 23 | mantissa << 13;
-    }
-  } else if (exponent == 0x1f) {
-    bits = sign | 0x7f800000u | mantissa << 13;
-  } else {
-    bits = sign | (exponent + 127 - 15) << 23 | mantissa << 13;
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  auto bits_to_float = [](uint32_t bits) {
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+  };
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t rebased = shifted + (112u << 23);
+  const uint32_t special = exponent == 0x0f800000u ? rebased + (112u << 23) : rebased;
+  const float subnormal = bits_to_float(rebased + (1u << 23)) - bits_to_float(113u << 23);
+  uint32_t magnitude;
+  std::memcpy(&magnitude, &subnormal, 4);
+  magnitude = exponent == 0 ? magnitude : special;
+  return bits_to_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
 inline uint16_t float_to_half(float value) {

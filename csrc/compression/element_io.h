@@ -1,8 +1,8 @@
 // Branch-free element loads and stores shared by the codecs (csrc/compression/*).
 //
 // The codecs compute in float32. These adapters widen float32/bfloat16/float16 inputs and
-// narrow into the output dtype with expressions the compiler can vectorize: the scalar
-// converters of common/dtype.h loop over subnormals, which stops vectorization.
+// narrow into the output dtype with common/dtype.h's converters (branch-free on the widening
+// side, so the loops vectorize).
 #pragma once
 
 #include <cstdint>
@@ -39,19 +39,6 @@ PBM_ALWAYS_INLINE uint32_t float_to_bits(float value) {
   return bits;
 }
 
-// binary16 -> binary32 without branches: shift exponent and mantissa into place and rebias;
-// Inf/NaN get the extra rebias to the all-ones exponent, and zero/subnormal halves are
-// renormalised by one float subtraction (2^-14 * (1 + m/1024) - 2^-14 = m * 2^-24).
-PBM_ALWAYS_INLINE float half_bits_to_float(uint16_t h) {
-  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
-  const uint32_t exponent = shifted & 0x0f800000u;
-  const uint32_t rebased = shifted + (112u << 23);
-  const uint32_t special = exponent == 0x0f800000u ? rebased + (112u << 23) : rebased;
-  const float subnormal = bits_to_float(rebased + (1u << 23)) - bits_to_float(113u << 23);
-  const uint32_t magnitude = exponent == 0 ? float_to_bits(subnormal) : special;
-  return bits_to_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
 struct Float32 {
   using T = float;
   static constexpr DType kDType = DType::kFloat32;
@@ -69,7 +56,7 @@ struct BFloat16 {
 struct Float16 {
   using T = uint16_t;
   static constexpr DType kDType = DType::kFloat16;
-  static PBM_ALWAYS_INLINE float load(uint16_t v) { return half_bits_to_float(v); }
+  static PBM_ALWAYS_INLINE float load(uint16_t v) { return half_to_float(v); }
   static inline uint16_t store(float v) { return float_to_half(v); }
 };
 

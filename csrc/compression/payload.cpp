@@ -110,7 +110,7 @@ double load_raw(const uint8_t* body, DType dtype, size_t i) {
   switch (dtype) {
     case DType::kFloat32: return get<float>(body + 4 * i);
     case DType::kFloat64: return get<double>(body + 8 * i);
-    case DType::kFloat16: return element_io::half_bits_to_float(get<uint16_t>(body + 2 * i));
+    case DType::kFloat16: return half_to_float(get<uint16_t>(body + 2 * i));
     case DType::kBFloat16: return element_io::BFloat16::load(get<uint16_t>(body + 2 * i));
     default: return 0.0;
   }
