@@ -6,6 +6,11 @@ Run under MPI, one thread per rank:
     mpiexec -n 2 python benchmarks/allreduce.py --sizes 4K,64M --impls pbm_ring,mpi
 
 Every implementation runs in the same job on the same buffers (float32 sum, in place).
+pbm_3lc (3LC, s=1.0) and pbm_bf16 (Cast) reduce a fresh copy of a gradient-like buffer each
+iteration (the copy is timed too, so their figures are conservative); their "busbw" is the
+effective one, uncompressed bytes / time. For every implementation the bytes this rank sent
+per call are measured and turned into the time the same call would take on a 10 Gbit/s link
+(bytes / 1.25 GB/s), the bandwidth-bound regime of multi-node runs.
 For each size the table shows the median over iterations of the slowest rank's time,
 algorithm bandwidth (size / time) and bus bandwidth busbw = algbw * 2(n-1)/n, which
 compares across rank counts (NCCL's convention). JSON lines go to --json with fields
@@ -27,7 +32,9 @@ from common import (human_bytes, median, parse_size, print_table, time_collectiv
                     write_json_lines)
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
-IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo")
+IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16")
+DEFAULT_IMPLS = "pbm_ring,pbm_mpi,mpi,gloo"
+LINK_10G_BYTES_PER_S = 10e9 / 8
 
 
 def iterations_for(size_bytes: int) -> int:
@@ -52,7 +59,7 @@ def setup_gloo(comm):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated sizes in bytes (4K, 16M, ...)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    parser.add_argument("--impls", default=DEFAULT_IMPLS, help=f"subset of {','.join(IMPLS)}")
     parser.add_argument("--iterations", type=int, default=0, help="fixed iteration count (0: by size)")
     parser.add_argument("--json", default="results/allreduce.jsonl", help="JSON lines output (rank 0)")
     args = parser.parse_args()
@@ -77,7 +84,17 @@ def main() -> None:
         count = max(1, size_bytes // 4)
         buffer = torch.zeros(count, dtype=torch.float32)
         array = buffer.numpy()
+        gradient = None
+        if "pbm_3lc" in impls or "pbm_bf16" in impls:
+            generator = torch.Generator().manual_seed(rank)
+            gradient = torch.randn(count, generator=generator) * torch.rand(count, generator=generator) ** 4
+            work = torch.empty_like(gradient)
+            codec = pbm.compression.ThreeLC(1.0)
+            state = codec.new_state(gradient)
+            cast = pbm.compression.Cast("bf16")
         runs = {
+            "pbm_3lc": lambda: pbm.allreduce_(work.copy_(gradient), compression=codec, state=state),
+            "pbm_bf16": lambda: pbm.allreduce_(work.copy_(gradient), compression=cast),
             "pbm_ring": lambda: pbm.allreduce_(buffer, algorithm="ring"),
             "pbm_mpi": lambda: pbm.allreduce_(buffer, algorithm="mpi"),
             "mpi": lambda: comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM),
@@ -85,11 +102,17 @@ def main() -> None:
         }
         iterations = args.iterations or iterations_for(size_bytes)
         for impl in impls:
+            sent_before = pbm.bytes_sent()
             seconds = median(time_collective(comm, runs[impl], iterations))
+            calls = iterations + 2  # time_collective's warm-up calls included
+            # gloo and MPI_Allreduce bypass pbm's counters: they move what a ring moves
+            sent = ((pbm.bytes_sent() - sent_before) / calls if impl.startswith("pbm")
+                    else count * 4 * 2 * (n - 1) / n)
             algbw = count * 4 / seconds / 1e9
             records.append({
                 "impl": impl, "size_bytes": count * 4, "ranks": n, "median_s": seconds,
                 "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (n - 1) / n, "iterations": iterations,
+                "bytes_sent_per_rank": sent, "link_10g_s": sent / LINK_10G_BYTES_PER_S,
             })
         del buffer, array
 
@@ -110,6 +133,15 @@ def main() -> None:
         for impl in impls:
             columns += [(f"{impl}_us", f"{impl} us"), (f"{impl}_bus", f"{impl} busbw GB/s")]
         columns += [(k, f"ring speedup vs {k[2:]}") for k in ("x_mpi", "x_gloo") if k in rows[0]]
+        for impl in ("pbm_3lc", "pbm_bf16"):
+            if impl in impls and "pbm_ring" in impls:
+                for row in rows:
+                    size = next(r["size_bytes"] for r in records if human_bytes(r["size_bytes"]) == row["size"])
+                    by_impl = {r["impl"]: r for r in records if r["size_bytes"] == size}
+                    row[f"{impl}_vs_ring"] = by_impl[impl]["busbw_gbps"] / by_impl["pbm_ring"]["busbw_gbps"]
+                    row[f"{impl}_10g"] = by_impl["pbm_ring"]["link_10g_s"] / by_impl[impl]["link_10g_s"]
+                columns += [(f"{impl}_vs_ring", f"{impl} eff. busbw / ring"),
+                            (f"{impl}_10g", f"{impl} speedup on 10 Gbit/s")]
         print(f"float32 sum allreduce, {n} ranks, {os.environ.get('OMP_NUM_THREADS', '?')} thread(s)/rank; "
               "median of slowest-rank times")
         print_table(rows, columns)
