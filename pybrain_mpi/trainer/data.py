@@ -296,6 +296,8 @@ def build_data(config: DataConfig, val_fraction: float, rank: int, barrier) -> T
             if series.ndim != 2 or len(series) < 2:
                 raise DataError(f"[data] path {config.path}: expected a 2D array (voxels, time "
                                 f"points) with at least 2 voxels, got shape {series.shape}")
+            # Checked before the split so the index names the row of the file.
+            _check_finite(np.asarray(series), f"[data] path {config.path}")
             train, held_out = split_by_voxel(np.asarray(series), config.held_out_fraction,
                                              config.split_seed)
             where = str(config.path)
