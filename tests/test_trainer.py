@@ -210,3 +210,66 @@ def test_diverging_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
     assert path.read_bytes() == before
     _, metadata = load_checkpoint(path)
     assert metadata["step"] == 2
+
+
+# ------------------------------------------------------------------------ 3D patches (MNI152)
+def mni_config(tmp_path: Path, precision: str = "fp32", checkpointing: str = "none",
+               compression: str = "none") -> str:
+    return f"""
+[model]
+name = "naive_cnn3d"
+input_shape = [16, 16, 16]
+
+[data]
+kind = "volume_patches"
+source = "mni152"
+patch_size = [16, 16, 16]
+patches_per_volume = 32
+held_out_fraction = 0.2
+
+[train]
+epochs = 2
+batch_size = 4
+lr = 1e-3
+precision = "{precision}"
+activation_checkpointing = "{checkpointing}"
+log_every = 1
+
+[train.compression]
+kind = "{compression}"
+
+[output]
+dir = "{tmp_path / 'mni'}"
+"""
+
+
+def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_path):
+    from pybrain_mpi.trainer import build_data
+
+    config = parse_config(mni_config(tmp_path))
+    data = build_data(config.data, 0.1, rank=0, barrier=lambda: None)
+    assert data.input_shape == (16, 16, 16) and data.size("train") == 32
+    train0, train1 = data.corners("train", 0), data.corners("train", 1)
+    assert not np.array_equal(train0, train1)  # fresh patches every epoch
+    assert np.array_equal(train0, data.corners("train", 0))  # ... and reproducible
+    held = data.corners("held_out", 0)
+    start, _ = data.regions["held_out"]
+    assert held[:, 0].min() >= start and train0[:, 0].max() + 16 <= data.regions["train"][1]
+    x, y = data.batch("train", 0, np.arange(4))
+    assert x.shape == (4, 16, 16, 16) and y.shape == (4, 1)
+    # gm_mean target equals the mean of the normalised GM map over the same patch.
+    a, b, c = train0[2]
+    assert y[2, 0] == pytest.approx(float(data.gm[a:a + 16, b:b + 16, c:c + 16].mean()), rel=1e-6)
+    assert np.all((y >= 0) & (y <= 1))
+
+
+def test_cnn3d_trains_with_bf16_autocast_bf16_compression_and_activation_checkpointing(tmp_path):
+    config = parse_config(mni_config(tmp_path, precision="bf16", checkpointing="sqrt",
+                                     compression="bf16"))
+    trainer = Trainer(config, max_steps=3, progress=False, echo=False)
+    assert "features" in trainer.checkpointing
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and math.isfinite(summary["final_train_loss"])
+    assert math.isfinite(summary["held_out"]["mse"])
+    _, metadata = load_checkpoint(checkpoint_path(config))
+    assert metadata["precision"] == "bf16"

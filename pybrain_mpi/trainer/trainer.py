@@ -114,9 +114,11 @@ def _build_optimizer(config: Config, params) -> torch.optim.Optimizer:
 def _apply_activation_checkpointing(model: torch.nn.Module) -> str:
     """Recompute activations in backward instead of storing them; returns what was wrapped.
 
-    Sequential feature stacks use ``checkpoint_sequential`` with about sqrt(n) segments; the
+    Sequential stacks of blocks use ``checkpoint_sequential`` with about sqrt(n) segments; the
     DCA checkpoints its encoder and decoder halves. Patching ``forward`` of submodules keeps
-    the state-dict names (checkpoints stay interchangeable with runs without it).
+    the state-dict names (checkpoints stay interchangeable with runs without it). Caveat:
+    batch-norm layers inside a checkpointed segment update their running statistics twice
+    per step (forward and recomputation), as with PyTorch's checkpoint utilities.
     """
     from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -127,7 +129,10 @@ def _apply_activation_checkpointing(model: torch.nn.Module) -> str:
         return "DCA encoder and decoder"
     wrapped = []
     for name, child in model.named_children():
-        if isinstance(child, torch.nn.Sequential) and len(child) >= 2:
+        # Only stacks of blocks: a segment boundary between leaf layers may feed an in-place
+        # activation, which corrupts the stored boundary tensor.
+        if (isinstance(child, torch.nn.Sequential) and len(child) >= 2
+                and all(len(list(block.children())) > 0 for block in child)):
             segments = max(1, round(math.sqrt(len(child))))
 
             def forward(x, _seq=child, _segments=segments):
@@ -493,7 +498,7 @@ class Trainer:
         self._say(self.describe(stop_at))
         delay_s = float(os.environ.get("PBM_TRAIN_STEP_DELAY_S", "0"))  # exercising preemption
         bar = self._progress_bar(stop_at)
-        loop_started = time.perf_counter()
+        loop_started = run_started = time.perf_counter()
         samples_this_run = 0
         stop_reason = self.finished
         if stop_reason is None and self.step >= stop_at:
@@ -519,7 +524,7 @@ class Trainer:
                                     "local_loss": local_loss, "lr": lr, "samples": samples,
                                     **timings})
                 if bar is not None:
-                    rate = samples_this_run / max(1e-9, time.perf_counter() - loop_started)
+                    rate = samples_this_run / max(1e-9, time.perf_counter() - run_started)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.0f}", refresh=False)
                 if in_epoch == spe - 1:
