@@ -36,6 +36,8 @@ class StopRequest:
             sys.stderr.flush()
 
     def __enter__(self) -> "StopRequest":
+        if self._previous:
+            return self  # already installed (the trainer installs it before its set-up)
         for signum in PREEMPTION_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self

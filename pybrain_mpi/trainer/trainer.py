@@ -173,6 +173,17 @@ class Trainer:
         self.output_dir = Path(config.output.dir)
         self.checkpoint_file = checkpoint_path(config)
         self.started_at = time.perf_counter()
+        # A preemption signal during set-up (loading data can take a while) must not kill the
+        # rank: it is recorded now and honoured at the first step boundary.
+        self.stop_request = StopRequest(self.rank).__enter__()
+        try:
+            self._set_up(resume, max_steps)
+        except BaseException:
+            self.stop_request.__exit__(None, None, None)
+            raise
+
+    def _set_up(self, resume: bool, max_steps: int | None) -> None:
+        config = self.config
         self._set_threads()
 
         train = config.train
@@ -503,7 +514,7 @@ class Trainer:
         stop_reason = self.finished
         if stop_reason is None and self.step >= stop_at:
             stop_reason = "steps" if stop_at < self.total_steps else "completed"
-        with StopRequest(self.rank) as stop:
+        with self.stop_request as stop:
             while stop_reason is None:
                 epoch, in_epoch = divmod(self.step, spe)
                 elapsed = self.train_seconds + (time.perf_counter() - loop_started)
@@ -581,7 +592,11 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=stop_at, initial=self.step, unit="step", mininterval=0.5,
+        import sys
+
+        # In a batch log (not a terminal) every refresh is a line: refresh rarely there.
+        interval = 0.5 if sys.stderr.isatty() else 30.0
+        return tqdm(total=stop_at, initial=self.step, unit="step", mininterval=interval,
                     dynamic_ncols=True, desc="train")
 
     def _write_timeline(self) -> None:
