@@ -52,7 +52,12 @@ def _info(_args: argparse.Namespace) -> int:
         return 0
     print(f"pybrain-mpi {__version__}")
     print(f"python {platform.python_version()}, numpy {numpy.__version__}, torch {torch.__version__}")
+    print(f"native core: {_core.__file__}")
     print(f"native core compiled against: {_core.compiled_mpi_vendor()}")
+    build_info = getattr(_core, "build_info", None)  # compiler and flags, where the core reports them
+    if build_info is not None:
+        for key, value in dict(build_info()).items():
+            print(f"  build {key}: {value}")
     print(f"MPI library loaded: {_core.mpi_library_version().strip().splitlines()[0]}")
     try:
         import mpi4py

@@ -273,3 +273,20 @@ def test_cnn3d_trains_with_bf16_autocast_bf16_compression_and_activation_checkpo
     assert math.isfinite(summary["held_out"]["mse"])
     _, metadata = load_checkpoint(checkpoint_path(config))
     assert metadata["precision"] == "bf16"
+
+
+def test_early_stopping_after_patience_epochs_without_validation_improvement(tmp_path, monkeypatch):
+    data = synthetic_series(tmp_path / "s.npy")
+    config = parse_config(dca_config(tmp_path, data, extra_train="patience = 2").replace(
+        "batch_size = 8", "batch_size = 64"))
+    trainer = Trainer(config, progress=False, echo=False)
+    assert trainer.sampler.steps_per_epoch == 1
+    scripted = iter([1.0, 0.9, 0.95, 0.97, 0.5])
+    real_evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split: {"loss": next(scripted), "r2": 0.0}
+                        if split == "val" else real_evaluate(split))
+    summary = trainer.fit()
+    # Best 0.9 at epoch 1; epochs 2 and 3 do not improve on it: stop after epoch 3 of 50.
+    assert summary["stopped"] == "early stopping" and summary["epochs_completed"] == 4
+    assert [h["val_loss"] for h in trainer.history] == [1.0, 0.9, 0.95, 0.97]
+    assert len(summary["held_out_per_output"]["pearson_r"]) == 32

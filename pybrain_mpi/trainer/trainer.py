@@ -630,7 +630,8 @@ class Trainer:
             "final_train_loss": self.step_losses[-1] if self.step_losses else None,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "held_out": {k: v for k, v in (held_out or {}).items() if k != "per_output"},
-            "held_out_r2_per_output": (held_out["per_output"]["r2"].tolist() if held_out else None),
+            "held_out_per_output": ({k: v.tolist() for k, v in held_out["per_output"].items()}
+                                    if held_out else None),
             "samples_per_s": samples_this_run / run_seconds if run_seconds > 0 else None,
             "train_seconds": run_seconds, "samples_this_run": samples_this_run,
             "bytes_communicated": bytes_run,
