@@ -1,23 +1,63 @@
-"""The ``pybrain-mpi`` command line."""
+"""The ``pybrain-mpi`` command line.
+
+    pybrain-mpi info                         versions, MPI thread level, ranks/nodes, build
+    pybrain-mpi train CONFIG [--resume] [--timeline trace.json] [--steps N] [--set k=v ...]
+    pybrain-mpi bench [NAME [ARGS...]]       list the benchmarks, or run one
+    pybrain-mpi <command> --help
+
+Run ``train`` (and ``info``, to see the topology) under ``mpiexec -n N`` or ``srun``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import re
+import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+# Subcommands that live with their feature: a module exposing ``add_parser(subparsers)``
+# (which sets ``func``) is added when it exists, e.g. ``convert`` from the data package.
+PLUGIN_SUBCOMMANDS = ("pybrain_mpi.data.cli",)
+
+_MPI_LAUNCH_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                         "MPI_LOCALNRANKS", "SLURM_STEP_ID")
 
 
+def _under_mpi_launcher() -> bool:
+    return any(name in os.environ for name in _MPI_LAUNCH_VARIABLES)
+
+
+# ------------------------------------------------------------------------------------ info
 def _info(_args: argparse.Namespace) -> int:
     import platform
+    import socket
 
     import numpy
     import torch
+    from mpi4py import MPI
+
+    import pybrain_mpi as pbm
 
     from . import __version__
     from ._native import _core
 
+    pbm.init()
+    hosts = pbm.comm().allgather(socket.gethostname())
+    if pbm.rank() != 0:
+        pbm.shutdown()
+        return 0
     print(f"pybrain-mpi {__version__}")
     print(f"python {platform.python_version()}, numpy {numpy.__version__}, torch {torch.__version__}")
+    print(f"native core: {_core.__file__}")
     print(f"native core compiled against: {_core.compiled_mpi_vendor()}")
+    build_info = getattr(_core, "build_info", None)  # compiler and flags, where the core reports them
+    if build_info is not None:
+        for key, value in dict(build_info()).items():
+            print(f"  build {key}: {value}")
     print(f"MPI library loaded: {_core.mpi_library_version().strip().splitlines()[0]}")
     try:
         import mpi4py
@@ -25,18 +65,225 @@ def _info(_args: argparse.Namespace) -> int:
         print(f"mpi4py {mpi4py.__version__}")
     except ImportError:
         print("mpi4py: not installed")
+    levels = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED",
+              MPI.THREAD_SERIALIZED: "SERIALIZED", MPI.THREAD_MULTIPLE: "MULTIPLE"}
+    level = MPI.Query_thread()
+    print(f"MPI thread level: {levels.get(level, level)}"
+          + ("" if level == MPI.THREAD_MULTIPLE else " (no progress thread: collectives run at submission)"))
+    nodes: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        nodes.setdefault(host, []).append(rank)
+    print(f"topology: {pbm.size()} rank(s) on {len(nodes)} node(s)")
+    for host, ranks in nodes.items():
+        print(f"  {host}: ranks {_ranges(ranks)}")
+    if not _under_mpi_launcher():
+        print("  (a single process; run `mpiexec -n N pybrain-mpi info` to see a launched world)")
+    print(f"torch threads per rank: {torch.get_num_threads()}, cores: {os.cpu_count()}")
+    pbm.shutdown()
     return 0
 
 
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}-{v}" if v != start else str(v))
+            start = None
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ train
+def _toml_value(text: str) -> str:
+    """A --set value as TOML: valid TOML values are kept, anything else becomes a string."""
+    try:
+        tomllib.loads(f"v = {text}")
+        return text
+    except tomllib.TOMLDecodeError:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def apply_overrides(text: str, overrides: list[str]) -> str:
+    """Return TOML ``text`` with ``section.key=value`` overrides applied.
+
+    An existing key's line is replaced; a new key is inserted as a dotted key under the
+    deepest existing table of its path (or in a new table at the end), so the result is
+    valid TOML that the schema then checks like any file.
+    """
+    from .config import key_lines
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=2")
+        dotted, value = (part.strip() for part in item.split("=", 1))
+        path = tuple(p.strip() for p in dotted.split("."))
+        if len(path) < 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]+", p) for p in path):
+            raise ValueError(f"--set {item!r}: the key must be section.key (e.g. train.lr), "
+                             f"got {dotted!r}")
+        value = _toml_value(value)
+        lines = text.splitlines()
+        found = key_lines(text)
+        if path in found and not re.match(r"^\s*\[", lines[found[path] - 1]):
+            number = found[path] - 1
+            indent = re.match(r"^\s*", lines[number]).group(0)
+            lines[number] = f"{indent}{path[-1]} = {value}"
+        else:
+            for depth in range(len(path) - 1, 0, -1):
+                header = found.get(path[:depth])
+                if header is not None and re.match(r"^\s*\[", lines[header - 1]):
+                    lines.insert(header, f"{'.'.join(path[depth:])} = {value}")
+                    break
+            else:
+                lines += ["", f"[{'.'.join(path[:-1])}]", f"{path[-1]} = {value}"]
+        text = "\n".join(lines) + "\n"
+    return text
+
+
+def _train(args: argparse.Namespace) -> int:
+    import pybrain_mpi as pbm
+
+    from .config import ConfigError, parse_config
+
+    pbm.init()
+    rank = pbm.rank()
+
+    def fail(message: str, code: int) -> int:
+        if rank == 0:
+            print(f"pybrain-mpi train: error: {message}", file=sys.stderr, flush=True)
+        pbm.shutdown()
+        return code
+
+    try:
+        text = Path(args.config).read_text(encoding="utf-8")
+    except OSError as exc:
+        return fail(f"cannot read config {args.config}: {exc.strerror or exc}", 2)
+    try:
+        if args.set:
+            text = apply_overrides(text, args.set)
+        source = args.config + (" (with --set overrides)" if args.set else "")
+        config = parse_config(text, source)
+    except (ConfigError, ValueError) as exc:
+        return fail(str(exc), 2)
+
+    from .checkpoint import CheckpointError
+    from .trainer import Trainer, TrainingDiverged, TrainingSetupError
+
+    try:
+        trainer = Trainer(config, resume=args.resume, timeline_path=args.timeline,
+                          max_steps=args.steps, progress=not args.no_progress)
+        trainer.fit()
+    except TrainingSetupError as exc:
+        return fail(str(exc), 2)
+    except (TrainingDiverged, CheckpointError) as exc:
+        return fail(str(exc), 1)
+    pbm.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ bench
+def _benchmarks_dir(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    # A source checkout (editable install) keeps benchmarks/ beside the package.
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    directory = _benchmarks_dir(args.dir)
+    scripts = sorted(p for p in directory.glob("*.py") if p.stem != "common" and not p.stem.startswith("_"))
+    if not scripts:
+        print(f"pybrain-mpi bench: no benchmarks in {directory}; pass --dir to the source "
+              "checkout's benchmarks/ directory", file=sys.stderr)
+        return 2
+    if not args.name:
+        print(f"benchmarks in {directory} (run: pybrain-mpi bench NAME [--ranks N] [ARGS...]):")
+        for script in scripts:
+            doc = _first_doc_line(script)
+            print(f"  {script.stem:<24} {doc}")
+        return 0
+    names = [s.stem for s in scripts] if args.name == "all" else [args.name]
+    status = 0
+    for name in names:
+        script = directory / f"{name}.py"
+        if not script.exists():
+            print(f"pybrain-mpi bench: no benchmark {name!r}; available: "
+                  f"{', '.join(s.stem for s in scripts)}", file=sys.stderr)
+            return 2
+        command = [sys.executable, str(script), *args.args]
+        if args.ranks > 1:
+            from shutil import which
+
+            mpiexec = Path(sys.executable).parent / "mpiexec"
+            mpiexec = str(mpiexec) if mpiexec.exists() else which("mpiexec") or "mpiexec"
+            command = [mpiexec, "-n", str(args.ranks), *command]
+        print(f"$ {' '.join(command)}", flush=True)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        status = subprocess.run(command, env=env).returncode or status
+    return status
+
+
+def _first_doc_line(script: Path) -> str:
+    match = re.search(r'^"""(.*?)$', script.read_text(errors="replace"), re.M)
+    return match.group(1).strip().rstrip('"') if match else ""
+
+
+# ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pybrain-mpi", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, MPI library and build of the native core")
+    """The argument parser with every subcommand (each has --help)."""
+    parser = argparse.ArgumentParser(prog="pybrain-mpi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, MPI library and thread level, ranks/nodes, build",
+                          description="Print versions, the MPI library and its thread level, the "
+                                      "ranks/nodes topology (run under mpiexec/srun to see a "
+                                      "launched world) and how the native core was built.")
     info.set_defaults(func=_info)
+
+    train = sub.add_parser("train", help="train a model from a TOML config",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train the config's model on its data on every rank, e.g.\n"
+                                       "  mpiexec -n 2 pybrain-mpi train examples/dca_fmri.toml\n"
+                                       "SIGTERM/SIGUSR1 make all ranks checkpoint at the next step "
+                                       "and exit 0; --resume continues from that checkpoint.")
+    train.add_argument("config", help="TOML run configuration (see examples/)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run's checkpoint if there is one (else start fresh)")
+    train.add_argument("--timeline", metavar="TRACE.json",
+                       help="write a Chrome trace (Perfetto / chrome://tracing) of every rank")
+    train.add_argument("--steps", type=int, metavar="N",
+                       help="stop after N optimizer steps in total (resumed steps count)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    train.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="list or run the benchmarks (benchmarks/*.py)",
+                           description="Without NAME, list the benchmarks; with NAME (or 'all'), "
+                                       "run it, under mpiexec with --ranks > 1. Arguments after "
+                                       "NAME go to the benchmark (try NAME --help).")
+    bench.add_argument("name", nargs="?", help="benchmark to run, or 'all'")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
+    bench.add_argument("--dir", help="benchmarks directory (default: the source checkout's)")
+    bench.set_defaults(func=_bench)
+
+    for module_name in PLUGIN_SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that feature is not installed in this version
+            raise
+        module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pybrain-mpi`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)

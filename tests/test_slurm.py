@@ -7,6 +7,7 @@ No Slurm and no way to install it is a FAILURE, not a skip: CI must provide it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -227,3 +228,111 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, 
     assert "requeueing job" in text and f"job {job_id} start 2 (restart count 1)" in text, text
     assert re.search(r"finished 24 steps: total (\S+) expected \1 OK", text), text
     assert "job %s finished with status 0" % job_id in text, text
+
+
+TRAIN_CONFIG = """
+[model]
+name = "dca"
+input_length = 40
+hidden_size = 16
+
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{cache}"
+
+[train]
+epochs = 100
+batch_size = 16
+lr = 1e-3
+precision = "fp64"
+log_every = 1
+
+[output]
+dir = "{output}"
+"""
+
+
+def _train_steps(output: Path) -> list[tuple]:
+    """(step, global loss, rank-0 loss) of every logged step of rank 0."""
+    path = output / "logs" / "rank0.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "step" in record and "event" not in record:
+            rows.append((record["step"], record["loss"], record["local_loss"]))
+    return rows
+
+
+def test_preempted_real_training_job_resumes_and_ends_like_an_uninterrupted_run(cluster: Cluster,
+                                                                              tmp_path: Path):
+    """`pybrain-mpi train` itself under sbatch/srun: USR1 mid-run, checkpoint, requeue, resume.
+
+    The requeued job must finish with the same held-out metrics and loss curve (float64) as the
+    same config run without interruption under mpiexec.
+    """
+    from conftest import run_mpi
+
+    steps = 10
+    cache = tmp_path / "cache"
+    job_out, reference_out = tmp_path / "job", tmp_path / "reference"
+    job_cfg = tmp_path / "job.toml"
+    job_cfg.write_text(TRAIN_CONFIG.format(cache=cache, output=job_out))
+    reference_cfg = tmp_path / "reference.toml"
+    reference_cfg.write_text(TRAIN_CONFIG.format(cache=cache, output=reference_out))
+    output = tmp_path / "train.out"
+    # The delay keeps the short job running long enough to be signalled mid-run.
+    submitted = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+                            "--time=5", f"--output={output}", f"--chdir={tmp_path}", str(TRAIN_SBATCH),
+                            str(job_cfg), "--steps", str(steps), "--no-progress",
+                            env=job_env(PBM_TRAIN_STEP_DELAY_S="0.4", PBM_CACHE_DIR=str(cache)))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+
+    def output_text() -> str:
+        return output.read_text(errors="replace") if output.exists() else "(no output yet)"
+
+    def job_state() -> str:
+        shown = cluster.run("scontrol", "show", "job", "-o", job_id)
+        match = re.search(r"JobState=(\S+)", shown.stdout)
+        return match.group(1) if match else "GONE"
+
+    deadline = time.monotonic() + 150
+    try:
+        while len(_train_steps(job_out)) < 3:
+            assert time.monotonic() < deadline, f"job never logged 3 steps\n{output_text()}\n{cluster.logs()}"
+            assert job_state() in ("PENDING", "CONFIGURING", "RUNNING"), f"job ended early\n{output_text()}"
+            time.sleep(0.2)
+        signalled = cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+        assert signalled.returncode == 0, signalled.stderr
+        # The uninterrupted reference runs while the job checkpoints, waits and resumes.
+        run_mpi(2, "train_cli.py", "train", str(reference_cfg), "--steps", str(steps),
+                "--no-progress", timeout_s=150)
+        state = job_state()
+        while not ((job_out / "summary.json").exists() and state in ("COMPLETED", "GONE")):
+            assert time.monotonic() < deadline, (f"requeued job did not finish (state {state})\n"
+                                                 f"{output_text()}\n{cluster.logs()}")
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"state {state}\n{output_text()}"
+            time.sleep(0.3)
+            state = job_state()
+    finally:
+        if job_state() not in ("COMPLETED", "GONE"):
+            cluster.run("scancel", job_id)
+
+    text = output_text()
+    preempted = re.search(r"stop requested \(SIGTERM/SIGUSR1\): checkpoint at step (\d+)", text)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert preempted and resumed, f"expected a checkpoint then a resume in the job output:\n{text}"
+    assert preempted.group(1) == resumed.group(1) and int(preempted.group(1)) < steps, text
+    assert f"job {job_id} start 2 (restart count 1)" in text, text
+    job_summary = json.loads((job_out / "summary.json").read_text())
+    reference_summary = json.loads((reference_out / "summary.json").read_text())
+    assert job_summary["steps"] == reference_summary["steps"] == steps
+    assert job_summary["held_out"] == reference_summary["held_out"], (job_summary, reference_summary)
+    assert job_summary["final_train_loss"] == reference_summary["final_train_loss"]
+    assert _train_steps(job_out) == _train_steps(reference_out)

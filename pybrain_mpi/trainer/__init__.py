@@ -1,0 +1,15 @@
+"""The trainer behind ``pybrain-mpi train``: loop, data adapters, logs, timeline, preemption.
+
+    from pybrain_mpi.config import load_config
+    from pybrain_mpi.trainer import train
+    summary = train(load_config("examples/dca_fmri.toml"), resume=True)
+"""
+
+from .codecs import CastCodec, build_codec
+from .data import DataError, FMRISeries, ShardedSampler, TrainingData, VolumePatches, build_data
+from .trainer import (Trainer, TrainingDiverged, TrainingSetupError, checkpoint_path,
+                      format_summary, train)
+
+__all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path",
+           "format_summary", "CastCodec", "build_codec", "DataError", "FMRISeries",
+           "ShardedSampler", "TrainingData", "VolumePatches", "build_data"]

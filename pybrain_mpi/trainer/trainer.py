@@ -1,0 +1,687 @@
+"""The training loop behind ``pybrain-mpi train``.
+
+One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.config.Config`:
+
+1. **Set-up, checked together.** Output and checkpoint directories are probed for writing,
+   the data is loaded and checked (missing files, NaN, shapes against the model), the
+   checkpoint to resume from is checked against the model. Each phase ends with every rank
+   learning whether any rank failed (an allgather of error messages), so all ranks stop with
+   the same clear message before a single step is run, instead of some waiting forever.
+2. **Steps.** Each rank takes its shard of a seeded per-epoch permutation
+   (:class:`~pybrain_mpi.trainer.data.ShardedSampler`); gradients are averaged by
+   :class:`~pybrain_mpi.DistributedDataParallel` while backward runs. After the optimizer
+   step one tiny float64 allreduce(sum) carries ``[loss * batch, batch, stop requested,
+   time budget spent]``: the global loss for the log and the progress bar, and the stop
+   decision, so every rank stops after the same step (preemption signals may reach one
+   rank only; clocks differ).
+3. **Epoch end.** Validation loss and metrics (summed statistics over ranks), early
+   stopping with ``patience``.
+4. **Checkpoints** every ``checkpoint_every`` steps, at the end and on preemption: rank 0
+   writes model, optimizer, scaler and codec state, step/epoch, loss history and every rank's
+   RNG state (gathered) atomically; a model with NaN/Inf weights is never written.
+   ``--resume`` restores all of it, so the loss curve continues exactly (the sampler's state
+   is the step counter itself).
+5. **Finish.** Held-out metrics, a loss-curve PNG, ``summary.json`` and a printed summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint as ckpt
+from ..communication import collectives, context
+from ..config import Config, config_to_dict
+from ..engine import DistributedDataParallel
+from ..errors import PbmError
+from ..metrics import RegressionStats
+from ..models import DCA, build_model, dca_loss, parameter_count
+from .codecs import build_codec
+from .data import DataError, ShardedSampler, TrainingData, build_data
+from .signals import StopRequest
+from .timeline import StepLog, Timeline
+
+__all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}
+
+
+class TrainingSetupError(PbmError):
+    """Training cannot start (bad data, directory, checkpoint, ...); raised on every rank."""
+
+
+class TrainingDiverged(PbmError):
+    """The loss became NaN or infinite; no checkpoint was written for that state."""
+
+
+def checkpoint_path(config: Config) -> Path:
+    """Where a run with ``config`` keeps its checkpoint."""
+    directory = config.train.checkpoint_dir or (config.output.dir / "checkpoints")
+    return Path(directory) / CHECKPOINT_NAME
+
+
+def _probe_writable(directory: Path, what: str, rank: int) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".pbm-write-test.{rank}.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingSetupError(f"{what} {directory} is not writable ({exc.strerror or exc}); "
+                                 f"choose another directory") from None
+
+
+def _lr_at(config: Config, step: int, epoch: int, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    train, schedule = config.train, config.train.lr_schedule
+    lr = train.lr
+    if schedule.kind == "cosine":
+        progress = min(1.0, step / max(1, total_steps))
+        lr = schedule.min_lr + (train.lr - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule.kind == "step":
+        lr = train.lr * schedule.gamma ** (epoch // schedule.step_epochs)
+    if step < schedule.warmup_steps:
+        lr *= (step + 1) / schedule.warmup_steps
+    return lr
+
+
+def _build_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    train = config.train
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+             "adagrad": torch.optim.Adagrad}
+    kwargs: dict[str, Any] = {"lr": train.lr, "weight_decay": train.weight_decay}
+    if train.optimizer == "sgd":
+        kwargs["momentum"] = train.momentum
+    params = list(params)
+    # fused kernels run at memory bandwidth on CPU (FACTS.md); fall back where unsupported.
+    try:
+        return kinds[train.optimizer](params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return kinds[train.optimizer](params, **kwargs)
+
+
+def _apply_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Recompute activations in backward instead of storing them; returns what was wrapped.
+
+    Sequential stacks of blocks use ``checkpoint_sequential`` with about sqrt(n) segments; the
+    DCA checkpoints its encoder and decoder halves. Patching ``forward`` of submodules keeps
+    the state-dict names (checkpoints stay interchangeable with runs without it). Caveat:
+    batch-norm layers inside a checkpointed segment update their running statistics twice
+    per step (forward and recomputation), as with PyTorch's checkpoint utilities.
+    """
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+    if isinstance(model, DCA):
+        encode, decode = model.encode, model.decode
+        model.encode = lambda x: checkpoint(encode, x, use_reentrant=False)
+        model.decode = lambda h, switches=None: checkpoint(decode, h, switches, use_reentrant=False)
+        return "DCA encoder and decoder"
+    wrapped = []
+    for name, child in model.named_children():
+        # Only stacks of blocks: a segment boundary between leaf layers may feed an in-place
+        # activation, which corrupts the stored boundary tensor.
+        if (isinstance(child, torch.nn.Sequential) and len(child) >= 2
+                and all(len(list(block.children())) > 0 for block in child)):
+            segments = max(1, round(math.sqrt(len(child))))
+
+            def forward(x, _seq=child, _segments=segments):
+                return checkpoint_sequential(_seq, _segments, x, use_reentrant=False)
+
+            child.forward = forward
+            wrapped.append(f"{name} ({len(child)} blocks, {segments} segments)")
+    if not wrapped:
+        raise TrainingSetupError(f"[train] activation_checkpointing = \"sqrt\": model "
+                                 f"{type(model).__name__} has no sequential block stack to "
+                                 "checkpoint; set it to \"none\"")
+    return ", ".join(wrapped)
+
+
+class Trainer:
+    """Trains ``config``'s model on its data across all ranks (see the module docstring).
+
+    Args:
+        config: validated run configuration.
+        resume: continue from the run's checkpoint when one exists (else start fresh).
+        timeline_path: write a merged Chrome trace of all ranks there (rank 0).
+        max_steps: stop after this many optimizer steps in total (counting resumed ones).
+        progress: show the tqdm bar on rank 0.
+        echo: print messages and the summary (rank 0).
+    """
+
+    def __init__(self, config: Config, resume: bool = False, timeline_path: str | Path | None = None,
+                 max_steps: int | None = None, progress: bool = True, echo: bool = True):
+        if not context.is_initialized():
+            context.init()
+        self.config = config
+        self.rank, self.size = context.rank(), context.size()
+        self.comm = context.comm()
+        self.echo = echo and self.rank == 0
+        self.progress = progress
+        self.max_steps = max_steps
+        self.timeline_path = Path(timeline_path) if timeline_path else None
+        self.output_dir = Path(config.output.dir)
+        self.checkpoint_file = checkpoint_path(config)
+        self.started_at = time.perf_counter()
+        # A preemption signal during set-up (loading data can take a while) must not kill the
+        # rank: it is recorded now and honoured at the first step boundary.
+        self.stop_request = StopRequest(self.rank).__enter__()
+        try:
+            self._set_up(resume, max_steps)
+        except BaseException:
+            self.stop_request.__exit__(None, None, None)
+            raise
+
+    def _set_up(self, resume: bool, max_steps: int | None) -> None:
+        config = self.config
+        self._set_threads()
+
+        train = config.train
+        self.dtype = _DTYPES[train.precision]
+        self.autocast = train.precision == "bf16"
+        # Phase 1: everything that can be refused without reading data.
+        self.codec = self._together("checking the configuration",
+                                    lambda: build_codec(train.compression.kind))
+        self._together("checking the output directories", self._check_directories)
+        # Phase 2: data, then the model against it.
+        self.data: TrainingData = self._together(
+            "loading the data", lambda: build_data(config.data, train.val_fraction, self.rank,
+                                                   collectives.barrier))
+        self.module = self._together("building the model", self._build_model)
+        self.sampler = self._together("sharding the data", lambda: ShardedSampler(
+            self.data.size("train"), train.batch_size, self.rank, self.size, train.seed))
+        self.total_steps = train.epochs * self.sampler.steps_per_epoch
+        # Phase 3: the checkpoint to resume from, checked against this model and run.
+        self.resumed_from: dict | None = None
+        saved = self._together("reading the checkpoint", self._read_checkpoint) if resume else None
+        if resume and saved is None:
+            self._say(f"no checkpoint at {self.checkpoint_file}: starting fresh")
+
+        self.checkpointing = (self._apply_checkpointing() if train.activation_checkpointing == "sqrt"
+                              else "none")
+        self.model = DistributedDataParallel(self.module, compression=self.codec)
+        self.optimizer = _build_optimizer(config, self.module.parameters())
+
+        # Training state (all of it is in the checkpoint).
+        self.step = 0
+        self.history: list[dict] = []
+        self.step_losses: list[float] = []
+        self.best_val = math.inf
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+        self.samples_seen = 0
+        self.bytes_before = 0
+        self.finished: str | None = None
+        if saved is not None:
+            self._restore(saved)
+
+        self.log = StepLog(self.output_dir / "logs", self.rank)
+        self.timeline = Timeline(self.rank, self.timeline_path is not None)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _say(self, message: str) -> None:
+        if self.echo:
+            print(f"pybrain-mpi: {message}", flush=True)
+
+    def _set_threads(self) -> None:
+        # One thread per rank unless told otherwise: ranks sharing cores with several threads
+        # each are slower and erratic (FACTS.md).
+        if "OMP_NUM_THREADS" in os.environ:
+            threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // max(1, context.local_size()))
+        torch.set_num_threads(threads)
+        self.threads = threads
+
+    def _together(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere."""
+        error = None
+        result = None
+        try:
+            result = action()
+        except (PbmError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
+            error = str(exc) or type(exc).__name__
+        errors = self.comm.allgather(error) if self.size > 1 else [error]
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            messages = sorted({e for _, e in failed})
+            if len(messages) == 1:
+                where = ("on every rank" if len(failed) == self.size
+                         else f"on rank{'s' if len(failed) > 1 else ''} "
+                              f"{', '.join(str(r) for r, _ in failed)}")
+                text = f"{what} failed {where}: {messages[0]}"
+            else:
+                text = f"{what} failed:\n" + "\n".join(f"  rank {r}: {e}" for r, e in failed)
+            raise TrainingSetupError(f"{text}\nno training step was run")
+        return result
+
+    def _check_directories(self) -> None:
+        _probe_writable(self.output_dir, "[output] dir", self.rank)
+        _probe_writable(self.output_dir / "logs", "log directory", self.rank)
+        if self.rank == 0:
+            _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
+        if self.timeline_path is not None and self.rank == 0:
+            _probe_writable(self.timeline_path.resolve().parent, "--timeline directory", self.rank)
+
+    def _build_model(self) -> torch.nn.Module:
+        config = self.config
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        model = build_model(config.model.name, **config.model.kwargs).to(self.dtype)
+        self._check_shapes(model)
+        return model
+
+    def _check_shapes(self, model: torch.nn.Module) -> None:
+        data_shape = tuple(self.data.input_shape)
+        name = self.config.model.name
+        if isinstance(model, DCA) and data_shape != (model.input_length,):
+            raise DataError(f"the data's series have {data_shape[0]} time points but [model] "
+                            f"input_length = {model.input_length} ({self.config.source}); set "
+                            f"input_length = {data_shape[0]}")
+        expected = getattr(model, "input_shape", None)
+        if expected is not None and tuple(expected) != data_shape:
+            raise DataError(f"the data's patches are {list(data_shape)} but model '{name}' takes "
+                            f"input_shape = {list(expected)}; make [model] input_shape equal "
+                            "[data] patch_size")
+        # A dry forward pass on two real samples catches whatever the checks above cannot.
+        x, y = self.data.batch("val" if self.data.size("val") >= 2 else "held_out", 0,
+                               np.arange(min(2, self.data.size("held_out"))))
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype))
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(f"model '{name}' cannot take the data's samples of shape "
+                            f"{list(x.shape[1:])}: {exc}") from None
+        finally:
+            model.train()
+        pred = out[0] if isinstance(out, tuple) else out
+        if not self.data.autoencoder and tuple(pred.shape) != tuple(y.shape):
+            raise DataError(f"model '{name}' predicts shape {list(pred.shape[1:])} per sample but "
+                            f"the target has {list(y.shape[1:])}; set the model's output size")
+
+    def _apply_checkpointing(self) -> str:
+        wrapped = self._together("enabling activation checkpointing",
+                                 lambda: _apply_activation_checkpointing(self.module))
+        self._say(f"activation checkpointing: {wrapped}")
+        return wrapped
+
+    def _read_checkpoint(self) -> dict | None:
+        path = self.checkpoint_file
+        if not path.exists():
+            return None
+        tree, metadata = ckpt.load_checkpoint(path)
+        ckpt.check_model_matches(tree, self.module, path)
+        sampler = tree.get("sampler", {})
+        ours = {"ranks": self.size, "batch_size": self.sampler.batch_size,
+                "steps_per_epoch": self.sampler.steps_per_epoch, "seed": self.sampler.seed}
+        for key, value in ours.items():
+            if sampler.get(key) != value:
+                raise ckpt.CheckpointMismatch(
+                    f"{path} was written by a run with {key} = {sampler.get(key)}, this run has "
+                    f"{value}; resume with the same ranks, batch size, data and seed, or move "
+                    "the checkpoint away to start fresh")
+        if metadata.get("precision") != self.config.train.precision:
+            raise ckpt.CheckpointMismatch(
+                f"{path} was written in precision {metadata.get('precision')!r}, this run uses "
+                f"{self.config.train.precision!r}; resume with the same [train] precision")
+        return {"tree": tree, "metadata": metadata}
+
+    def _restore(self, saved: dict) -> None:
+        tree = saved["tree"]
+        self.module.load_state_dict(tree["model"]["state"])
+        self.optimizer.load_state_dict(tree["optimizer"])
+        progress = tree["progress"]
+        self.step = int(progress["step"])
+        self.best_val = float(progress["best_val"])
+        self.bad_epochs = int(progress["bad_epochs"])
+        self.train_seconds = float(progress["train_seconds"])
+        self.samples_seen = int(progress["samples_seen"])
+        self.bytes_before = int(progress["bytes_sent"])
+        self.finished = progress["finished"] or None
+        self.history = [dict(h) for h in tree["history"]]
+        self.step_losses = tree["step_losses"].tolist()
+        ckpt.set_rng_state(tree["rng"][self.rank])
+        self.resumed_from = saved["metadata"]
+        self._say(f"resumed from {self.checkpoint_file} at step {self.step} "
+                  f"(epoch {self.step // self.sampler.steps_per_epoch})")
+
+    # ------------------------------------------------------------------ one step
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype)
+
+    def _loss(self, output, x: torch.Tensor, y: torch.Tensor):
+        """``(loss, prediction)``; DCA outputs ``(x_hat, (z, z'))``."""
+        kind = self.config.train.loss
+        if isinstance(output, tuple):
+            x_hat, (z, z_prime) = output
+            x_hat, z, z_prime = x_hat.to(x.dtype), z.to(x.dtype), z_prime.to(x.dtype)
+            if kind in ("auto", "dca"):
+                return dca_loss(x, x_hat, z, z_prime, lam=self.config.train.dca_lambda), x_hat
+            target, pred = x, x_hat
+        else:
+            target, pred = (x if self.data.autoencoder else y), output.to(y.dtype)
+        if kind == "smooth_l1":
+            return F.smooth_l1_loss(pred, target), pred
+        return F.mse_loss(pred, target), pred
+
+    def _forward(self, model, x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            output = model(x)
+        return self._loss(output, x, y)
+
+    def _train_step(self, epoch: int, step_in_epoch: int, stop_flags: tuple[float, float]):
+        t0 = time.perf_counter()
+        indices = self.sampler.batch_indices(epoch, step_in_epoch)
+        x_np, y_np = self.data.batch("train", epoch, indices)
+        x, y = self._tensor(x_np), self._tensor(y_np)
+        t1 = time.perf_counter()
+        lr = _lr_at(self.config, self.step, epoch, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=False)  # keep .grad as views into DDP's buckets
+        loss, _ = self._forward(self.model, x, y)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        backward_done = min(max(self.model.backward_finished_at, t2), t3)
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        local_loss = float(loss.detach())
+        summed = collectives.allreduce(torch.tensor([local_loss * len(indices), len(indices),
+                                                     *stop_flags], dtype=torch.float64),
+                                       op="sum", name="step statistics")
+        t5 = time.perf_counter()
+        timings = {"data_s": t1 - t0, "forward_s": t2 - t1, "backward_s": backward_done - t2,
+                   "comm_wait_s": (t3 - backward_done) + (t5 - t4), "optimizer_s": t4 - t3}
+        if self.timeline.enabled:
+            step = self.step
+            self.timeline.add("data", t0, t1, step=step)
+            self.timeline.add("forward", t1, t2, step=step)
+            self.timeline.add("backward", t2, backward_done, step=step)
+            self.timeline.add("wait for gradients", backward_done, t3, step=step)
+            self.timeline.add("optimizer", t3, t4, step=step)
+            self.timeline.add("agree (loss, stop)", t4, t5, tid=1, step=step)
+            self.timeline.add_buckets(self.model.timeline, step)
+        global_loss = float(summed[0] / summed[1])
+        return global_loss, local_loss, int(summed[1]), summed[2] > 0, summed[3] > 0, lr, timings
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str) -> dict | None:
+        """Loss and regression metrics on ``split`` (``"val"``/``"held_out"``), summed over ranks.
+
+        Each rank evaluates every ``size``-th sample; the wrapped module is used directly, so
+        ranks with different sample counts run no collective but the final sum.
+        """
+        n = self.data.size(split)
+        if n == 0:
+            return None
+        mine = np.arange(self.rank, n, self.size)
+        stats = None
+        loss_sum = 0.0
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(mine), max(1, self.config.train.batch_size * 4)):
+                    indices = mine[start:start + self.config.train.batch_size * 4]
+                    x_np, y_np = self.data.batch(split, 0, indices)
+                    x, y = self._tensor(x_np), self._tensor(y_np)
+                    loss, pred = self._forward(self.module, x, y)
+                    target = x if self.data.autoencoder else y
+                    p = pred.double().reshape(len(indices), -1).numpy()
+                    t = target.double().reshape(len(indices), -1).numpy()
+                    if stats is None:
+                        stats = RegressionStats(p.shape[1])
+                    stats.update(p, t)
+                    loss_sum += float(loss) * len(indices)
+        finally:
+            self.module.train()
+        outputs = int(np.prod(self.data.input_shape)) if self.data.autoencoder else 1
+        stats = stats or RegressionStats(outputs)
+        vector = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), stats.as_tensor()])
+        vector = collectives.allreduce(vector, op="sum", name=f"{split} metrics")
+        total = RegressionStats.from_tensor(vector[1:], stats.n_outputs)
+        report = total.compute()
+        report["loss"] = float(vector[0]) / total.count
+        return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, reason: str) -> Path | None:
+        """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
+        rng_states = self.comm.gather(ckpt.rng_state(), root=0) if self.size > 1 else [ckpt.rng_state()]
+
+        def write():
+            if self.rank != 0:
+                return None
+            bad = [name for name, p in self.module.state_dict().items()
+                   if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingDiverged(f"model weights {bad[:3]} contain NaN/Inf at step "
+                                       f"{self.step}; not overwriting {self.checkpoint_file}")
+            state = {
+                "model": ckpt.model_entry(self.module),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": {"kind": "none"},  # bf16 autocast needs no loss scaling
+                "compression": self.codec.state_dict() if self.codec is not None else {},
+                "sampler": {"ranks": self.size, "batch_size": self.sampler.batch_size,
+                            "steps_per_epoch": self.sampler.steps_per_epoch,
+                            "seed": self.sampler.seed,
+                            "epoch": self.step // self.sampler.steps_per_epoch,
+                            "step_in_epoch": self.step % self.sampler.steps_per_epoch},
+                "rng": {r: s for r, s in enumerate(rng_states)},
+                "progress": {"step": self.step, "best_val": self.best_val,
+                             "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
+                             "samples_seen": self.samples_seen,
+                             "bytes_sent": self.bytes_before + self._bytes_now(),
+                             "finished": self.finished or ""},
+                "history": self.history,
+                "step_losses": torch.tensor(self.step_losses, dtype=torch.float64),
+            }
+            metadata = {"step": self.step, "reason": reason, "precision": self.config.train.precision,
+                        "model": self.config.model.name, "config": config_to_dict(self.config),
+                        "time": time.time(), "host": socket.gethostname()}
+            return ckpt.save_checkpoint(self.checkpoint_file, state, metadata)
+
+        return self._together(f"writing the checkpoint ({reason})", write)
+
+    def _bytes_now(self) -> int:
+        return int(context.bytes_sent()) - self._bytes_at_start
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train until done, early-stopped, out of time budget or preempted; return the summary."""
+        config, train = self.config, self.config.train
+        spe = self.sampler.steps_per_epoch
+        stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
+        self._bytes_at_start = int(context.bytes_sent())
+        self._train_seconds_at_start = self.train_seconds
+        self.log.truncate_after(self.step)
+        self.log.open(self.step, ranks=self.size, threads=self.threads)
+        self._say(self.describe(stop_at))
+        delay_s = float(os.environ.get("PBM_TRAIN_STEP_DELAY_S", "0"))  # exercising preemption
+        bar = self._progress_bar(stop_at)
+        loop_started = run_started = time.perf_counter()
+        samples_this_run = 0
+        stop_reason = self.finished
+        if stop_reason is None and self.step >= stop_at:
+            stop_reason = "steps" if stop_at < self.total_steps else "completed"
+        with self.stop_request as stop:
+            while stop_reason is None:
+                epoch, in_epoch = divmod(self.step, spe)
+                elapsed = self.train_seconds + (time.perf_counter() - loop_started)
+                over_budget = train.time_budget_s > 0 and elapsed >= train.time_budget_s
+                loss, local_loss, samples, stop_now, budget_now, lr, timings = self._train_step(
+                    epoch, in_epoch, (float(stop.requested > 0), float(over_budget)))
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the training loss became {loss} at step {self.step} (epoch {epoch}); no "
+                        f"checkpoint was written for this state (the last good one, if any, is "
+                        f"{self.checkpoint_file}). Lower [train] lr or check the data")
+                self.step += 1
+                self.step_losses.append(loss)
+                self.samples_seen += samples
+                samples_this_run += samples
+                if self.step % train.log_every == 0 or self.step == stop_at:
+                    self.log.write({"step": self.step, "epoch": epoch, "loss": loss,
+                                    "local_loss": local_loss, "lr": lr, "samples": samples,
+                                    **timings})
+                if bar is not None:
+                    rate = samples_this_run / max(1e-9, time.perf_counter() - run_started)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.0f}", refresh=False)
+                if in_epoch == spe - 1:
+                    stop_reason = self._end_epoch(epoch)
+                if stop_reason is None and self.step >= stop_at:
+                    stop_reason = "steps" if stop_at < self.total_steps else "completed"
+                if stop_now:
+                    stop_reason = "preempted"
+                elif budget_now and stop_reason is None:
+                    stop_reason = "time budget"
+                if (stop_reason is None and train.checkpoint_every
+                        and self.step % train.checkpoint_every == 0):
+                    self.train_seconds += time.perf_counter() - loop_started
+                    loop_started = time.perf_counter()
+                    self.save_checkpoint("periodic")
+                if delay_s:
+                    time.sleep(delay_s)
+            self.train_seconds += time.perf_counter() - loop_started
+            if bar is not None:
+                bar.close()
+            if stop_reason in ("early stopping", "completed", "time budget"):
+                self.finished = stop_reason
+            path = self.save_checkpoint(stop_reason)
+        self.log.close()
+        self._write_timeline()
+        run_seconds = self._run_training_seconds
+        if stop_reason == "preempted":
+            self._say(f"stop requested (SIGTERM/SIGUSR1): checkpoint at step {self.step} written "
+                      f"to {path or self.checkpoint_file}; run again with --resume to continue")
+            return {"stopped": "preempted", "step": self.step, "checkpoint": str(self.checkpoint_file)}
+        return self._finish(stop_reason, samples_this_run, run_seconds)
+
+    @property
+    def _run_training_seconds(self) -> float:
+        return self.train_seconds - self._train_seconds_at_start
+
+    def _end_epoch(self, epoch: int) -> str | None:
+        val = self.evaluate("val")
+        train_losses = self.step_losses[-self.sampler.steps_per_epoch:]
+        record = {"epoch": epoch, "step": self.step, "train_loss": float(np.mean(train_losses)),
+                  "val_loss": val["loss"] if val else None, "val_r2": val["r2"] if val else None}
+        self.history.append(record)
+        self.log.write({"event": "epoch", **record})
+        if val is None or self.config.train.patience == 0:
+            return None
+        if val["loss"] < self.best_val:
+            self.best_val, self.bad_epochs = val["loss"], 0
+            return None
+        self.bad_epochs += 1
+        return "early stopping" if self.bad_epochs >= self.config.train.patience else None
+
+    def _progress_bar(self, stop_at: int):
+        if self.rank != 0 or not self.progress:
+            return None
+        from tqdm import tqdm
+
+        import sys
+
+        # In a batch log (not a terminal) every refresh is a line: refresh rarely there.
+        interval = 0.5 if sys.stderr.isatty() else 30.0
+        return tqdm(total=stop_at, initial=self.step, unit="step", mininterval=interval,
+                    dynamic_ncols=True, desc="train")
+
+    def _write_timeline(self) -> None:
+        if self.timeline_path is None:
+            return
+        events = self.comm.gather(self.timeline.events, root=0) if self.size > 1 \
+            else [self.timeline.events]
+        if self.rank == 0:
+            count = Timeline.write_merged(self.timeline_path, events)
+            self._say(f"timeline: {count} events of {self.size} rank(s) in {self.timeline_path}")
+
+    # ------------------------------------------------------------------ summary
+    def describe(self, stop_at: int) -> str:
+        """One paragraph on what is about to run."""
+        config = self.config
+        return (f"{config.model.name} ({parameter_count(self.module):,} parameters) on "
+                f"{self.data.description}\n  {self.size} rank(s) x {self.threads} thread(s), "
+                f"batch {config.train.batch_size} per rank, {self.sampler.steps_per_epoch} "
+                f"steps/epoch, steps {self.step}..{stop_at} of {self.total_steps}, precision "
+                f"{config.train.precision}, compression {config.train.compression.kind}, "
+                f"output {self.output_dir}")
+
+    def _finish(self, stop_reason: str, samples_this_run: int, run_seconds: float) -> dict:
+        held_out = self.evaluate("held_out")
+        bytes_run = torch.tensor([float(self._bytes_now())], dtype=torch.float64)
+        bytes_run = int(collectives.allreduce(bytes_run, op="sum", name="bytes sent")[0])
+        summary = {
+            "model": self.config.model.name, "ranks": self.size, "threads_per_rank": self.threads,
+            "precision": self.config.train.precision, "steps": self.step,
+            "epochs_completed": len(self.history), "stopped": stop_reason,
+            "final_train_loss": self.step_losses[-1] if self.step_losses else None,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "held_out": {k: v for k, v in (held_out or {}).items() if k != "per_output"},
+            "held_out_per_output": ({k: v.tolist() for k, v in held_out["per_output"].items()}
+                                    if held_out else None),
+            "samples_per_s": samples_this_run / run_seconds if run_seconds > 0 else None,
+            "train_seconds": run_seconds, "samples_this_run": samples_this_run,
+            "bytes_communicated": bytes_run,
+            "wall_seconds": time.perf_counter() - self.started_at,
+            "checkpoint": str(self.checkpoint_file),
+        }
+        if self.rank == 0:
+            from .plots import plot_losses
+
+            plot = plot_losses(self.output_dir / "loss_curve.png", self.step_losses, self.history,
+                               f"{self.config.model.name}: {self.size} rank(s), "
+                               f"{self.config.train.precision}")
+            summary["loss_curve"] = str(plot)
+            path = self.output_dir / "summary.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, path)
+            if self.echo:
+                print(format_summary(summary), flush=True)
+        return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary table printed at the end of a run."""
+    held = summary.get("held_out") or {}
+
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) and value is not None else "-"
+
+    rows = [
+        ("model", f"{summary['model']} ({summary['precision']})"),
+        ("ranks x threads", f"{summary['ranks']} x {summary['threads_per_rank']}"),
+        ("steps / epochs", f"{summary['steps']} / {summary['epochs_completed']} ({summary['stopped']})"),
+        ("final train loss", num(summary["final_train_loss"], ".5g")),
+        ("best validation loss", num(summary["best_val_loss"], ".5g")),
+        ("held-out R^2", num(held.get("r2"), ".4f")),
+        ("held-out Pearson r", num(held.get("pearson_r"), ".4f")),
+        ("held-out MSE / MAE", f"{num(held.get('mse'), '.4g')} / {num(held.get('mae'), '.4g')}"),
+        ("held-out samples", str(held.get("n_samples", "-"))),
+        ("samples/s (all ranks)", num(summary["samples_per_s"], ".1f")),
+        ("bytes communicated", f"{summary['bytes_communicated'] / 1e6:.1f} MB (sum over ranks)"),
+        ("training / wall time", f"{summary['train_seconds']:.1f} s / {summary['wall_seconds']:.1f} s"),
+        ("loss curve", summary.get("loss_curve", "-")),
+        ("checkpoint", summary["checkpoint"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 40)
+    return "\n".join(["summary", line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def train(config: Config, **kwargs) -> dict:
+    """Build a :class:`Trainer` for ``config`` and run it; returns the summary dict."""
+    return Trainer(config, **kwargs).fit()

@@ -1,0 +1,292 @@
+"""Trainer on one rank, in this process (a singleton MPI world): sampler, schedule, codecs,
+exact resume in float32, and bad input stopping before any training step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pybrain_mpi as pbm
+from pybrain_mpi.checkpoint import load_checkpoint
+from pybrain_mpi.config import parse_config
+from pybrain_mpi.trainer import (CastCodec, ShardedSampler, Trainer, TrainingDiverged,
+                                 TrainingSetupError, build_codec, checkpoint_path)
+from pybrain_mpi.trainer.trainer import _lr_at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mpi_world():
+    pbm.init()
+    yield
+    pbm.shutdown()
+
+
+def synthetic_series(path: Path, voxels: int = 96, length: int = 32, seed: int = 0) -> Path:
+    """Smooth random series (sums of a few sinusoids + noise), z-scored like real fMRI."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    freqs = rng.uniform(0.02, 0.2, size=(voxels, 3))
+    phases = rng.uniform(0, 2 * np.pi, size=(voxels, 3))
+    x = np.sin(2 * np.pi * freqs[:, :, None] * t + phases[:, :, None]).sum(1)
+    x += 0.3 * rng.standard_normal(x.shape)
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    np.save(path, x.astype(np.float32))
+    return path
+
+
+def dca_config(tmp_path: Path, data: Path, *, length: int = 32, hidden: int = 8,
+               precision: str = "fp32", extra_train: str = "", output: Path | None = None,
+               compression: str = "none") -> str:
+    return f"""
+[model]
+name = "dca"
+input_length = {length}
+hidden_size = {hidden}
+
+[data]
+kind = "fmri_series"
+source = "path"
+path = "{data}"
+held_out_fraction = 0.25
+
+[train]
+epochs = 50
+batch_size = 8
+lr = 1e-3
+precision = "{precision}"
+log_every = 1
+val_fraction = 0.2
+{extra_train}
+
+[train.compression]
+kind = "{compression}"
+
+[output]
+dir = "{output or tmp_path / 'run'}"
+"""
+
+
+def losses(output: Path) -> list[tuple[int, float]]:
+    lines = (output / "logs" / "rank0.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "step" in r and "event" not in r]
+
+
+# ------------------------------------------------------------------------ building blocks
+def test_sampler_gives_each_rank_equal_disjoint_shards_that_change_per_epoch():
+    samplers = [ShardedSampler(103, 8, rank, 4, seed=5) for rank in range(4)]
+    assert {s.per_rank for s in samplers} == {25} and {s.steps_per_epoch for s in samplers} == {4}
+    shards = [s.shard(0) for s in samplers]
+    together = np.concatenate(shards)
+    assert len(set(together.tolist())) == 100  # disjoint, remainder of 3 dropped
+    assert not np.array_equal(samplers[0].shard(1), shards[0])
+    again = ShardedSampler(103, 8, 2, 4, seed=5)
+    assert np.array_equal(again.batch_indices(1, 3), samplers[2].shard(1)[24:25])
+
+
+def test_lr_schedule_warms_up_then_follows_cosine_to_min_lr():
+    config = parse_config("""
+[model]
+name = "dca"
+input_length = 40
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+[train]
+epochs = 1
+batch_size = 1
+lr = 0.1
+[train.lr_schedule]
+kind = "cosine"
+warmup_steps = 4
+min_lr = 0.01
+""")
+    assert _lr_at(config, 0, 0, 100) == pytest.approx(0.1 * math.cos(0) * 0.25, rel=1e-3)
+    assert _lr_at(config, 50, 0, 100) == pytest.approx(0.01 + 0.09 * 0.5, rel=1e-12)
+    assert _lr_at(config, 100, 0, 100) == pytest.approx(0.01, rel=1e-12)
+
+
+def test_cast_codec_roundtrip_matches_bfloat16_rounding():
+    codec = build_codec("bf16")
+    assert isinstance(codec, CastCodec)
+    grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    payload, ctx = codec.compress(grad)
+    assert payload.dtype == torch.bfloat16 and payload.numel() == 1000
+    out = torch.empty_like(grad)
+    codec.decompress(payload, ctx, out=out)
+    # bf16 keeps 8 significant bits: relative error at most 2^-8 (round to nearest).
+    assert torch.all((out - grad).abs() <= grad.abs() * 2.0 ** -8)
+    assert build_codec("none") is None
+
+
+def test_3lc_compression_is_refused_with_a_clear_message(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    config = parse_config(dca_config(tmp_path, data, compression="3lc"))
+    with pytest.raises(TrainingSetupError, match="3lc.*not available yet"):
+        Trainer(config, progress=False, echo=False)
+
+
+# ------------------------------------------------------------------------ exact resume
+def test_float32_resume_continues_the_loss_curve_within_1e_6(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    Trainer(parse_config(dca_config(tmp_path, data, output=whole)), max_steps=9,
+            progress=False, echo=False).fit()
+    Trainer(parse_config(dca_config(tmp_path, data, output=parts)), max_steps=4,
+            progress=False, echo=False).fit()
+    resumed = Trainer(parse_config(dca_config(tmp_path, data, output=parts)), resume=True,
+                      max_steps=9, progress=False, echo=False)
+    assert resumed.step == 4
+    summary = resumed.fit()
+    a, b = losses(whole), losses(parts)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 10))
+    assert max(abs(x - y) / abs(x) for (_, x), (_, y) in zip(a, b)) <= 1e-6
+    assert summary["steps"] == 9 and (parts / "loss_curve.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------ bad input
+def test_missing_data_path_stops_before_training(tmp_path):
+    config = parse_config(dca_config(tmp_path, tmp_path / "nope.npy"))
+    with pytest.raises(TrainingSetupError, match=r"nope\.npy does not exist") as error:
+        Trainer(config, progress=False, echo=False)
+    assert "no training step was run" in str(error.value)
+    assert not checkpoint_path(config).exists()
+
+
+def test_series_length_that_does_not_fit_the_model_is_named(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy", length=32)
+    config = parse_config(dca_config(tmp_path, data, length=48))
+    with pytest.raises(TrainingSetupError, match="32 time points but \\[model\\] input_length = 48"):
+        Trainer(config, progress=False, echo=False)
+
+
+def test_nan_in_inputs_names_the_file_row(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    array = np.load(data)
+    array[37, 5] = np.nan
+    np.save(data, array)
+    config = parse_config(dca_config(tmp_path, data))
+    with pytest.raises(TrainingSetupError, match="NaN or infinite values in 1 sample.*index 37"):
+        Trainer(config, progress=False, echo=False)
+
+
+def test_unwritable_output_dir_is_reported(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = parse_config(dca_config(tmp_path, data, output=blocker / "run"))
+    with pytest.raises(TrainingSetupError, match=r"\[output\] dir .*a_file/run is not writable"):
+        Trainer(config, progress=False, echo=False)
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_intact(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    Trainer(parse_config(dca_config(tmp_path, data, hidden=8)), max_steps=2,
+            progress=False, echo=False).fit()
+    path = checkpoint_path(parse_config(dca_config(tmp_path, data)))
+    before = path.read_bytes()
+    other = parse_config(dca_config(tmp_path, data, hidden=16))
+    with pytest.raises(TrainingSetupError, match="encoder_fc.weight' has shape"):
+        Trainer(other, resume=True, progress=False, echo=False)
+    assert path.read_bytes() == before
+
+
+def test_diverging_loss_stops_without_overwriting_the_good_checkpoint(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    Trainer(parse_config(dca_config(tmp_path, data)), max_steps=2, progress=False, echo=False).fit()
+    path = checkpoint_path(parse_config(dca_config(tmp_path, data)))
+    before = path.read_bytes()
+    # Finite inputs whose squares overflow float32: the loss becomes inf at the next step.
+    array = np.load(data) * np.float32(1e30)
+    np.save(data, array)
+    trainer = Trainer(parse_config(dca_config(tmp_path, data)), resume=True, max_steps=6,
+                      progress=False, echo=False)
+    with pytest.raises(TrainingDiverged, match="loss became (inf|nan) at step 2"):
+        trainer.fit()
+    assert path.read_bytes() == before
+    _, metadata = load_checkpoint(path)
+    assert metadata["step"] == 2
+
+
+# ------------------------------------------------------------------------ 3D patches (MNI152)
+def mni_config(tmp_path: Path, precision: str = "fp32", checkpointing: str = "none",
+               compression: str = "none") -> str:
+    return f"""
+[model]
+name = "naive_cnn3d"
+input_shape = [16, 16, 16]
+
+[data]
+kind = "volume_patches"
+source = "mni152"
+patch_size = [16, 16, 16]
+patches_per_volume = 32
+held_out_fraction = 0.2
+
+[train]
+epochs = 2
+batch_size = 4
+lr = 1e-3
+precision = "{precision}"
+activation_checkpointing = "{checkpointing}"
+log_every = 1
+
+[train.compression]
+kind = "{compression}"
+
+[output]
+dir = "{tmp_path / 'mni'}"
+"""
+
+
+def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_path):
+    from pybrain_mpi.trainer import build_data
+
+    config = parse_config(mni_config(tmp_path))
+    data = build_data(config.data, 0.1, rank=0, barrier=lambda: None)
+    assert data.input_shape == (16, 16, 16) and data.size("train") == 32
+    train0, train1 = data.corners("train", 0), data.corners("train", 1)
+    assert not np.array_equal(train0, train1)  # fresh patches every epoch
+    assert np.array_equal(train0, data.corners("train", 0))  # ... and reproducible
+    held = data.corners("held_out", 0)
+    start, _ = data.regions["held_out"]
+    assert held[:, 0].min() >= start and train0[:, 0].max() + 16 <= data.regions["train"][1]
+    x, y = data.batch("train", 0, np.arange(4))
+    assert x.shape == (4, 16, 16, 16) and y.shape == (4, 1)
+    # gm_mean target equals the mean of the normalised GM map over the same patch.
+    a, b, c = train0[2]
+    assert y[2, 0] == pytest.approx(float(data.gm[a:a + 16, b:b + 16, c:c + 16].mean()), rel=1e-6)
+    assert np.all((y >= 0) & (y <= 1))
+
+
+def test_cnn3d_trains_with_bf16_autocast_bf16_compression_and_activation_checkpointing(tmp_path):
+    config = parse_config(mni_config(tmp_path, precision="bf16", checkpointing="sqrt",
+                                     compression="bf16"))
+    trainer = Trainer(config, max_steps=3, progress=False, echo=False)
+    assert "features" in trainer.checkpointing
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and math.isfinite(summary["final_train_loss"])
+    assert math.isfinite(summary["held_out"]["mse"])
+    _, metadata = load_checkpoint(checkpoint_path(config))
+    assert metadata["precision"] == "bf16"
+
+
+def test_early_stopping_after_patience_epochs_without_validation_improvement(tmp_path, monkeypatch):
+    data = synthetic_series(tmp_path / "s.npy")
+    config = parse_config(dca_config(tmp_path, data, extra_train="patience = 2").replace(
+        "batch_size = 8", "batch_size = 64"))
+    trainer = Trainer(config, progress=False, echo=False)
+    assert trainer.sampler.steps_per_epoch == 1
+    scripted = iter([1.0, 0.9, 0.95, 0.97, 0.5])
+    real_evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split: {"loss": next(scripted), "r2": 0.0}
+                        if split == "val" else real_evaluate(split))
+    summary = trainer.fit()
+    # Best 0.9 at epoch 1; epochs 2 and 3 do not improve on it: stop after epoch 3 of 50.
+    assert summary["stopped"] == "early stopping" and summary["epochs_completed"] == 4
+    assert [h["val_loss"] for h in trainer.history] == [1.0, 0.9, 0.95, 0.97]
+    assert len(summary["held_out_per_output"]["pearson_r"]) == 32

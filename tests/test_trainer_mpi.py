@@ -1,0 +1,149 @@
+"""``pybrain-mpi train`` on 2 real MPI ranks with nitime's real fMRI: end to end, bitwise
+resume in float64, and preemption by a signal that reaches one rank only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS, mpiexec_path, run_mpi
+from pybrain_mpi.checkpoint import load_checkpoint
+
+
+def write_config(path: Path, output: Path, cache: Path, precision: str = "fp64") -> Path:
+    path.write_text(f"""
+[model]
+name = "dca"
+input_length = 40
+hidden_size = 16
+
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{cache}"
+
+[train]
+epochs = 100
+batch_size = 16
+lr = 1e-3
+precision = "{precision}"
+log_every = 1
+
+[output]
+dir = "{output}"
+""")
+    return path
+
+
+def step_lines(output: Path, rank: int) -> list[dict]:
+    path = output / "logs" / f"rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if "step" in record and "event" not in record:
+            records.append(record)
+    return records
+
+
+def curve(output: Path, rank: int) -> list[tuple]:
+    """What must be identical between runs: step, global loss, this rank's loss, lr."""
+    return [(r["step"], r["loss"], r["local_loss"], r["lr"]) for r in step_lines(output, rank)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One uninterrupted 8-step run (with a timeline), and 3 steps + resume to 8."""
+    root = tmp_path_factory.mktemp("train_mpi")
+    cache = root / "cache"
+    whole, parts = root / "whole", root / "parts"
+    cfg_whole = write_config(root / "whole.toml", whole, cache)
+    cfg_parts = write_config(root / "parts.toml", parts, cache)
+    trace = root / "trace.json"
+    first = run_mpi(2, "train_cli.py", "train", str(cfg_whole), "--steps", "8", "--timeline",
+                    str(trace), timeout_s=150)
+    run_mpi(2, "train_cli.py", "train", str(cfg_parts), "--steps", "3", timeout_s=150)
+    resumed = run_mpi(2, "train_cli.py", "train", str(cfg_parts), "--steps", "8", "--resume",
+                      timeout_s=150)
+    return {"whole": whole, "parts": parts, "trace": trace, "first": first, "resumed": resumed}
+
+
+def test_two_rank_training_prints_summary_and_writes_logs_plot_and_timeline(runs):
+    whole = runs["whole"]
+    out = runs["first"].stdout
+    for label in ("held-out R^2", "samples/s (all ranks)", "bytes communicated"):
+        assert label in out, out
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 8
+    assert summary["held_out"]["n_samples"] > 100 and -1.0 < summary["held_out"]["r2"] < 1.0
+    assert summary["bytes_communicated"] > 0 and summary["samples_per_s"] > 0
+    assert (whole / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rank in (0, 1):
+        lines = step_lines(whole, rank)
+        assert [r["step"] for r in lines] == list(range(1, 9))
+        for key in ("data_s", "forward_s", "backward_s", "comm_wait_s", "optimizer_s"):
+            assert all(r[key] >= 0 for r in lines), key
+    # The global loss is the same number on both ranks; each rank's own loss differs.
+    assert [r["loss"] for r in step_lines(whole, 0)] == [r["loss"] for r in step_lines(whole, 1)]
+    assert [r["local_loss"] for r in step_lines(whole, 0)] != [r["local_loss"] for r in step_lines(whole, 1)]
+    events = json.loads(runs["trace"].read_text())["traceEvents"]
+    complete = [e for e in events if e["ph"] == "X"]
+    for rank in (0, 1):
+        names = {e["name"] for e in complete if e["pid"] == rank}
+        assert {"data", "forward", "backward", "optimizer"} <= names, names
+        buckets = [e for e in complete if e["pid"] == rank and e["name"].startswith("allreduce bucket")]
+        assert len(buckets) >= 8 and all(e["dur"] >= 0 and e["args"]["bytes"] > 0 for e in buckets)
+
+
+def test_resumed_float64_run_matches_the_uninterrupted_loss_curve_bitwise(runs):
+    whole, parts = runs["whole"], runs["parts"]
+    assert "resumed from" in runs["resumed"].stdout and "at step 3" in runs["resumed"].stdout
+    for rank in (0, 1):
+        a, b = curve(whole, rank), curve(parts, rank)
+        assert [s[0] for s in b] == list(range(1, 9))
+        assert a == b, f"rank {rank}: loss curves differ\n{a}\n{b}"
+    held_a = json.loads((whole / "summary.json").read_text())["held_out"]
+    held_b = json.loads((parts / "summary.json").read_text())["held_out"]
+    assert held_a == held_b
+
+
+def test_sigusr1_to_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_0(tmp_path):
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.toml", output, tmp_path / "cache", precision="fp32")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PBM_TIMEOUT_S="60",
+               PBM_TRAIN_STEP_DELAY_S="0.2")
+    command = [mpiexec_path(), "-n", "2", sys.executable, str(WORKERS / "train_cli.py"), "train",
+               str(config), "--steps", "400", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(step_lines(output, 1)) < 2:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "rank 1 never logged 2 steps"
+            time.sleep(0.1)
+        start = json.loads((output / "logs" / "rank1.jsonl").read_text().splitlines()[0])
+        os.kill(start["pid"], signal.SIGUSR1)  # only rank 1 hears it
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stdout + stderr
+    assert "rank 1 received SIGUSR1" in stderr, stderr
+    assert "stop requested" in stdout and "--resume" in stdout, stdout
+    last = [step_lines(output, rank)[-1]["step"] for rank in (0, 1)]
+    assert last[0] == last[1] < 400, last
+    _, metadata = load_checkpoint(output / "checkpoints" / "checkpoint.pt")
+    assert metadata["reason"] == "preempted" and metadata["step"] == last[0]
+    assert not (output / "summary.json").exists()  # preempted runs are not finished
