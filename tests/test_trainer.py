@@ -14,7 +14,8 @@ import torch
 import pybrain_mpi as pbm
 from pybrain_mpi.checkpoint import load_checkpoint
 from pybrain_mpi.config import parse_config
-from pybrain_mpi.trainer import (CastCodec, ShardedSampler, Trainer, TrainingDiverged,
+from pybrain_mpi.compression import Cast, ThreeLC
+from pybrain_mpi.trainer import (ShardedSampler, Trainer, TrainingDiverged,
                                  TrainingSetupError, build_codec, checkpoint_path)
 from pybrain_mpi.trainer.trainer import _lr_at
 
@@ -110,36 +111,26 @@ min_lr = 0.01
     assert _lr_at(config, 100, 0, 100) == pytest.approx(0.01, rel=1e-12)
 
 
-def test_cast_codec_roundtrip_matches_bfloat16_rounding():
-    codec = build_codec("bf16")
-    assert isinstance(codec, CastCodec)
-    grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    payload, ctx = codec.compress(grad)
-    assert payload.dtype == torch.bfloat16 and payload.numel() == 1000
-    out = torch.empty_like(grad)
-    codec.decompress(payload, ctx, out=out)
-    # bf16 keeps 8 significant bits: relative error at most 2^-8 (round to nearest).
-    assert torch.all((out - grad).abs() <= grad.abs() * 2.0 ** -8)
+def test_compression_kinds_map_to_the_native_codecs():
+    cast = build_codec("bf16")
+    assert isinstance(cast, Cast) and cast.dtype == "bf16"
+    threelc = build_codec("3lc", 1.5)
+    assert isinstance(threelc, ThreeLC) and threelc.sparsity == 1.5
     assert build_codec("none") is None
 
 
-def test_3lc_compression_is_refused_with_a_clear_message(tmp_path):
-    data = synthetic_series(tmp_path / "s.npy")
-    config = parse_config(dca_config(tmp_path, data, compression="3lc"))
-    with pytest.raises(TrainingSetupError, match="3lc.*not available yet"):
-        Trainer(config, progress=False, echo=False)
-
-
 # ------------------------------------------------------------------------ exact resume
-def test_float32_resume_continues_the_loss_curve_within_1e_6(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "3lc"])
+def test_float32_resume_continues_the_loss_curve_within_1e_6(tmp_path, compression):
+    # With 3LC the curve only continues if the error-feedback residuals were checkpointed.
     data = synthetic_series(tmp_path / "s.npy")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    Trainer(parse_config(dca_config(tmp_path, data, output=whole)), max_steps=9,
+    Trainer(parse_config(dca_config(tmp_path, data, output=whole, compression=compression)), max_steps=9,
             progress=False, echo=False).fit()
-    Trainer(parse_config(dca_config(tmp_path, data, output=parts)), max_steps=4,
+    Trainer(parse_config(dca_config(tmp_path, data, output=parts, compression=compression)), max_steps=4,
             progress=False, echo=False).fit()
-    resumed = Trainer(parse_config(dca_config(tmp_path, data, output=parts)), resume=True,
-                      max_steps=9, progress=False, echo=False)
+    resumed = Trainer(parse_config(dca_config(tmp_path, data, output=parts, compression=compression)),
+                      resume=True, max_steps=9, progress=False, echo=False)
     assert resumed.step == 4
     summary = resumed.fit()
     a, b = losses(whole), losses(parts)

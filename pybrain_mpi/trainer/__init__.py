@@ -5,11 +5,11 @@
     summary = train(load_config("examples/dca_fmri.toml"), resume=True)
 """
 
-from .codecs import CastCodec, build_codec
+from .codecs import build_codec
 from .data import DataError, FMRISeries, ShardedSampler, TrainingData, VolumePatches, build_data
 from .trainer import (Trainer, TrainingDiverged, TrainingSetupError, checkpoint_path,
                       format_summary, train)
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path",
-           "format_summary", "CastCodec", "build_codec", "DataError", "FMRISeries",
+           "format_summary", "build_codec", "DataError", "FMRISeries",
            "ShardedSampler", "TrainingData", "VolumePatches", "build_data"]

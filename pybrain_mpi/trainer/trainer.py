@@ -191,7 +191,7 @@ class Trainer:
         self.autocast = train.precision == "bf16"
         # Phase 1: everything that can be refused without reading data.
         self.codec = self._together("checking the configuration",
-                                    lambda: build_codec(train.compression.kind))
+                                    lambda: build_codec(train.compression.kind, train.compression.sparsity))
         self._together("checking the output directories", self._check_directories)
         # Phase 2: data, then the model against it.
         self.data: TrainingData = self._together(
@@ -351,6 +351,7 @@ class Trainer:
         self.history = [dict(h) for h in tree["history"]]
         self.step_losses = tree["step_losses"].tolist()
         ckpt.set_rng_state(tree["rng"][self.rank])
+        self.model.load_compression_state_dict(tree.get("compression", {}).get(self.rank, {}))
         self.resumed_from = saved["metadata"]
         self._say(f"resumed from {self.checkpoint_file} at step {self.step} "
                   f"(epoch {self.step // self.sampler.steps_per_epoch})")
@@ -458,6 +459,9 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> Path | None:
         """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
         rng_states = self.comm.gather(ckpt.rng_state(), root=0) if self.size > 1 else [ckpt.rng_state()]
+        # 3LC error-feedback residuals differ per rank: gathered like the RNG states.
+        residuals = self.model.compression_state_dict()
+        residuals = self.comm.gather(residuals, root=0) if self.size > 1 else [residuals]
 
         def write():
             if self.rank != 0:
@@ -471,7 +475,7 @@ class Trainer:
                 "model": ckpt.model_entry(self.module),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": {"kind": "none"},  # bf16 autocast needs no loss scaling
-                "compression": self.codec.state_dict() if self.codec is not None else {},
+                "compression": {r: s for r, s in enumerate(residuals)},
                 "sampler": {"ranks": self.size, "batch_size": self.sampler.batch_size,
                             "steps_per_epoch": self.sampler.steps_per_epoch,
                             "seed": self.sampler.seed,
