@@ -11,7 +11,6 @@ Run ``train`` (and ``info``, to see the topology) under ``mpiexec -n N`` or ``sr
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import subprocess
@@ -19,9 +18,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-# Subcommands that live with their feature: a module exposing ``add_parser(subparsers)``
-# (which sets ``func``) is added when it exists, e.g. ``convert`` from the data package.
-PLUGIN_SUBCOMMANDS = ("pybrain_mpi.data.cli",)
 
 _MPI_LAUNCH_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                          "MPI_LOCALNRANKS", "SLURM_STEP_ID")
@@ -271,14 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", help="benchmarks directory (default: the source checkout's)")
     bench.set_defaults(func=_bench)
 
-    for module_name in PLUGIN_SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that feature is not installed in this version
-            raise
-        module.add_parser(sub)
+    from .data.cli import add_convert_subcommand
+
+    add_convert_subcommand(sub)
     return parser
 
 

@@ -98,3 +98,23 @@ def test_parser_offers_the_documented_subcommands():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no API
     assert {"train", "bench", "info"} <= set(choices)
+
+
+def test_convert_subcommand_writes_a_zarr_volume_with_the_affine(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from pybrain_mpi.cli import main
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10, 5, 3]
+    volume = np.arange(20 * 18 * 9, dtype=np.float32).reshape(20, 18, 9)
+    source = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), source)
+    assert main(["convert", str(source), str(tmp_path / "v.zarr"), "--chunks", "8,8,8", "--quiet"]) == 0
+    import pybrain_mpi as pbm
+
+    opened = pbm.data.Volume(tmp_path / "v.zarr")
+    assert opened.shape == volume.shape
+    np.testing.assert_array_equal(opened.affine, affine)
+    np.testing.assert_array_equal(opened.read_patch((3, 4, 1), (10, 9, 8)), volume[3:13, 4:13, 1:9])
