@@ -165,7 +165,9 @@ void Engine::run(CollectiveSpec spec, double timeout_s) {
     execute(*op, deadline_after(timeout_s));
     std::lock_guard<std::mutex> lock(mu_);
     executing_ = false;
-    queue_cv_.notify_all();  // async work queued meanwhile may start now
+    // Wake the progress thread only if async work was queued meanwhile: waking it for
+    // nothing costs two context switches per call, on a core another rank may need.
+    if (!queue_.empty()) queue_cv_.notify_all();
   } else if (!op->wait(timeout_s > 0 ? timeout_s : -1.0)) {
     const std::vector<int> waiting = op->status().waiting_for();
     std::ostringstream message;

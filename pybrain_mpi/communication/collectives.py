@@ -133,8 +133,9 @@ def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_
         return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
                                     algorithm_code, name or "", async_op, timeout, sparsity,
                                     residual, owner)
+    # positional arguments: pybind11 parses keywords noticeably slower on this hot path
     return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
-                                algorithm_code, name or "", async_op, timeout, half_wire=half_wire)
+                                algorithm_code, name or "", async_op, timeout, 0.0, 0, 0, half_wire)
 
 
 def _split_compression(compression: Any) -> tuple[Any, Any]:
