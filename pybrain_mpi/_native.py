@@ -7,6 +7,19 @@ from .errors import MPILibraryMismatch
 try:
     from . import _core  # noqa: F401  (re-exported)
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
+    from pathlib import Path
+
+    _package = Path(__file__).resolve().parent
+    if not any(_package.glob("_core*.so")) and "cannot import name" in str(error):
+        # The source checkout shadows the installed package (python -m ... or cwd on
+        # sys.path): the compiled core only exists in the installed copy.
+        raise ImportError(
+            f"pybrain_mpi was imported from {_package}, which has no compiled native core. "
+            "This is usually the source checkout shadowing the installed package (the "
+            "current directory is on sys.path, e.g. with `python -m`). Run the console "
+            "script (`pybrain-mpi ...`), run from another directory, or install in place "
+            "with `pip install -e .`."
+        ) from error
     raise MPILibraryMismatch(
         "pybrain_mpi's native core (pybrain_mpi._core) failed to load: "
         f"{error}.\nThis usually means the MPI library it was compiled against is not the "
