@@ -25,6 +25,15 @@ struct PartHeader {
 };
 
 size_t slot_bytes(size_t elements) { return sizeof(PartHeader) + threelc_max_encoded_bytes(elements); }
+
+// A peer's message claiming a body larger than the slot can hold is corrupt: refuse it
+// rather than decode past the buffer.
+void check_body_fits(const PartHeader& header, size_t slot, int me, int peer, const Describe& what) {
+  if (header.bytes > slot - sizeof(PartHeader)) {
+    throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(peer) +
+                   " sent a 3LC partition larger than possible (corrupt message)");
+  }
+}
 }  // namespace
 
 size_t CompressedAllreduce::partition_begin(size_t count, int parts, int index) {
@@ -131,10 +140,7 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   std::fill(sum, sum + mine, 0.f);
   for (int q = 0; q < n; ++q) {
     const auto* header = reinterpret_cast<const PartHeader*>(recv + my_slot * q);
-    if (header->bytes > my_slot - sizeof(PartHeader)) {
-      throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(q) +
-                     " sent a 3LC partition larger than possible (corrupt message)");
-    }
+    check_body_fits(*header, my_slot, me, q, what);
     threelc_decode_add(reinterpret_cast<const uint8_t*>(recv + my_slot * q + sizeof(PartHeader)),
                        header->bytes, header->scale, mine, sum, DType::kFloat32, name.c_str());
   }
@@ -185,14 +191,11 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
     }
     transport_.wait_all(requests, peers, is_recv, deadline,
                         [&] { return what() + ": 3LC allgather"; }, status);
-    std::memcpy(gathered + recv_offset[me], reduced, sizeof(PartHeader) + bytes - sizeof(PartHeader));
+    std::memcpy(gathered + recv_offset[me], reduced, bytes);
   }
   for (int p = 0; p < n; ++p) {
     const auto* header = reinterpret_cast<const PartHeader*>(gathered + recv_offset[p]);
-    if (header->bytes > slot_bytes(elems(p)) - sizeof(PartHeader)) {
-      throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(p) +
-                     " sent a 3LC partition larger than possible (corrupt message)");
-    }
+    check_body_fits(*header, slot_bytes(elems(p)), me, p, what);
     threelc_decode(reinterpret_cast<const uint8_t*>(gathered + recv_offset[p] + sizeof(PartHeader)),
                    header->bytes, header->scale, elems(p), data + begin(p) * esize, dtype,
                    name.c_str());

@@ -6,7 +6,6 @@ printing "OK <mode>" on success so the test can also check every rank got there.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from mpi4py import MPI
 
 import pybrain_mpi as pbm
+from harness import run_worker
 
 EPS = {
     np.float32: np.finfo(np.float32).eps,
@@ -275,13 +275,5 @@ def mode_topology(comm: MPI.Comm, ranks_per_node: str) -> None:
     assert np.all(pbm.allreduce(np.ones(5)) == n)
 
 
-def main() -> None:
-    mode, *args = sys.argv[1:]
-    comm = MPI.COMM_WORLD
-    pbm.init()
-    globals()[f"mode_{mode}"](comm, *args)
-    print(f"OK {mode} rank {comm.Get_rank()}")
-
-
 if __name__ == "__main__":
-    main()
+    run_worker(globals())

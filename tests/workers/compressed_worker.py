@@ -9,13 +9,13 @@ across ranks.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
 import pybrain_mpi as pbm
+from harness import run_worker
 from pybrain_mpi.compression import Cast, ThreeLC
 
 
@@ -180,13 +180,5 @@ def mode_convergence(comm, cache_dir: str) -> None:
     assert compressed_bytes * 5 < plain_bytes, (plain_bytes, compressed_bytes)
 
 
-def main() -> None:
-    mode, *args = sys.argv[1:]
-    comm = MPI.COMM_WORLD
-    pbm.init()
-    globals()[f"mode_{mode}"](comm, *args)
-    print(f"OK {mode} rank {comm.Get_rank()}")
-
-
 if __name__ == "__main__":
-    main()
+    run_worker(globals())

@@ -7,7 +7,6 @@ global batch (the single-process reference) and compares parameters.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 import warnings
 
@@ -15,6 +14,7 @@ import torch
 from mpi4py import MPI
 
 import pybrain_mpi as pbm
+from harness import run_worker
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)
@@ -173,13 +173,5 @@ def mode_stall(comm) -> None:
         print(f"stall warning: {stalls[0]}")
 
 
-def main() -> None:
-    mode, *args = sys.argv[1:]
-    comm = MPI.COMM_WORLD
-    pbm.init()
-    globals()[f"mode_{mode}"](comm, *args)
-    print(f"OK {mode} rank {comm.Get_rank()}")
-
-
 if __name__ == "__main__":
-    main()
+    run_worker(globals())
