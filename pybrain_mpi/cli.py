@@ -180,9 +180,12 @@ def _train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ bench
 def _benchmarks_dir(given: str | None) -> Path:
+    """--dir, else ./benchmarks (run from the checkout), else the checkout the package sits in."""
     if given:
         return Path(given)
-    # A source checkout (editable install) keeps benchmarks/ beside the package.
+    here = Path.cwd() / "benchmarks"
+    if (here / "allreduce.py").exists():
+        return here
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
 
