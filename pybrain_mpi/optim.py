@@ -43,7 +43,6 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ._native import _core
-from .communication.buffers import FLOAT32
 
 
 def _threads(num_threads: int | None) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from train_fixtures import step_lines, write_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 ALLREDUCE_SBATCH = ROOT / "slurm" / "allreduce.sbatch"
@@ -147,8 +149,9 @@ def test_sbatch_environment_reaches_every_srun_task(batch_jobs: dict, cluster: C
         # A variable set only at submission arrives in each rank (--export=ALL), the job runs the
         # submitting venv's python, and that venv's bin/ leads PATH (its mpich, its console scripts).
         assert f["env_token"] == job["token"], describe(job, cluster)
-        assert f["python"] == sys.executable, describe(job, cluster)
-        assert f["path0"] == str(Path(sys.executable).parent), describe(job, cluster)
+        # resolved: pytest may have been started through a relative path to the venv
+        assert Path(f["python"]).resolve() == Path(sys.executable).resolve(), describe(job, cluster)
+        assert Path(f["path0"]).resolve() == Path(sys.executable).parent.resolve(), describe(job, cluster)
 
 
 def test_sbatch_job_with_missing_script_fails_with_nonzero_exit(batch_jobs: dict, cluster: Cluster):
@@ -230,43 +233,11 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, 
     assert "job %s finished with status 0" % job_id in text, text
 
 
-TRAIN_CONFIG = """
-[model]
-name = "dca"
-input_length = 40
-hidden_size = 16
-
-[data]
-kind = "fmri_series"
-source = "nitime_fmri"
-cache_dir = "{cache}"
-
-[train]
-epochs = 100
-batch_size = 16
-lr = 1e-3
-precision = "fp64"
-log_every = 1
-
-[output]
-dir = "{output}"
-"""
 
 
 def _train_steps(output: Path) -> list[tuple]:
     """(step, global loss, rank-0 loss) of every logged step of rank 0."""
-    path = output / "logs" / "rank0.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "step" in record and "event" not in record:
-            rows.append((record["step"], record["loss"], record["local_loss"]))
-    return rows
+    return [(r["step"], r["loss"], r["local_loss"]) for r in step_lines(output, 0)]
 
 
 def test_preempted_real_training_job_resumes_and_ends_like_an_uninterrupted_run(cluster: Cluster,
@@ -282,9 +253,9 @@ def test_preempted_real_training_job_resumes_and_ends_like_an_uninterrupted_run(
     cache = tmp_path / "cache"
     job_out, reference_out = tmp_path / "job", tmp_path / "reference"
     job_cfg = tmp_path / "job.toml"
-    job_cfg.write_text(TRAIN_CONFIG.format(cache=cache, output=job_out))
+    write_config(job_cfg, job_out, cache)
     reference_cfg = tmp_path / "reference.toml"
-    reference_cfg.write_text(TRAIN_CONFIG.format(cache=cache, output=reference_out))
+    write_config(reference_cfg, reference_out, cache)
     output = tmp_path / "train.out"
     # The delay keeps the short job running long enough to be signalled mid-run.
     submitted = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",

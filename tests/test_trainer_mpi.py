@@ -14,47 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import WORKERS, mpiexec_path, run_mpi
+from train_fixtures import step_lines, write_config
 from pybrain_mpi.checkpoint import load_checkpoint
-
-
-def write_config(path: Path, output: Path, cache: Path, precision: str = "fp64") -> Path:
-    path.write_text(f"""
-[model]
-name = "dca"
-input_length = 40
-hidden_size = 16
-
-[data]
-kind = "fmri_series"
-source = "nitime_fmri"
-cache_dir = "{cache}"
-
-[train]
-epochs = 100
-batch_size = 16
-lr = 1e-3
-precision = "{precision}"
-log_every = 1
-
-[output]
-dir = "{output}"
-""")
-    return path
-
-
-def step_lines(output: Path, rank: int) -> list[dict]:
-    path = output / "logs" / f"rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
-        if "step" in record and "event" not in record:
-            records.append(record)
-    return records
 
 
 def curve(output: Path, rank: int) -> list[tuple]:

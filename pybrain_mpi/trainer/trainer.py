@@ -26,7 +26,6 @@ One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.confi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -503,7 +502,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train until done, early-stopped, out of time budget or preempted; return the summary."""
-        config, train = self.config, self.config.train
+        train = self.config.train
         spe = self.sampler.steps_per_epoch
         stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
         self._bytes_at_start = int(context.bytes_sent())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 import pybrain_mpi as pbm
 from harness import run_worker

@@ -6,12 +6,10 @@ global batch (the single-process reference) and compares parameters.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 
 import torch
-from mpi4py import MPI
 
 import pybrain_mpi as pbm
 from harness import run_worker
