@@ -24,9 +24,15 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+# torch's OpenMP workers otherwise keep spinning for a while after each torch op; with runs of
+# torch and pbm interleaved, pbm's own worker threads would share cores with those spinners
+# and show no gain from a second thread. Passive waiting is fair to both (torch's fused step
+# time barely changes). Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pybrain_mpi import optim
+import torch  # noqa: E402
+
+from pybrain_mpi import optim  # noqa: E402
 
 RANKS, LOSS_SCALE = 2, 2.0 ** 16
 OPTIMIZERS = {
