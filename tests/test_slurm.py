@@ -180,6 +180,19 @@ def test_job_asking_more_tasks_than_cpus_is_rejected_at_submission(cluster: Clus
     assert elapsed < 10, f"rejection took {elapsed:.1f} s"
 
 
+def wait_for_requeued_job(cluster, job_state, result: Path, deadline: float, output_text,
+                          poll_s: float) -> None:
+    """Waits until the (requeued) job has written `result` and left the queue; fails on a
+    failed state or at `deadline`, showing the job's output and the daemons' logs."""
+    state = job_state()
+    while not (result.exists() and state in ("COMPLETED", "GONE")):
+        assert time.monotonic() < deadline, (f"requeued job did not finish (state {state})\n"
+                                             f"{output_text()}\n{cluster.logs()}")
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"state {state}\n{output_text()}"
+        time.sleep(poll_s)
+        state = job_state()
+
+
 def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, tmp_path: Path):
     """USR1 to the batch script (what --signal=B:USR1@120 sends) ends in a requeued, resumed job.
 
@@ -212,13 +225,7 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, 
         signalled = cluster.run("scancel", "--batch", "--signal=USR1", job_id)
         assert signalled.returncode == 0, signalled.stderr
 
-        state = job_state()
-        while not ((tmp_path / "result.json").exists() and state in ("COMPLETED", "GONE")):
-            assert time.monotonic() < deadline, (f"requeued job did not finish (state {state})\n"
-                                                 f"{output_text()}\n{cluster.logs()}")
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"state {state}\n{output_text()}"
-            time.sleep(0.2)
-            state = job_state()
+        wait_for_requeued_job(cluster, job_state, tmp_path / "result.json", deadline, output_text, 0.2)
     finally:
         if job_state() not in ("COMPLETED", "GONE"):
             cluster.run("scancel", job_id)
@@ -284,13 +291,7 @@ def test_preempted_real_training_job_resumes_and_ends_like_an_uninterrupted_run(
         # The uninterrupted reference runs while the job checkpoints, waits and resumes.
         run_mpi(2, "train_cli.py", "train", str(reference_cfg), "--steps", str(steps),
                 "--no-progress", timeout_s=150)
-        state = job_state()
-        while not ((job_out / "summary.json").exists() and state in ("COMPLETED", "GONE")):
-            assert time.monotonic() < deadline, (f"requeued job did not finish (state {state})\n"
-                                                 f"{output_text()}\n{cluster.logs()}")
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"state {state}\n{output_text()}"
-            time.sleep(0.3)
-            state = job_state()
+        wait_for_requeued_job(cluster, job_state, job_out / "summary.json", deadline, output_text, 0.3)
     finally:
         if job_state() not in ("COMPLETED", "GONE"):
             cluster.run("scancel", job_id)

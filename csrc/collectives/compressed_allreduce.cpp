@@ -36,6 +36,40 @@ void check_body_fits(const PartHeader& header, size_t slot, int me, int peer, co
 }
 }  // namespace
 
+void CompressedAllreduce::exchange(const std::function<std::pair<char*, size_t>(int)>& recv_slot,
+                                   const std::function<std::pair<const char*, size_t>(int)>& send_slot,
+                                   Clock::time_point deadline, const Describe& what,
+                                   ProgressStatus* status) {
+  const int n = transport_.size();
+  const int me = transport_.rank();
+  std::vector<MPI_Request> requests;
+  std::vector<int> peers;
+  std::vector<bool> is_recv;
+  for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
+    const auto [buffer, capacity] = recv_slot(q);
+    requests.emplace_back();
+    transport_.check(MPI_Irecv(buffer, static_cast<int>(capacity), MPI_BYTE, q, kTagCompressed,
+                               transport_.comm(), &requests.back()),
+                     "MPI_Irecv (3LC)");
+    peers.push_back(q);
+    is_recv.push_back(true);
+  }
+  for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
+    const auto [buffer, bytes] = send_slot(q);
+    requests.emplace_back();
+    // MPI_Isend takes a non-const pointer in MPI-2 headers; the buffer is only read.
+    transport_.check(MPI_Isend(const_cast<char*>(buffer), static_cast<int>(bytes), MPI_BYTE, q,
+                               kTagCompressed, transport_.comm(), &requests.back()),
+                     "MPI_Isend (3LC)");
+    transport_.bytes_sent += bytes;
+    peers.push_back(q);
+    is_recv.push_back(false);
+  }
+  transport_.wait_all(requests, peers, is_recv, deadline, what, status);
+}
+
 size_t CompressedAllreduce::partition_begin(size_t count, int parts, int index) {
   return (count / parts) * static_cast<size_t>(index) + std::min<size_t>(index, count % parts);
 }
@@ -89,35 +123,15 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   size_t recv_bytes = my_slot * n;
   for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(elems(p)) * n);
   char* recv = transport_.scratch(kScratchRecv, recv_bytes);
-  {
-    std::vector<MPI_Request> requests;
-    std::vector<int> peers;
-    std::vector<bool> is_recv;
-    for (int q = 0; q < n; ++q) {
-      if (q == me) continue;
-      requests.emplace_back();
-      transport_.check(MPI_Irecv(recv + my_slot * q, static_cast<int>(my_slot), MPI_BYTE, q,
-                                 kTagCompressed, transport_.comm(), &requests.back()),
-                       "MPI_Irecv (3LC)");
-      peers.push_back(q);
-      is_recv.push_back(true);
-    }
-    for (int p = 0; p < n; ++p) {
-      if (p == me) continue;
-      const auto* header = reinterpret_cast<const PartHeader*>(send + send_offset[p]);
-      const size_t bytes = sizeof(PartHeader) + header->bytes;
-      requests.emplace_back();
-      transport_.check(MPI_Isend(send + send_offset[p], static_cast<int>(bytes), MPI_BYTE, p,
-                                 kTagCompressed, transport_.comm(), &requests.back()),
-                       "MPI_Isend (3LC)");
-      transport_.bytes_sent += bytes;
-      peers.push_back(p);
-      is_recv.push_back(false);
-    }
-    transport_.wait_all(requests, peers, is_recv, deadline,
-                        [&] { return what() + ": 3LC reduce-scatter"; }, status);
-    std::memcpy(recv + my_slot * me, send + send_offset[me], my_slot);
-  }
+  exchange(
+      [&](int q) { return std::make_pair(recv + my_slot * q, my_slot); },
+      [&](int p) {
+        const auto* header = reinterpret_cast<const PartHeader*>(send + send_offset[p]);
+        return std::make_pair(static_cast<const char*>(send + send_offset[p]),
+                              sizeof(PartHeader) + header->bytes);
+      },
+      deadline, [&] { return what() + ": 3LC reduce-scatter"; }, status);
+  std::memcpy(recv + my_slot * me, send + send_offset[me], my_slot);
 
   // Every rank sees every rank's flag for its partition: all agree on failure.
   std::vector<int> failed_ranks;
@@ -165,34 +179,11 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   std::vector<size_t> recv_offset(n + 1, 0);
   for (int p = 0; p < n; ++p) recv_offset[p + 1] = recv_offset[p] + slot_bytes(elems(p));
   char* gathered = recv;
-  {
-    std::vector<MPI_Request> requests;
-    std::vector<int> peers;
-    std::vector<bool> is_recv;
-    for (int q = 0; q < n; ++q) {
-      if (q == me) continue;
-      requests.emplace_back();
-      transport_.check(MPI_Irecv(gathered + recv_offset[q], static_cast<int>(slot_bytes(elems(q))),
-                                 MPI_BYTE, q, kTagCompressed, transport_.comm(), &requests.back()),
-                       "MPI_Irecv (3LC)");
-      peers.push_back(q);
-      is_recv.push_back(true);
-    }
-    const size_t bytes = sizeof(PartHeader) + reinterpret_cast<const PartHeader*>(reduced)->bytes;
-    for (int q = 0; q < n; ++q) {
-      if (q == me) continue;
-      requests.emplace_back();
-      transport_.check(MPI_Isend(reduced, static_cast<int>(bytes), MPI_BYTE, q, kTagCompressed,
-                                 transport_.comm(), &requests.back()),
-                       "MPI_Isend (3LC)");
-      transport_.bytes_sent += bytes;
-      peers.push_back(q);
-      is_recv.push_back(false);
-    }
-    transport_.wait_all(requests, peers, is_recv, deadline,
-                        [&] { return what() + ": 3LC allgather"; }, status);
-    std::memcpy(gathered + recv_offset[me], reduced, bytes);
-  }
+  const size_t reduced_bytes = sizeof(PartHeader) + reinterpret_cast<const PartHeader*>(reduced)->bytes;
+  exchange([&](int q) { return std::make_pair(gathered + recv_offset[q], slot_bytes(elems(q))); },
+           [&](int) { return std::make_pair(static_cast<const char*>(reduced), reduced_bytes); },
+           deadline, [&] { return what() + ": 3LC allgather"; }, status);
+  std::memcpy(gathered + recv_offset[me], reduced, reduced_bytes);
   for (int p = 0; p < n; ++p) {
     const auto* header = reinterpret_cast<const PartHeader*>(gathered + recv_offset[p]);
     check_body_fits(*header, slot_bytes(elems(p)), me, p, what);

@@ -16,6 +16,8 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
+#include <utility>
 
 #include "../common/dtype.h"
 #include "transport.h"
@@ -37,6 +39,12 @@ class CompressedAllreduce {
   static size_t partition_begin(size_t count, int parts, int index);
 
  private:
+  // Posts a receive from every other rank q into recv_slot(q) = (buffer, capacity) and a
+  // send of send_slot(q) = (buffer, bytes) to it, then waits for all of them.
+  void exchange(const std::function<std::pair<char*, size_t>(int)>& recv_slot,
+                const std::function<std::pair<const char*, size_t>(int)>& send_slot,
+                Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+
   Transport& transport_;
 };
 

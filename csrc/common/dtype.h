@@ -78,6 +78,19 @@ decltype(auto) dispatch_wide_dtype(DType dtype, Fn&& fn) {
                               " must be widened to float32 before reduction");
 }
 
+// Bit casts between float32 and its IEEE bits (memcpy: the defined way in C++17).
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return bits;
+}
+
 // IEEE binary16 <-> binary32, round to nearest even, subnormals and Inf/NaN preserved.
 //
 // half -> float without branches, so loops over it vectorize: shift exponent and mantissa
@@ -85,25 +98,17 @@ decltype(auto) dispatch_wide_dtype(DType dtype, Fn&& fn) {
 // zero/subnormal halves are renormalised by one float subtraction
 // (2^-14 * (1 + m/1024) - 2^-14 = m * 2^-24).
 inline float half_to_float(uint16_t h) {
-  auto bits_to_float = [](uint32_t bits) {
-    float value;
-    std::memcpy(&value, &bits, 4);
-    return value;
-  };
   const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
   const uint32_t exponent = shifted & 0x0f800000u;
   const uint32_t rebased = shifted + (112u << 23);
   const uint32_t special = exponent == 0x0f800000u ? rebased + (112u << 23) : rebased;
   const float subnormal = bits_to_float(rebased + (1u << 23)) - bits_to_float(113u << 23);
-  uint32_t magnitude;
-  std::memcpy(&magnitude, &subnormal, 4);
-  magnitude = exponent == 0 ? magnitude : special;
+  const uint32_t magnitude = exponent == 0 ? float_to_bits(subnormal) : special;
   return bits_to_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
 inline uint16_t float_to_half(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
+  const uint32_t bits = float_to_bits(value);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs_bits = bits & 0x7fffffffu;
   if (abs_bits >= 0x7f800000u) {  // Inf or NaN (keep NaN quiet)
@@ -132,15 +137,11 @@ inline uint16_t float_to_half(float value) {
 }
 
 inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  return bits_to_float(static_cast<uint32_t>(b) << 16);
 }
 
 inline uint16_t float_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
+  const uint32_t bits = float_to_bits(value);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
   const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
   return static_cast<uint16_t>((bits + rounding) >> 16);

@@ -27,18 +27,6 @@
 namespace pbm {
 namespace element_io {
 
-PBM_ALWAYS_INLINE float bits_to_float(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, 4);
-  return value;
-}
-
-PBM_ALWAYS_INLINE uint32_t float_to_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  return bits;
-}
-
 struct Float32 {
   using T = float;
   static constexpr DType kDType = DType::kFloat32;

@@ -22,7 +22,6 @@ namespace {
 using element_io::BFloat16;
 using element_io::Float16;
 using element_io::Float32;
-using element_io::float_to_bits;
 
 constexpr uint8_t kZeroGroup = 121;      // five zero trits: 1 + 3 + 9 + 27 + 81
 constexpr uint8_t kMaxGroupByte = 242;   // five +1 trits
@@ -253,7 +252,7 @@ ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* resi
                    ". Nothing was encoded and the residual is unchanged; a NaN/Inf gradient "
                    "usually means the loss diverged (lower the learning rate or the loss scale).");
   }
-  const float largest = element_io::bits_to_float(largest_bits);
+  const float largest = bits_to_float(largest_bits);
   ThreeLCEncoded result;
   // M = max|acc| * s in float32, clamped so that a huge max cannot make M infinite.
   const float scale = std::min(largest * sparsity, FLT_MAX);
