@@ -29,7 +29,7 @@
 #   PBM_EMU_SUBNET   first three octets of the /24 used (default 10.213.7)
 #   PBM_EMU_DIR      state dir (default ${TMPDIR:-/tmp}/pbm-emu-$UID-$PREFIX)
 #   PBM_EMU_MTU      link MTU (default 1500; 9000 mimics jumbo-frame HPC Ethernet)
-#   MPIEXEC          mpiexec to use (default: mpiexec next to $PYTHON, else on PATH)
+#   MPIEXEC          mpiexec to use (default: the one on PATH, else the checkout's .venv/bin)
 set -euo pipefail
 
 PREFIX="${PBM_EMU_PREFIX:-pbmemu}"
@@ -181,11 +181,14 @@ cmd_status() {
     cmd_counters
 }
 
+# $MPIEXEC, else the one on PATH, else the checkout's .venv (pip's mpich puts it there).
 find_mpiexec() {
-    if [[ -n "${MPIEXEC:-}" ]]; then echo "$MPIEXEC"; return; fi
-    local py="${PYTHON:-}"
-    if [[ -n "$py" && -x "$(dirname "$py")/mpiexec" ]]; then echo "$(dirname "$py")/mpiexec"; return; fi
-    command -v mpiexec || die "mpiexec not found: set MPIEXEC or put it on PATH"
+    local repo_venv
+    repo_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/mpiexec"
+    if [[ -n "${MPIEXEC:-}" ]]; then echo "$MPIEXEC"
+    elif command -v mpiexec >/dev/null; then command -v mpiexec
+    elif [[ -x "$repo_venv" ]]; then echo "$repo_venv"
+    fi
 }
 
 cmd_run() {
@@ -217,8 +220,12 @@ cmd_run() {
         ofi) netenv=(MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp "FI_TCP_IFACE=$NODE_IF") ;;
         *) die "--netmod must be ucx or ofi, got '$netmod'" ;;
     esac
+    local mpiexec
+    mpiexec="$(find_mpiexec)"
+    [[ -n "$mpiexec" ]] || die "mpiexec not found: set MPIEXEC, put it on PATH, or pip install mpich into .venv"
     env "${netenv[@]}" PBM_EMU_NODES="$NODES" PBM_EMU_RATE="$RATE" PBM_EMU_PLACEMENT="$placement" \
-        "$(find_mpiexec)" -launcher rsh -launcher-exec "$STATE_DIR/launcher" -iface "$BRIDGE" \
+        PBM_EMU_LINK="$NODE_IF" \
+        "$mpiexec" -launcher rsh -launcher-exec "$STATE_DIR/launcher" -iface "$BRIDGE" \
         -hosts "$hosts" "$@"
 }
 
