@@ -30,7 +30,7 @@
 #   PBM_EMU_DIR      state dir (default ${TMPDIR:-/tmp}/pbm-emu-$UID-$PREFIX)
 #   PBM_EMU_MTU      link MTU (default 1500; 9000 mimics jumbo-frame HPC Ethernet)
 #   MPIEXEC          mpiexec to use (default: the one on PATH, else the checkout's .venv/bin)
-set -euo pipefail
+set -Eeuo pipefail
 
 PREFIX="${PBM_EMU_PREFIX:-pbmemu}"
 SUBNET="${PBM_EMU_SUBNET:-10.213.7}"
@@ -285,5 +285,5 @@ case "${1:-}" in
     run) shift; cmd_run "$@" ;;
     session) shift; cmd_session "$@" ;;
     probe) shift; cmd_probe "$@" ;;
-    *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
