@@ -50,9 +50,9 @@ DEFAULT_IMPLS = ",".join(BASE_IMPLS + tuple(i for i in HIERARCHICAL_IMPLS if i i
 
 
 def cluster(*args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess:
-    """Runs slurm/emulated_cluster.sh with args."""
+    """Runs slurm/emulated_cluster.sh with args (its probe uses this Python)."""
     return subprocess.run(["bash", str(SCRIPT), *args], check=check, text=True,
-                          capture_output=capture)
+                          capture_output=capture, env=dict(os.environ, PYTHON=sys.executable))
 
 
 def theory_link_bytes(size: int, nodes: int, ppn: int, placement: str) -> dict:

@@ -22,7 +22,7 @@
 #
 # Limits: the kernels this was built on have tbf/htb/pfifo but no netem (nor fq/etf), so the
 # links are rate-shaped but no latency can be added; `probe` measures the real round trip.
-# Needs root (CAP_NET_ADMIN), iproute2 (`ip`, `tc`) and python3.
+# Needs root (CAP_NET_ADMIN) and iproute2 (`ip`, `tc`); `probe` also needs python3 ($PYTHON).
 #
 # Environment knobs:
 #   PBM_EMU_PREFIX   name prefix of namespaces and links (default pbmemu; at most 8 chars)
@@ -65,8 +65,9 @@ rate_bytes_per_s() {
     [[ "$text" =~ ^([0-9]+(\.[0-9]+)?)(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps)$ ]] \
         || die "rate '$1' is not understood: use tc units such as 100mbit, 1gbit, 10gbit"
     number="${BASH_REMATCH[1]}"; unit="${BASH_REMATCH[3]}"
-    python3 -c "print(int($number * {'bit': 1/8, 'kbit': 1e3/8, 'mbit': 1e6/8, 'gbit': 1e9/8,
-        'tbit': 1e12/8, 'bps': 1, 'kbps': 1e3, 'mbps': 1e6, 'gbps': 1e9}['$unit']))"
+    local -A scale=([bit]=0.125 [kbit]=125 [mbit]=125000 [gbit]=125000000 [tbit]=125000000000
+                    [bps]=1 [kbps]=1000 [mbps]=1000000 [gbps]=1000000000)
+    awk -v n="$number" -v s="${scale[$unit]}" 'BEGIN { printf "%d\n", n * s }'
 }
 
 # tbf on the egress of one link end. The bucket holds at least one 64 KiB GSO super-packet
@@ -243,7 +244,7 @@ cmd_probe() {
     load_state
     [[ "$NODES" -ge 2 ]] || die "probe needs at least 2 nodes"
     local seconds="${1:-1}" port=47391
-    ip netns exec "$(ns_name 1)" python3 - "$port" <<'EOF' &
+    ip netns exec "$(ns_name 1)" "${PYTHON:-python3}" - "$port" <<'EOF' &
 import socket, sys
 server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.bind(("0.0.0.0", int(sys.argv[1]))); server.listen(2)
@@ -257,7 +258,7 @@ while conn.recv(1 << 20):
 EOF
     local server=$!
     sleep 0.3
-    ip netns exec "$(ns_name 0)" python3 - "$(node_ip 1)" "$port" "$seconds" "$RATE" <<'EOF'
+    ip netns exec "$(ns_name 0)" "${PYTHON:-python3}" - "$(node_ip 1)" "$port" "$seconds" "$RATE" <<'EOF'
 import socket, statistics, sys, time
 host, port, seconds, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 s = socket.create_connection((host, port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
