@@ -14,7 +14,13 @@ per call are measured and turned into the time the same call would take on a 10 
 For each size the table shows the median over iterations of the slowest rank's time,
 algorithm bandwidth (size / time) and bus bandwidth busbw = algbw * 2(n-1)/n, which
 compares across rank counts (NCCL's convention). JSON lines go to --json with fields
-impl, size_bytes, ranks, median_s, algbw_gbps, busbw_gbps.
+impl, size_bytes, ranks, median_s, algbw_gbps, busbw_gbps; a PNG of busbw vs size per
+implementation goes to --plot (default: the JSON path with .png).
+
+Inside an emulated cluster (slurm/emulated_cluster.sh run, which sets PBM_EMU_LINK), each
+node's first rank also reads its link's kernel byte counters around every implementation, and
+the records gain link_tx_bytes_per_call / link_rx_bytes_per_call (one entry per node, nodes
+ordered by their lowest rank). benchmarks/cluster_allreduce.py drives that mode.
 """
 
 from __future__ import annotations
@@ -42,6 +48,48 @@ def iterations_for(size_bytes: int) -> int:
     return int(min(300, max(8, (256 << 20) // max(size_bytes, 1) // 2)))
 
 
+def link_counters(comm, local_rank: int) -> list[tuple[int, int]] | None:
+    """(tx, rx) bytes of each emulated node's link, on rank 0 (None elsewhere or off-cluster).
+
+    Collective. Inside a node's network namespace /sys/class/net shows that namespace's
+    devices, so PBM_EMU_LINK names the node's own veth end; one rank per node reads it.
+    """
+    link = os.environ.get("PBM_EMU_LINK")
+    if not link:
+        return None
+    comm.Barrier()  # every rank has finished the timed calls before any counter is read
+    mine = None
+    if local_rank == 0:
+        stats = Path("/sys/class/net") / link / "statistics"
+        mine = (int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text()))
+    gathered = comm.gather(mine, root=0)
+    return None if gathered is None else [c for c in gathered if c is not None]
+
+
+def write_plot(path: str, records: list[dict], title: str) -> None:
+    """busbw vs size, one line per implementation (matplotlib, Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in records):
+        points = sorted((r["size_bytes"], r["busbw_gbps"]) for r in records if r["impl"] == impl)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("message size (bytes, float32)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def setup_gloo(comm):
     import torch.distributed as dist
 
@@ -62,6 +110,7 @@ def main() -> None:
     parser.add_argument("--impls", default=DEFAULT_IMPLS, help=f"subset of {','.join(IMPLS)}")
     parser.add_argument("--iterations", type=int, default=0, help="fixed iteration count (0: by size)")
     parser.add_argument("--json", default="results/allreduce.jsonl", help="JSON lines output (rank 0)")
+    parser.add_argument("--plot", default=None, help="PNG of busbw vs size (default: --json with .png; 'none': off)")
     args = parser.parse_args()
 
     import torch
@@ -103,6 +152,7 @@ def main() -> None:
         iterations = args.iterations or iterations_for(size_bytes)
         for impl in impls:
             sent_before = pbm.bytes_sent()
+            links_before = link_counters(comm, pbm.local_rank())
             seconds = median(time_collective(comm, runs[impl], iterations))
             calls = iterations + 2  # time_collective's warm-up calls included
             # gloo and MPI_Allreduce bypass pbm's counters: they move what a ring moves
@@ -114,6 +164,14 @@ def main() -> None:
                 "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (n - 1) / n, "iterations": iterations,
                 "bytes_sent_per_rank": sent, "link_10g_s": sent / LINK_10G_BYTES_PER_S,
             })
+            links_after = link_counters(comm, pbm.local_rank())
+            if links_after is not None:
+                records[-1].update({
+                    "link_tx_bytes_per_call": [(a[0] - b[0]) / calls for a, b in zip(links_after, links_before)],
+                    "link_rx_bytes_per_call": [(a[1] - b[1]) / calls for a, b in zip(links_after, links_before)],
+                    "nodes": len(links_after), "local_size": pbm.local_size(),
+                    "rate": os.environ.get("PBM_EMU_RATE"), "placement": os.environ.get("PBM_EMU_PLACEMENT"),
+                })
         del buffer, array
 
     if rank == 0:
@@ -147,6 +205,10 @@ def main() -> None:
         print_table(rows, columns)
         write_json_lines(args.json, records)
         print(f"wrote {args.json}")
+        plot = args.plot or str(Path(args.json).with_suffix(".png"))
+        if plot != "none":
+            write_plot(plot, records, f"float32 sum allreduce, {n} ranks")
+            print(f"wrote {plot}")
     if dist is not None:
         dist.destroy_process_group()
 
