@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import pybrain_mpi as pbm
 from pybrain_mpi.checkpoint import load_checkpoint
@@ -214,6 +213,7 @@ input_shape = [16, 16, 16]
 [data]
 kind = "volume_patches"
 source = "mni152"
+cache_dir = "{tmp_path.parent / 'mni_cache'}"  # converted once per test session
 patch_size = [16, 16, 16]
 patches_per_volume = 32
 held_out_fraction = 0.2
@@ -234,11 +234,16 @@ dir = "{tmp_path / 'mni'}"
 """
 
 
-def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_path):
+def test_mni152_patches_are_read_from_zarr_in_disjoint_slabs_with_grey_matter_targets(tmp_path):
+    import nibabel as nib
+
+    from pybrain_mpi.data import Volume
+    from pybrain_mpi.examples_data import mni152_paths
     from pybrain_mpi.trainer import build_data
 
     config = parse_config(mni_config(tmp_path))
-    data = build_data(config.data, 0.1, rank=0, barrier=lambda: None)
+    data = build_data(config.data, 0.1, rank=0, share=lambda value, timeout_s: value)
+    assert isinstance(data.image_source.volume, Volume)  # patches come from the Zarr store
     assert data.input_shape == (16, 16, 16) and data.size("train") == 32
     train0, train1 = data.corners("train", 0), data.corners("train", 1)
     assert not np.array_equal(train0, train1)  # fresh patches every epoch
@@ -248,9 +253,15 @@ def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_pa
     assert held[:, 0].min() >= start and train0[:, 0].max() + 16 <= data.regions["train"][1]
     x, y = data.batch("train", 0, np.arange(4))
     assert x.shape == (4, 16, 16, 16) and y.shape == (4, 1)
-    # gm_mean target equals the mean of the normalised GM map over the same patch.
+    # Reference from the source NIfTI files: z-scored T1 over the brain, GM / max(GM).
+    paths = mni152_paths()
+    t1 = np.asarray(nib.load(str(paths["t1"])).dataobj, dtype=np.float64)
+    gm = np.asarray(nib.load(str(paths["gm"])).dataobj, dtype=np.float64)
+    inside = t1[t1 > 0]
     a, b, c = train0[2]
-    assert y[2, 0] == pytest.approx(float(data.gm[a:a + 16, b:b + 16, c:c + 16].mean()), rel=1e-6)
+    patch = (t1[a:a + 16, b:b + 16, c:c + 16] - inside.mean()) / inside.std()
+    np.testing.assert_allclose(x[2], patch, rtol=0, atol=1e-5)  # float32 arithmetic
+    assert y[2, 0] == pytest.approx(gm[a:a + 16, b:b + 16, c:c + 16].mean() / gm.max(), rel=1e-6)
     assert np.all((y >= 0) & (y <= 1))
 
 
