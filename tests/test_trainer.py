@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pybrain_mpi as pbm
 from pybrain_mpi.checkpoint import load_checkpoint
@@ -292,3 +293,77 @@ def test_early_stopping_after_patience_epochs_without_validation_improvement(tmp
     assert summary["stopped"] == "early stopping" and summary["epochs_completed"] == 4
     assert [h["val_loss"] for h in trainer.history] == [1.0, 0.9, 0.95, 0.97]
     assert len(summary["held_out_per_output"]["pearson_r"]) == 32
+
+
+# ------------------------------------------------------------------------ encoding, per-ROI metrics
+def per_roi_reference(pred: np.ndarray, target: np.ndarray, labels) -> dict:
+    """Per-output R^2 and Pearson r in plain numpy float64, averaged within each ROI."""
+    r2 = 1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+    r = np.array([np.corrcoef(pred[:, k], target[:, k])[0, 1] for k in range(target.shape[1])])
+    labels = np.asarray(labels)
+    return {"r2": {str(roi): float(r2[labels == roi].mean()) for roi in np.unique(labels)},
+            "pearson_r": {str(roi): float(r[labels == roi].mean()) for roi in np.unique(labels)}}
+
+
+def test_encoding_reports_per_roi_metrics_equal_to_a_numpy_reference(tmp_path):
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((80, 5))
+    targets = features @ rng.standard_normal((5, 4)) + 0.5 * rng.standard_normal((80, 4))
+    labels = np.array(["V1", "V1", "MT", "FFA"])
+    np.savez(tmp_path / "enc.npz", features=features, targets=targets, roi_labels=labels)
+    config = parse_config(f"""
+[model]
+name = "encoding_mlp"
+in_features = 5
+hidden = [8, 8]
+out_features = 4
+batch_norm = false
+[data]
+kind = "encoding"
+path = "{tmp_path / 'enc.npz'}"
+held_out_fraction = 0.25
+[train]
+epochs = 3
+batch_size = 8
+lr = 1e-2
+precision = "fp64"
+[output]
+dir = "{tmp_path / 'run'}"
+""")
+    trainer = Trainer(config, progress=False, echo=False)
+    summary = trainer.fit()
+    # Held-out rows are the last 20 samples (contiguous block): predict them independently.
+    assert trainer.data.rows["held_out"].tolist() == list(range(60, 80))
+    trainer.module.eval()
+    with torch.no_grad():
+        pred = trainer.module(torch.from_numpy(features[60:].astype(np.float32)).double()).numpy()
+    expected = per_roi_reference(pred, targets[60:].astype(np.float32).astype(np.float64), labels)
+    got = summary["held_out_per_roi"]
+    assert set(got["r2"]) == {"V1", "MT", "FFA"}
+    for metric in ("r2", "pearson_r"):
+        for roi, value in expected[metric].items():
+            assert got[metric][roi] == pytest.approx(value, rel=1e-10, abs=1e-12), (metric, roi)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["held_out_per_roi"] == got
+    from pybrain_mpi.trainer.trainer import format_summary
+    assert "ROI FFA" in format_summary(summary)
+
+
+def test_encoding_from_nitime_rois_predicts_next_volume_from_lagged_signals():
+    from pybrain_mpi.examples_data import load_nitime_roi_timeseries
+    from pybrain_mpi.trainer.data import nitime_roi_encoding
+
+    data = nitime_roi_encoding(lags=2, held_out_fraction=0.2, val_fraction=0.1)
+    names, values = load_nitime_roi_timeseries()
+    assert data.input_shape == (62,) and data.n_outputs == 28 and data.size("held_out") == 50
+    assert len(set(data.roi_labels)) == 14 and data.roi_labels.count("AntPHG") == 2
+    # Sample i: targets = ROI columns at volume i + 2; features = all signals at i + 1, then i,
+    # z-scored with the training block's statistics (volumes 0 .. train_end + 1).
+    train_end = data.size("train")
+    fit = values[:train_end + 2]
+    z = (values - fit.mean(0)) / fit.std(0)
+    x, y = data.batch("held_out", 0, np.array([3]))
+    i = data.rows["held_out"][3]
+    roi = [k for k, n in enumerate(names) if n not in ("WM", "Vent", "Brain")]
+    np.testing.assert_allclose(y[0], z[i + 2, roi], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x[0], np.concatenate([z[i + 1], z[i]]), rtol=1e-6, atol=1e-6)
