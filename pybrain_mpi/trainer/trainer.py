@@ -274,6 +274,10 @@ class Trainer:
         _probe_writable(self.output_dir / "logs", "log directory", self.rank)
         if self.rank == 0:
             _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
+            # A run killed while writing (SIGKILL, node failure) left a temporary file; the
+            # checkpoint itself is whole (written by rename), the temporary is garbage.
+            for leftover in ckpt.remove_stale_temporaries(self.checkpoint_file):
+                self._say(f"removed {leftover.name}, a checkpoint write interrupted by a kill")
         if self.timeline_path is not None and self.rank == 0:
             _probe_writable(self.timeline_path.resolve().parent, "--timeline directory", self.rank)
 
