@@ -367,3 +367,54 @@ def test_encoding_from_nitime_rois_predicts_next_volume_from_lagged_signals():
     roi = [k for k, n in enumerate(names) if n not in ("WM", "Vent", "Brain")]
     np.testing.assert_allclose(y[0], z[i + 2, roi], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(x[0], np.concatenate([z[i + 1], z[i]]), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ example cache, ranks
+def test_ranks_waiting_for_the_example_cache_stop_with_a_clear_message(tmp_path, monkeypatch):
+    from pybrain_mpi.errors import CollectiveTimeout
+    from pybrain_mpi.trainer import DataError, build_data
+
+    config = parse_config(f"""
+[model]
+name = "dca"
+input_length = 40
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{tmp_path / 'cache'}"
+[train]
+epochs = 1
+batch_size = 4
+lr = 1e-3
+""")
+
+    def rank0_too_slow(value, timeout_s):
+        raise CollectiveTimeout(f"barrier: ranks [0] missing after {timeout_s} s", [0])
+
+    monkeypatch.setenv("PBM_CACHE_WAIT_S", "7")
+    with pytest.raises(DataError, match=r"rank 1 waited 7 s for rank 0 to prepare the nitime fMRI "
+                                        r"example in .*cache .*PBM_CACHE_WAIT_S"):
+        build_data(config.data, 0.1, rank=1, share=rank0_too_slow)
+    # Rank 0 failed to build it: the other ranks report rank 0's reason, not a missing cache.
+    with pytest.raises(DataError, match="on rank 0 failed: cannot write"):
+        build_data(config.data, 0.1, rank=1, share=lambda value, timeout_s: "cannot write ...")
+    # Rank 0 cannot write the cache directory: its reason reaches every rank.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = parse_config(f"""
+[model]
+name = "dca"
+input_length = 40
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{blocker / 'cache'}"
+[train]
+epochs = 1
+batch_size = 4
+lr = 1e-3
+""")
+    shared = []
+    with pytest.raises(DataError, match="on rank 0 failed: cannot write the example cache"):
+        build_data(bad.data, 0.1, rank=0, share=lambda value, timeout_s: shared.append(value) or value)
+    assert "PBM_CACHE_DIR" in shared[0]

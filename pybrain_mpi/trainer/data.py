@@ -458,8 +458,9 @@ def _from_rank0_cache(what: str, cache_dir, rank: int, share: Callable, prepare:
     if rank == 0:
         try:
             result = prepare(build=True)
-        except (OSError, ValueError, ExampleCacheError) as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting ranks
+            error = str(exc) if isinstance(exc, (OSError, ValueError)) \
+                else f"{type(exc).__name__}: {exc}"
     wait_s = _cache_wait_s()
     try:
         error = share(error, wait_s)
