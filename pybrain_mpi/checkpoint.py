@@ -29,11 +29,13 @@ the same random numbers.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import random
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from .errors import PbmError
 
 __all__ = ["CheckpointError", "CheckpointMismatch", "FORMAT", "VERSION", "save_checkpoint",
            "load_checkpoint", "model_entry", "check_model_matches", "rng_state",
-           "set_rng_state", "previous_path"]
+           "set_rng_state", "previous_path", "remove_stale_temporaries"]
 
 FORMAT = "pybrain-mpi-checkpoint"
 VERSION = 1
@@ -142,7 +144,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict, metadata: dict | None 
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(tree, f)
+            delay_s = float(os.environ.get("PBM_CHECKPOINT_WRITE_DELAY_S", "0"))
+            if delay_s > 0:
+                # Test hook: write half the file, pause, write the rest, so a test can kill
+                # the process while the temporary file is half-written.
+                buffer = io.BytesIO()
+                torch.save(tree, buffer)
+                data = buffer.getbuffer()
+                f.write(data[:len(data) // 2])
+                f.flush()
+                time.sleep(delay_s)
+                f.write(data[len(data) // 2:])
+            else:
+                torch.save(tree, f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
@@ -159,6 +173,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict, metadata: dict | None 
                 leftover.unlink()
         raise
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed :func:`save_checkpoint` left beside ``path``.
+
+    A write interrupted by SIGKILL (or a node failure) leaves ``.<name>.*.tmp`` (and its
+    ``.prev`` link) behind; ``<name>`` itself is intact. Only call this while no other
+    process writes checkpoints to the same path. Returns the removed paths.
+    """
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{path.name}.*.tmp*"):
+        try:
+            leftover.unlink()
+            removed.append(leftover)
+        except OSError:
+            pass  # gone already, or not ours to delete: the next write uses a fresh name
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,

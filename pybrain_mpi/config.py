@@ -213,6 +213,7 @@ class DataConfig:
     patch_size: tuple = (64, 64, 64)
     patches_per_volume: int = 16
     target: str = "gm_mean"
+    lags: int = 4
     num_workers: int = 0
 
 
@@ -283,8 +284,8 @@ class Config:
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 PRECISIONS = ("fp32", "fp64", "bf16")
 COMPRESSIONS = ("none", "fp16", "bf16", "3lc")
-DATA_KINDS = ("fmri_series", "volume_patches")
-DATA_SOURCES = ("path", "nitime_fmri", "mni152")
+DATA_KINDS = ("fmri_series", "volume_patches", "encoding")
+DATA_SOURCES = ("path", "nitime_fmri", "mni152", "nitime_rois")
 
 
 def _model_names() -> tuple:
@@ -300,10 +301,11 @@ SCHEMA = Section(doc="a pybrain-mpi run", dataclass=Config, required=True, field
     "data": Section(dataclass=DataConfig, required=True, doc="training data", fields={
         "kind": Field(str, choices=DATA_KINDS,
                       doc="fmri_series: one voxel time series per sample; "
-                          "volume_patches: 3D patches from volumes"),
+                          "volume_patches: 3D patches from volumes; encoding: feature vectors "
+                          "-> responses of outputs grouped into ROIs (per-ROI metrics)"),
         "source": Field(str, "path", choices=DATA_SOURCES,
-                        doc="'path' reads [data] path; nitime_fmri / mni152 use the real data "
-                            "shipped in the nitime / nilearn packages"),
+                        doc="'path' reads [data] path; nitime_fmri / mni152 / nitime_rois use "
+                            "the real data shipped in the nitime / nilearn packages"),
         "path": Field(str, None, doc="data file or directory (required when source = 'path')"),
         "cache_dir": Field(str, None, doc="where converted data is cached "
                                           "(default $PBM_CACHE_DIR or ~/.cache/pybrain-mpi)"),
@@ -316,6 +318,8 @@ SCHEMA = Section(doc="a pybrain-mpi run", dataclass=Config, required=True, field
         "patches_per_volume": Field(int, 16, minimum=1, doc="patches drawn per volume per epoch"),
         "target": Field(str, "gm_mean", choices=("gm_mean", "gm_center"),
                         doc="regression target for mni152: mean or centre grey-matter probability"),
+        "lags": Field(int, 4, minimum=1, maximum=100,
+                      doc="encoding from nitime_rois: past volumes used as features"),
         "num_workers": Field(int, 0, minimum=0, doc="background reader threads per rank"),
     }),
     "train": Section(dataclass=TrainConfig, required=True, doc="optimisation", fields={
@@ -543,6 +547,7 @@ def _check_model(v: _Validator, model: dict):
 
 
 NITIME_SERIES_LENGTH = 40
+NITIME_ROI_SIGNALS, NITIME_ROI_OUTPUTS = 31, 28  # fmri_timeseries.csv: all columns, ROIs
 
 
 def _check_model_matches_data(v: _Validator, model: dict, data: dict):
@@ -565,6 +570,16 @@ def _check_model_matches_data(v: _Validator, model: dict, data: dict):
         v.problem(("model", "input_length"), f"[model] input_length = {args['input_length']}: "
                   f"nitime's fMRI series have {NITIME_SERIES_LENGTH} time points; set "
                   f"input_length = {NITIME_SERIES_LENGTH}")
+    if data["source"] == "nitime_rois" and "in_features" in args and "out_features" in args:
+        features = NITIME_ROI_SIGNALS * data["lags"]
+        if args["in_features"] != features:
+            v.problem(("model", "in_features"), f"[model] in_features = {args['in_features']}: "
+                      f"nitime_rois gives {NITIME_ROI_SIGNALS} signals x [data] lags = "
+                      f"{data['lags']} = {features} features; set in_features = {features}")
+        if args["out_features"] != NITIME_ROI_OUTPUTS:
+            v.problem(("model", "out_features"), f"[model] out_features = "
+                      f"{args['out_features']}: nitime_rois predicts {NITIME_ROI_OUTPUTS} ROI "
+                      f"signals; set out_features = {NITIME_ROI_OUTPUTS}")
 
 
 def _build(schema: Section, values: dict):
@@ -596,7 +611,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         v.problem(("data", "source"), "[data] source = \"path\" needs [data] path (a file or "
                   "directory); or use source = \"nitime_fmri\" / \"mni152\" for the built-in "
                   "example data")
-    for field, kind in (("nitime_fmri", "fmri_series"), ("mni152", "volume_patches")):
+    for field, kind in (("nitime_fmri", "fmri_series"), ("mni152", "volume_patches"),
+                        ("nitime_rois", "encoding")):
         if data["source"] == field and data["kind"] != kind:
             v.problem(("data", "kind"), f'[data] kind = "{data["kind"]}": source "{field}" '
                       f'provides "{kind}" data')

@@ -214,6 +214,7 @@ input_shape = [16, 16, 16]
 [data]
 kind = "volume_patches"
 source = "mni152"
+cache_dir = "{tmp_path.parent / 'mni_cache'}"  # converted once per test session
 patch_size = [16, 16, 16]
 patches_per_volume = 32
 held_out_fraction = 0.2
@@ -234,11 +235,16 @@ dir = "{tmp_path / 'mni'}"
 """
 
 
-def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_path):
+def test_mni152_patches_are_read_from_zarr_in_disjoint_slabs_with_grey_matter_targets(tmp_path):
+    import nibabel as nib
+
+    from pybrain_mpi.data import Volume
+    from pybrain_mpi.examples_data import mni152_paths
     from pybrain_mpi.trainer import build_data
 
     config = parse_config(mni_config(tmp_path))
-    data = build_data(config.data, 0.1, rank=0, barrier=lambda: None)
+    data = build_data(config.data, 0.1, rank=0, share=lambda value, timeout_s: value)
+    assert isinstance(data.image_source.volume, Volume)  # patches come from the Zarr store
     assert data.input_shape == (16, 16, 16) and data.size("train") == 32
     train0, train1 = data.corners("train", 0), data.corners("train", 1)
     assert not np.array_equal(train0, train1)  # fresh patches every epoch
@@ -248,9 +254,15 @@ def test_mni152_patches_come_from_disjoint_slabs_with_grey_matter_targets(tmp_pa
     assert held[:, 0].min() >= start and train0[:, 0].max() + 16 <= data.regions["train"][1]
     x, y = data.batch("train", 0, np.arange(4))
     assert x.shape == (4, 16, 16, 16) and y.shape == (4, 1)
-    # gm_mean target equals the mean of the normalised GM map over the same patch.
+    # Reference from the source NIfTI files: z-scored T1 over the brain, GM / max(GM).
+    paths = mni152_paths()
+    t1 = np.asarray(nib.load(str(paths["t1"])).dataobj, dtype=np.float64)
+    gm = np.asarray(nib.load(str(paths["gm"])).dataobj, dtype=np.float64)
+    inside = t1[t1 > 0]
     a, b, c = train0[2]
-    assert y[2, 0] == pytest.approx(float(data.gm[a:a + 16, b:b + 16, c:c + 16].mean()), rel=1e-6)
+    patch = (t1[a:a + 16, b:b + 16, c:c + 16] - inside.mean()) / inside.std()
+    np.testing.assert_allclose(x[2], patch, rtol=0, atol=1e-5)  # float32 arithmetic
+    assert y[2, 0] == pytest.approx(gm[a:a + 16, b:b + 16, c:c + 16].mean() / gm.max(), rel=1e-6)
     assert np.all((y >= 0) & (y <= 1))
 
 
@@ -281,3 +293,128 @@ def test_early_stopping_after_patience_epochs_without_validation_improvement(tmp
     assert summary["stopped"] == "early stopping" and summary["epochs_completed"] == 4
     assert [h["val_loss"] for h in trainer.history] == [1.0, 0.9, 0.95, 0.97]
     assert len(summary["held_out_per_output"]["pearson_r"]) == 32
+
+
+# ------------------------------------------------------------------------ encoding, per-ROI metrics
+def per_roi_reference(pred: np.ndarray, target: np.ndarray, labels) -> dict:
+    """Per-output R^2 and Pearson r in plain numpy float64, averaged within each ROI."""
+    r2 = 1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+    r = np.array([np.corrcoef(pred[:, k], target[:, k])[0, 1] for k in range(target.shape[1])])
+    labels = np.asarray(labels)
+    return {"r2": {str(roi): float(r2[labels == roi].mean()) for roi in np.unique(labels)},
+            "pearson_r": {str(roi): float(r[labels == roi].mean()) for roi in np.unique(labels)}}
+
+
+def test_encoding_reports_per_roi_metrics_equal_to_a_numpy_reference(tmp_path):
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((80, 5))
+    targets = features @ rng.standard_normal((5, 4)) + 0.5 * rng.standard_normal((80, 4))
+    labels = np.array(["V1", "V1", "MT", "FFA"])
+    np.savez(tmp_path / "enc.npz", features=features, targets=targets, roi_labels=labels)
+    config = parse_config(f"""
+[model]
+name = "encoding_mlp"
+in_features = 5
+hidden = [8, 8]
+out_features = 4
+batch_norm = false
+[data]
+kind = "encoding"
+path = "{tmp_path / 'enc.npz'}"
+held_out_fraction = 0.25
+[train]
+epochs = 3
+batch_size = 8
+lr = 1e-2
+precision = "fp64"
+[output]
+dir = "{tmp_path / 'run'}"
+""")
+    trainer = Trainer(config, progress=False, echo=False)
+    summary = trainer.fit()
+    # Held-out rows are the last 20 samples (contiguous block): predict them independently.
+    assert trainer.data.rows["held_out"].tolist() == list(range(60, 80))
+    trainer.module.eval()
+    with torch.no_grad():
+        pred = trainer.module(torch.from_numpy(features[60:].astype(np.float32)).double()).numpy()
+    expected = per_roi_reference(pred, targets[60:].astype(np.float32).astype(np.float64), labels)
+    got = summary["held_out_per_roi"]
+    assert set(got["r2"]) == {"V1", "MT", "FFA"}
+    for metric in ("r2", "pearson_r"):
+        for roi, value in expected[metric].items():
+            assert got[metric][roi] == pytest.approx(value, rel=1e-10, abs=1e-12), (metric, roi)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["held_out_per_roi"] == got
+    from pybrain_mpi.trainer.trainer import format_summary
+    assert "ROI FFA" in format_summary(summary)
+
+
+def test_encoding_from_nitime_rois_predicts_next_volume_from_lagged_signals():
+    from pybrain_mpi.examples_data import load_nitime_roi_timeseries
+    from pybrain_mpi.trainer.data import nitime_roi_encoding
+
+    data = nitime_roi_encoding(lags=2, held_out_fraction=0.2, val_fraction=0.1)
+    names, values = load_nitime_roi_timeseries()
+    assert data.input_shape == (62,) and data.n_outputs == 28 and data.size("held_out") == 50
+    assert len(set(data.roi_labels)) == 14 and data.roi_labels.count("AntPHG") == 2
+    # Sample i: targets = ROI columns at volume i + 2; features = all signals at i + 1, then i,
+    # z-scored with the training block's statistics (volumes 0 .. train_end + 1).
+    train_end = data.size("train")
+    fit = values[:train_end + 2]
+    z = (values - fit.mean(0)) / fit.std(0)
+    x, y = data.batch("held_out", 0, np.array([3]))
+    i = data.rows["held_out"][3]
+    roi = [k for k, n in enumerate(names) if n not in ("WM", "Vent", "Brain")]
+    np.testing.assert_allclose(y[0], z[i + 2, roi], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x[0], np.concatenate([z[i + 1], z[i]]), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ example cache, ranks
+def test_ranks_waiting_for_the_example_cache_stop_with_a_clear_message(tmp_path, monkeypatch):
+    from pybrain_mpi.errors import CollectiveTimeout
+    from pybrain_mpi.trainer import DataError, build_data
+
+    config = parse_config(f"""
+[model]
+name = "dca"
+input_length = 40
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{tmp_path / 'cache'}"
+[train]
+epochs = 1
+batch_size = 4
+lr = 1e-3
+""")
+
+    def rank0_too_slow(value, timeout_s):
+        raise CollectiveTimeout(f"barrier: ranks [0] missing after {timeout_s} s", [0])
+
+    monkeypatch.setenv("PBM_CACHE_WAIT_S", "7")
+    with pytest.raises(DataError, match=r"rank 1 waited 7 s for rank 0 to prepare the nitime fMRI "
+                                        r"example in .*cache .*PBM_CACHE_WAIT_S"):
+        build_data(config.data, 0.1, rank=1, share=rank0_too_slow)
+    # Rank 0 failed to build it: the other ranks report rank 0's reason, not a missing cache.
+    with pytest.raises(DataError, match="on rank 0 failed: cannot write"):
+        build_data(config.data, 0.1, rank=1, share=lambda value, timeout_s: "cannot write ...")
+    # Rank 0 cannot write the cache directory: its reason reaches every rank.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = parse_config(f"""
+[model]
+name = "dca"
+input_length = 40
+[data]
+kind = "fmri_series"
+source = "nitime_fmri"
+cache_dir = "{blocker / 'cache'}"
+[train]
+epochs = 1
+batch_size = 4
+lr = 1e-3
+""")
+    shared = []
+    with pytest.raises(DataError, match="on rank 0 failed: cannot write the example cache"):
+        build_data(bad.data, 0.1, rank=0, share=lambda value, timeout_s: shared.append(value) or value)
+    assert "PBM_CACHE_DIR" in shared[0]

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 
-def write_config(path: Path, output: Path, cache: Path, precision: str = "fp64") -> Path:
+def write_config(path: Path, output: Path, cache: Path, precision: str = "fp64",
+                 extra_train: str = "") -> Path:
     path.write_text(f"""
 [model]
 name = "dca"
@@ -24,6 +25,7 @@ batch_size = 16
 lr = 1e-3
 precision = "{precision}"
 log_every = 1
+{extra_train}
 
 [output]
 dir = "{output}"

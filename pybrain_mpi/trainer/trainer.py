@@ -195,7 +195,7 @@ class Trainer:
         # Phase 2: data, then the model against it.
         self.data: TrainingData = self._together(
             "loading the data", lambda: build_data(config.data, train.val_fraction, self.rank,
-                                                   collectives.barrier))
+                                                   self._from_rank0))
         self.module = self._together("building the model", self._build_model)
         self.sampler = self._together("sharding the data", lambda: ShardedSampler(
             self.data.size("train"), train.batch_size, self.rank, self.size, train.seed))
@@ -264,11 +264,20 @@ class Trainer:
             raise TrainingSetupError(f"{text}\nno training step was run")
         return result
 
+    def _from_rank0(self, value: Any, timeout_s: float) -> Any:
+        """Rank 0's ``value`` on every rank, after a barrier bounded by ``timeout_s``."""
+        collectives.barrier(timeout_s)
+        return self.comm.bcast(value, root=0) if self.size > 1 else value
+
     def _check_directories(self) -> None:
         _probe_writable(self.output_dir, "[output] dir", self.rank)
         _probe_writable(self.output_dir / "logs", "log directory", self.rank)
         if self.rank == 0:
             _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
+            # A run killed while writing (SIGKILL, node failure) left a temporary file; the
+            # checkpoint itself is whole (written by rename), the temporary is garbage.
+            for leftover in ckpt.remove_stale_temporaries(self.checkpoint_file):
+                self._say(f"removed {leftover.name}, a checkpoint write interrupted by a kill")
         if self.timeline_path is not None and self.rank == 0:
             _probe_writable(self.timeline_path.resolve().parent, "--timeline directory", self.rank)
 
@@ -286,6 +295,11 @@ class Trainer:
             raise DataError(f"the data's series have {data_shape[0]} time points but [model] "
                             f"input_length = {model.input_length} ({self.config.source}); set "
                             f"input_length = {data_shape[0]}")
+        in_features = getattr(model, "in_features", None)
+        if in_features is not None and data_shape != (in_features,):
+            raise DataError(f"the data has {int(np.prod(data_shape))} features per sample but "
+                            f"[model] in_features = {in_features}; set in_features = "
+                            f"{int(np.prod(data_shape))}")
         expected = getattr(model, "input_shape", None)
         if expected is not None and tuple(expected) != data_shape:
             raise DataError(f"the data's patches are {list(data_shape)} but model '{name}' takes "
@@ -450,7 +464,7 @@ class Trainer:
         vector = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), stats.as_tensor()])
         vector = collectives.allreduce(vector, op="sum", name=f"{split} metrics")
         total = RegressionStats.from_tensor(vector[1:], stats.n_outputs)
-        report = total.compute()
+        report = total.compute(self.data.roi_labels)
         report["loss"] = float(vector[0]) / total.count
         return report
 
@@ -632,9 +646,14 @@ class Trainer:
             "epochs_completed": len(self.history), "stopped": stop_reason,
             "final_train_loss": self.step_losses[-1] if self.step_losses else None,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-            "held_out": {k: v for k, v in (held_out or {}).items() if k != "per_output"},
+            "held_out": {k: v for k, v in (held_out or {}).items()
+                         if k not in ("per_output", "per_roi")},
             "held_out_per_output": ({k: v.tolist() for k, v in held_out["per_output"].items()}
                                     if held_out else None),
+            # {"pearson_r": {roi: mean over its outputs}, "r2": {...}} for encoding data.
+            "held_out_per_roi": ({metric: {str(roi): float(v) for roi, v in values.items()}
+                                  for metric, values in held_out["per_roi"].items()}
+                                 if held_out and "per_roi" in held_out else None),
             "samples_per_s": samples_this_run / run_seconds if run_seconds > 0 else None,
             "train_seconds": run_seconds, "samples_this_run": samples_this_run,
             "bytes_communicated": bytes_run,
@@ -680,6 +699,13 @@ def format_summary(summary: dict) -> str:
         ("loss curve", summary.get("loss_curve", "-")),
         ("checkpoint", summary["checkpoint"]),
     ]
+    per_roi = summary.get("held_out_per_roi")
+    if per_roi:
+        at = [k for k, _ in rows].index("held-out samples") + 1
+        rows[at:at] = [(f"  ROI {roi}", f"R^2 {num(per_roi['r2'][roi], '.4f')}  r "
+                                        f"{num(per_roi['pearson_r'][roi], '.4f')}")
+                       for roi in per_roi["r2"]]
+        rows.insert(at, ("held-out per ROI", f"{len(per_roi['r2'])} ROIs (mean over outputs)"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join(["summary", line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
