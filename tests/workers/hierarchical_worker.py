@@ -158,7 +158,12 @@ def mode_async(comm, algorithm: str) -> None:
         assert handle.done()
 
 
-def mode_compressed(comm, op: str) -> None:
+def mode_compressed(comm, ops: str) -> None:
+    for op in ops.split(","):
+        compressed_matches_simulation(comm, op)
+
+
+def compressed_matches_simulation(comm, op: str) -> None:
     """3LC on the inter-node stage only: matches a simulation of node sum + per-slice 3LC."""
     n, r = comm.Get_size(), comm.Get_rank()
     layout = context.current().engine.node_layout()
@@ -255,6 +260,15 @@ def mode_mismatch(comm, algorithm: str) -> None:
             assert "hierarchical" in str(error), str(error)
         else:
             raise AssertionError("shm across nodes must be refused")
+
+
+def mode_steps(comm, *steps: str) -> None:
+    """Runs several modes in one launch ("exact:shm,auto:0", "async:shm", ...): starting
+    4 ranks on 2 cores costs more than most checks."""
+    for step in steps:
+        name, *args = step.split(":")
+        globals()[f"mode_{name}"](comm, *args)
+        print(f"step {name} done on rank {comm.Get_rank()}", flush=True)
 
 
 if __name__ == "__main__":
