@@ -50,3 +50,11 @@ def test_uneven_nodes_two_plus_one_hierarchical_exact():
 def test_timeout_names_the_node_rank_that_never_joined(algorithm):
     result = _run(2, 2 if algorithm == "shm" else 1, f"timeout:{algorithm}", timeout_s=90)
     assert "waiting for rank 1" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("ranks,per_node,algorithm", [(2, 2, "shm"), (3, 2, "hierarchical")])
+def test_ddp_with_shared_memory_buckets_matches_one_process(ranks, per_node, algorithm):
+    result = run_mpi(ranks, "ddp_worker.py", "equivalence", "sgd", "1", algorithm,
+                     env={"PBM_RANKS_PER_NODE": str(per_node)})
+    for rank in range(ranks):
+        assert f"OK equivalence rank {rank}" in result.stdout, result.stdout + result.stderr
