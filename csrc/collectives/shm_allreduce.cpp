@@ -362,15 +362,16 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
       if (n == 0) continue;
       char* out = mine + slices.begin(s) * esize;
       for (int q = 0; q < L; ++q) inputs[q] = q == me ? out : source(q, s);
-      reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor);
+      // Copy path on one node: the result goes to the arena too, from the same cache block.
+      // Hierarchical: the arena gets the slice only after the inter-node stage finished it.
+      char* publish = !zero_copy && L > 1 ? arena(me) + slices.begin(s) * esize : nullptr;
+      reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor, hierarchical ? nullptr : publish);
       if (hierarchical) {
         inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset, &owner_offset, deadline,
                    what, status);
+        if (publish) std::memcpy(publish, out, n * esize);
       }
-      if (!zero_copy && L > 1) {
-        std::memcpy(arena(me) + slices.begin(s) * esize, out, n * esize);
-        moved += n * esize;
-      }
+      if (publish) moved += n * esize;
     }
     if (L == 1) continue;
     sync("reduce", deadline, what, status);
