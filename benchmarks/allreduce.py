@@ -11,6 +11,10 @@ iteration (the copy is timed too, so their figures are conservative); their "bus
 effective one, uncompressed bytes / time. For every implementation the bytes this rank sent
 per call are measured and turned into the time the same call would take on a 10 Gbit/s link
 (bytes / 1.25 GB/s), the bandwidth-bound regime of multi-node runs.
+pbm_shm runs the shared-memory node stage on ordinary tensors (copy-in, reduce, copy-out),
+pbm_shm_zc on a buffer from pbm.shared_empty (zero-copy: peers' buffers are reduced in
+place); both need all ranks on one node. pbm_hier (and pbm_hier_3lc, 3LC between nodes
+only) is the hierarchical allreduce: run it with PBM_RANKS_PER_NODE to emulate nodes.
 For each size the table shows the median over iterations of the slowest rank's time,
 algorithm bandwidth (size / time) and bus bandwidth busbw = algbw * 2(n-1)/n, which
 compares across rank counts (NCCL's convention). JSON lines go to --json with fields
