@@ -88,9 +88,13 @@ NodeStage::NodeStage(Transport& world, int node_color) : world_(world) {
 
   control_ = allocate_window(node_comm_, kFlagBytes);
   flags_.resize(local_size_);
+  failed_.resize(local_size_);
   flags_[local_rank_] = new (control_.base[local_rank_]) std::atomic<uint64_t>(0);
-  for (int q = 0; q < local_size_; ++q)
+  failed_[local_rank_] = new (control_.base[local_rank_] + 8) std::atomic<uint64_t>(0);
+  for (int q = 0; q < local_size_; ++q) {
     flags_[q] = reinterpret_cast<std::atomic<uint64_t>*>(control_.base[q]);
+    failed_[q] = reinterpret_cast<std::atomic<uint64_t>*>(control_.base[q] + 8);
+  }
   // Peers may read our flag only once it is constructed: the one barrier of the node stage,
   // at init, where every rank is anyway (like MPI_Comm_dup).
   world.check(MPI_Barrier(node_comm_), "MPI_Barrier (node stage set-up)");
@@ -326,6 +330,7 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
   size_t residual_offset = 0;
   size_t owner_offset = 0;
   uint64_t moved = 0;
+  std::string failure;
 
   // Zero-copy: peers' buffers are read in place, so each rank must know the others have
   // entered the collective (their buffers hold their inputs) before reading them.
@@ -367,14 +372,31 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
       char* publish = !zero_copy && L > 1 ? arena(me) + slices.begin(s) * esize : nullptr;
       reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor, hierarchical ? nullptr : publish);
       if (hierarchical) {
-        inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset, &owner_offset, deadline,
-                   what, status);
+        try {
+          inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset, &owner_offset,
+                     deadline, what, status);
+        } catch (const AgreedFailureError& error) {
+          // Every rank of this slice's ring raised it; the node's other ranks learn it at
+          // the next sync. Our remaining slices' rings still run: their peers expect us.
+          if (failure.empty()) failure = error.what();
+          failed_[me]->store(epoch_ + 1, std::memory_order_relaxed);
+        }
         if (publish) std::memcpy(publish, out, n * esize);
       }
       if (publish) moved += n * esize;
     }
+    if (L > 1) sync("reduce", deadline, what, status);
+    // An agreed failure (3LC: NaN/Inf on some rank) reached every node through the owners of
+    // the failing slice; all node ranks see it after the same sync and raise together.
+    for (int q = 0; q < L; ++q) {
+      if (failed_[q]->load(std::memory_order_relaxed) == epoch_ && epoch_ != 0 && failure.empty())
+        failure = "rank " + std::to_string(world_.rank()) + ": " + what() +
+                  ": 3LC found NaN/Inf in the inter-node stage of the slice owned by node rank " +
+                  std::to_string(world_of_local_[q]) + " (a node's sum of the gradient)";
+    }
+    if (!failure.empty())
+      throw AgreedFailureError(failure + " (the buffer holds partial node sums; skip this step)");
     if (L == 1) continue;
-    sync("reduce", deadline, what, status);
 
     // Copy-out: every other slice from its owner.
     for (int s = 0; s < P; ++s) {

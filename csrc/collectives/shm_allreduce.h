@@ -144,6 +144,9 @@ class NodeStage {
 
   SharedWindow control_;
   std::vector<std::atomic<uint64_t>*> flags_;  // by local rank
+  // Epoch of the sync after which the rank reports an agreed failure (3LC found NaN/Inf in
+  // the slice it owns): the node's other ranks raise the same error instead of waiting.
+  std::vector<std::atomic<uint64_t>*> failed_;
   uint64_t epoch_ = 0;
   SharedWindow arena_;
   size_t arena_bytes_ = 0;

@@ -217,6 +217,18 @@ def compressed_matches_simulation(comm, op: str) -> None:
                                    rtol=0, atol=tolerance, err_msg=f"residual, step {step}")
         assert state.hierarchical_residual.size == mine.stop - mine.start
         same_on_every_rank(comm, x, f"compressed step {step}")
+    # NaN/Inf on one rank: every rank raises (no timeout), and the ranks stay in step
+    g = torch.ones(5000)
+    if r == n - 1:
+        g[1234] = float("inf")
+    try:
+        pbm.allreduce_(g, algorithm="hierarchical", compression=codec, state=codec.new_state(g),
+                       name="fc.weight")
+    except pbm.PbmError as error:
+        assert "fc.weight" in str(error) and "NaN/Inf" in str(error), str(error)
+    else:
+        raise AssertionError(f"NaN/Inf not reported on rank {r}")
+    assert torch.all(pbm.allreduce(torch.ones(300_000), algorithm="hierarchical") == n)
     # the flat path still uses the full-size residual of the same state class
     flat = codec.new_state(np.zeros(count, np.float32))
     y = torch.from_numpy(gradients(9, count, n)[r].copy())
