@@ -378,7 +378,13 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
         } catch (const AgreedFailureError& error) {
           // Every rank of this slice's ring raised it; the node's other ranks learn it at
           // the next sync. Our remaining slices' rings still run: their peers expect us.
-          if (failure.empty()) failure = error.what();
+          if (failure.empty()) {
+            failure = error.what();
+            // The node stage already wrote partial sums: say so instead (appended below).
+            const std::string flat_claim = "; no rank applied this allreduce";
+            const size_t at = failure.find(flat_claim);
+            if (at != std::string::npos) failure.erase(at, flat_claim.size());
+          }
           failed_[me]->store(epoch_ + 1, std::memory_order_relaxed);
         }
         if (publish) std::memcpy(publish, out, n * esize);
