@@ -11,6 +11,10 @@ iteration (the copy is timed too, so their figures are conservative); their "bus
 effective one, uncompressed bytes / time. For every implementation the bytes this rank sent
 per call are measured and turned into the time the same call would take on a 10 Gbit/s link
 (bytes / 1.25 GB/s), the bandwidth-bound regime of multi-node runs.
+pbm_shm runs the shared-memory node stage on ordinary tensors (copy-in, reduce, copy-out),
+pbm_shm_zc on a buffer from pbm.shared_empty (zero-copy: peers' buffers are reduced in
+place); both need all ranks on one node. pbm_hier (and pbm_hier_3lc, 3LC between nodes
+only) is the hierarchical allreduce: run it with PBM_RANKS_PER_NODE to emulate nodes.
 For each size the table shows the median over iterations of the slowest rank's time,
 algorithm bandwidth (size / time) and bus bandwidth busbw = algbw * 2(n-1)/n, which
 compares across rank counts (NCCL's convention). JSON lines go to --json with fields
@@ -33,12 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 from common import (human_bytes, median, parse_size, print_table, time_collective,  # noqa: E402
                     write_json_lines)
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
-IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16")
+IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16", "pbm_shm", "pbm_shm_zc",
+         "pbm_hier", "pbm_hier_3lc")
 DEFAULT_IMPLS = "pbm_ring,pbm_mpi,mpi,gloo"
 LINK_10G_BYTES_PER_S = 10e9 / 8
 
@@ -134,18 +138,31 @@ def main() -> None:
         buffer = torch.zeros(count, dtype=torch.float32)
         array = buffer.numpy()
         gradient = None
-        if "pbm_3lc" in impls or "pbm_bf16" in impls:
+        # pbm_shm_zc: the buffer lives in MPI shared memory (pbm.shared_empty), so the node
+        # stage reads peers' buffers in place instead of copying them in.
+        shared = None
+        if "pbm_shm_zc" in impls:
+            pbm.shared_reset()
+            shared = pbm.shared_empty(count, "float32")
+            shared.zero_()
+        if "pbm_3lc" in impls or "pbm_bf16" in impls or "pbm_hier_3lc" in impls:
             generator = torch.Generator().manual_seed(rank)
             gradient = torch.randn(count, generator=generator) * torch.rand(count, generator=generator) ** 4
             work = torch.empty_like(gradient)
             codec = pbm.compression.ThreeLC(1.0)
             state = codec.new_state(gradient)
+            hier_state = codec.new_state(gradient)
             cast = pbm.compression.Cast("bf16")
         runs = {
             "pbm_3lc": lambda: pbm.allreduce_(work.copy_(gradient), compression=codec, state=state),
             "pbm_bf16": lambda: pbm.allreduce_(work.copy_(gradient), compression=cast),
             "pbm_ring": lambda: pbm.allreduce_(buffer, algorithm="ring"),
             "pbm_mpi": lambda: pbm.allreduce_(buffer, algorithm="mpi"),
+            "pbm_shm": lambda: pbm.allreduce_(buffer, algorithm="shm"),
+            "pbm_shm_zc": lambda: pbm.allreduce_(shared, algorithm="shm"),
+            "pbm_hier": lambda: pbm.allreduce_(buffer, algorithm="hierarchical"),
+            "pbm_hier_3lc": lambda: pbm.allreduce_(work.copy_(gradient), algorithm="hierarchical",
+                                                   compression=codec, state=hier_state),
             "mpi": lambda: comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM),
             "gloo": lambda: dist.all_reduce(buffer),
         }
@@ -172,7 +189,7 @@ def main() -> None:
                     "nodes": len(links_after), "local_size": pbm.local_size(),
                     "rate": os.environ.get("PBM_EMU_RATE"), "placement": os.environ.get("PBM_EMU_PLACEMENT"),
                 })
-        del buffer, array
+        buffer = array = shared = None  # free before the next size allocates
 
     if rank == 0:
         rows = []
@@ -191,7 +208,7 @@ def main() -> None:
         for impl in impls:
             columns += [(f"{impl}_us", f"{impl} us"), (f"{impl}_bus", f"{impl} busbw GB/s")]
         columns += [(k, f"ring speedup vs {k[2:]}") for k in ("x_mpi", "x_gloo") if k in rows[0]]
-        for impl in ("pbm_3lc", "pbm_bf16"):
+        for impl in ("pbm_3lc", "pbm_bf16", "pbm_hier_3lc"):
             if impl in impls and "pbm_ring" in impls:
                 for row in rows:
                     size = next(r["size_bytes"] for r in records if human_bytes(r["size_bytes"]) == row["size"])

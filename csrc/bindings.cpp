@@ -279,6 +279,70 @@ void bind_kernels(py::module_& m) {
       "Fused torch.optim.Adagrad update over flat float32 buffers.");
 }
 
+// Shared-memory node stage (csrc/collectives/shm_allreduce.*): methods added to Engine.
+void bind_shm(py::module_& m) {
+  auto engine = py::reinterpret_borrow<py::class_<pbm::Engine>>(m.attr("Engine"));
+  auto node = [](pbm::Engine& e) -> pbm::NodeStage& {
+    if (!e.node()) throw pbm::PbmError("the shared-memory node stage is not set up (pybrain_mpi.init() does it)");
+    return *e.node();
+  };
+  engine
+      .def(
+          "configure_nodes",
+          [](pbm::Engine& e, int node_color) {
+            py::gil_scoped_release release;
+            e.configure_nodes(node_color);
+          },
+          py::arg("node_color"),
+          "Sets up the node stage; collective. node_color: the same on all ranks of a node.")
+      .def(
+          "shared_alloc",
+          [node](pbm::Engine& e, size_t bytes) {
+            pbm::NodeStage& stage = node(e);
+            py::gil_scoped_release release;
+            return reinterpret_cast<std::uintptr_t>(stage.shared_alloc(bytes));
+          },
+          py::arg("bytes"), "Address of `bytes` in this rank's shared pool segment; collective over the node.")
+      .def("shared_reset", [node](pbm::Engine& e) { node(e).shared_reset(); },
+           "Makes all pool memory reusable (earlier shared buffers then alias new ones).")
+      .def_property_readonly("shm_bytes", &pbm::Engine::shm_bytes)
+      .def_property(
+          "shm_min_bytes", [](pbm::Engine& e) { return e.shm_min_bytes; },
+          [](pbm::Engine& e, size_t bytes) { e.shm_min_bytes = bytes; })
+      .def_property(
+          "shm_chunk_bytes", [node](pbm::Engine& e) { return node(e).chunk_bytes; },
+          [node](pbm::Engine& e, size_t bytes) { node(e).chunk_bytes = std::max<size_t>(bytes, 4096); })
+      .def(
+          "node_layout",
+          [node](pbm::Engine& e) {
+            pbm::NodeStage& stage = node(e);
+            py::dict layout;
+            layout["local_rank"] = stage.local_rank();
+            layout["local_size"] = stage.local_size();
+            layout["node_count"] = stage.node_count();
+            layout["slices"] = stage.max_local_size();
+            layout["node_world_ranks"] = stage.node_world_ranks();
+            return layout;
+          },
+          "The node stage's view of the topology.")
+      .def(
+          "resolve_algorithm",
+          [](pbm::Engine& e, int algorithm, size_t bytes) {
+            return static_cast<int>(e.resolve_algorithm(static_cast<pbm::Algorithm>(algorithm), bytes));
+          },
+          py::arg("algorithm"), py::arg("bytes"), "The algorithm code an allreduce of `bytes` runs as.")
+      .def(
+          "threelc_state_sizes",
+          [node](pbm::Engine& e, size_t count, int dtype) {
+            pbm::NodeStage& stage = node(e);
+            const auto type = static_cast<pbm::DType>(dtype);
+            return py::make_tuple(stage.owned_elements(count, type),
+                                  stage.owner_residual_elements(count, type));
+          },
+          py::arg("count"), py::arg("dtype"),
+          "(first-stage, second-stage) residual elements of a compressed hierarchical allreduce.");
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
 
@@ -384,4 +448,5 @@ PYBIND11_MODULE(_core, m) {
           "Stops the progress thread; queued collectives fail, a stuck one is aborted.");
   bind_compression(m);
   bind_kernels(m);
+  bind_shm(m);
 }

@@ -9,8 +9,8 @@ Importing the package does not initialize MPI; :func:`init` does.
 
 from .communication import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allreduce_async_,
                             barrier, broadcast_, broadcast_async_, bytes_sent, comm, cross_rank,
-                            cross_size, init, is_initialized, local_rank, local_size, rank, shutdown,
-                            size)
+                            cross_size, init, is_initialized, local_rank, local_size, rank,
+                            shared_empty, shared_reset, shm_bytes, shutdown, size)
 from . import amp, checkpointing, compression, optim
 from .engine import DistributedDataParallel
 from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError
@@ -30,5 +30,5 @@ __all__ = [
     "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
     "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
-    "DistributedDataParallel", "amp", "checkpointing", "compression", "optim", "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
+    "shared_empty", "shared_reset", "shm_bytes", "DistributedDataParallel", "amp", "checkpointing", "compression", "optim", "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
 ]

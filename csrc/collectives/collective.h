@@ -15,6 +15,9 @@ enum class CollectiveKind : int32_t { kAllreduce = 0, kBroadcast = 1, kBarrier =
 enum class Algorithm : int32_t {
   kRing = 0,  // ring_allreduce.cpp: pipelined reduce-scatter + allgather over point-to-point
   kMpi = 1,   // mpi_allreduce.cpp: the MPI library's own MPI_Iallreduce (baseline, fallback)
+  kShm = 2,   // shm_allreduce.cpp: one node, reduce-scatter + allgather in shared memory
+  kHierarchical = 3,  // shm_allreduce.cpp: shm node stage + per-slice rings between nodes
+  kAuto = 4,  // engine.cpp resolve_algorithm(): by message size and topology
 };
 
 inline const char* collective_kind_name(CollectiveKind kind) {
@@ -30,6 +33,9 @@ inline const char* algorithm_name(Algorithm algorithm) {
   switch (algorithm) {
     case Algorithm::kRing: return "ring";
     case Algorithm::kMpi: return "mpi";
+    case Algorithm::kShm: return "shm";
+    case Algorithm::kHierarchical: return "hierarchical";
+    case Algorithm::kAuto: return "auto";
   }
   return "unknown";
 }

@@ -140,9 +140,12 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   }
   if (!failed_ranks.empty()) {
     std::ostringstream message;
-    message << "rank " << me << ": " << what() << ": 3LC found NaN/Inf in the gradient on rank";
+    // World ranks (a hierarchical allreduce runs this over a sub-communicator per slice).
+    message << "rank " << transport_.world_rank(me) << ": " << what()
+            << ": 3LC found NaN/Inf in the gradient on rank";
     message << (failed_ranks.size() > 1 ? "s " : " ");
-    for (size_t i = 0; i < failed_ranks.size(); ++i) message << (i ? ", " : "") << failed_ranks[i];
+    for (size_t i = 0; i < failed_ranks.size(); ++i)
+      message << (i ? ", " : "") << transport_.world_rank(failed_ranks[i]);
     message << "; no rank applied this allreduce";
     if (!local_error.empty()) message << " (here: " << local_error << ")";
     throw AgreedFailureError(message.str());

@@ -107,6 +107,15 @@ void Engine::validate(const CollectiveSpec& spec) const {
          std::to_string(size()));
   }
   if (spec.count > 0 && spec.data == nullptr) fail("null buffer");
+  if (spec.kind == CollectiveKind::kAllreduce &&
+      (spec.algorithm == Algorithm::kShm || spec.algorithm == Algorithm::kHierarchical)) {
+    if (!node_) fail(std::string("algorithm '") + algorithm_name(spec.algorithm) +
+                     "' needs the node stage: initialize with pybrain_mpi.init()");
+    if (spec.algorithm == Algorithm::kShm && !node_->single_node())
+      fail("algorithm 'shm' reduces within one node, but the ranks span " +
+           std::to_string(node_->node_count()) +
+           " nodes; use algorithm='hierarchical' (or 'auto')");
+  }
   if (spec.threelc) {
     if (spec.op != ReduceOp::kSum && spec.op != ReduceOp::kAvg) fail("3LC compression needs op 'sum' or 'avg'");
     if (spec.dtype != DType::kFloat32 && !is_half_precision(spec.dtype))
@@ -256,17 +265,43 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
   const Describe what = [&op] { return op.describe(); };
   if (spec.threelc) {
     // Compressed data travels in its own messages: the join carries no payload.
+    const size_t bytes = spec.count * dtype_size(spec.dtype);
+    const Algorithm algorithm =
+        spec.algorithm == Algorithm::kAuto ? Algorithm::kRing : resolve_algorithm(spec.algorithm, bytes);
     CollectiveHeader header = header_for(spec, op.seq());
+    const bool node_stage = algorithm == Algorithm::kShm || algorithm == Algorithm::kHierarchical;
+    if (node_stage) zero_copy_target(spec.data, bytes, &header);
     handshake_.exchange(header, nullptr, deadline, what, &op.status());
-    compressed_.run(spec.data, spec.count, spec.dtype, spec.op == ReduceOp::kAvg, spec.sparsity,
-                    spec.residual, spec.owner_residual, spec.name, deadline, what, &op.status());
+    if (!node_stage) {
+      compressed_.run(spec.data, spec.count, spec.dtype, spec.op == ReduceOp::kAvg, spec.sparsity,
+                      spec.residual, spec.owner_residual, spec.name, deadline, what, &op.status());
+      return;
+    }
+    // Hierarchical: 3LC on the inter-node stage only. One node (shm): nothing crosses a
+    // network, so the allreduce is exact and the state is left untouched.
+    InterNode inter;
+    inter.enabled = algorithm == Algorithm::kHierarchical;
+    inter.threelc = inter.enabled;
+    inter.sparsity = spec.sparsity;
+    inter.residual = spec.residual;
+    inter.owner_residual = spec.owner_residual;
+    inter.name = spec.name;
+    uint64_t offset = 0;
+    const int32_t window = agreed_zero_copy_window(bytes, &offset);
+    node_->allreduce(spec.data, spec.count, spec.dtype, ReduceOp::kSum,
+                     spec.op == ReduceOp::kAvg ? static_cast<double>(n) : 1.0, window, offset, inter,
+                     deadline, what, &op.status());
     return;
   }
-  // 16-bit floats accumulate in float32 (a widened copy in persistent scratch).
+  const Algorithm algorithm =
+      resolve_algorithm(spec.algorithm, spec.count * dtype_size(spec.dtype));
+  const bool node_stage = algorithm == Algorithm::kShm || algorithm == Algorithm::kHierarchical;
+  // 16-bit floats accumulate in float32 (a widened copy in persistent scratch). The
+  // single-node stage widens element by element inside its reduce instead.
   void* work = spec.data;
   DType work_dtype = spec.dtype;
-  const bool widen = is_half_precision(spec.dtype) &&
-                     (!spec.half_wire || spec.algorithm == Algorithm::kMpi);
+  const bool widen = is_half_precision(spec.dtype) && algorithm != Algorithm::kShm &&
+                     (!spec.half_wire || algorithm == Algorithm::kMpi);
   if (widen) {
     work = transport_.scratch(kScratchWiden, spec.count * sizeof(float));
     widen_to_float32(static_cast<const uint16_t*>(spec.data), static_cast<float*>(work), spec.count,
@@ -276,10 +311,12 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
   const size_t esize = dtype_size(work_dtype);
   const size_t bytes = spec.count * esize;
   const double divisor = spec.op == ReduceOp::kAvg ? static_cast<double>(n) : 1.0;
-  const bool small = n > 1 && inline_allreduce(bytes, n);
+  // Explicit shm/hierarchical always run the node stage (also for tiny buffers).
+  const bool small = n > 1 && !node_stage && inline_allreduce(bytes, n);
 
   CollectiveHeader header = header_for(spec, op.seq());
   header.payload_bytes = small ? static_cast<uint32_t>(bytes) : 0;
+  if (node_stage && work == spec.data) zero_copy_target(work, bytes, &header);
   handshake_.exchange(header, small ? work : nullptr, deadline, what, &op.status());
 
   if (n == 1) {
@@ -291,7 +328,14 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
     for (int r = 1; r < n; ++r) reduce_into(acc, handshake_.payload(r), spec.count, work_dtype, spec.op);
     if (divisor != 1.0) divide_in_place(acc, spec.count, work_dtype, divisor);
     std::memcpy(work, acc, bytes);
-  } else if (spec.algorithm == Algorithm::kMpi) {
+  } else if (node_stage) {
+    InterNode inter;
+    inter.enabled = algorithm == Algorithm::kHierarchical;
+    uint64_t offset = 0;
+    const int32_t window = work == spec.data ? agreed_zero_copy_window(bytes, &offset) : -1;
+    node_->allreduce(work, spec.count, work_dtype, spec.op, divisor, window, offset, inter,
+                     deadline, what, &op.status());
+  } else if (algorithm == Algorithm::kMpi) {
     mpi_allreduce(transport_, work, spec.count, work_dtype, spec.op, deadline, what, &op.status());
     if (divisor != 1.0) divide_in_place(work, spec.count, work_dtype, divisor);
   } else {
@@ -302,6 +346,51 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
     narrow_from_float32(static_cast<const float*>(work), static_cast<uint16_t*>(spec.data),
                         spec.count, spec.dtype);
   }
+}
+
+void Engine::configure_nodes(int node_color) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (node_) throw PbmError("rank " + std::to_string(rank()) + ": the node stage is already set up");
+  node_ = std::make_unique<NodeStage>(transport_, node_color);
+}
+
+Algorithm Engine::resolve_algorithm(Algorithm requested, size_t bytes) const {
+  if (!node_) return requested == Algorithm::kAuto ? Algorithm::kRing : requested;
+  const bool several_local = node_->max_local_size() > 1;
+  switch (requested) {
+    case Algorithm::kAuto:
+      if (bytes < shm_min_bytes || !several_local) return Algorithm::kRing;
+      return node_->single_node() ? Algorithm::kShm : Algorithm::kHierarchical;
+    case Algorithm::kHierarchical:
+      // One node: the node stage is the whole allreduce. One rank per node: the ring is.
+      if (node_->single_node()) return Algorithm::kShm;
+      return several_local ? Algorithm::kHierarchical : Algorithm::kRing;
+    default:
+      return requested;
+  }
+}
+
+void Engine::zero_copy_target(const void* data, size_t bytes, CollectiveHeader* header) const {
+  int32_t window = -1;
+  uint64_t offset = 0;
+  if (node_ && bytes > 0 && node_->locate(data, bytes, &window, &offset)) {
+    header->shm_window = window;
+    header->shm_offset = offset;
+  }
+}
+
+int32_t Engine::agreed_zero_copy_window(size_t bytes, uint64_t* offset) const {
+  // Every node rank sees the same headers of its node, so all make the same choice.
+  const std::vector<int>& members = node_->node_world_ranks();
+  const CollectiveHeader& first = handshake_.header(members[0]);
+  if (first.shm_window < 0) return -1;
+  for (int member : members) {
+    const CollectiveHeader& h = handshake_.header(member);
+    if (h.shm_window != first.shm_window || h.shm_offset != first.shm_offset) return -1;
+  }
+  if (!node_->pool_region_valid(first.shm_window, first.shm_offset, bytes)) return -1;
+  *offset = first.shm_offset;
+  return first.shm_window;
 }
 
 void Engine::execute_broadcast(Operation& op, Clock::time_point deadline) {
@@ -321,7 +410,10 @@ void Engine::shutdown() {
     stopping_ = true;
     abandoned.swap(queue_);
     // A collective stuck waiting for a peer that will never come gives up now.
-    if (executing_) transport_.abort();
+    if (executing_) {
+      transport_.abort();
+      if (node_) node_->abort();
+    }
   }
   queue_cv_.notify_all();
   if (progress_thread_.joinable()) progress_thread_.join();

@@ -21,6 +21,7 @@
 #include "compressed_allreduce.h"
 #include "handshake.h"
 #include "ring_allreduce.h"
+#include "shm_allreduce.h"
 #include "transport.h"
 
 namespace pbm {
@@ -76,7 +77,21 @@ class Engine {
   void shutdown();
 
   RingAllreduce& ring() { return ring_; }
-  uint64_t bytes_sent() const { return transport_.bytes_sent.load(); }
+  uint64_t bytes_sent() const {
+    return transport_.bytes_sent.load() + (node_ ? node_->bytes_sent() : 0);
+  }
+
+  // Sets up the shared-memory node stage (algorithms shm/hierarchical/auto). Collective over
+  // the communicator; call once, before any collective. `node_color`: the same value on all
+  // ranks of a node (pybrain_mpi passes the node's lowest rank).
+  void configure_nodes(int node_color);
+  NodeStage* node() { return node_.get(); }
+  uint64_t shm_bytes() const { return node_ ? node_->shm_bytes() : 0; }
+  // algorithm "auto" uses the node stage from this many bytes on (PBM_SHM_MIN_BYTES);
+  // smaller messages go to the ring (which carries them inside the join message).
+  size_t shm_min_bytes = 64 * 1024;
+  // The algorithm an allreduce of `bytes` with `requested` runs as on this topology.
+  Algorithm resolve_algorithm(Algorithm requested, size_t bytes) const;
   double timeout_s() const { return timeout_s_; }
 
  private:
@@ -86,6 +101,9 @@ class Engine {
   void execute(Operation& op, Clock::time_point deadline);
   void execute_allreduce(Operation& op, Clock::time_point deadline);
   void execute_broadcast(Operation& op, Clock::time_point deadline);
+  // Zero-copy: window and offset of the buffer if every node rank's lies at the same place.
+  void zero_copy_target(const void* data, size_t bytes, CollectiveHeader* header) const;
+  int32_t agreed_zero_copy_window(size_t bytes, uint64_t* offset) const;
   void mark_broken(const std::string& reason);
   void throw_if_broken() const;
   Clock::time_point deadline_after(double timeout_s) const;
@@ -94,6 +112,7 @@ class Engine {
   Handshake handshake_;
   RingAllreduce ring_;
   CompressedAllreduce compressed_;
+  std::unique_ptr<NodeStage> node_;
   double timeout_s_;
 
   mutable std::mutex mu_;

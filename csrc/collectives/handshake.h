@@ -18,7 +18,7 @@
 namespace pbm {
 
 constexpr uint32_t kHeaderMagic = 0x50424d31;  // "PBM1"
-constexpr uint32_t kHeaderVersion = 1;
+constexpr uint32_t kHeaderVersion = 2;
 // Largest payload that rides along with a header (see Handshake).
 constexpr size_t kMaxInlinePayloadBytes = 64 * 1024;
 
@@ -34,8 +34,11 @@ struct CollectiveHeader {
   int32_t root = 0;
   uint32_t payload_bytes = 0;
   float sparsity = 0.f;  // 3LC sparsity multiplier; 0 when uncompressed
-  uint32_t reserved = 0;
+  // Zero-copy node stage: the shared pool window (-1: none) and offset of this rank's
+  // buffer. Not part of the agreement: the node ranks fall back to copying when they differ.
+  int32_t shm_window = -1;
   char name[64] = {};
+  uint64_t shm_offset = 0;
 };
 
 class Handshake {

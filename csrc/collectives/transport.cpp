@@ -25,6 +25,10 @@ inline void back_off(uint64_t spin) {
 
 void Transport::set_polite_polling_for_this_thread(bool polite) { polite_polling = polite; }
 
+void Transport::back_off_for_this_thread(uint64_t spin) { back_off(spin); }
+
+void Transport::set_world_ranks(std::vector<int> world_of) { world_of_ = std::move(world_of); }
+
 Transport::Transport(MPI_Comm comm) {
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -49,7 +53,7 @@ void Transport::check(int rc, const char* what) const {
   int length = 0;
   MPI_Error_string(rc, text, &length);
   std::ostringstream message;
-  message << "rank " << rank_ << ": " << what << " failed: " << std::string(text, length);
+  message << "rank " << world_rank(rank_) << ": " << what << " failed: " << std::string(text, length);
   throw PbmError(message.str());
 }
 
@@ -86,12 +90,12 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
                               bool aborted) {
   std::vector<int> missing;
   for (size_t i = 0; i < requests.size(); ++i) {
-    if (requests[i] != MPI_REQUEST_NULL) missing.push_back(peers[i]);
+    if (requests[i] != MPI_REQUEST_NULL) missing.push_back(world_rank(peers[i]));
   }
   std::sort(missing.begin(), missing.end());
   missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
   std::ostringstream message;
-  message << "rank " << rank_ << ": " << what()
+  message << "rank " << world_rank(rank_) << ": " << what()
           << (aborted ? " was aborted (engine shutting down)" : " timed out") << "; waiting for rank"
           << (missing.size() == 1 ? " " : "s ");
   for (size_t i = 0; i < missing.size(); ++i) message << (i ? ", " : "") << missing[i];
@@ -124,7 +128,7 @@ void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<i
         if (pending != reported_pending) {
           std::vector<int> waiting;
           for (size_t i = 0; i < requests.size(); ++i)
-            if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(peers[i]);
+            if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(world_rank(peers[i]));
           std::sort(waiting.begin(), waiting.end());
           waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
           status->set(what(), waiting);
@@ -151,7 +155,7 @@ MPI_Status Transport::wait_one(MPI_Request& request, int peer, bool is_recv,
     check(MPI_Test(&request, &done, &result), "MPI_Test");
     if (done) return result;
     if ((spin & 63) == 63) {
-      if (status && spin == 63) status->set(what(), {peer});
+      if (status && spin == 63) status->set(what(), {world_rank(peer)});
       back_off(spin);
       const bool aborted = aborted_.load();
       if (aborted || Clock::now() >= deadline) {

@@ -98,6 +98,14 @@ class Transport {
   // process, a busy-polling progress thread would steal the cycles of the backward pass it
   // is meant to overlap.
   static void set_polite_polling_for_this_thread(bool polite);
+  // Spin-then-yield back-off for waits outside MPI (the shared-memory flags); called every
+  // 64 polls like the MPI waits' own.
+  static void back_off_for_this_thread(uint64_t spin);
+
+  // For a transport over a sub-communicator (the hierarchical allreduce's slice rings):
+  // world rank of each of its ranks, so messages and missing-rank lists speak world ranks.
+  void set_world_ranks(std::vector<int> world_of);
+  int world_rank(int peer) const { return world_of_.empty() ? peer : world_of_[peer]; }
 
   // Bytes this rank handed to MPI sends since start (for "bytes communicated" reports).
   std::atomic<uint64_t> bytes_sent{0};
@@ -111,6 +119,7 @@ class Transport {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
+  std::vector<int> world_of_;
   std::atomic<bool> aborted_{false};
   std::vector<std::unique_ptr<char[]>> scratch_;
   std::vector<size_t> scratch_bytes_;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../common/dtype.h"
@@ -68,6 +69,84 @@ inline void reduce_into(void* dst, const void* src, size_t count, DType dtype, R
   dispatch_wide_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     reduce_into(static_cast<T*>(dst), static_cast<const T*>(src), count, op);
+  });
+}
+
+// out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), combined in input order, then divided
+// by `divisor` (kAvg; 1 leaves it). One pass over the n inputs and the output: blocks are
+// accumulated in an L1-resident buffer, so `out` may be one of the inputs (the shared-memory
+// node stage reduces in place). `out2`, when not null, receives a second copy of the result
+// (the shared arena), stored from the same L1 block. Integers wrap like reduce_into.
+template <typename T>
+void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op, double divisor,
+                   T* out2 = nullptr) {
+  constexpr size_t kBlock = 2048;
+  alignas(64) T acc[kBlock];
+  for (size_t b = 0; b < count; b += kBlock) {
+    const size_t m = std::min(kBlock, count - b);
+    const T* first = in[0] + b;
+    for (size_t i = 0; i < m; ++i) acc[i] = first[i];
+    for (int q = 1; q < n; ++q) reduce_into(acc, in[q] + b, m, op);
+    if (divisor != 1.0) {
+      if constexpr (std::is_same_v<T, float>) {
+        const float div = static_cast<float>(divisor);
+        for (size_t i = 0; i < m; ++i) acc[i] /= div;
+      } else if constexpr (std::is_same_v<T, double>) {
+        for (size_t i = 0; i < m; ++i) acc[i] /= divisor;
+      }
+    }
+    T* dst = out + b;
+    for (size_t i = 0; i < m; ++i) dst[i] = acc[i];
+    if (out2) std::memcpy(out2 + b, acc, m * sizeof(T));
+  }
+}
+
+// The 16-bit float version: widened, combined in float32 and rounded once per element.
+inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_t count, DType dtype,
+                          ReduceOp op, double divisor, uint16_t* out2 = nullptr) {
+  constexpr size_t kBlock = 2048;
+  alignas(64) float acc[kBlock];
+  alignas(64) float wide[kBlock];
+  const bool bf16 = dtype == DType::kBFloat16;
+  auto widen = [bf16](const uint16_t* src, float* dst, size_t m) {
+    if (bf16) {
+      for (size_t i = 0; i < m; ++i) dst[i] = bf16_to_float(src[i]);
+    } else {
+      for (size_t i = 0; i < m; ++i) dst[i] = half_to_float(src[i]);
+    }
+  };
+  for (size_t b = 0; b < count; b += kBlock) {
+    const size_t m = std::min(kBlock, count - b);
+    widen(in[0] + b, acc, m);
+    for (int q = 1; q < n; ++q) {
+      widen(in[q] + b, wide, m);
+      reduce_into(acc, wide, m, op);
+    }
+    if (divisor != 1.0) {
+      const float div = static_cast<float>(divisor);
+      for (size_t i = 0; i < m; ++i) acc[i] /= div;
+    }
+    uint16_t* dst = out + b;
+    if (bf16) {
+      for (size_t i = 0; i < m; ++i) dst[i] = float_to_bf16(acc[i]);
+    } else {
+      for (size_t i = 0; i < m; ++i) dst[i] = float_to_half(acc[i]);
+    }
+    if (out2) std::memcpy(out2 + b, dst, m * sizeof(uint16_t));
+  }
+}
+
+inline void reduce_n(void* out, const void* const* in, int n, size_t count, DType dtype,
+                     ReduceOp op, double divisor, void* out2 = nullptr) {
+  if (is_half_precision(dtype)) {
+    reduce_n_half(static_cast<uint16_t*>(out), reinterpret_cast<const uint16_t* const*>(in), n,
+                  count, dtype, op, divisor, static_cast<uint16_t*>(out2));
+    return;
+  }
+  dispatch_wide_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    reduce_n_wide(static_cast<T*>(out), reinterpret_cast<const T* const*>(in), n, count, op, divisor,
+                  static_cast<T*>(out2));
   });
 }
 

@@ -20,7 +20,10 @@ __all__ = ["allreduce", "allreduce_", "allreduce_async_", "broadcast_", "broadca
            "barrier", "Handle", "OPS", "ALGORITHMS"]
 
 OPS = {"sum": 0, "avg": 1, "min": 2, "max": 3}
-ALGORITHMS = {"ring": 0, "mpi": 1}
+ALGORITHMS = {"ring": 0, "mpi": 1, "shm": 2, "hierarchical": 3, "auto": 4}
+_HIERARCHICAL = 3
+_AUTO = 4
+_ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 2, 4: 4, 5: 8}  # by buffers.py dtype code
 
 
 def _op_code(op: str, buffer: Buffer, name: str | None) -> int:
@@ -104,7 +107,8 @@ class Handle:
         return f"<pybrain_mpi.Handle {self._operation.describe()}: {state}>"
 
 
-def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None) -> tuple:
+def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None,
+                  algorithm: int) -> tuple:
     """(sparsity, residual address, owner residual address) for a 3LC allreduce."""
     from ..compression.codecs import ThreeLCState
 
@@ -116,8 +120,15 @@ def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None
         raise ValueError(f"{label} has {buffer.count} elements but its ThreeLC state was made for "
                          f"{state.count}; keep one state per tensor")
     ctx = context.current()
-    owner = state.owner_residual_for(ctx.size, ctx.rank)
     state.steps += 1
+    if algorithm != _AUTO:
+        nbytes = buffer.count * _ITEMSIZE[buffer.dtype_code]
+        if ctx.engine.resolve_algorithm(algorithm, nbytes) == _HIERARCHICAL:
+            # 3LC on the inter-node stage only: residuals cover the slices this rank owns.
+            first, second = ctx.engine.threelc_state_sizes(buffer.count, buffer.dtype_code)
+            residual, owner = state.hierarchical_residuals_for(first, second)
+            return compression.sparsity, residual.ctypes.data, owner.ctypes.data
+    owner = state.owner_residual_for(ctx.size, ctx.rank)
     return compression.sparsity, state.residual.ctypes.data, owner.ctypes.data
 
 
@@ -129,7 +140,7 @@ def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_
     algorithm_code = _algorithm_code(algorithm)
     timeout = ctx.timeout_s if timeout_s is None else float(timeout_s)
     if compression is not None:
-        sparsity, residual, owner = _threelc_args(compression, state, buffer, name)
+        sparsity, residual, owner = _threelc_args(compression, state, buffer, name, algorithm_code)
         return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
                                     algorithm_code, name or "", async_op, timeout, sparsity,
                                     residual, owner)
@@ -172,14 +183,25 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
         x: torch CPU tensor or numpy array (float32/64, float16, bfloat16, int32/64);
             contiguous or not. 16-bit floats accumulate in float32.
         op: ``"sum"``, ``"avg"`` (floating types), ``"min"`` or ``"max"``.
-        algorithm: ``"ring"`` (pybrain-mpi's pipelined ring) or ``"mpi"`` (MPI_Allreduce).
+        algorithm: ``"ring"`` (pybrain-mpi's pipelined ring), ``"mpi"`` (MPI_Allreduce),
+            ``"shm"`` (all ranks on one node: reduce-scatter and allgather through MPI
+            shared memory; zero-copy for tensors from :func:`pybrain_mpi.shared_empty`),
+            ``"hierarchical"`` (shared-memory node stage, then a ring between nodes for each
+            node slice, then a shared-memory allgather; it is ``"shm"`` on one node and
+            ``"ring"`` with one rank per node), or ``"auto"``: ``"ring"`` below
+            ``PBM_SHM_MIN_BYTES`` (default 64 KiB; such messages travel inside the join
+            message) or with one rank per node, else ``"shm"`` on one node and
+            ``"hierarchical"`` on several.
         name: tensor name used in error messages.
         timeout_s: raise :class:`CollectiveTimeout` after this long (default PBM_TIMEOUT_S).
         compression: ``None``; ``pbm.compression.Cast("bf16"|"fp16")`` (values travel and
             are summed as 16-bit, accumulating in float32); or
             ``pbm.compression.ThreeLC(sparsity)`` with ``state=codec.new_state(x)`` kept
             across steps: the two-stage compressed allreduce with error feedback
-            (op "sum"/"avg", float32/bfloat16/float16).
+            (op "sum"/"avg", float32/bfloat16/float16). With ``"hierarchical"`` on several
+            nodes 3LC compresses only the inter-node stage (the node stage is exact) and the
+            state holds residuals for the slices this rank owns; with ``"shm"`` (one node)
+            nothing is compressed; ``"auto"`` runs the flat compressed allreduce.
     """
     threelc, wire = _split_compression(compression)
     if wire is not None:

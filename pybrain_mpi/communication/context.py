@@ -29,6 +29,7 @@ __all__ = [
     "cross_size",
     "comm",
     "bytes_sent",
+    "shm_bytes",
     "default_timeout_s",
 ]
 
@@ -141,6 +142,15 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     # Nodes are numbered by their lowest world rank, so every rank derives the same order.
     leader = local_comm.allreduce(rank_, op=MPI.MIN)
     leaders = sorted(set(comm.allgather(leader)))
+    # The shared-memory node stage (algorithms "shm", "hierarchical", "auto") uses the same
+    # grouping: its node communicator is split by the node's lowest rank.
+    engine.configure_nodes(leader)
+    shm_min = _env_int("PBM_SHM_MIN_BYTES")
+    if shm_min is not None:
+        engine.shm_min_bytes = shm_min
+    shm_chunk = _env_int("PBM_SHM_CHUNK_BYTES")
+    if shm_chunk:
+        engine.shm_chunk_bytes = shm_chunk
     _context = _Context(
         comm=comm,
         engine=engine,
@@ -248,5 +258,15 @@ def comm() -> Any:
 
 
 def bytes_sent() -> int:
-    """Bytes this rank has handed to MPI sends in pybrain-mpi collectives so far."""
+    """Bytes this rank has handed to MPI sends in pybrain-mpi collectives so far.
+
+    Bytes moved between ranks of a node through shared memory (algorithms ``"shm"`` and
+    ``"hierarchical"``) are not sent through MPI and are counted by :func:`shm_bytes`.
+    """
     return current().engine.bytes_sent
+
+
+def shm_bytes() -> int:
+    """Bytes this rank has copied through the node's shared memory in collectives so far
+    (copy-in to and copy-out from peers' view; zero-copy buffers only count the copy-out)."""
+    return current().engine.shm_bytes

@@ -95,6 +95,8 @@ class ThreeLCState:
         self.residual[...] = 0
         self.steps = 0
         self.owner_residual = None
+        self.hierarchical_residual = None
+        self.hierarchical_owner_residual = None
 
     # The compressed allreduce keeps a second residual for the partition this rank owns
     # (its size depends on the number of ranks and this rank's index).
@@ -113,6 +115,22 @@ class ThreeLCState:
                              f"{self.owner_layout[1]} of {self.owner_layout[0]}, not rank {rank} of "
                              f"{world_size}; make a new state after changing the world")
         return self.owner_residual
+
+    # A compressed hierarchical allreduce compresses only the slices this rank owns after
+    # the node stage; its two residuals are sized for them (by the engine's layout).
+    hierarchical_residual: np.ndarray | None = None
+    hierarchical_owner_residual: np.ndarray | None = None
+
+    def hierarchical_residuals_for(self, first: int, second: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first-stage, second-stage) residuals of a compressed hierarchical allreduce, made
+        on first use with the element counts the engine computed for this rank's slices."""
+        if self.hierarchical_residual is None:
+            self.hierarchical_residual = np.zeros(int(first), dtype=np.float32)
+            self.hierarchical_owner_residual = np.zeros(int(second), dtype=np.float32)
+        elif (self.hierarchical_residual.size, self.hierarchical_owner_residual.size) != (first, second):
+            raise ValueError(f"{_label(self.name)}: this ThreeLC state was laid out for another "
+                             "topology; make a new state after changing the world")
+        return self.hierarchical_residual, self.hierarchical_owner_residual
 
     def __repr__(self) -> str:
         return f"ThreeLCState({_label(self.name)}, count={self.count}, steps={self.steps})"

@@ -32,10 +32,12 @@ from typing import Any, Iterator
 import torch
 
 from ..communication import collectives, context
+from ..communication.shared import shared_empty
 from ..errors import CollectiveTimeout, PbmError
 from .consistency import check_same_parameters
 
 MiB = 1 << 20
+_SHARED_MEMORY_ALGORITHMS = ("shm", "hierarchical", "auto")
 
 
 @dataclass
@@ -84,7 +86,10 @@ class DistributedDataParallel(torch.nn.Module):
         module: the model; build it identically on every rank.
         bucket_bytes: target size of a gradient bucket (default 25 MiB, as PyTorch DDP).
         first_bucket_bytes: size of the first bucket, which is ready earliest (1 MiB).
-        algorithm: allreduce algorithm, ``"ring"`` or ``"mpi"``.
+        algorithm: allreduce algorithm: ``"ring"``, ``"mpi"``, ``"shm"`` (one node),
+            ``"hierarchical"`` or ``"auto"`` (see :func:`pybrain_mpi.allreduce_`). With the
+            shared-memory ones the gradient buckets are allocated in MPI shared memory
+            (:func:`pybrain_mpi.shared_empty`), so the node stage reduces them without copying.
         compression: ``None``; ``pbm.compression.ThreeLC(sparsity)`` (two-stage 3LC
             allreduce with error feedback, one state per bucket); ``Cast("bf16"|"fp16")``
             (16-bit on the wire); or any object with Horovod's ``compress(tensor) ->
@@ -124,7 +129,8 @@ class DistributedDataParallel(torch.nn.Module):
         check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()))
         _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
                            root=0, what="initial parameters and buffers")
-        self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes)
+        self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes,
+                                            shared=algorithm in _SHARED_MEMORY_ALGORITHMS)
         from ..compression.codecs import Compressor, ThreeLC
 
         self._native_compression = isinstance(compression, Compressor)
@@ -142,7 +148,7 @@ class DistributedDataParallel(torch.nn.Module):
     # -- construction -------------------------------------------------------------------
     @staticmethod
     def _build_buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int,
-                       first_bucket_bytes: int) -> list[_Bucket]:
+                       first_bucket_bytes: int, shared: bool = False) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         pending: dict[torch.dtype, tuple[list, list]] = {}
 
@@ -152,7 +158,13 @@ class DistributedDataParallel(torch.nn.Module):
             for p in params:
                 offsets.append(total)
                 total += p.numel()
-            flat = torch.zeros(total, dtype=dtype)
+            if shared:
+                # Zero-copy node stage: every rank builds the same buckets in the same order,
+                # so each bucket sits at the same offset of every node rank's segment.
+                flat = shared_empty(total, dtype)
+                flat.zero_()
+            else:
+                flat = torch.zeros(total, dtype=dtype)
             buckets.append(_Bucket(len(buckets), dtype, params, names, offsets, flat))
 
         for name, param in reversed(named):

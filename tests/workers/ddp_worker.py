@@ -39,14 +39,15 @@ def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-2, weight_decay=1e-4)
 
 
-def mode_equivalence(comm, optimizer_kind: str, bucket_kib: str = "1") -> None:
+def mode_equivalence(comm, optimizer_kind: str, bucket_kib: str = "1", algorithm: str = "ring") -> None:
     """n ranks with per-rank batches == 1 rank on the concatenated batch, 20 steps."""
     n, r = comm.Get_size(), comm.Get_rank()
     per_rank = 4
     # Different initial weights per rank: the wrap-time broadcast must make them equal.
     model = make_model(seed=r)
     reference = make_model(seed=0)
-    ddp = pbm.DistributedDataParallel(model, bucket_bytes=int(bucket_kib) * 1024, first_bucket_bytes=512)
+    ddp = pbm.DistributedDataParallel(model, bucket_bytes=int(bucket_kib) * 1024, first_bucket_bytes=512,
+                                      algorithm=algorithm)
     opt = make_optimizer(optimizer_kind, ddp.parameters())
     ref_opt = make_optimizer(optimizer_kind, reference.parameters())
     loss_fn = torch.nn.MSELoss()
