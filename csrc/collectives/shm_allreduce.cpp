@@ -335,6 +335,20 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
   // Zero-copy: peers' buffers are read in place, so each rank must know the others have
   // entered the collective (their buffers hold their inputs) before reading them.
   if (zero_copy && L > 1) sync("join", deadline, what, status);
+  // An agreed failure (3LC: NaN/Inf on some rank) reached every node through the owners of
+  // the failing slice; all node ranks see it after the same sync and raise together.
+  auto raise_agreed_failure = [&] {
+    for (int q = 0; q < L; ++q) {
+      if (failed_[q]->load(std::memory_order_relaxed) == epoch_ && epoch_ != 0 && failure.empty())
+        failure = "rank " + std::to_string(world_.rank()) + ": " + what() +
+                  ": 3LC found NaN/Inf in the inter-node stage of the slice owned by node rank " +
+                  std::to_string(world_of_local_[q]) + " (a node's sum of the gradient)";
+    }
+    if (!failure.empty())
+      throw AgreedFailureError(failure + " (the buffer holds partial node sums; skip this step)");
+  };
+  std::vector<void*> peer_outs;
+  peer_outs.reserve(L);
   for (size_t k = 0; k < rounds; ++k) {
     const size_t lo = k * chunk;
     const Slices slices = slices_of(std::min(chunk, count - lo), P, align);
@@ -358,26 +372,38 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
     }
 
     // Reduce our slices from every node rank, in local-rank order, in one pass.
-    // Hazards (zero-copy): we write our slice s of our own buffer in place. Only we read
-    // that region during the reduce (peers read their own slices of our buffer), and peers
-    // read it for their copy-out only after the next sync. Our copy-out below writes the
-    // other slices of our buffer, which peers read during their reduce, before that sync.
+    // Zero-copy ("push"): the result is stored into slice s of every node rank's buffer from
+    // the same L1 block, so there is no copy-out pass (each rank reads N and writes N bytes
+    // instead of 1.5N + 1.5N with two ranks). Hazards: slice s of any buffer is read and
+    // written only by its owner (this rank) between the join sync and the final sync, so no
+    // round needs a sync of its own; peers look at our results only after the final sync.
+    // Copy path: we write our slice s of our own buffer in place (only we read it during the
+    // reduce) and publish it to the arena, which peers read after the "reduce" sync.
     for (int s = me; s < P; s += L) {
       const size_t n = slices.length(s);
       if (n == 0) continue;
       char* out = mine + slices.begin(s) * esize;
       for (int q = 0; q < L; ++q) inputs[q] = q == me ? out : source(q, s);
-      // Copy path on one node: the result goes to the arena too, from the same cache block.
-      // Hierarchical: the arena gets the slice only after the inter-node stage finished it.
-      char* publish = !zero_copy && L > 1 ? arena(me) + slices.begin(s) * esize : nullptr;
-      reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor, hierarchical ? nullptr : publish);
+      peer_outs.clear();
+      if (zero_copy) {
+        for (int q = 0; q < L; ++q)
+          if (q != me) peer_outs.push_back(source(q, s));
+      } else if (L > 1) {
+        peer_outs.push_back(arena(me) + slices.begin(s) * esize);
+      }
+      // Hierarchical: the copies go out only after the inter-node stage finished the slice.
+      reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor,
+               hierarchical ? nullptr : peer_outs.data(),
+               hierarchical ? 0 : static_cast<int>(peer_outs.size()));
       if (hierarchical) {
+        bool ok = true;
         try {
           inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset, &owner_offset,
                      deadline, what, status);
         } catch (const AgreedFailureError& error) {
           // Every rank of this slice's ring raised it; the node's other ranks learn it at
           // the next sync. Our remaining slices' rings still run: their peers expect us.
+          ok = false;
           if (failure.empty()) {
             failure = error.what();
             // The node stage already wrote partial sums: say so instead (appended below).
@@ -387,22 +413,18 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
           }
           failed_[me]->store(epoch_ + 1, std::memory_order_relaxed);
         }
-        if (publish) std::memcpy(publish, out, n * esize);
+        if (ok || !zero_copy)
+          for (void* dst : peer_outs) std::memcpy(dst, out, n * esize);
       }
-      if (publish) moved += n * esize;
+      moved += n * esize * peer_outs.size();
     }
-    if (L > 1) sync("reduce", deadline, what, status);
-    // An agreed failure (3LC: NaN/Inf on some rank) reached every node through the owners of
-    // the failing slice; all node ranks see it after the same sync and raise together.
-    for (int q = 0; q < L; ++q) {
-      if (failed_[q]->load(std::memory_order_relaxed) == epoch_ && epoch_ != 0 && failure.empty())
-        failure = "rank " + std::to_string(world_.rank()) + ": " + what() +
-                  ": 3LC found NaN/Inf in the inter-node stage of the slice owned by node rank " +
-                  std::to_string(world_of_local_[q]) + " (a node's sum of the gradient)";
+    if (L == 1) {
+      if (!failure.empty()) raise_agreed_failure();
+      continue;
     }
-    if (!failure.empty())
-      throw AgreedFailureError(failure + " (the buffer holds partial node sums; skip this step)");
-    if (L == 1) continue;
+    if (zero_copy) continue;  // results are already in every buffer
+    sync("reduce", deadline, what, status);
+    raise_agreed_failure();
 
     // Copy-out: every other slice from its owner.
     for (int s = 0; s < P; ++s) {
@@ -412,8 +434,12 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
       moved += slices.length(s) * esize;
     }
   }
-  // Nobody reads our arena or buffer after this: the caller may reuse both.
-  if (L > 1) sync("copy-out", deadline, what, status);
+  // Nobody reads our arena or buffer after this: the caller may reuse both. Zero-copy: every
+  // owner has stored its slices into our buffer.
+  if (L > 1) {
+    sync(zero_copy ? "push" : "copy-out", deadline, what, status);
+    if (zero_copy) raise_agreed_failure();
+  }
   shm_bytes_ += moved;
 }
 

@@ -75,11 +75,12 @@ inline void reduce_into(void* dst, const void* src, size_t count, DType dtype, R
 // out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), combined in input order, then divided
 // by `divisor` (kAvg; 1 leaves it). One pass over the n inputs and the output: blocks are
 // accumulated in an L1-resident buffer, so `out` may be one of the inputs (the shared-memory
-// node stage reduces in place). `out2`, when not null, receives a second copy of the result
-// (the shared arena), stored from the same L1 block. Integers wrap like reduce_into.
+// node stage reduces in place). `extra_out[0..n_extra)` receive further copies of the result
+// (the shared arena, or peers' buffers in the zero-copy node stage), stored from the same L1
+// block. Integers wrap like reduce_into.
 template <typename T>
 void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op, double divisor,
-                   T* out2 = nullptr) {
+                   T* const* extra_out = nullptr, int n_extra = 0) {
   constexpr size_t kBlock = 2048;
   alignas(64) T acc[kBlock];
   for (size_t b = 0; b < count; b += kBlock) {
@@ -97,13 +98,14 @@ void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op,
     }
     T* dst = out + b;
     for (size_t i = 0; i < m; ++i) dst[i] = acc[i];
-    if (out2) std::memcpy(out2 + b, acc, m * sizeof(T));
+    for (int e = 0; e < n_extra; ++e) std::memcpy(extra_out[e] + b, acc, m * sizeof(T));
   }
 }
 
 // The 16-bit float version: widened, combined in float32 and rounded once per element.
 inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_t count, DType dtype,
-                          ReduceOp op, double divisor, uint16_t* out2 = nullptr) {
+                          ReduceOp op, double divisor, uint16_t* const* extra_out = nullptr,
+                          int n_extra = 0) {
   constexpr size_t kBlock = 2048;
   alignas(64) float acc[kBlock];
   alignas(64) float wide[kBlock];
@@ -132,21 +134,22 @@ inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_
     } else {
       for (size_t i = 0; i < m; ++i) dst[i] = float_to_half(acc[i]);
     }
-    if (out2) std::memcpy(out2 + b, dst, m * sizeof(uint16_t));
+    for (int e = 0; e < n_extra; ++e) std::memcpy(extra_out[e] + b, dst, m * sizeof(uint16_t));
   }
 }
 
 inline void reduce_n(void* out, const void* const* in, int n, size_t count, DType dtype,
-                     ReduceOp op, double divisor, void* out2 = nullptr) {
+                     ReduceOp op, double divisor, void* const* extra_out = nullptr,
+                     int n_extra = 0) {
   if (is_half_precision(dtype)) {
     reduce_n_half(static_cast<uint16_t*>(out), reinterpret_cast<const uint16_t* const*>(in), n,
-                  count, dtype, op, divisor, static_cast<uint16_t*>(out2));
+                  count, dtype, op, divisor, reinterpret_cast<uint16_t* const*>(extra_out), n_extra);
     return;
   }
   dispatch_wide_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     reduce_n_wide(static_cast<T*>(out), reinterpret_cast<const T* const*>(in), n, count, op, divisor,
-                  static_cast<T*>(out2));
+                  reinterpret_cast<T* const*>(extra_out), n_extra);
   });
 }
 
