@@ -95,7 +95,7 @@ def worker(args) -> None:
     records = []
     for name in args.models.split(","):
         model, loss_fn, batch = build(name)
-        pbm_model = pbm.DistributedDataParallel(copy.deepcopy(model))
+        pbm_model = pbm.DistributedDataParallel(copy.deepcopy(model), algorithm=args.algorithm)
         gloo_model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
         pbm_opt = torch.optim.SGD(pbm_model.parameters(), lr=1e-4)
         gloo_opt = torch.optim.SGD(gloo_model.parameters(), lr=1e-4)
@@ -129,10 +129,10 @@ def worker(args) -> None:
         params = sum(p.numel() for p in model.parameters())
         for key, values in times.items():
             median = statistics.median(values)
-            records.append({"model": name, "impl": key, "ranks": comm.size, "batch_per_rank": batch,
+            records.append({"model": name, "impl": key, "algorithm": args.algorithm, "ranks": comm.size, "batch_per_rank": batch,
                             "params": params, "median_step_s": median,
                             "samples_per_s_per_rank": batch / median, "steps": len(values)})
-        del pbm_model, gloo_model
+        pbm_model = gloo_model = None  # freed before the next model is built
     dist.destroy_process_group()
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps(records))
@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--models", default="dca,cnn3d,mlp")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
     parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--algorithm", default="ring",
+                        help="pbm DDP's allreduce algorithm: ring, mpi, shm (gradient buckets in "
+                             "shared memory, reduced in place), hierarchical or auto")
     parser.add_argument("--json", default="results/training.jsonl")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -158,7 +161,7 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run([str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable,
                         __file__, "--worker", "--models", args.models, "--steps", str(args.steps),
-                        "--out", str(out)], check=True, env=env)
+                        "--algorithm", args.algorithm, "--out", str(out)], check=True, env=env)
         records += json.loads(out.read_text())
         out.unlink()
     rows = []
@@ -180,7 +183,7 @@ def main() -> None:
                ("pbm_vs_nosync", "pbm/no_sync"), ("pbm_vs_gloo", "pbm/gloo")]
     if all("eff_pbm" in r for r in rows):
         columns += [("eff_pbm", "pbm weak-scaling eff"), ("eff_gloo", "gloo weak-scaling eff")]
-    print("median step times (slowest rank), one thread per rank")
+    print(f"median step times (slowest rank), one thread per rank; pbm DDP algorithm={args.algorithm}")
     print_table(rows, columns)
     write_json_lines(args.json, records)
     print(f"wrote {args.json}")

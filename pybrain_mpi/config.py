@@ -254,6 +254,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     compression: CompressionConfig = CompressionConfig()
+    allreduce: str = "auto"
     activation_checkpointing: str = "none"
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0
@@ -284,6 +285,7 @@ class Config:
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 PRECISIONS = ("fp32", "fp64", "bf16")
 COMPRESSIONS = ("none", "fp16", "bf16", "3lc")
+ALLREDUCE_ALGORITHMS = ("auto", "ring", "mpi", "shm", "hierarchical")
 DATA_KINDS = ("fmri_series", "volume_patches", "encoding")
 DATA_SOURCES = ("path", "nitime_fmri", "mni152", "nitime_rois")
 
@@ -353,6 +355,9 @@ SCHEMA = Section(doc="a pybrain-mpi run", dataclass=Config, required=True, field
             "sparsity": Field(float, 1.0, minimum=1.0, maximum=2.0, exclusive_maximum=True,
                               doc="3LC sparsity multiplier s (larger: more zeros)"),
         }),
+        "allreduce": Field(str, "auto", choices=ALLREDUCE_ALGORITHMS,
+                           doc="gradient allreduce algorithm ('auto': shared memory within a "
+                               "node, hierarchical across nodes; see pbm.allreduce)"),
         "activation_checkpointing": Field(str, "none", choices=("none", "sqrt"),
                                           doc="recompute activations in backward ('sqrt': "
                                               "about sqrt(n) segments)"),

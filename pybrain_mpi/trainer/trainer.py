@@ -208,7 +208,8 @@ class Trainer:
 
         self.checkpointing = (self._apply_checkpointing() if train.activation_checkpointing == "sqrt"
                               else "none")
-        self.model = DistributedDataParallel(self.module, compression=self.codec)
+        self.model = DistributedDataParallel(self.module, compression=self.codec,
+                                             algorithm=train.allreduce)
         self.optimizer = _build_optimizer(config, self.module.parameters())
 
         # Training state (all of it is in the checkpoint).
