@@ -25,7 +25,37 @@ import numpy as np
 from .convert import ATTRS_KEY
 from .errors import ChunkError, PatchOutOfBounds
 
-__all__ = ["Volume"]
+__all__ = ["Volume", "chunks_touched", "auto_cache_bytes"]
+
+#: Automatic cache sizing (``Volume(cache_bytes=None)``): room for the chunks of this many
+#: patches of the largest size read so far ...
+AUTO_CACHE_PATCHES = 4
+#: ... never more than this (the memory budget), nor more than the whole level ...
+AUTO_CACHE_BUDGET = 512 * 2**20
+#: ... and at least this much before the first patch (a few default 64^3 float32 chunks).
+AUTO_CACHE_FLOOR = 8 * 2**20
+
+
+def chunks_touched(size: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> int:
+    """Most chunks a patch of ``size`` can intersect on a grid of ``chunks`` over ``shape``:
+    per axis a window of n voxels starting anywhere touches at most ``(n + c - 2) // c + 1``
+    chunks (never more than the axis has)."""
+    total = 1
+    for n, c, d in zip(size, chunks, shape):
+        n = min(int(n), int(d))
+        total *= min(-(-int(d) // int(c)), (n + c - 2) // c + 1)
+    return total
+
+
+def auto_cache_bytes(size: Sequence[int], chunks: Sequence[int], shape: Sequence[int], itemsize: int,
+                     *, patches: int = AUTO_CACHE_PATCHES, budget: int = AUTO_CACHE_BUDGET) -> int:
+    """Cache capacity the automatic sizing picks for patches of ``size``: the decoded chunks of
+    ``patches`` worst-case patches, capped by ``budget`` and by the whole level (caching more
+    than every chunk buys nothing), and at least ``AUTO_CACHE_FLOOR`` (within those caps)."""
+    chunk_bytes = int(np.prod(chunks)) * int(itemsize)
+    grid = int(np.prod([-(-int(d) // int(c)) for d, c in zip(shape, chunks)]))
+    want = max(AUTO_CACHE_FLOOR, patches * chunks_touched(size, chunks, shape) * chunk_bytes)
+    return int(min(want, budget, grid * chunk_bytes))
 
 
 class _ChunkCache:
@@ -74,6 +104,11 @@ class _ChunkCache:
             fut.set_exception(error)
         else:
             fut.set_result(value)
+
+    def grow(self, capacity_bytes: int) -> None:
+        """Raises the capacity (never lowers it: a shrink would evict under readers' feet)."""
+        with self._lock:
+            self.capacity_bytes = max(self.capacity_bytes, int(capacity_bytes))
 
     def clear(self):
         with self._lock:
@@ -152,7 +187,15 @@ class Volume:
     Args:
         path: a local path or any URL zarr opens (``s3://...`` needs fsspec), a ``zarr.Group``
             written by :func:`pybrain_mpi.data.convert` (or any NGFF image), or a ``zarr.Array``.
-        cache_bytes: capacity of the decoded-chunk LRU cache (per Volume).
+        cache_bytes: capacity of the decoded-chunk LRU cache (per Volume), or None (default)
+            for automatic sizing: the cache grows to hold the chunks of ``cache_patches``
+            patches of the largest size read so far (worst-case chunk alignment), capped by
+            ``cache_budget_bytes`` and by the size of the whole level; see
+            :func:`auto_cache_bytes`. E.g. float32 with 32^3 chunks: 64^3 patches -> 27
+            chunks/patch -> 13.5 MiB; 128^3 -> 125 chunks -> 62.5 MiB. A fixed size for
+            patches much larger than the cache thrashes (every patch re-reads its chunks).
+        cache_patches: patches' worth of chunks the automatic cache holds (default 4).
+        cache_budget_bytes: upper bound of the automatic cache (default 512 MiB).
         threads: threads decoding the chunks of one patch in parallel (1 = in the caller).
         padding: what a patch reaching outside the volume gets: ``"error"`` raises
             :class:`PatchOutOfBounds`; ``"constant"`` fills the outside with ``pad_value``.
@@ -165,8 +208,9 @@ class Volume:
     ``chunk_hits``, ``chunk_misses``.
     """
 
-    def __init__(self, path, *, cache_bytes: int = 256 * 2**20, threads: int = 2,
-                 padding: str = "error", pad_value: float = 0):
+    def __init__(self, path, *, cache_bytes: int | None = None, threads: int = 2,
+                 padding: str = "error", pad_value: float = 0,
+                 cache_patches: int = AUTO_CACHE_PATCHES, cache_budget_bytes: int = AUTO_CACHE_BUDGET):
         import zarr
 
         if padding not in ("error", "constant"):
@@ -202,6 +246,14 @@ class Volume:
         self.affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
         self.voxel_size = tuple(meta.get("voxel_size", [1.0] * len(self.spatial_axes)))
         self.time_step_s = meta.get("time_step_s")
+        self.auto_cache = cache_bytes is None
+        self.cache_patches = max(1, int(cache_patches))
+        self.cache_budget_bytes = int(cache_budget_bytes)
+        self._sized_for: set = set()  # (level, patch size) pairs the automatic cache has seen
+        if self.auto_cache:
+            lv = self._levels[0]
+            cache_bytes = min(AUTO_CACHE_FLOOR, self.cache_budget_bytes,
+                              int(np.prod(lv.shape)) * lv.dtype.itemsize)
         self._cache = _ChunkCache(cache_bytes)
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pbm-decode") \
@@ -244,6 +296,23 @@ class Volume:
     def cache_used_bytes(self) -> int:
         """Bytes of decoded chunks held in the cache."""
         return self._cache.used_bytes
+
+    @property
+    def cache_capacity_bytes(self) -> int:
+        """Current capacity of the chunk cache (grows with patch size when automatic)."""
+        return self._cache.capacity_bytes
+
+    def size_cache_for(self, size: Sequence[int], level: int = 0) -> int:
+        """Grows the automatic cache for patches of ``size`` (done by :meth:`read_patch` on
+        first sight of a size; call it ahead to size the cache before a benchmark's cold
+        epoch). No effect on a fixed ``cache_bytes``. Returns the capacity."""
+        key = (level, tuple(int(n) for n in size))
+        if self.auto_cache and key not in self._sized_for:
+            lv = self._levels[level]
+            self._cache.grow(auto_cache_bytes(key[1], lv.chunks, lv.shape, lv.dtype.itemsize,
+                                              patches=self.cache_patches, budget=self.cache_budget_bytes))
+            self._sized_for.add(key)
+        return self._cache.capacity_bytes
 
     @property
     def read_amplification(self) -> float:
@@ -377,6 +446,8 @@ class Volume:
             raise PatchOutOfBounds(
                 f"patch start={start} size={size} reaches outside {self.path} (level {level}, shape "
                 f"{lv.shape}); move it inside or open the Volume with padding='constant'")
+        if self.auto_cache and (level, size) not in self._sized_for:
+            self.size_cache_for(size, level)
         if out is None:
             out = np.empty(size, dtype=lv.dtype)
         elif out.shape != size:
