@@ -1,21 +1,28 @@
 """Patch throughput, read amplification and peak memory: pybrain-mpi vs TorchIO vs nibabel.
 
-Every configuration runs in its own process (so its peak RSS is its own) on the same volume:
-nilearn's MNI152 T1 (1 mm, 197x233x189) as float32, optionally upsampled to make it larger,
-stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and once as Zarr with 32^3
-chunks (what pybrain-mpi reads).
+Every configuration runs in its own process (so its peak RSS, /proc VmHWM, is its own) on the
+same volume: nilearn's MNI152 T1 (1 mm, 197x233x189) as float32, optionally upsampled to make
+it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and once as Zarr with
+32^3 chunks (what pybrain-mpi reads).
 
-  pbm      pbm.data.PatchLoader + UniformSampler, 1/2/4 prefetch threads, 1 and 2 MPI ranks,
-           chunk cache smaller than the volume (--cache-mb). Epoch 0 starts from an empty
-           cache (cold); the median of the later epochs is reported as warm.
-  torchio  tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
-  nibabel  naive: load the whole NIfTI for every patch, then crop.
+  pbm        pbm.data.PatchLoader(output="numpy") + UniformSampler, 1/2/4 prefetch threads,
+             1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
+             torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
+             (room for 4 patches' chunks) unless --cache-mb. Epoch 0 starts from an empty
+             cache (cold); the median of the later epochs is reported as warm.
+  pbm +torch the same loader in a training process: torch imported, batches as tensors.
+  torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
+  nibabel    naive: load the whole NIfTI for every patch, then crop.
 
-Plus a read-amplification sweep: random 64^3 patches, 32^3 chunks, cache from 25% to 100%
-of the volume, cold (cache cleared before each patch) and warm.
+Also: the peak RSS of each kind of process's imports alone ("imports"; "data MB" is the
+rest); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
+of the volume; cold = cache cleared before each patch, warm = a second epoch); a codec table
+(blosc-zstd, blosc-lz4, zstd, none: bytes on disk, conversion time, patches/s); with
+--large-gb, a synthetic volume of that size converted and sampled with bounded memory.
 
     python benchmarks/patches.py                     # table + results/patches.json
     python benchmarks/patches.py --patch 64 --threads 1 2 --ranks 1 --samples 200
+    python benchmarks/patches.py --large-gb 4 --only-large --json results/patches_large.json
 """
 
 from __future__ import annotations
@@ -253,18 +260,30 @@ def worker_codec(args) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def _large_side(gb: float) -> int:
+    return int(round((gb * 2**30 / 4) ** (1 / 3) / 32)) * 32
+
+
+def _large_slab(side: int, lo: int) -> np.ndarray:
+    """Planes ``[lo, lo + 32)`` of the synthetic volume: a smooth pattern plus seeded noise
+    rounded to whole numbers (float32 holding integer-valued intensities, like scanner data:
+    compressible, but not trivially)."""
+    j, k = np.meshgrid(np.arange(side), np.arange(side), indexing="ij", sparse=True)
+    planes = np.arange(lo, lo + 32)[:, None, None]
+    noise = np.random.default_rng(lo).normal(0, 8, size=(32, side, side))
+    return np.round(np.sin((planes + j + k) / 50.0) * 100 + 500 + noise).astype(np.float32)
+
+
 def worker_large_make(args) -> dict:
     """Writes a synthetic ``--large-gb`` float32 .npy slab by slab (its own process, so the
     conversion's peak RSS is measured apart)."""
-    side = int(round((args.large_gb * 2**30 / 4) ** (1 / 3) / 32)) * 32
+    side = _large_side(args.large_gb)
     npy = Path(args.zarr).with_suffix(".npy")
-    j, k = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     with open(npy, "wb") as f:
         np.lib.format.write_array_header_1_0(
             f, {"descr": "<f4", "fortran_order": False, "shape": (side,) * 3})
-        for lo in range(0, side, 32):  # a smooth pattern plus a ramp: compressible, not constant
-            planes = np.arange(lo, lo + 32)[:, None, None]
-            ((np.sin((planes + j + k) / 50.0) * 100 + planes % 7).astype(np.float32)).tofile(f)
+        for lo in range(0, side, 32):
+            _large_slab(side, lo).tofile(f)
     return {"side": side, "gib": side**3 * 4 / 2**30, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -293,9 +312,21 @@ def worker_large_sample(args) -> dict:
     t0 = time.perf_counter()
     n = sum(b["image"].shape[0] for b in PatchLoader(vol, sampler, 4, threads=2,
                                                      output="torch" if args.torch else "numpy"))
-    return {"patches_per_s": n / (time.perf_counter() - t0), "amplification": vol.read_amplification,
-            "cache_mb": vol.cache_capacity_bytes / 2**20, "peak_rss_mb": peak_rss_mb(),
-            "modules": _held_modules()}
+    rate = n / (time.perf_counter() - t0)
+    peak = peak_rss_mb()  # before the check below, whose reference slabs are large
+    # Two patches against the generator itself (the .npy is gone): the store holds the data.
+    side = vol.shape[0]
+    for s0 in (0, side - 64 - 3):
+        start = (s0, 100, side - 64)
+        ref = _large_slab(side, s0 // 32 * 32)
+        if s0 % 32 + 64 > 32:
+            ref = np.concatenate([ref] + [_large_slab(side, lo) for lo in range(s0 // 32 * 32 + 32, s0 + 64, 32)])
+        off = s0 % 32
+        np.testing.assert_array_equal(vol.read_patch(start, (64, 64, 64)),
+                                      ref[off:off + 64, 100:164, side - 64:side])
+    return {"patches_per_s": rate, "amplification": vol.read_amplification,
+            "cache_mb": vol.cache_capacity_bytes / 2**20, "peak_rss_mb": peak,
+            "verified_patches": 2, "modules": _held_modules()}
 
 
 def worker_baseline(args) -> dict:
