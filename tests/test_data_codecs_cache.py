@@ -140,7 +140,7 @@ def test_data_path_with_numpy_output_never_imports_torch(t1_f32):
         batches = list(pbd.PatchLoader(vol, sampler, 4, threads=2, output="numpy"))
         assert [type(b["image"]) for b in batches] == [np.ndarray] * 2, batches
         assert batches[0]["image"].shape == (4, 1, 24, 24, 24) and batches[1]["start"].dtype == np.int64
-        bad = [m for m in ("torch", "numba") if m in sys.modules]
+        bad = [m for m in ("torch", "numba", "zarr") if m in sys.modules]
         assert not bad, f"the numpy data path imported {{bad}}"
         print("ok")
     """)
@@ -162,6 +162,39 @@ def test_numpy_and_torch_outputs_hold_the_same_batches(t1_f32):
             np.testing.assert_array_equal(a[key], b[key].numpy())
     with pytest.raises(ValueError, match="output must be 'torch' or 'numpy'"):
         pbd.PatchLoader(vol, sampler, 2, output="jax")
+
+
+def test_metadata_read_without_zarr_matches_zarr_own_reading(t1_f32):
+    levels_path = converted(nilearn_mni("t1"), "t1_f32_levels.zarr", chunks=(32, 32, 32), dtype="float32",
+                            levels=2, codec="zstd")
+    for path in (t1_f32, levels_path):
+        direct = pbd.Volume(path, threads=1)
+        via_zarr = pbd.Volume(zarr.open_group(path, mode="r"), threads=1)
+        assert all(lv.array is None for lv in direct._levels)
+        assert all(lv.array is not None for lv in via_zarr._levels)
+        assert direct.levels == via_zarr.levels and direct.dtype == via_zarr.dtype
+        assert direct.chunks == via_zarr.chunks
+        np.testing.assert_array_equal(direct.affine, via_zarr.affine)
+        for level in range(len(direct.levels)):
+            a, b = direct._levels[level], via_zarr._levels[level]
+            assert a.fill_value == b.fill_value and a.byte_dtype == b.byte_dtype
+            for coords in ((0, 0, 0), (1, 2, 3)):
+                assert direct.chunk_key(coords, level) == via_zarr.chunk_key(coords, level)
+            np.testing.assert_array_equal(direct.read_patch((5, 17, 30), (40, 33, 21), level=level),
+                                          via_zarr.read_patch((5, 17, 30), (40, 33, 21), level=level))
+
+
+def test_layouts_the_direct_reader_does_not_decode_fall_back_to_zarr():
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 1000, size=(20, 30, 40), dtype=np.int32)
+    dst = os.path.join(scratch_dir(), "gzip_image.zarr")
+    group = zarr.open_group(dst, mode="w", zarr_format=3)
+    group.create_array("0", shape=arr.shape, chunks=(8, 8, 8), dtype=arr.dtype,
+                       compressors=zarr.codecs.GzipCodec(level=1))[...] = arr
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "0"}]}]}
+    vol = pbd.Volume(dst)
+    assert vol._levels[0].array is not None and not vol._levels[0].fast
+    np.testing.assert_array_equal(vol.read_patch((3, 5, 7), (15, 20, 30)), arr[3:18, 5:25, 7:37])
 
 
 @pytest.fixture(scope="module")

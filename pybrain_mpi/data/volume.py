@@ -123,6 +123,7 @@ class _Level:
         from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
         self.array = array
+        self.decoder = None
         self.shape = tuple(int(n) for n in array.shape)
         self.chunks = tuple(int(c) for c in array.chunks)
         self.dtype = np.dtype(array.dtype)
@@ -139,32 +140,84 @@ class _Level:
         self.fast = bool(fast)
         if self.fast:
             endian = codecs[0].endian
-            if endian is not None and self.dtype.itemsize > 1:
-                self.byte_dtype = self.dtype.newbyteorder("<" if endian.value == "little" else ">")
-            if len(codecs) == 2:
-                import numcodecs
-
-                codec = codecs[1]
-                if isinstance(codec, BloscCodec):
-                    import numcodecs.blosc
-
-                    # Blosc's own thread team (used from the main thread by default) costs
-                    # ~0.5 ms per small chunk; we parallelise across chunks instead. Only
-                    # applied when the user has not chosen.
-                    if numcodecs.blosc.use_threads is None:
-                        numcodecs.blosc.use_threads = False
-                    self.decoder = numcodecs.Blosc().decode  # Blosc's header carries its settings
-                else:
-                    self.decoder = numcodecs.Zstd().decode
+            self._set_decoder(None if endian is None else endian.value,
+                              None if len(codecs) < 2 else
+                              ("blosc" if isinstance(codecs[1], BloscCodec) else "zstd"))
         store = array.store
         self.local_root = None
         root = getattr(store, "root", None)
         if root is not None and type(store).__name__ == "LocalStore":
             self.local_root = str(root)
         self.prefix = array.store_path.path
+        self._encode_key = array.metadata.encode_chunk_key
+
+    def _set_decoder(self, endian: str | None, compressor: str | None) -> None:
+        """Byte order and decoder of the fast path (bytes codec + at most Blosc or zstd)."""
+        if endian is not None and self.dtype.itemsize > 1:
+            self.byte_dtype = self.dtype.newbyteorder("<" if endian == "little" else ">")
+        if compressor == "blosc":
+            import numcodecs.blosc
+
+            # Blosc's own thread team (used from the main thread by default) costs
+            # ~0.5 ms per small chunk; we parallelise across chunks instead. Only
+            # applied when the user has not chosen.
+            if numcodecs.blosc.use_threads is None:
+                numcodecs.blosc.use_threads = False
+            self.decoder = numcodecs.blosc.Blosc().decode  # Blosc's header carries its settings
+        elif compressor == "zstd":
+            import numcodecs.zstd
+
+            self.decoder = numcodecs.zstd.Zstd().decode
+
+    @classmethod
+    def from_local_json(cls, root: str, prefix: str) -> "_Level | None":
+        """The level at ``root/prefix`` read from its ``zarr.json`` alone, without importing
+        zarr (~16 MB of resident memory), when its layout is one the fast path decodes (plain
+        regular chunks, bytes codec, at most Blosc or zstd); None otherwise."""
+        import json
+
+        try:
+            with open(os.path.join(root, prefix, "zarr.json")) as f:
+                meta = json.load(f)
+            grid = meta["chunk_grid"]
+            codecs = meta["codecs"]
+            names = [c["name"] for c in codecs]
+            encoding = meta.get("chunk_key_encoding", {"name": "default"})
+            if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array"
+                    or grid["name"] != "regular" or meta.get("storage_transformers")
+                    or not names or names[0] != "bytes" or len(names) > 2
+                    or any(n not in ("blosc", "zstd") for n in names[1:])
+                    or encoding["name"] not in ("default", "v2")):
+                return None
+            dtype = np.dtype(meta["data_type"])  # plain names ("float32", "uint8", ...) only
+            fill = meta.get("fill_value", 0)
+            fill = dtype.type(float(fill) if isinstance(fill, str) else fill)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        self = cls.__new__(cls)
+        self.array = None
+        self.shape = tuple(int(n) for n in meta["shape"])
+        self.chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+        self.dtype = dtype
+        self.store_url = root
+        self.fill_value = fill
+        self.chunk_nbytes = int(np.prod(self.chunks)) * dtype.itemsize
+        self.decoder = None
+        self.byte_dtype = dtype
+        self.fast = True
+        self._set_decoder((codecs[0].get("configuration") or {}).get("endian"),
+                          names[1] if len(names) == 2 else None)
+        self.local_root = root
+        self.prefix = prefix
+        sep = (encoding.get("configuration") or {}).get("separator", "/" if encoding["name"] == "default" else ".")
+        if encoding["name"] == "default":
+            self._encode_key = lambda coords: sep.join(["c", *map(str, coords)])
+        else:
+            self._encode_key = lambda coords: sep.join(map(str, coords)) if coords else "0"
+        return self
 
     def key(self, coords: tuple[int, ...]) -> str:
-        key = self.array.metadata.encode_chunk_key(coords)
+        key = self._encode_key(coords)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def fetch_raw(self, key: str) -> bytes | None:
@@ -179,6 +232,27 @@ class _Level:
 
         buf = sync(self.array.store.get(key, prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
+
+
+def _open_local_image(path) -> tuple[dict, list[_Level]] | None:
+    """(attributes, levels) of a local OME-Zarr image group whose every level the fast path
+    reads, from the JSON metadata alone (no zarr import); None when zarr must open it."""
+    import json
+
+    root = os.fspath(path)
+    if "://" in root:
+        return None
+    try:
+        with open(os.path.join(root, "zarr.json")) as f:
+            group = json.load(f)
+        if group.get("zarr_format") != 3 or group.get("node_type") != "group":
+            return None
+        attrs = group.get("attributes") or {}
+        paths = [d["path"] for d in attrs["ome"]["multiscales"][0]["datasets"]]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    levels = [_Level.from_local_json(root, p) for p in paths]
+    return None if not levels or any(lv is None for lv in levels) else (attrs, levels)
 
 
 class Volume:
@@ -211,12 +285,23 @@ class Volume:
     def __init__(self, path, *, cache_bytes: int | None = None, threads: int = 2,
                  padding: str = "error", pad_value: float = 0,
                  cache_patches: int = AUTO_CACHE_PATCHES, cache_budget_bytes: int = AUTO_CACHE_BUDGET):
-        import zarr
-
         if padding not in ("error", "constant"):
             raise ValueError(f"padding must be 'error' or 'constant', not {padding!r}")
         self.padding = padding
         self.pad_value = pad_value
+        local = _open_local_image(path) if isinstance(path, (str, os.PathLike)) else None
+        if local is not None:
+            self.path = str(path)
+            attrs, self._levels = local
+        else:
+            attrs = self._open_with_zarr(path)
+        self._init_rest(attrs, cache_bytes, threads, cache_patches, cache_budget_bytes)
+
+    def _open_with_zarr(self, path) -> dict:
+        """Opens any store zarr opens (remote URLs, sharded or filtered arrays); sets the
+        levels and returns the image's attributes."""
+        import zarr
+
         if isinstance(path, (zarr.Array, zarr.Group)):
             node = path
             self.path = str(node.store_path)
@@ -227,7 +312,6 @@ class Volume:
                                         f"`pybrain-mpi convert IN {self.path}`")
             node = zarr.open(self.path, mode="r")
         attrs = dict(node.attrs)
-        meta = attrs.get(ATTRS_KEY, {})
         if isinstance(node, zarr.Group):
             paths = [d["path"] for d in attrs["ome"]["multiscales"][0]["datasets"]] \
                 if "ome" in attrs else (["0"] if "0" in node else [])
@@ -238,6 +322,10 @@ class Volume:
         else:
             arrays = [node]
         self._levels = [_Level(a, self.path) for a in arrays]
+        return attrs
+
+    def _init_rest(self, attrs, cache_bytes, threads, cache_patches, cache_budget_bytes) -> None:
+        meta = attrs.get(ATTRS_KEY, {})
         self.strict_chunks = bool(meta.get("all_chunks_written", False))
         ndim = len(self._levels[0].shape)
         self.spatial_axes = tuple(meta.get("spatial_axes", range(max(0, ndim - 3), ndim)))
