@@ -377,8 +377,8 @@ def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: f
 
 # What each kind of process imports before touching data (measured in a child of its own).
 IMPORTS = {
-    "pbm": "pybrain_mpi.data,zarr,numcodecs.blosc",
-    "pbm+torch": "pybrain_mpi.data,zarr,numcodecs.blosc,torch",
+    "pbm": "pybrain_mpi.data,numcodecs.blosc,numcodecs.zstd",
+    "pbm+torch": "pybrain_mpi.data,numcodecs.blosc,numcodecs.zstd,torch",
     "torchio": "torch,torchio",
     "nibabel": "nibabel,torch",
 }

@@ -200,3 +200,22 @@ def test_layouts_the_direct_reader_does_not_decode_fall_back_to_zarr():
 @pytest.fixture(scope="module")
 def t1_f32():
     return converted(nilearn_mni("t1"), "t1_f32.zarr", chunks=(32, 32, 32), dtype="float32")
+
+
+def test_cli_codec_option_writes_that_codec():
+    import argparse
+
+    from data_fixtures import nitime_fmri
+
+    from pybrain_mpi.data.cli import add_convert_subcommand
+
+    parser = argparse.ArgumentParser()
+    add_convert_subcommand(parser.add_subparsers(dest="command"))
+    dst = os.path.join(scratch_dir(), "cli_lz4.zarr")
+    args = parser.parse_args(["convert", nitime_fmri(), dst, "--codec", "blosc-lz4", "--overwrite", "--quiet"])
+    assert args.func(args) == 0
+    comp = zarr.open_group(dst, mode="r")["0"].compressors
+    assert [type(c).__name__ for c in comp] == ["BloscCodec"] and comp[0].cname.value == "lz4"
+    np.testing.assert_array_equal(pbd.Volume(dst).read(), np.moveaxis(load(nitime_fmri()), 3, 0))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", nitime_fmri(), dst, "--codec", "lz5"])
