@@ -400,6 +400,9 @@ def main() -> int:
     p.add_argument("--large-gb", type=float, default=0,
                    help="also convert and sample a synthetic volume of this many GiB (bounded memory)")
     p.add_argument("--only-large", action="store_true", help="run only the --large-gb part")
+    p.add_argument("--only-amplification", action="store_true",
+                   help="run only the read-amplification sweep (e.g. with --upsample 2 for a volume "
+                        "larger than the automatic cache at 128^3)")
     p.add_argument("--nibabel-samples", type=int, default=12)
     p.add_argument("--workdir", default=None, help="where the NIfTI/Zarr copies live (default: temp)")
     p.add_argument("--json", default="results/patches.json")
@@ -449,6 +452,10 @@ def main() -> int:
         shutil.rmtree(large_zarr, ignore_errors=True)
         if args.only_large:
             return _write(args.json, out)
+    if args.only_amplification:
+        out["amplification"] = _amplification(args, data)
+        _print_amplification(out["amplification"])
+        return _write(args.json, out)
     imports = {k: run_child("baseline", data, modules=v)["peak_rss_mb"] for k, v in IMPORTS.items()}
     imports["python+numpy"] = run_child("baseline", data, modules="numpy")["peak_rss_mb"]
     out["imports_rss_mb"] = imports
@@ -474,10 +481,7 @@ def main() -> int:
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1, **common)
         rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
         print(_fmt(rows[-1]), flush=True)
-    amp = []
-    for patch in args.patch:
-        samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        amp += run_child("amplification", data, samples=samples, patch=patch)["rows"]
+    amp = _amplification(args, data)
     codecs = [] if args.no_codecs else [run_child("codec", data, codec=c, samples=args.samples)
                                         for c in ("blosc-zstd", "blosc-lz4", "zstd", "none")]
 
@@ -486,12 +490,7 @@ def main() -> int:
           f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8}")
     for row in rows:
         print(_fmt(row))
-    print("\nread amplification, random patches, 32^3 chunks (decoded bytes / returned bytes)")
-    print(f"{'patch':>5} {'cache':>6} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
-    for a in amp:
-        cache = a["cache"] if a["cache"] == "auto" else f"{a['cache']:.2f}v"
-        print(f"{a['patch']:>5} {cache:>6} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
-              f"{a['warm_patches_per_s']:>15.1f}")
+    _print_amplification(amp)
     if codecs:
         print("\ncodecs: MNI152 T1 float32, 32^3 chunks; random 64^3 patches")
         print(f"{'codec':>10} {'on disk MiB':>11} {'convert s':>9} {'decode-bound p/s':>16} {'loader p/s':>10} {'peak MB':>8}")
@@ -516,6 +515,23 @@ def main() -> int:
                       f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB")
     out.update(rows=rows, amplification=amp, codecs=codecs, load_average=os.getloadavg())
     return _write(args.json, out)
+
+
+def _amplification(args, data: dict) -> list[dict]:
+    rows = []
+    for patch in args.patch:
+        samples = args.samples if patch <= 64 else max(8, args.samples // 2)
+        rows += run_child("amplification", data, samples=samples, patch=patch)["rows"]
+    return rows
+
+
+def _print_amplification(amp: list[dict]) -> None:
+    print("\nread amplification, random patches, 32^3 chunks (decoded bytes / returned bytes)")
+    print(f"{'patch':>5} {'cache':>6} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
+    for a in amp:
+        cache = a["cache"] if a["cache"] == "auto" else f"{a['cache']:.2f}v"
+        print(f"{a['patch']:>5} {cache:>6} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
+              f"{a['warm_patches_per_s']:>15.1f}")
 
 
 def _write(path: str, out: dict) -> int:
