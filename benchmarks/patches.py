@@ -115,7 +115,8 @@ def worker_pbm(args) -> dict:
     vol.size_cache_for(size)  # the automatic cache is sized before the cold epoch
     sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world)
     loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads,
-                         prefetch_batches=args.threads + 1, output="torch" if args.torch else "numpy")
+                         prefetch_batches=args.threads + args.prefetch_extra,
+                         output="torch" if args.torch else "numpy")
     epochs = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
@@ -132,7 +133,8 @@ def worker_pbm(args) -> dict:
         epochs.append({"seconds": dt, "patches": n * world, "amplification": vol.read_amplification})
     out = {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "rank": rank, "world": world,
            "cache_capacity_mb": vol.cache_capacity_bytes / 2**20,
-           "prefetch_mb": (args.threads + 2) * args.batch * args.patch**3 * 4 / 2**20,
+           # batches alive at most: those queued, the one handed out, the one the loop still holds
+           "prefetch_mb": (args.threads + args.prefetch_extra + 2) * args.batch * args.patch**3 * 4 / 2**20,
            "modules": _held_modules()}
     if args.mpi:
         from mpi4py import MPI
@@ -392,6 +394,8 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=160, help="patches per epoch (64^3; half at 128^3)")
     p.add_argument("--epochs", type=int, default=4, help="epoch 0 is cold; later ones warm (median)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prefetch-extra", type=int, default=1,
+                   help="pbm prefetch_batches = threads + this (0: one batch ahead per thread, least memory)")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
@@ -474,11 +478,12 @@ def main() -> int:
         for ranks in args.ranks:
             for threads in args.threads:
                 r = run_child("pbm", data, ranks=ranks, samples=samples, threads=threads,
-                              cache_mb=args.cache_mb, **common)
+                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra, **common)
                 rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, imports["pbm"], False))
                 print(_fmt(rows[-1]), flush=True)
         # The same loader in a training process: torch imported, batches as tensors.
-        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1, **common)
+        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
+                      prefetch_extra=args.prefetch_extra, **common)
         rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
         print(_fmt(rows[-1]), flush=True)
     amp = _amplification(args, data)
