@@ -11,6 +11,7 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
              (room for 4 patches' chunks) unless --cache-mb. Epoch 0 starts from an empty
              cache (cold); the median of the later epochs is reported as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
+  pbm +augment  the pipeline alone with every numba augmentation on (numba + LLVM resident).
   torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
   nibabel    naive: load the whole NIfTI for every patch, then crop.
 
@@ -114,7 +115,13 @@ def worker_pbm(args) -> dict:
     size = (args.patch,) * 3
     vol.size_cache_for(size)  # the automatic cache is sized before the cold epoch
     sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world)
-    loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads,
+    augment = None
+    if args.augment:  # numba kernels: numba's import and LLVM are the cost measured here
+        from pybrain_mpi.data import Augment
+
+        augment = Augment(flip_axes=(0, 1, 2), scale=(0.8, 1.2), shift=(-5, 5), gamma=(0.7, 1.4),
+                          noise_std=(0.5, 2.0), zscore=True)
+    loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads, augment=augment,
                          prefetch_batches=args.threads + args.prefetch_extra,
                          output="torch" if args.torch else "numpy")
     epochs = []
@@ -417,6 +424,7 @@ def main() -> int:
     p.add_argument("--volume-mb", type=float, help=argparse.SUPPRESS)
     p.add_argument("--mpi", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--torch", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--augment", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--codec", default="blosc-zstd", help=argparse.SUPPRESS)
     p.add_argument("--modules", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -485,6 +493,11 @@ def main() -> int:
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
                       prefetch_extra=args.prefetch_extra, **common)
         rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
+        print(_fmt(rows[-1]), flush=True)
+        # With every numba augmentation on (no torch): what numba and its LLVM add.
+        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, augment=1,
+                      prefetch_extra=args.prefetch_extra, **common)
+        rows.append(summarize("pbm +augment", patch, r, 2, 1, imports["pbm"], False))
         print(_fmt(rows[-1]), flush=True)
     amp = _amplification(args, data)
     codecs = [] if args.no_codecs else [run_child("codec", data, codec=c, samples=args.samples)
