@@ -33,7 +33,7 @@ __all__ = ["convert", "default_chunks", "ATTRS_KEY", "CODECS"]
 #: Compressors :func:`convert` writes (all standard Zarr v3 codecs, all read by Volume's fast path):
 #: name -> (what it is, when to pick it).
 CODECS = {
-    "blosc-zstd": "Blosc, byte shuffle + zstd (default): smallest stores, decode ~fast",
+    "blosc-zstd": "Blosc, byte shuffle + zstd (default): smallest stores",
     "blosc-lz4": "Blosc, byte shuffle + LZ4: larger stores, fastest compression and decoding",
     "zstd": "plain zstd, no shuffle: what other Zarr v3 tools read most widely",
     "none": "uncompressed: fastest when storage bandwidth is plentiful (RAM disk, NVMe)",
@@ -283,7 +283,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
         affine: 4x4 voxel-to-mm affine for HDF5/.npy sources (NIfTI uses its own; HDF5 also
             reads a dataset attribute ``affine``). Default identity.
         codec: compressor, one of :data:`CODECS`: ``"blosc-zstd"`` (default), ``"blosc-lz4"``,
-            ``"zstd"`` or ``"none"``. The MNI152 T1 figures are in ``benchmarks/patches.py --codecs``.
+            ``"zstd"`` or ``"none"``. Sizes and speeds: the codec table of ``benchmarks/patches.py``.
         clevel: compression level (zstd 1-22, Blosc 0-9; LZ4 ignores most of it).
         max_slab_bytes: bound on the slab read from the source at once; memory use is about
             twice this whatever the volume size.
