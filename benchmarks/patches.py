@@ -1,26 +1,35 @@
 """Patch throughput, read amplification and peak memory: pybrain-mpi vs TorchIO vs nibabel.
 
-Every configuration runs in its own process (so its peak RSS is its own) on the same volume:
-nilearn's MNI152 T1 (1 mm, 197x233x189) as float32, optionally upsampled to make it larger,
-stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and once as Zarr with 32^3
-chunks (what pybrain-mpi reads).
+Every configuration runs in its own process (so its peak RSS, /proc VmHWM, is its own) on the
+same volume: nilearn's MNI152 T1 (1 mm, 197x233x189) as float32, optionally upsampled to make
+it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and once as Zarr with
+32^3 chunks (what pybrain-mpi reads).
 
-  pbm      pbm.data.PatchLoader + UniformSampler, 1/2/4 prefetch threads, 1 and 2 MPI ranks,
-           chunk cache smaller than the volume (--cache-mb). Epoch 0 starts from an empty
-           cache (cold); the median of the later epochs is reported as warm.
-  torchio  tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
-  nibabel  naive: load the whole NIfTI for every patch, then crop.
+  pbm        pbm.data.PatchLoader(output="numpy") + UniformSampler, 1/2/4 prefetch threads,
+             1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
+             torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
+             (room for 4 patches' chunks) unless --cache-mb. Epoch 0 starts from an empty
+             cache (cold); the median of the later epochs is reported as warm.
+  pbm +torch the same loader in a training process: torch imported, batches as tensors.
+  pbm +augment  the pipeline alone with every numba augmentation on (numba + LLVM resident).
+  torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
+  nibabel    naive: load the whole NIfTI for every patch, then crop.
 
-Plus a read-amplification sweep: random 64^3 patches, 32^3 chunks, cache from 25% to 100%
-of the volume, cold (cache cleared before each patch) and warm.
+Also: the peak RSS of each kind of process's imports alone ("imports"; "data MB" is the
+rest); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
+of the volume; cold = cache cleared before each patch, warm = a second epoch); a codec table
+(blosc-zstd, blosc-lz4, zstd, none: bytes on disk, conversion time, patches/s); with
+--large-gb, a synthetic volume of that size converted and sampled with bounded memory.
 
     python benchmarks/patches.py                     # table + results/patches.json
     python benchmarks/patches.py --patch 64 --threads 1 2 --ranks 1 --samples 200
+    python benchmarks/patches.py --large-gb 4 --only-large --json results/patches_large.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -35,7 +44,18 @@ import numpy as np
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory of this process: /proc/self/status VmHWM (KiB).
+
+    Not ru_maxrss: Linux carries a process's ru_maxrss across fork + exec (the parent's
+    resident set at fork time becomes the child's floor), so every child of this driver
+    would report at least the driver's own size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -70,8 +90,19 @@ def prepare(workdir: Path, upsample: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- workers
+def _cache_arg(args):
+    """--cache-mb: a size in MiB, or a negative value for the Volume's automatic sizing."""
+    return None if args.cache_mb is None or args.cache_mb < 0 else int(args.cache_mb * 2**20)
+
+
+def _held_modules() -> list[str]:
+    return [m for m in ("numpy", "zarr", "numcodecs", "nibabel", "numba", "torch", "torchio", "SimpleITK",
+                        "mpi4py") if m in sys.modules]
+
+
 def worker_pbm(args) -> dict:
-    import torch  # noqa: F401  (same import cost as the baselines)
+    if args.torch:
+        importlib.import_module("torch")  # a training loop's process: batches come out as tensors
 
     import pybrain_mpi as pbm
     from pybrain_mpi.data import PatchLoader, UniformSampler, Volume
@@ -80,11 +111,19 @@ def worker_pbm(args) -> dict:
     if args.mpi:
         pbm.init()
         rank, world = pbm.rank(), pbm.size()
-    vol = Volume(args.zarr, cache_bytes=int(args.cache_mb * 2**20), threads=2)
+    vol = Volume(args.zarr, cache_bytes=_cache_arg(args), threads=2)
     size = (args.patch,) * 3
+    vol.size_cache_for(size)  # the automatic cache is sized before the cold epoch
     sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world)
-    loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads,
-                         prefetch_batches=args.threads + 1)
+    augment = None
+    if args.augment:  # numba kernels: numba's import and LLVM are the cost measured here
+        from pybrain_mpi.data import Augment
+
+        augment = Augment(flip_axes=(0, 1, 2), scale=(0.8, 1.2), shift=(-5, 5), gamma=(0.7, 1.4),
+                          noise_std=(0.5, 2.0), zscore=True)
+    loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads, augment=augment,
+                         prefetch_batches=args.threads + args.prefetch_extra,
+                         output="torch" if args.torch else "numpy")
     epochs = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
@@ -99,7 +138,11 @@ def worker_pbm(args) -> dict:
             pbm.barrier()  # the epoch ends when the slowest rank is done
         dt = time.perf_counter() - t0
         epochs.append({"seconds": dt, "patches": n * world, "amplification": vol.read_amplification})
-    out = {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "rank": rank, "world": world}
+    out = {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "rank": rank, "world": world,
+           "cache_capacity_mb": vol.cache_capacity_bytes / 2**20,
+           # batches alive at most: those queued, the one handed out, the one the loop still holds
+           "prefetch_mb": (args.threads + args.prefetch_extra + 2) * args.batch * args.patch**3 * 4 / 2**20,
+           "modules": _held_modules()}
     if args.mpi:
         from mpi4py import MPI
 
@@ -133,7 +176,7 @@ def worker_torchio(args) -> dict:
             if n >= args.samples:
                 break
         epochs.append({"seconds": time.perf_counter() - t0, "patches": n, "amplification": None})
-    return {"epochs": epochs, "peak_rss_mb": peak_rss_mb()}
+    return {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "modules": _held_modules()}
 
 
 def worker_nibabel(args) -> dict:
@@ -160,20 +203,23 @@ def worker_nibabel(args) -> dict:
 
 
 def worker_amplification(args) -> dict:
-    """Read amplification of random 64^3 patches for several cache sizes, cold and warm."""
+    """Read amplification of random ``--patch`` patches for the automatic cache and fixed caches
+    of 25/50/100% of the volume: cold (cache cleared before each patch) and warm (one epoch
+    fills the cache, the next epoch's fresh positions are measured)."""
     from pybrain_mpi.data import UniformSampler, Volume
 
     volume_bytes = args.volume_mb * 2**20
+    size = (args.patch,) * 3
     rows = []
-    for fraction in (0.25, 0.5, 1.0):
-        vol = Volume(args.zarr, cache_bytes=int(fraction * volume_bytes) + 2**20, threads=2)
-        sampler = UniformSampler(vol, (64,) * 3, args.samples, seed=1, rank=0, world_size=1)
-        # Cold: every patch from an empty cache.
-        for spec in list(sampler)[:50]:
+    for fraction in (None, 0.25, 0.5, 1.0):
+        cache = None if fraction is None else int(fraction * volume_bytes) + 2**20
+        vol = Volume(args.zarr, cache_bytes=cache, threads=2)
+        vol.size_cache_for(size)
+        sampler = UniformSampler(vol, size, args.samples, seed=1, rank=0, world_size=1)
+        for spec in list(sampler)[:30]:
             vol.clear_cache()
             vol.read_patch(spec.start, spec.size)
         cold = vol.read_amplification
-        # Warm: one pass to fill the cache, then measure a fresh epoch of patches.
         vol.clear_cache()
         for spec in sampler:
             vol.read_patch(spec.start, spec.size)
@@ -182,24 +228,71 @@ def worker_amplification(args) -> dict:
         t0 = time.perf_counter()
         for spec in sampler:
             vol.read_patch(spec.start, spec.size)
-        rows.append({"cache_fraction": fraction, "cold": cold, "warm": vol.read_amplification,
+        rows.append({"patch": args.patch, "cache": "auto" if fraction is None else fraction,
+                     "cache_mb": vol.cache_capacity_bytes / 2**20, "cold": cold, "warm": vol.read_amplification,
                      "warm_patches_per_s": args.samples / (time.perf_counter() - t0)})
         vol.close()
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
+def worker_codec(args) -> dict:
+    """Converts the benchmark NIfTI with ``--codec`` (32^3 chunks) and reads random 64^3 patches:
+    decode-bound (cache cleared before each patch) and through PatchLoader (automatic cache)."""
+    import shutil
+
+    from pybrain_mpi.data import PatchLoader, UniformSampler, Volume, convert
+
+    dst = str(Path(args.zarr).with_name(f"codec_{args.codec}.zarr"))
+    t0 = time.perf_counter()
+    convert(args.nii, dst, chunks=(32, 32, 32), codec=args.codec, overwrite=True, progress=False)
+    convert_s = time.perf_counter() - t0
+    disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)
+    size = (64,) * 3
+    vol = Volume(dst, threads=2)
+    sampler = UniformSampler(vol, size, args.samples, seed=2, rank=0, world_size=1)
+    specs = list(sampler)
+    t0 = time.perf_counter()
+    for spec in specs:
+        vol.clear_cache()
+        vol.read_patch(spec.start, spec.size)
+    cold = len(specs) / (time.perf_counter() - t0)
+    rates = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch + 1)
+        t0 = time.perf_counter()
+        n = sum(b["image"].shape[0] for b in PatchLoader(vol, sampler, 4, threads=2, output="numpy"))
+        rates.append(n / (time.perf_counter() - t0))
+    vol.close()
+    shutil.rmtree(dst, ignore_errors=True)
+    return {"codec": args.codec, "convert_s": convert_s, "disk_mb": disk / 2**20,
+            "cold_patches_per_s": cold, "loader_patches_per_s": statistics.median(rates[1:]),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _large_side(gb: float) -> int:
+    return int(round((gb * 2**30 / 4) ** (1 / 3) / 32)) * 32
+
+
+def _large_slab(side: int, lo: int) -> np.ndarray:
+    """Planes ``[lo, lo + 32)`` of the synthetic volume: a smooth pattern plus seeded noise
+    rounded to whole numbers (float32 holding integer-valued intensities, like scanner data:
+    compressible, but not trivially)."""
+    j, k = np.meshgrid(np.arange(side), np.arange(side), indexing="ij", sparse=True)
+    planes = np.arange(lo, lo + 32)[:, None, None]
+    noise = np.random.default_rng(lo).normal(0, 8, size=(32, side, side))
+    return np.round(np.sin((planes + j + k) / 50.0) * 100 + 500 + noise).astype(np.float32)
+
+
 def worker_large_make(args) -> dict:
     """Writes a synthetic ``--large-gb`` float32 .npy slab by slab (its own process, so the
     conversion's peak RSS is measured apart)."""
-    side = int(round((args.large_gb * 2**30 / 4) ** (1 / 3) / 32)) * 32
+    side = _large_side(args.large_gb)
     npy = Path(args.zarr).with_suffix(".npy")
-    j, k = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     with open(npy, "wb") as f:
         np.lib.format.write_array_header_1_0(
             f, {"descr": "<f4", "fortran_order": False, "shape": (side,) * 3})
-        for lo in range(0, side, 32):  # a smooth pattern plus a ramp: compressible, not constant
-            planes = np.arange(lo, lo + 32)[:, None, None]
-            ((np.sin((planes + j + k) / 50.0) * 100 + planes % 7).astype(np.float32)).tofile(f)
+        for lo in range(0, side, 32):
+            _large_slab(side, lo).tofile(f)
     return {"side": side, "gib": side**3 * 4 / 2**30, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -216,31 +309,46 @@ def worker_large_convert(args) -> dict:
 
 
 def worker_large_sample(args) -> dict:
-    """Samples ``--samples`` random 64^3 patches through PatchLoader from the large store."""
-    import torch  # noqa: F401
+    """Samples ``--samples`` random 64^3 patches through PatchLoader from the large store
+    (automatic cache unless --cache-mb; tensors when --torch 1)."""
+    if args.torch:
+        importlib.import_module("torch")
 
     from pybrain_mpi.data import PatchLoader, UniformSampler, Volume
 
-    vol = Volume(args.zarr, cache_bytes=int(args.cache_mb * 2**20))
+    vol = Volume(args.zarr, cache_bytes=_cache_arg(args))
     sampler = UniformSampler(vol, (64,) * 3, args.samples, seed=0, rank=0, world_size=1)
     t0 = time.perf_counter()
-    n = sum(b["image"].shape[0] for b in PatchLoader(vol, sampler, 4, threads=2))
-    return {"patches_per_s": n / (time.perf_counter() - t0), "amplification": vol.read_amplification,
-            "peak_rss_mb": peak_rss_mb()}
+    n = sum(b["image"].shape[0] for b in PatchLoader(vol, sampler, 4, threads=2,
+                                                     output="torch" if args.torch else "numpy"))
+    rate = n / (time.perf_counter() - t0)
+    peak = peak_rss_mb()  # before the check below, whose reference slabs are large
+    # Two patches against the generator itself (the .npy is gone): the store holds the data.
+    side = vol.shape[0]
+    for s0 in (0, side - 64 - 3):
+        start = (s0, 100, side - 64)
+        ref = _large_slab(side, s0 // 32 * 32)
+        if s0 % 32 + 64 > 32:
+            ref = np.concatenate([ref] + [_large_slab(side, lo) for lo in range(s0 // 32 * 32 + 32, s0 + 64, 32)])
+        off = s0 % 32
+        np.testing.assert_array_equal(vol.read_patch(start, (64, 64, 64)),
+                                      ref[off:off + 64, 100:164, side - 64:side])
+    return {"patches_per_s": rate, "amplification": vol.read_amplification,
+            "cache_mb": vol.cache_capacity_bytes / 2**20, "peak_rss_mb": peak,
+            "verified_patches": 2, "modules": _held_modules()}
 
 
 def worker_baseline(args) -> dict:
-    """Peak RSS of the imports every method pays (torch, nibabel): subtracted to get the memory
-    the data pipeline itself uses (pbm's own imports, zarr and numba, count as pipeline)."""
-    import nibabel  # noqa: F401
-    import torch  # noqa: F401
-
-    return {"peak_rss_mb": peak_rss_mb()}
+    """Peak RSS of importing ``--modules`` (comma-separated) and nothing else: what each
+    process holds before it reads any data."""
+    for name in filter(None, args.modules.split(",")):
+        importlib.import_module(name)
+    return {"peak_rss_mb": peak_rss_mb(), "modules": _held_modules()}
 
 
 WORKERS = {"large_make": worker_large_make, "large_convert": worker_large_convert, "large_sample": worker_large_sample,
            "baseline": worker_baseline, "pbm": worker_pbm, "torchio": worker_torchio, "nibabel": worker_nibabel,
-           "amplification": worker_amplification}
+           "amplification": worker_amplification, "codec": worker_codec}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -260,19 +368,29 @@ def run_child(kind: str, data: dict, ranks: int = 1, **opts) -> dict:
     return json.loads(lines[0][len("RESULT "):])
 
 
-def summarize(name: str, patch: int, result: dict, threads, ranks, baseline_mb: float) -> dict:
+def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: float, torch_: bool) -> dict:
     epochs = result["epochs"]
     cold = epochs[0]
     warm = epochs[1:] or epochs
     rate = statistics.median(e["patches"] / e["seconds"] for e in warm)
     amp_warm = [e["amplification"] for e in warm if e["amplification"] is not None]
     peak = sum(result.get("peak_rss_mb_per_rank") or [result["peak_rss_mb"]])
-    return {"method": name, "patch": patch, "threads": threads, "ranks": ranks,
+    return {"method": name, "patch": patch, "threads": threads, "ranks": ranks, "torch": torch_,
             "patches_per_s": rate, "cold_patches_per_s": cold["patches"] / cold["seconds"],
             "mb_per_s": rate * patch**3 * 4 / 2**20,
             "amplification_cold": cold["amplification"],
             "amplification_warm": statistics.median(amp_warm) if amp_warm else None,
-            "peak_rss_mb": peak, "pipeline_mb": peak - ranks * baseline_mb}
+            "peak_rss_mb": peak, "imports_mb": ranks * imports_mb, "data_mb": peak - ranks * imports_mb,
+            "cache_capacity_mb": result.get("cache_capacity_mb"), "modules": result.get("modules")}
+
+
+# What each kind of process imports before touching data (measured in a child of its own).
+IMPORTS = {
+    "pbm": "pybrain_mpi.data,numcodecs.blosc,numcodecs.zstd",
+    "pbm+torch": "pybrain_mpi.data,numcodecs.blosc,numcodecs.zstd,torch",
+    "torchio": "torch,torchio",
+    "nibabel": "nibabel,torch",
+}
 
 
 def main() -> int:
@@ -283,12 +401,19 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=160, help="patches per epoch (64^3; half at 128^3)")
     p.add_argument("--epochs", type=int, default=4, help="epoch 0 is cold; later ones warm (median)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cache-mb", type=float, default=None, help="default: half the volume")
+    p.add_argument("--prefetch-extra", type=int, default=1,
+                   help="pbm prefetch_batches = threads + this (0: one batch ahead per thread, least memory)")
+    p.add_argument("--cache-mb", type=float, default=-1,
+                   help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
     p.add_argument("--no-torchio", action="store_true")
+    p.add_argument("--no-codecs", action="store_true", help="skip the codec table")
     p.add_argument("--large-gb", type=float, default=0,
                    help="also convert and sample a synthetic volume of this many GiB (bounded memory)")
     p.add_argument("--only-large", action="store_true", help="run only the --large-gb part")
+    p.add_argument("--only-amplification", action="store_true",
+                   help="run only the read-amplification sweep (e.g. with --upsample 2 for a volume "
+                        "larger than the automatic cache at 128^3)")
     p.add_argument("--nibabel-samples", type=int, default=12)
     p.add_argument("--workdir", default=None, help="where the NIfTI/Zarr copies live (default: temp)")
     p.add_argument("--json", default="results/patches.json")
@@ -298,6 +423,10 @@ def main() -> int:
     p.add_argument("--zarr", help=argparse.SUPPRESS)
     p.add_argument("--volume-mb", type=float, help=argparse.SUPPRESS)
     p.add_argument("--mpi", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--augment", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--codec", default="blosc-zstd", help=argparse.SUPPRESS)
+    p.add_argument("--modules", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
@@ -310,76 +439,123 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pbm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data = prepare(workdir, args.upsample)
-    cache_mb = args.cache_mb if args.cache_mb is not None else data["volume_mb"] / 2
-    print(f"volume {data['shape']} float32 = {data['volume_mb']:.1f} MiB; pbm chunk cache {cache_mb:.1f} MiB; "
-          f"chunks 32^3; batch {args.batch}")
-    large = None
+    cache_text = "automatic (4 patches' chunks)" if args.cache_mb < 0 else f"{args.cache_mb:.1f} MiB"
+    print(f"volume {data['shape']} float32 = {data['volume_mb']:.1f} MiB; pbm chunk cache {cache_text}; "
+          f"chunks 32^3; batch {args.batch}; load average {os.getloadavg()[0]:.1f} (other jobs share the cores)")
+    out = {"volume": data, "cache_mb": args.cache_mb, "host": os.uname().nodename,
+           "args": {k: v for k, v in vars(args).items() if not k.startswith(("worker", "nii", "zarr"))}}
     if args.large_gb > 0:
         large_zarr = str(workdir / "large.zarr")
         made = run_child("large_make", dict(data, zarr=large_zarr), large_gb=args.large_gb)
         conv = dict(run_child("large_convert", dict(data, zarr=large_zarr)), **{
             k: made[k] for k in ("side", "gib")})
-        samp = run_child("large_sample", dict(data, zarr=large_zarr), samples=200, cache_mb=256)
-        large = {"convert": conv, "sample": samp}
-        print(f"large volume {conv['side']}^3 float32 = {conv['gib']:.2f} GiB: convert {conv['convert_s']:.0f} s "
-              f"peak RSS {conv['peak_rss_mb']:.0f} MB; 200 random 64^3 patches (256 MB cache) "
-              f"{samp['patches_per_s']:.0f} patches/s, peak RSS {samp['peak_rss_mb']:.0f} MB")
+        conv["disk_gib"] = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(large_zarr)
+                               for f in fs) / 2**30
+        samp = [run_child("large_sample", dict(data, zarr=large_zarr), samples=200, torch=t, cache_mb=args.cache_mb)
+                for t in (0, 1)]
+        out["large"] = {"convert": conv, "sample": samp[0], "sample_torch": samp[1]}
+        print(f"large volume {conv['side']}^3 float32 = {conv['gib']:.2f} GiB ({conv['disk_gib']:.2f} GiB stored): "
+              f"convert {conv['convert_s']:.0f} s, peak RSS {conv['peak_rss_mb']:.0f} MB")
+        for label, r in (("numpy batches", samp[0]), ("torch tensors", samp[1])):
+            print(f"  200 random 64^3 patches, {label}: {r['patches_per_s']:.0f} patches/s, cache "
+                  f"{r['cache_mb']:.0f} MiB, peak RSS {r['peak_rss_mb']:.0f} MB")
         import shutil
 
         shutil.rmtree(large_zarr, ignore_errors=True)
         if args.only_large:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"large": large}, indent=2))
-            print(f"wrote {args.json}")
-            return 0
-    baseline_mb = run_child("baseline", data)["peak_rss_mb"]
-    print(f"imports alone (torch, nibabel): peak RSS {baseline_mb:.0f} MB per process; "
-          "'pipe MB' = peak RSS minus that")
+            return _write(args.json, out)
+    if args.only_amplification:
+        out["amplification"] = _amplification(args, data)
+        _print_amplification(out["amplification"])
+        return _write(args.json, out)
+    imports = {k: run_child("baseline", data, modules=v)["peak_rss_mb"] for k, v in IMPORTS.items()}
+    imports["python+numpy"] = run_child("baseline", data, modules="numpy")["peak_rss_mb"]
+    out["imports_rss_mb"] = imports
+    print("peak RSS of the imports alone: " + ", ".join(f"{k} {v:.0f} MB" for k, v in imports.items()))
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
         common = dict(patch=patch, batch=args.batch, epochs=args.epochs)
         if not args.no_torchio:
             r = run_child("torchio", data, samples=samples, threads=1, **common)
-            rows.append(summarize("torchio Queue", patch, r, 1, 1, baseline_mb))
+            rows.append(summarize("torchio Queue", patch, r, 1, 1, imports["torchio"], True))
             print(_fmt(rows[-1]), flush=True)
-        r = run_child("nibabel", data, samples=args.nibabel_samples, threads=1,
-                      **dict(common, epochs=2))
-        rows.append(summarize("nibabel full load", patch, r, 1, 1, baseline_mb))
+        r = run_child("nibabel", data, samples=args.nibabel_samples, threads=1, **dict(common, epochs=2))
+        rows.append(summarize("nibabel full load", patch, r, 1, 1, imports["nibabel"], True))
         print(_fmt(rows[-1]), flush=True)
         for ranks in args.ranks:
             for threads in args.threads:
                 r = run_child("pbm", data, ranks=ranks, samples=samples, threads=threads,
-                              cache_mb=cache_mb, **common)
-                rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, baseline_mb))
+                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra, **common)
+                rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, imports["pbm"], False))
                 print(_fmt(rows[-1]), flush=True)
-    amp = run_child("amplification", data, samples=args.samples)
+        # The same loader in a training process: torch imported, batches as tensors.
+        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
+                      prefetch_extra=args.prefetch_extra, **common)
+        rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
+        print(_fmt(rows[-1]), flush=True)
+        # With every numba augmentation on (no torch): what numba and its LLVM add.
+        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, augment=1,
+                      prefetch_extra=args.prefetch_extra, **common)
+        rows.append(summarize("pbm +augment", patch, r, 2, 1, imports["pbm"], False))
+        print(_fmt(rows[-1]), flush=True)
+    amp = _amplification(args, data)
+    codecs = [] if args.no_codecs else [run_child("codec", data, codec=c, samples=args.samples)
+                                        for c in ("blosc-zstd", "blosc-lz4", "zstd", "none")]
 
     print()
     print(f"{'method':18} {'patch':>5} {'thr':>3} {'ranks':>5} {'patches/s':>10} {'cold p/s':>9} "
-          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'pipe MB':>8}")
+          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8}")
     for row in rows:
         print(_fmt(row))
-    print("\nread amplification, random 64^3 patches, 32^3 chunks (decoded bytes / returned bytes)")
-    print(f"{'cache/volume':>12} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
-    for a in amp["rows"]:
-        print(f"{a['cache_fraction']:>12.2f} {a['cold']:>6.2f} {a['warm']:>6.2f} {a['warm_patches_per_s']:>15.1f}")
+    _print_amplification(amp)
+    if codecs:
+        print("\ncodecs: MNI152 T1 float32, 32^3 chunks; random 64^3 patches")
+        print(f"{'codec':>10} {'on disk MiB':>11} {'convert s':>9} {'decode-bound p/s':>16} {'loader p/s':>10} {'peak MB':>8}")
+        for c in codecs:
+            print(f"{c['codec']:>10} {c['disk_mb']:>11.2f} {c['convert_s']:>9.2f} {c['cold_patches_per_s']:>16.1f} "
+                  f"{c['loader_patches_per_s']:>10.1f} {c['peak_rss_mb']:>8.0f}")
     for patch in args.patch:
         base = [r for r in rows if r["method"] == "torchio Queue" and r["patch"] == patch]
-        best = max((r for r in rows if r["method"] == "pbm PatchLoader" and r["patch"] == patch
-                    and r["ranks"] == 1), key=lambda r: r["patches_per_s"])
-        if base:
-            b = base[0]
-            print(f"{patch}^3: pbm best 1-rank ({best['threads']} threads) {best['patches_per_s'] / b['patches_per_s']:.2f}x "
-                  f"TorchIO patches/s at {best['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS, "
-                  f"{best['pipeline_mb'] / max(1.0, b['pipeline_mb']):.2f}x its pipeline memory")
-    out = {"volume": data, "cache_mb": cache_mb, "baseline_rss_mb": baseline_mb, "args": {k: v for k, v in vars(args).items()
-                                                            if not k.startswith(("worker", "nii", "zarr"))},
-           "rows": rows, "amplification": amp["rows"], "large": large, "host": os.uname().nodename,
-           "load_average": os.getloadavg()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
+        alone = [r for r in rows if r["method"] == "pbm PatchLoader" and r["patch"] == patch and r["ranks"] == 1]
+        with_torch = [r for r in rows if r["method"] == "pbm +torch" and r["patch"] == patch]
+        if base and alone:
+            b, best = base[0], max(alone, key=lambda r: r["patches_per_s"])
+            print(f"{patch}^3: pbm patch pipeline alone ({best['threads']} threads, no torch) "
+                  f"{best['patches_per_s'] / b['patches_per_s']:.2f}x TorchIO patches/s at "
+                  f"{best['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS "
+                  f"({best['peak_rss_mb']:.0f} vs {b['peak_rss_mb']:.0f} MB)")
+            if with_torch:
+                t = with_torch[0]
+                print(f"{patch}^3: pbm with torch imported (2 threads, tensors) "
+                      f"{t['patches_per_s'] / b['patches_per_s']:.2f}x TorchIO patches/s at "
+                      f"{t['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS ({t['peak_rss_mb']:.0f} MB); "
+                      f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB")
+    out.update(rows=rows, amplification=amp, codecs=codecs, load_average=os.getloadavg())
+    return _write(args.json, out)
+
+
+def _amplification(args, data: dict) -> list[dict]:
+    rows = []
+    for patch in args.patch:
+        samples = args.samples if patch <= 64 else max(8, args.samples // 2)
+        rows += run_child("amplification", data, samples=samples, patch=patch)["rows"]
+    return rows
+
+
+def _print_amplification(amp: list[dict]) -> None:
+    print("\nread amplification, random patches, 32^3 chunks (decoded bytes / returned bytes)")
+    print(f"{'patch':>5} {'cache':>6} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
+    for a in amp:
+        cache = a["cache"] if a["cache"] == "auto" else f"{a['cache']:.2f}v"
+        print(f"{a['patch']:>5} {cache:>6} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
+              f"{a['warm_patches_per_s']:>15.1f}")
+
+
+def _write(path: str, out: dict) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
     return 0
 
 
@@ -388,7 +564,8 @@ def _fmt(r: dict) -> str:
         return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0].lstrip(">")))
     return (f"{r['method']:18} {r['patch']:>5} {r['threads']:>3} {r['ranks']:>5} {r['patches_per_s']:>10.1f} "
             f"{r['cold_patches_per_s']:>9.1f} {r['mb_per_s']:>8.1f} {num(r['amplification_cold'], '>9.2f')} "
-            f"{num(r['amplification_warm'], '>9.2f')} {r['peak_rss_mb']:>8.0f} {r['pipeline_mb']:>8.0f}")
+            f"{num(r['amplification_warm'], '>9.2f')} {r['peak_rss_mb']:>8.0f} {r['imports_mb']:>8.0f} "
+            f"{r['data_mb']:>8.0f}")
 
 
 if __name__ == "__main__":

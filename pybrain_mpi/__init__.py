@@ -11,24 +11,31 @@ from .communication import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allr
                             barrier, broadcast_, broadcast_async_, bytes_sent, comm, cross_rank,
                             cross_size, init, is_initialized, local_rank, local_size, rank,
                             shared_empty, shared_reset, shm_bytes, shutdown, size)
-from . import amp, checkpointing, compression, optim
-from .engine import DistributedDataParallel
 from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # pbm.data pulls in zarr/nibabel/numcodecs: import it on first use only.
-    if name == "data":
-        import importlib
+# Submodules that import torch (or zarr, for data) load on first use, so `import pybrain_mpi.data`
+# in a data-only process (conversion, patch reading) never pays torch's ~180 MB.
+_LAZY_MODULES = ("amp", "checkpointing", "compression", "optim", "data")
 
-        return importlib.import_module(".data", __name__)
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module("." + name, __name__)
+    if name == "DistributedDataParallel":
+        return importlib.import_module(".engine", __name__).DistributedDataParallel
     raise AttributeError(f"module 'pybrain_mpi' has no attribute {name!r}")
+
 
 __all__ = [
     "ALGORITHMS", "OPS", "Handle", "allreduce", "allreduce_", "allreduce_async_", "barrier",
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
     "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
-    "shared_empty", "shared_reset", "shm_bytes", "DistributedDataParallel", "amp", "checkpointing", "compression", "optim", "CollectiveMismatch", "CollectiveTimeout", "MPILibraryMismatch", "PbmError", "__version__",
+    "shared_empty", "shared_reset", "shm_bytes", "DistributedDataParallel", "amp",
+    "checkpointing", "compression", "optim", "CollectiveMismatch", "CollectiveTimeout",
+    "MPILibraryMismatch", "PbmError", "__version__",
 ]

@@ -8,7 +8,7 @@
         ...
 """
 
-from .convert import convert, default_chunks
+from .convert import CODECS, convert, default_chunks
 from .errors import ChunkError, DataMismatch, PatchOutOfBounds, SampleError
 from .volume import Volume
 from .samplers import (GridAggregator, GridSampler, LabelSampler, PatchSpec, Sampler, TimeSeriesSampler,
@@ -16,6 +16,6 @@ from .samplers import (GridAggregator, GridSampler, LabelSampler, PatchSpec, Sam
 from .augment import Augment
 from .loader import PatchLoader
 
-__all__ = ["convert", "default_chunks", "Volume", "PatchSpec", "Sampler", "UniformSampler",
+__all__ = ["CODECS", "convert", "default_chunks", "Volume", "PatchSpec", "Sampler", "UniformSampler",
            "WeightedSampler", "LabelSampler", "GridSampler", "GridAggregator", "TimeSeriesSampler",
            "Augment", "PatchLoader", "ChunkError", "DataMismatch", "PatchOutOfBounds", "SampleError"]

@@ -28,7 +28,29 @@ import numpy as np
 
 from .errors import DataMismatch
 
-__all__ = ["convert", "default_chunks", "ATTRS_KEY"]
+__all__ = ["convert", "default_chunks", "ATTRS_KEY", "CODECS"]
+
+#: Compressors :func:`convert` writes (all standard Zarr v3 codecs, all read by Volume's fast path):
+#: name -> (what it is, when to pick it).
+CODECS = {
+    "blosc-zstd": "Blosc, byte shuffle + zstd (default): smallest stores",
+    "blosc-lz4": "Blosc, byte shuffle + LZ4: larger stores, fastest compression and decoding",
+    "zstd": "plain zstd, no shuffle: what other Zarr v3 tools read most widely",
+    "none": "uncompressed: fastest when storage bandwidth is plentiful (RAM disk, NVMe)",
+}
+
+
+def _compressors(codec: str, clevel: int):
+    """The zarr v3 ``compressors`` argument for a :data:`CODECS` name."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return ZstdCodec(level=clevel)
+    return BloscCodec(cname=codec.split("-", 1)[1], clevel=clevel, shuffle="shuffle")
 
 #: Name of the attribute block pybrain-mpi writes beside NGFF's "ome" block.
 ATTRS_KEY = "pybrain_mpi"
@@ -245,7 +267,8 @@ def _ngff_multiscales(name, axes, level_shapes, spatial_axes, voxel_size, affine
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, ...] | None = None, *,
             levels: int = 1, downsample: str = "mean", dtype: str | np.dtype | None = None,
-            affine: np.ndarray | None = None, clevel: int = 3, max_slab_bytes: int = 256 * 2**20,
+            affine: np.ndarray | None = None, codec: str = "blosc-zstd", clevel: int = 3,
+            max_slab_bytes: int = 256 * 2**20,
             overwrite: bool = False, progress: bool = True) -> str:
     """Converts a NIfTI (.nii/.nii.gz, 3D or 4D), HDF5 dataset (``file.h5:/path``) or .npy file
     into an OME-Zarr (NGFF 0.5, Zarr v3) image and returns ``dst``.
@@ -259,14 +282,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
         dtype: stored dtype (default: the source's; scaled NIfTI becomes float32).
         affine: 4x4 voxel-to-mm affine for HDF5/.npy sources (NIfTI uses its own; HDF5 also
             reads a dataset attribute ``affine``). Default identity.
-        clevel: zstd level inside Blosc (byte shuffle).
+        codec: compressor, one of :data:`CODECS`: ``"blosc-zstd"`` (default), ``"blosc-lz4"``,
+            ``"zstd"`` or ``"none"``. Sizes and speeds: the codec table of ``benchmarks/patches.py``.
+        clevel: compression level (zstd 1-22, Blosc 0-9; LZ4 ignores most of it).
         max_slab_bytes: bound on the slab read from the source at once; memory use is about
             twice this whatever the volume size.
         overwrite: replace an existing ``dst``.
         progress: show a tqdm progress bar.
     """
     import zarr
-    from zarr.codecs import BloscCodec
     from tqdm.auto import tqdm
 
     dst = str(dst)
@@ -274,6 +298,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
         raise FileExistsError(f"{dst} exists; pass overwrite=True (or --overwrite) to replace it")
     if downsample not in ("mean", "nearest"):
         raise ValueError(f"downsample must be 'mean' or 'nearest', not {downsample!r}")
+    compressors = _compressors(codec, clevel)  # an unknown name fails before any file is opened
     source = _open_source(str(src), affine)
     try:
         time_first = source.kind == "nifti" and len(source.shape) == 4
@@ -314,7 +339,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
             lchunks = tuple(min(c, n) for c, n in zip(chunks, lshape))
             arrays.append(group.create_array(
                 str(level), shape=lshape, chunks=lchunks, dtype=out_dtype,
-                compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle"),
+                compressors=compressors,
                 fill_value=0, dimension_names=[a["name"] for a in axes],
                 # Every chunk is written, even all-zero ones, so a missing chunk is an error
                 # a reader can report rather than silently read as zeros.
@@ -364,6 +389,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
             "source": os.path.abspath(str(src).split(":")[0]) if source.kind != "hdf5" else str(src),
             "source_kind": source.kind,
             "downsample": downsample,
+            "codec": codec,
             "all_chunks_written": True,
         }
         return dst

@@ -38,8 +38,11 @@ class PatchLoader:
         augment: an :class:`Augment` (applied per sample with the sample's seed) or None.
         intensity_keys: arrays returned as float32 (the rest keep their integer dtype).
         drop_last: drop a final short batch.
+        output: ``"torch"`` (tensors, the default) or ``"numpy"`` (arrays). With ``"numpy"``
+            the loader never imports torch, so a data-only process (preprocessing, feeding
+            another framework) does not carry torch's ~180 MB of resident memory.
 
-    Each batch is a dict: one tensor per volume, ``(B, 1, *patch)`` for patches or ``(B, T)`` for
+    Each batch is a dict: one tensor (or array) per volume, ``(B, 1, *patch)`` for patches or ``(B, T)`` for
     voxel time series; ``"start"`` (B, ndim) and ``"index"`` (B,) int64 locate the samples.
     The sampler's ``position`` advances as batches are handed out, so ``sampler.state_dict()``
     (or :meth:`state_dict`) saved between batches resumes after the last batch consumed.
@@ -47,7 +50,10 @@ class PatchLoader:
 
     def __init__(self, volumes, sampler: Sampler, batch_size: int, *, threads: int = 2,
                  prefetch_batches: int = 4, augment: Augment | None = None,
-                 intensity_keys=("image",), drop_last: bool = False):
+                 intensity_keys=("image",), drop_last: bool = False, output: str = "torch"):
+        if output not in ("torch", "numpy"):
+            raise ValueError(f"PatchLoader output must be 'torch' or 'numpy', not {output!r}")
+        self.output = output
         self.volumes = {"image": volumes} if isinstance(volumes, Volume) else dict(volumes)
         if not self.volumes:
             raise ValueError("PatchLoader needs at least one volume")
@@ -104,8 +110,6 @@ class PatchLoader:
                     sample[name][...] = arr
 
     def _make_batch(self, lo: int, hi: int):
-        import torch
-
         specs = [self.sampler[k] for k in range(lo, hi)]
         buffers = {}
         for name, vol in self.volumes.items():
@@ -125,10 +129,14 @@ class PatchLoader:
                                       spec.index, spec.start, err.key, err.store) from err
                 raise SampleError(f"{where} failed: {type(err).__name__}: {err}",
                                   spec.index, spec.start) from err
-        batch = {name: torch.from_numpy(buf) for name, buf in buffers.items()}
-        batch["start"] = torch.tensor([s.start for s in specs], dtype=torch.int64)
-        batch["index"] = torch.tensor([s.index for s in specs], dtype=torch.int64)
-        return batch
+        batch = dict(buffers)
+        batch["start"] = np.array([s.start for s in specs], dtype=np.int64)
+        batch["index"] = np.array([s.index for s in specs], dtype=np.int64)
+        if self.output == "numpy":
+            return batch
+        import torch  # only here: a numpy-output loader never imports torch
+
+        return {name: torch.from_numpy(arr) for name, arr in batch.items()}
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self):
