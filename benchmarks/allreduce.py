@@ -25,6 +25,11 @@ Inside an emulated cluster (slurm/emulated_cluster.sh run, which sets PBM_EMU_LI
 node's first rank also reads its link's kernel byte counters around every implementation, and
 the records gain link_tx_bytes_per_call / link_rx_bytes_per_call (one entry per node, nodes
 ordered by their lowest rank). benchmarks/cluster_allreduce.py drives that mode.
+
+Memory speed varies on shared machines (this one has measured 14-20 GB/s for a copy), so every
+run first times a 64 MiB copy on all ranks at once and reports it: the "copy floor" of a
+zero-copy node-stage allreduce is copy GB/s / 2 busbw at 2 ranks (each rank reads N and writes
+N bytes), and the table's "zc / floor" column says how close pbm_shm_zc comes to it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,6 +114,24 @@ def setup_gloo(comm):
     return dist
 
 
+def concurrent_copy_gbps(comm, megabytes: int = 64, repeats: int = 9) -> float:
+    """Median GB/s (read + write) of a numpy copy timed on every rank at the same moment; the
+    slowest rank's figure."""
+    import numpy as np
+    from mpi4py import MPI
+
+    source = np.ones(megabytes << 18, dtype=np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return comm.allreduce(2 * source.nbytes / median(times) / 1e9, op=MPI.MIN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated sizes in bytes (4K, 16M, ...)")
@@ -132,6 +156,7 @@ def main() -> None:
         parser.error(f"unknown implementations {sorted(unknown)}")
     dist = setup_gloo(comm) if "gloo" in impls else None
 
+    copy_gbps = concurrent_copy_gbps(comm)
     records = []
     for size_bytes in (parse_size(s) for s in args.sizes.split(",")):
         count = max(1, size_bytes // 4)
@@ -180,6 +205,7 @@ def main() -> None:
                 "impl": impl, "size_bytes": count * 4, "ranks": n, "median_s": seconds,
                 "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (n - 1) / n, "iterations": iterations,
                 "bytes_sent_per_rank": sent, "link_10g_s": sent / LINK_10G_BYTES_PER_S,
+                "copy_gbps_concurrent": copy_gbps,
             })
             links_after = link_counters(comm, pbm.local_rank())
             if links_after is not None:
@@ -217,8 +243,13 @@ def main() -> None:
                     row[f"{impl}_10g"] = by_impl["pbm_ring"]["link_10g_s"] / by_impl[impl]["link_10g_s"]
                 columns += [(f"{impl}_vs_ring", f"{impl} eff. busbw / ring"),
                             (f"{impl}_10g", f"{impl} speedup on 10 Gbit/s")]
+        if "pbm_shm_zc" in impls and n == 2:
+            for row in rows:
+                row["zc_floor"] = row["pbm_shm_zc_bus"] / (copy_gbps / 2)
+            columns.append(("zc_floor", "zc / copy floor"))
         print(f"float32 sum allreduce, {n} ranks, {os.environ.get('OMP_NUM_THREADS', '?')} thread(s)/rank; "
               "median of slowest-rank times")
+        print(f"memory copy, all ranks at once: {copy_gbps:.1f} GB/s per rank (read + write counted)")
         print_table(rows, columns)
         write_json_lines(args.json, records)
         print(f"wrote {args.json}")
