@@ -50,6 +50,10 @@ def test_two_rank_training_prints_summary_and_writes_logs_plot_and_timeline(runs
     assert summary["ranks"] == 2 and summary["steps"] == 8
     assert summary["held_out"]["n_samples"] > 100 and -1.0 < summary["held_out"]["r2"] < 1.0
     assert summary["bytes_communicated"] > 0 and summary["samples_per_s"] > 0
+    # The default allreduce ("auto") reduces gradient buckets through the node's shared memory:
+    # 8 steps of this model move at least its gradient once through it.
+    assert summary["bytes_shared_memory_this_run"] >= 8 * 4 * 1000, summary
+    assert "via shared memory" in out, out
     assert (whole / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for rank in (0, 1):
         lines = step_lines(whole, rank)

@@ -268,5 +268,6 @@ def bytes_sent() -> int:
 
 def shm_bytes() -> int:
     """Bytes this rank has copied through the node's shared memory in collectives so far
-    (copy-in to and copy-out from peers' view; zero-copy buffers only count the copy-out)."""
+    (copy path: copy-in to and copy-out from peers' view; zero-copy buffers: the reduced
+    slices this rank stored into peers' buffers). MPI traffic is :func:`bytes_sent`."""
     return current().engine.shm_bytes

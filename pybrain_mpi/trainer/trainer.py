@@ -521,6 +521,7 @@ class Trainer:
         spe = self.sampler.steps_per_epoch
         stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
         self._bytes_at_start = int(context.bytes_sent())
+        self._shm_bytes_at_start = int(context.shm_bytes())
         self._train_seconds_at_start = self.train_seconds
         self.log.truncate_after(self.step)
         self.log.open(self.step, ranks=self.size, threads=self.threads)
@@ -641,6 +642,9 @@ class Trainer:
         held_out = self.evaluate("held_out")
         bytes_run = torch.tensor([float(self._bytes_now())], dtype=torch.float64)
         bytes_run = int(collectives.allreduce(bytes_run, op="sum", name="bytes sent")[0])
+        shm_run = torch.tensor([float(int(context.shm_bytes()) - self._shm_bytes_at_start)],
+                               dtype=torch.float64)
+        shm_run = int(collectives.allreduce(shm_run, op="sum", name="shared-memory bytes")[0])
         summary = {
             "model": self.config.model.name, "ranks": self.size, "threads_per_rank": self.threads,
             "precision": self.config.train.precision, "steps": self.step,
@@ -658,6 +662,9 @@ class Trainer:
             "samples_per_s": samples_this_run / run_seconds if run_seconds > 0 else None,
             "train_seconds": run_seconds, "samples_this_run": samples_this_run,
             "bytes_communicated": bytes_run,
+            # Moved through the node's shared memory by algorithm shm/hierarchical/auto (this
+            # run only): bytes stored into peers' buffers, which MPI never sees.
+            "bytes_shared_memory_this_run": shm_run,
             "wall_seconds": time.perf_counter() - self.started_at,
             "checkpoint": str(self.checkpoint_file),
         }
@@ -696,6 +703,8 @@ def format_summary(summary: dict) -> str:
         ("held-out samples", str(held.get("n_samples", "-"))),
         ("samples/s (all ranks)", num(summary["samples_per_s"], ".1f")),
         ("bytes communicated", f"{summary['bytes_communicated'] / 1e6:.1f} MB (sum over ranks)"),
+        ("  via shared memory", f"{summary.get('bytes_shared_memory_this_run', 0) / 1e6:.1f} MB this run "
+                                "(node stage, not counted above)"),
         ("training / wall time", f"{summary['train_seconds']:.1f} s / {summary['wall_seconds']:.1f} s"),
         ("loss curve", summary.get("loss_curve", "-")),
         ("checkpoint", summary["checkpoint"]),
