@@ -48,7 +48,7 @@ from common import (human_bytes, median, parse_size, print_table, time_collectiv
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16", "pbm_shm", "pbm_shm_zc",
-         "pbm_hier", "pbm_hier_3lc")
+         "pbm_shm_zc_finite", "pbm_hier", "pbm_hier_3lc")
 DEFAULT_IMPLS = "pbm_ring,pbm_mpi,mpi,gloo"
 LINK_10G_BYTES_PER_S = 10e9 / 8
 
@@ -166,7 +166,7 @@ def main() -> None:
         # pbm_shm_zc: the buffer lives in MPI shared memory (pbm.shared_empty), so the node
         # stage reads peers' buffers in place instead of copying them in.
         shared = None
-        if "pbm_shm_zc" in impls:
+        if "pbm_shm_zc" in impls or "pbm_shm_zc_finite" in impls:
             pbm.shared_reset()
             shared = pbm.shared_empty(count, "float32")
             shared.zero_()
@@ -185,6 +185,9 @@ def main() -> None:
             "pbm_mpi": lambda: pbm.allreduce_(buffer, algorithm="mpi"),
             "pbm_shm": lambda: pbm.allreduce_(buffer, algorithm="shm"),
             "pbm_shm_zc": lambda: pbm.allreduce_(shared, algorithm="shm"),
+            # the same, also reporting whether the result is finite (checked inside the reduce)
+            "pbm_shm_zc_finite": lambda: pbm.allreduce_async_(shared, algorithm="shm",
+                                                              check_finite=True).wait(),
             "pbm_hier": lambda: pbm.allreduce_(buffer, algorithm="hierarchical"),
             "pbm_hier_3lc": lambda: pbm.allreduce_(work.copy_(gradient), algorithm="hierarchical",
                                                    compression=codec, state=hier_state),

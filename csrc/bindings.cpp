@@ -377,6 +377,8 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("timeout_s"), "Waits up to timeout_s (negative: forever); returns done().")
       .def("done", &pbm::Operation::done)
+      .def("finite", &pbm::Operation::finite,
+           "1: every element of the result is finite, 0: not, -1: not asked for or not done.")
       .def("check", &pbm::Operation::rethrow_if_failed, "Raises the collective's error, if any.")
       .def("describe", &pbm::Operation::describe)
       .def("phase", [](pbm::Operation& op) { return op.status().phase(); })
@@ -404,10 +406,11 @@ PYBIND11_MODULE(_core, m) {
           [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int op,
              int algorithm, const std::string& name, bool async_op, double timeout_s,
              float sparsity, std::uintptr_t residual, std::uintptr_t owner_residual,
-             bool half_wire) {
+             bool half_wire, bool check_finite) {
             pbm::CollectiveSpec spec = make_spec(pbm::CollectiveKind::kAllreduce, address, count,
                                                  dtype, op, algorithm, 0, name);
             spec.half_wire = half_wire;
+            spec.check_finite = check_finite;
             if (sparsity > 0) {
               spec.threelc = true;
               spec.sparsity = sparsity;
@@ -419,8 +422,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("op"),
           py::arg("algorithm"), py::arg("name"), py::arg("async_op"), py::arg("timeout_s"),
           py::arg("sparsity") = 0.0f, py::arg("residual") = 0, py::arg("owner_residual") = 0,
-          py::arg("half_wire") = false,
-          "Allreduce; sparsity > 0 selects the two-stage 3LC-compressed algorithm.")
+          py::arg("half_wire") = false, py::arg("check_finite") = false,
+          "Allreduce; sparsity > 0 selects the two-stage 3LC-compressed algorithm; check_finite "
+          "makes the returned Operation report finite().")
       .def(
           "broadcast",
           [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int root,

@@ -228,7 +228,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None, grad_scale: float = 1.0,
              max_grad_norm: float | None = None,
-             found_inf_fn: Callable[[bool], bool] | None = None) -> Any:
+             found_inf_fn: Callable[[bool], bool] | None = None,
+             grads_finite: bool | None = None) -> Any:
         """One optimizer step over all groups; returns the closure's loss (or None).
 
         grad_scale: multiplies every gradient inside the update (1/world_size to average a
@@ -237,6 +238,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_ does; the norm is stored in ``last_grad_norm``.
         found_inf_fn: called with "this rank found Inf/NaN" and returns the decision for all
             ranks (e.g. an allreduce max), so every rank skips the same step.
+        grads_finite: the gradients' finiteness when it is already known, e.g.
+            ``DistributedDataParallel(..., check_finite=True).grads_finite``, which the
+            allreduce computed inside its own reduce pass (the same on every rank). True skips
+            the separate Inf/NaN read pass (unless clipping needs the norm or
+            ``|grad_scale| > 1`` could overflow); False skips the step.
 
         When any gradient is Inf/NaN the step is skipped: nothing is written, step counts
         stay, and ``last_step_finite`` is False.
@@ -248,10 +254,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._sync_state()
         threads = _threads(self.num_threads)
         plans = []
-        sq_norm, finite = 0.0, True
+        sq_norm, finite = 0.0, grads_finite is not False
+        known = grads_finite is not None and max_grad_norm is None and abs(float(grad_scale)) <= 1.0
         for index, (group, flat) in enumerate(zip(self.param_groups, self._flat)):
             runs = self._gather_grads(flat, index)
             plans.append(runs)
+            if known:
+                continue  # the allreduce already checked every element
             for first, last in runs:
                 begin, end = flat.offsets[first], flat.offsets[last]
                 part_sq, part_finite = _core.grad_sq_norm_and_finite(

@@ -24,18 +24,19 @@ def test_one_rank_is_the_identity_for_every_algorithm():
     _run(1, 1, "exact:shm,hierarchical,auto:0")
 
 
-def test_one_node_of_two_shm_exact_zero_copy_async_and_mismatch():
+def test_one_node_of_two_shm_exact_zero_copy_async_mismatch_and_finiteness():
     # every dtype and op, odd sizes (1, 7, 1000, 1000003), in place / out of place / zero-copy
-    _run(2, 2, "exact:shm,hierarchical,auto:1", "zero_copy", "async:shm", "mismatch:shm")
+    _run(2, 2, "exact:shm,hierarchical,auto:1", "zero_copy", "async:shm", "mismatch:shm",
+         "finite:shm", "finite:ring")
 
 
 def test_one_node_of_four_shm_exact_and_zero_copy():
     _run(4, 4, "exact:shm:0", "zero_copy", "async:auto")
 
 
-def test_two_nodes_of_two_hierarchical_exact_async_mismatch_and_3lc_between_nodes_only():
+def test_two_nodes_of_two_hierarchical_exact_async_mismatch_3lc_between_nodes_and_finiteness():
     _run(4, 2, "exact:hierarchical,auto:0", "zero_copy", "async:hierarchical",
-         "mismatch:hierarchical", "compressed:sum,avg")
+         "mismatch:hierarchical", "compressed:sum,avg", "finite:auto")
 
 
 def test_four_nodes_of_one_hierarchical_is_the_ring():

@@ -57,6 +57,10 @@ struct CollectiveSpec {
   float sparsity = 1.0f;
   float* residual = nullptr;        // float32 x count, first-stage error feedback
   float* owner_residual = nullptr;  // float32 x this rank's partition, second stage
+  // Report whether every element of the result is finite (Operation::finite). The zero-copy
+  // shared-memory stage computes it inside its reduce pass for free; other paths scan the
+  // result once afterwards.
+  bool check_finite = false;
 };
 
 }  // namespace pbm

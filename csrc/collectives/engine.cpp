@@ -236,7 +236,13 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
   }
   try {
     switch (op.spec().kind) {
-      case CollectiveKind::kAllreduce: execute_allreduce(op, deadline); break;
+      case CollectiveKind::kAllreduce:
+        execute_allreduce(op, deadline);
+        // Paths that could not check inside their own reduce scan the result once; every rank
+        // holds the same result, so every rank reaches the same answer.
+        if (op.spec().check_finite && op.finite() < 0)
+          op.set_finite(all_finite(op.spec().data, op.spec().count, op.spec().dtype));
+        break;
       case CollectiveKind::kBroadcast: execute_broadcast(op, deadline); break;
       case CollectiveKind::kBarrier: {
         CollectiveHeader header = header_for(op.spec(), op.seq());
@@ -333,8 +339,10 @@ void Engine::execute_allreduce(Operation& op, Clock::time_point deadline) {
     inter.enabled = algorithm == Algorithm::kHierarchical;
     uint64_t offset = 0;
     const int32_t window = work == spec.data ? agreed_zero_copy_window(bytes, &offset) : -1;
-    node_->allreduce(work, spec.count, work_dtype, spec.op, divisor, window, offset, inter,
-                     deadline, what, &op.status());
+    bool finite = true;
+    if (node_->allreduce(work, spec.count, work_dtype, spec.op, divisor, window, offset, inter,
+                         deadline, what, &op.status(), spec.check_finite ? &finite : nullptr))
+      op.set_finite(finite);
   } else if (algorithm == Algorithm::kMpi) {
     mpi_allreduce(transport_, work, spec.count, work_dtype, spec.op, deadline, what, &op.status());
     if (divisor != 1.0) divide_in_place(work, spec.count, work_dtype, divisor);

@@ -8,6 +8,7 @@
 
 #include <mpi.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -46,6 +47,11 @@ class Operation {
   ProgressStatus& status() { return status_; }
   void finish(std::exception_ptr error);
 
+  // check_finite collectives: 1 when every element of the result is finite, 0 when not,
+  // -1 when not asked for (or not finished).
+  int finite() const { return finite_.load(); }
+  void set_finite(bool finite) { finite_.store(finite ? 1 : 0); }
+
  private:
   CollectiveSpec spec_;
   uint64_t seq_;
@@ -54,6 +60,7 @@ class Operation {
   std::condition_variable finished_cv_;
   bool finished_ = false;
   std::exception_ptr error_;
+  std::atomic<int> finite_{-1};
 };
 
 class Engine {

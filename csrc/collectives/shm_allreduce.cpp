@@ -89,11 +89,14 @@ NodeStage::NodeStage(Transport& world, int node_color) : world_(world) {
   control_ = allocate_window(node_comm_, kFlagBytes);
   flags_.resize(local_size_);
   failed_.resize(local_size_);
+  nonfinite_.resize(local_size_);
   flags_[local_rank_] = new (control_.base[local_rank_]) std::atomic<uint64_t>(0);
   failed_[local_rank_] = new (control_.base[local_rank_] + 8) std::atomic<uint64_t>(0);
+  nonfinite_[local_rank_] = new (control_.base[local_rank_] + 16) std::atomic<uint64_t>(0);
   for (int q = 0; q < local_size_; ++q) {
     flags_[q] = reinterpret_cast<std::atomic<uint64_t>*>(control_.base[q]);
     failed_[q] = reinterpret_cast<std::atomic<uint64_t>*>(control_.base[q] + 8);
+    nonfinite_[q] = reinterpret_cast<std::atomic<uint64_t>*>(control_.base[q] + 16);
   }
   // Peers may read our flag only once it is constructed: the one barrier of the node stage,
   // at init, where every rank is anyway (like MPI_Comm_dup).
@@ -290,11 +293,14 @@ void NodeStage::inter_node(int slice, char* data, size_t elems, DType dtype, Red
   *owner_offset += CompressedAllreduce::partition_count(elems, ring.size(), ring.rank());
 }
 
-void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp op, double divisor,
+bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp op, double divisor,
                           int32_t zero_copy_window, uint64_t zero_copy_offset,
                           const InterNode& inter, Clock::time_point deadline, const Describe& what,
-                          ProgressStatus* status) {
-  if (count == 0) return;
+                          ProgressStatus* status, bool* finite) {
+  if (count == 0) {
+    if (finite) *finite = true;
+    return finite != nullptr;
+  }
   char* data = static_cast<char*>(data_void);
   const size_t esize = dtype_size(dtype);
   const size_t align = std::max<size_t>(1, 64 / esize);
@@ -303,6 +309,10 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
   const int me = local_rank_;
   const bool zero_copy = zero_copy_window >= 0;
   const bool hierarchical = inter.enabled && node_count_ > 1;
+  // Finiteness rides along in the reduce pass where that pass produces the final result.
+  const bool fused_finite = finite != nullptr && zero_copy && !hierarchical &&
+                            (dtype == DType::kFloat32 || dtype == DType::kFloat64);
+  bool slices_finite = true;
   // The node stage divides only when it is the whole allreduce; otherwise the inter-node
   // stage divides the slice it finishes.
   const double node_divisor = hierarchical ? 1.0 : divisor;
@@ -394,7 +404,8 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
       // Hierarchical: the copies go out only after the inter-node stage finished the slice.
       reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor,
                hierarchical ? nullptr : peer_outs.data(),
-               hierarchical ? 0 : static_cast<int>(peer_outs.size()));
+               hierarchical ? 0 : static_cast<int>(peer_outs.size()),
+               fused_finite ? &slices_finite : nullptr);
       if (hierarchical) {
         bool ok = true;
         try {
@@ -436,11 +447,21 @@ void NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
   }
   // Nobody reads our arena or buffer after this: the caller may reuse both. Zero-copy: every
   // owner has stored its slices into our buffer.
+  // A non-finite slice is flagged with the epoch of the final sync, so every node rank reads
+  // the same answer after it (and a flag from an earlier collective never matches).
+  if (fused_finite && !slices_finite) nonfinite_[me]->store(epoch_ + 1, std::memory_order_relaxed);
   if (L > 1) {
     sync(zero_copy ? "push" : "copy-out", deadline, what, status);
     if (zero_copy) raise_agreed_failure();
   }
+  if (fused_finite) {
+    bool all = slices_finite;
+    for (int q = 0; q < L && all; ++q)
+      all = !(L > 1 && nonfinite_[q]->load(std::memory_order_relaxed) == epoch_);
+    *finite = all;
+  }
   shm_bytes_ += moved;
+  return fused_finite;
 }
 
 }  // namespace pbm

@@ -96,9 +96,14 @@ class NodeStage {
   // `zero_copy_offset` of that pool window (checked by the caller through the join headers),
   // so the node stage reads peers' buffers directly instead of copying them in.
   // `divisor` != 1 divides the result (avg over the world).
-  void allreduce(void* data, size_t count, DType dtype, ReduceOp op, double divisor,
+  // `finite` (may be null): on the zero-copy single-node path with float32/float64 data, set
+  // to whether every element of the result is finite, computed inside the reduce pass (each
+  // owner flags its slices in the control area); returns whether it was set, so the caller
+  // scans the result itself otherwise.
+  bool allreduce(void* data, size_t count, DType dtype, ReduceOp op, double divisor,
                  int32_t zero_copy_window, uint64_t zero_copy_offset, const InterNode& inter,
-                 Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+                 Clock::time_point deadline, const Describe& what, ProgressStatus* status,
+                 bool* finite = nullptr);
 
   // 3LC state sizes for a compressed hierarchical allreduce of `count` elements.
   size_t owned_elements(size_t count, DType dtype) const;
@@ -147,6 +152,7 @@ class NodeStage {
   // Epoch of the sync after which the rank reports an agreed failure (3LC found NaN/Inf in
   // the slice it owns): the node's other ranks raise the same error instead of waiting.
   std::vector<std::atomic<uint64_t>*> failed_;
+  std::vector<std::atomic<uint64_t>*> nonfinite_;  // epoch of the sync after a non-finite slice
   uint64_t epoch_ = 0;
   SharedWindow arena_;
   size_t arena_bytes_ = 0;

@@ -72,15 +72,57 @@ inline void reduce_into(void* dst, const void* src, size_t count, DType dtype, R
   });
 }
 
+// Whether m floats are all finite: Inf and NaN have every exponent bit set. Integer compare
+// and OR vectorize without -ffast-math (a float accumulation would not).
+template <typename T>
+inline bool block_finite(const T* x, size_t m) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U bad = 0;
+  for (size_t i = 0; i < m; ++i) {
+    U bits;
+    std::memcpy(&bits, x + i, sizeof(U));
+    bad |= U((bits & mask) == mask);
+  }
+  return bad == 0;
+}
+
+// Whether every element of a buffer is finite (integers always are): one read pass, for
+// check_finite collectives whose algorithm cannot check inside its own reduce.
+inline bool all_finite(const void* data, size_t count, DType dtype) {
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat64) {
+    bool ok = true;
+    dispatch_wide_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (std::is_floating_point_v<T>) {
+        const T* x = static_cast<const T*>(data);
+        constexpr size_t kBlock = 4096;
+        for (size_t b = 0; b < count && ok; b += kBlock) ok = block_finite(x + b, std::min(kBlock, count - b));
+      }
+    });
+    return ok;
+  }
+  if (is_half_precision(dtype)) {
+    // Inf/NaN in binary16 and bfloat16: all exponent bits set.
+    const uint16_t mask = dtype == DType::kBFloat16 ? 0x7f80 : 0x7c00;
+    const uint16_t* x = static_cast<const uint16_t*>(data);
+    for (size_t i = 0; i < count; ++i)
+      if ((x[i] & mask) == mask) return false;
+    return true;
+  }
+  return true;
+}
+
 // out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), combined in input order, then divided
 // by `divisor` (kAvg; 1 leaves it). One pass over the n inputs and the output: blocks are
 // accumulated in an L1-resident buffer, so `out` may be one of the inputs (the shared-memory
 // node stage reduces in place). `extra_out[0..n_extra)` receive further copies of the result
 // (the shared arena, or peers' buffers in the zero-copy node stage), stored from the same L1
-// block. Integers wrap like reduce_into.
+// block. Integers wrap like reduce_into. `finite`, when not null, is cleared if any float
+// result is Inf/NaN (checked on the L1 block, so it costs no memory traffic).
 template <typename T>
 void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op, double divisor,
-                   T* const* extra_out = nullptr, int n_extra = 0) {
+                   T* const* extra_out = nullptr, int n_extra = 0, bool* finite = nullptr) {
   constexpr size_t kBlock = 2048;
   alignas(64) T acc[kBlock];
   for (size_t b = 0; b < count; b += kBlock) {
@@ -95,6 +137,9 @@ void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op,
       } else if constexpr (std::is_same_v<T, double>) {
         for (size_t i = 0; i < m; ++i) acc[i] /= divisor;
       }
+    }
+    if constexpr (std::is_floating_point_v<T>) {
+      if (finite && !block_finite(acc, m)) *finite = false;
     }
     T* dst = out + b;
     for (size_t i = 0; i < m; ++i) dst[i] = acc[i];
@@ -140,7 +185,8 @@ inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_
 
 inline void reduce_n(void* out, const void* const* in, int n, size_t count, DType dtype,
                      ReduceOp op, double divisor, void* const* extra_out = nullptr,
-                     int n_extra = 0) {
+                     int n_extra = 0, bool* finite = nullptr) {
+  // `finite` is honoured for float32/float64 only; callers scan 16-bit results (all_finite).
   if (is_half_precision(dtype)) {
     reduce_n_half(static_cast<uint16_t*>(out), reinterpret_cast<const uint16_t* const*>(in), n,
                   count, dtype, op, divisor, reinterpret_cast<uint16_t* const*>(extra_out), n_extra);
@@ -149,7 +195,7 @@ inline void reduce_n(void* out, const void* const* in, int n, size_t count, DTyp
   dispatch_wide_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     reduce_n_wide(static_cast<T*>(out), reinterpret_cast<const T* const*>(in), n, count, op, divisor,
-                  reinterpret_cast<T* const*>(extra_out), n_extra);
+                  reinterpret_cast<T* const*>(extra_out), n_extra, finite);
   });
 }
 

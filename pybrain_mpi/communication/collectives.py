@@ -102,6 +102,15 @@ class Handle:
         self._finished = True
         return self._result
 
+    @property
+    def finite(self) -> bool | None:
+        """For an allreduce started with ``check_finite=True``, once finished: whether every
+        element of the result is finite (the same on every rank). None otherwise."""
+        if not self.done():
+            return None
+        code = self._operation.finite() if hasattr(self._operation, "finite") else -1
+        return None if code < 0 else bool(code)
+
     def __repr__(self) -> str:
         state = "done" if self.done() else self._operation.phase()
         return f"<pybrain_mpi.Handle {self._operation.describe()}: {state}>"
@@ -134,7 +143,7 @@ def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None
 
 def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
                timeout_s: float | None, compression: Any = None, state: Any = None,
-               half_wire: bool = False) -> Any:
+               half_wire: bool = False, check_finite: bool = False) -> Any:
     ctx = context.current()
     op_code = _op_code(op, buffer, name)
     algorithm_code = _algorithm_code(algorithm)
@@ -143,10 +152,11 @@ def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_
         sparsity, residual, owner = _threelc_args(compression, state, buffer, name, algorithm_code)
         return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
                                     algorithm_code, name or "", async_op, timeout, sparsity,
-                                    residual, owner)
+                                    residual, owner, False, check_finite)
     # positional arguments: pybind11 parses keywords noticeably slower on this hot path
     return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
-                                algorithm_code, name or "", async_op, timeout, 0.0, 0, 0, half_wire)
+                                algorithm_code, name or "", async_op, timeout, 0.0, 0, 0, half_wire,
+                                check_finite)
 
 
 def _split_compression(compression: Any) -> tuple[Any, Any]:
@@ -226,22 +236,30 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | N
 
 
 def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
-                     compression: Any = None, state: Any = None) -> Handle:
+                     compression: Any = None, state: Any = None,
+                     check_finite: bool = False) -> Handle:
     """Starts an in-place allreduce on the progress thread and returns its :class:`Handle`.
 
     Takes the arguments of :func:`allreduce_`. Do not read or write ``x`` until
     ``handle.wait()`` returns.
+
+    ``check_finite=True`` makes ``handle.finite`` tell, after ``wait()``, whether every
+    element of the result is finite (the same answer on every rank), so an optimizer can skip
+    its own Inf/NaN pass. The zero-copy shared-memory path (``algorithm="shm"``/``"auto"`` on
+    a buffer from :func:`pbm.shared_empty`, float32/float64) checks inside its reduce pass at no
+    extra memory traffic; every other path reads the result once more.
     """
     threelc, wire = _split_compression(compression)
     if wire is not None:
         low = _cast_copy(x, wire)
         low_buffer = as_buffer(low, name)
-        handle = Handle(_allreduce(low_buffer, op, algorithm, name, True, None, half_wire=True),
-                        low_buffer)
+        handle = Handle(_allreduce(low_buffer, op, algorithm, name, True, None, half_wire=True,
+                                   check_finite=check_finite), low_buffer)
         handle._cast_back_into = x
         return handle
     buffer = as_buffer(x, name)
-    operation = _allreduce(buffer, op, algorithm, name, True, None, threelc, state)
+    operation = _allreduce(buffer, op, algorithm, name, True, None, threelc, state,
+                           check_finite=check_finite)
     return Handle(operation, buffer)
 
 

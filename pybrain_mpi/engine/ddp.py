@@ -97,6 +97,11 @@ class DistributedDataParallel(torch.nn.Module):
         broadcast_buffers: broadcast rank 0's buffers (e.g. batch-norm statistics) before
             every forward pass, as PyTorch DDP does.
         stall_warn_s: warn when a bucket waits longer than this (``PBM_STALL_WARN_S``, 60).
+        check_finite: have every bucket's allreduce report whether its averaged gradient is
+            all finite; after backward, ``grads_finite`` holds the answer (the same on every
+            rank) for ``optimizer.step(grads_finite=model.grads_finite)`` of the fused
+            optimizers, which then skip their own Inf/NaN pass. With ``algorithm="shm"``/
+            ``"auto"`` on one node the check rides inside the reduce at no memory cost.
 
     Use like ``torch.nn.parallel.DistributedDataParallel``; :meth:`no_sync` accumulates
     gradients locally for gradient accumulation.
@@ -105,7 +110,7 @@ class DistributedDataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, bucket_bytes: int = 25 * MiB,
                  first_bucket_bytes: int = 1 * MiB, algorithm: str = "ring",
                  compression: Any = None, broadcast_buffers: bool = True,
-                 stall_warn_s: float | None = None):
+                 stall_warn_s: float | None = None, check_finite: bool = False):
         super().__init__()
         if not context.is_initialized():
             context.init()
@@ -115,6 +120,10 @@ class DistributedDataParallel(torch.nn.Module):
         self.algorithm = algorithm
         self.compression = compression
         self.broadcast_buffers = broadcast_buffers
+        self.check_finite = bool(check_finite)
+        # After a synchronized backward with check_finite: whether every averaged gradient is
+        # finite (None when unknown: check_finite off, no_sync, or Horovod-style compression).
+        self.grads_finite: bool | None = None
         self.stall_warn_s = float(stall_warn_s if stall_warn_s is not None
                                   else os.environ.get("PBM_STALL_WARN_S", 60))
         self._sync = True
@@ -206,8 +215,10 @@ class DistributedDataParallel(torch.nn.Module):
                 view.copy_(param.grad)
             param.grad = view
         if not self._sync:
+            self.grads_finite = None  # local accumulation: nothing was checked
             return
         if not self._in_backward:
+            self.grads_finite = None
             self._in_backward = True
             self._next_to_launch = 0
             self.timeline = []
@@ -225,14 +236,15 @@ class DistributedDataParallel(torch.nn.Module):
         if self._native_compression:
             bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
                                                          name=label[:60], compression=self.compression,
-                                                         state=bucket.state)
+                                                         state=bucket.state,
+                                                         check_finite=self.check_finite)
         elif self.compression is not None:
             payload, ctx = self.compression.compress(bucket.flat)
             bucket.handle = (collectives.allreduce_async_(payload, op="avg", algorithm=self.algorithm,
                                                           name=label[:60]), payload, ctx)
         else:
             bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
-                                                         name=label[:60])
+                                                         name=label[:60], check_finite=self.check_finite)
 
     def _launch_ready_buckets(self) -> None:
         while (self._next_to_launch < len(self._buckets)
@@ -255,6 +267,9 @@ class DistributedDataParallel(torch.nn.Module):
         self._launch_ready_buckets()
         for bucket in self._buckets:
             self._wait(bucket)
+        if self.check_finite:
+            flags = [b.handle.finite if not isinstance(b.handle, tuple) else None for b in self._buckets]
+            self.grads_finite = None if None in flags else all(flags)
         self.timeline = [
             {"bucket": b.index, "tensors": len(b.params), "bytes": b.flat.numel() * b.flat.element_size(),
              "launched_at": b.launched_at, "finished_at": b.finished_at}

@@ -274,6 +274,83 @@ def mode_mismatch(comm, algorithm: str) -> None:
             raise AssertionError("shm across nodes must be refused")
 
 
+def mode_finite(comm, algorithm: str) -> None:
+    """check_finite: the allreduce says whether its *result* is all finite, the same on every
+    rank, for zero-copy shared buffers (checked inside the reduce), ordinary tensors and
+    16-bit floats (checked by a scan); DDP hands it to the fused optimizer."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    count = 100_003  # odd: the last slice is short
+    pbm.shared_reset()
+    for dtype in ("float32", "float64", "float16"):
+        for shared in (True, False):
+            if dtype == "float16" and shared:
+                continue
+            torch_dtype = getattr(torch, dtype)
+            x = pbm.shared_empty(count, torch_dtype) if shared else torch.empty(count, dtype=torch_dtype)
+            what = f"{algorithm} {dtype} shared={shared}"
+            # clean inputs: finite, and the values are still right
+            x.copy_(rank_input(count, dtype, 7, r))
+            handle = pbm.allreduce_async_(x, algorithm=algorithm, check_finite=True)
+            assert handle.finite is None or handle.done()
+            handle.wait()
+            check(x, count, dtype, "sum", 7, n, what)
+            assert handle.finite is True, f"{what}: clean result reported {handle.finite}"
+            # one Inf on rank 0 near the end (the last slice), one NaN on the last rank at the start
+            for position, bad_rank, value in ((count - 2, 0, float("inf")), (3, n - 1, float("nan"))):
+                x.copy_(rank_input(count, dtype, 7, r))
+                if r == bad_rank:
+                    x[position] = value
+                handle = pbm.allreduce_async_(x, algorithm=algorithm, check_finite=True)
+                handle.wait()
+                assert handle.finite is False, f"{what}: {value} at {position} on rank {bad_rank} reported finite"
+            # finite inputs whose sum overflows: the check is on the result, not the inputs
+            if n > 1:
+                x.fill_(torch.finfo(torch_dtype).max * 0.75)
+                handle = pbm.allreduce_async_(x, algorithm=algorithm, check_finite=True)
+                handle.wait()
+                assert handle.finite is False, f"{what}: overflowing sum reported finite"
+            # a clean call right after: earlier flags must not leak into it
+            x.copy_(rank_input(count, dtype, 8, r))
+            handle = pbm.allreduce_async_(x, algorithm=algorithm, check_finite=True)
+            handle.wait()
+            assert handle.finite is True, f"{what}: a stale non-finite flag leaked into the next call"
+            # not asked: no answer
+            handle = pbm.allreduce_async_(x, algorithm=algorithm)
+            handle.wait()
+            assert handle.finite is None
+            flags = comm.allgather(True)
+            assert all(flags)
+
+    # DDP + fused optimizer: the step is skipped on every rank when any rank's gradient is Inf,
+    # and with a clean gradient the hint gives the same update as the optimizer's own check.
+    from pybrain_mpi.optim import FusedSGD
+
+    torch.manual_seed(0)
+    models = [pbm.DistributedDataParallel(torch.nn.Linear(33, 5), algorithm=algorithm, check_finite=True)
+              for _ in range(2)]
+    models[1].module.load_state_dict(models[0].module.state_dict())
+    optimizers = [FusedSGD(m.parameters(), lr=0.1) for m in models]
+    x = torch.randn(8, 33, generator=torch.Generator().manual_seed(r))
+    for model, opt, hint in ((models[0], optimizers[0], True), (models[1], optimizers[1], False)):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        assert model.grads_finite is True, model.grads_finite
+        opt.step(grads_finite=model.grads_finite if hint else None)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b), "the grads_finite hint changed the update"
+    before = [p.detach().clone() for p in models[0].parameters()]
+    bad = x.clone()
+    if r == 0:
+        bad[0, 0] = float("inf")
+    optimizers[0].zero_grad()
+    models[0](bad).square().sum().backward()
+    assert models[0].grads_finite is False, f"rank {r}: Inf on rank 0 not reported"
+    optimizers[0].step(grads_finite=models[0].grads_finite)
+    assert not optimizers[0].last_step_finite
+    for p, old in zip(models[0].parameters(), before):
+        assert torch.equal(p, old), "a skipped step wrote parameters"
+
+
 def mode_steps(comm, *steps: str) -> None:
     """Runs several modes in one launch ("exact:shm,auto:0", "async:shm", ...): starting
     4 ranks on 2 cores costs more than most checks."""
