@@ -430,7 +430,7 @@ bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
       moved += n * esize * peer_outs.size();
     }
     if (L == 1) {
-      if (!failure.empty()) raise_agreed_failure();
+      raise_agreed_failure();  // a lone node rank: its own failure, no flags to read
       continue;
     }
     if (zero_copy) continue;  // results are already in every buffer

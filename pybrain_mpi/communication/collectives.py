@@ -108,7 +108,7 @@ class Handle:
         element of the result is finite (the same on every rank). None otherwise."""
         if not self.done():
             return None
-        code = self._operation.finite() if hasattr(self._operation, "finite") else -1
+        code = self._operation.finite()
         return None if code < 0 else bool(code)
 
     def __repr__(self) -> str:
