@@ -113,6 +113,28 @@ inline bool all_finite(const void* data, size_t count, DType dtype) {
   return true;
 }
 
+// dst[i] = (acc[i] + last[i]) / div (kDivide) for one L1 block; with kCheck also whether every
+// result is finite (Inf and NaN have every exponent bit set; an integer compare and OR
+// vectorize without -ffast-math, a float accumulation would not).
+template <bool kDivide, bool kCheck, typename T>
+inline bool add_store(T* __restrict dst, const T* __restrict acc, const T* __restrict last, size_t m,
+                      T div) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U bad = 0;
+  for (size_t i = 0; i < m; ++i) {
+    T v = acc[i] + last[i];
+    if constexpr (kDivide) v /= div;
+    if constexpr (kCheck) {
+      U bits;
+      std::memcpy(&bits, &v, sizeof(U));
+      bad |= U((bits & mask) == mask);
+    }
+    dst[i] = v;
+  }
+  return bad == 0;
+}
+
 // out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), combined in input order, then divided
 // by `divisor` (kAvg; 1 leaves it). One pass over the n inputs and the output: blocks are
 // accumulated in an L1-resident buffer, so `out` may be one of the inputs (the shared-memory
@@ -128,6 +150,25 @@ void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op,
   for (size_t b = 0; b < count; b += kBlock) {
     const size_t m = std::min(kBlock, count - b);
     const T* first = in[0] + b;
+    T* dst = out + b;
+    if constexpr (std::is_floating_point_v<T>) {
+      if (n > 1 && (op == ReduceOp::kSum || op == ReduceOp::kAvg)) {
+        // Float sums: the last input's pass adds, divides, checks (when asked) and stores
+        // straight into `out`. That loop waits on memory for its input, so the exponent
+        // compare rides along instead of costing a pass of its own over the block.
+        for (size_t i = 0; i < m; ++i) acc[i] = first[i];
+        for (int q = 1; q + 1 < n; ++q) reduce_into(acc, in[q] + b, m, op);
+        const T* last = in[n - 1] + b;
+        const bool ok = divisor != 1.0
+            ? (finite ? add_store<true, true>(dst, acc, last, m, static_cast<T>(divisor))
+                      : add_store<true, false>(dst, acc, last, m, static_cast<T>(divisor)))
+            : (finite ? add_store<false, true>(dst, acc, last, m, T(1))
+                      : add_store<false, false>(dst, acc, last, m, T(1)));
+        if (!ok) *finite = false;
+        for (int e = 0; e < n_extra; ++e) std::memcpy(extra_out[e] + b, dst, m * sizeof(T));
+        continue;
+      }
+    }
     for (size_t i = 0; i < m; ++i) acc[i] = first[i];
     for (int q = 1; q < n; ++q) reduce_into(acc, in[q] + b, m, op);
     if (divisor != 1.0) {
@@ -141,7 +182,6 @@ void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op,
     if constexpr (std::is_floating_point_v<T>) {
       if (finite && !block_finite(acc, m)) *finite = false;
     }
-    T* dst = out + b;
     for (size_t i = 0; i < m; ++i) dst[i] = acc[i];
     for (int e = 0; e < n_extra; ++e) std::memcpy(extra_out[e] + b, acc, m * sizeof(T));
   }
