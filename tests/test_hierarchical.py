@@ -12,9 +12,9 @@ import pytest
 from conftest import run_mpi
 
 
-def _run(ranks: int, per_node: int, *steps: str, timeout_s: float = 300):
+def _run(ranks: int, per_node: int, *steps: str, timeout_s: float = 300, env: dict | None = None):
     result = run_mpi(ranks, "hierarchical_worker.py", "steps", *steps, timeout_s=timeout_s,
-                     env={"PBM_RANKS_PER_NODE": str(per_node)})
+                     env={"PBM_RANKS_PER_NODE": str(per_node), **(env or {})})
     for rank in range(ranks):
         assert f"OK steps rank {rank}" in result.stdout, result.stdout + result.stderr
     return result
@@ -51,6 +51,12 @@ def test_uneven_nodes_two_plus_one_hierarchical_exact():
 def test_timeout_names_the_node_rank_that_never_joined(algorithm):
     result = _run(2, 2 if algorithm == "shm" else 1, f"timeout:{algorithm}", timeout_s=90)
     assert "waiting for rank 1" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("path", ["copy", "zero_copy"])
+def test_rank_stopped_inside_the_shared_memory_stage_is_named_and_nobody_hangs(path):
+    result = _run(2, 2, f"stall:{path}", timeout_s=120, env={"PBM_TIMEOUT_S": "2"})
+    assert "stalled mid-stage" in result.stdout and "waiting for node rank 1" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("ranks,per_node,algorithm", [(2, 2, "shm"), (3, 2, "hierarchical")])

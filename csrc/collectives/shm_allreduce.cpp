@@ -173,6 +173,9 @@ void NodeStage::sync(const char* phase, Clock::time_point deadline, const Descri
       std::vector<int> missing;
       for (int q = 0; q < local_size_; ++q)
         if (flags_[q]->load(std::memory_order_acquire) < epoch) missing.push_back(world_of_local_[q]);
+      // Everyone arrived after all (this thread may have been descheduled, or the process
+      // stopped, between the poll above and the clock read): that is not a timeout.
+      if (missing.empty()) return;
       if (status && !reported) status->set(what() + ": shared-memory " + phase, missing);
       reported = true;
       if (aborted || late) {

@@ -351,6 +351,75 @@ def mode_finite(comm, algorithm: str) -> None:
         assert torch.equal(p, old), "a skipped step wrote parameters"
 
 
+def mode_stall(comm, path: str) -> None:
+    """A rank stopped (SIGSTOP) in the middle of the shared-memory stage, after it joined:
+    the other rank's wait ends with CollectiveTimeout naming it and the phase, instead of
+    spinning forever; once the stopped rank is resumed, neither rank hangs.
+
+    Rank 0 watches its own buffer (a strided sample) to catch the stage in the middle: the
+    reduced values land there as the owners of the slices (zero-copy) or rank 0's copy-out
+    of each round (copy path, cut into 64 KiB rounds here) get through them. Once a tenth
+    of the sample is reduced, rank 0 stops rank 1."""
+    import os
+    import signal
+
+    n, r = comm.Get_size(), comm.Get_rank()
+    assert n == 2 and pbm.local_size() == 2, "stall runs on one node of two ranks"
+    pids = comm.allgather(os.getpid())
+    if path == "zero_copy":
+        # 512 MiB: the stage takes tens of ms, so rank 0's watcher (sharing two cores with
+        # both progress threads) sees it start long before it ends.
+        count = 128 * 2**20
+        pbm.shared_reset()
+        x = pbm.shared_empty(count, torch.float32)
+    else:
+        count = 64 * 2**20 // 4  # 64 MiB
+        context.current().engine.shm_chunk_bytes = 64 * 1024
+        x = torch.empty(count, dtype=torch.float32)
+    x.fill_(1.0)
+    comm.Barrier()
+    started = time.monotonic()
+    # The engine's deadline (PBM_TIMEOUT_S=2 for this launch) ends the shared-memory waits;
+    # the Python-side waits below allow longer, so the error seen is the engine's.
+    handle = pbm.allreduce_async_(x, algorithm="shm", name="grad.stall")
+    if r == 0:
+        view = x.numpy()
+        sample = view[::4099]
+        while (sample == 2.0).mean() < 0.1:
+            if handle.done():
+                raise AssertionError("the allreduce finished before rank 1 could be stopped")
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            handle.wait(timeout_s=30)
+        except pbm.CollectiveTimeout as error:
+            message = str(error)
+            assert error.missing_ranks == [1], (error.missing_ranks, message)
+            assert "grad.stall" in message and "shared-memory" in message, message
+            assert "join" not in message, f"stopped after joining, yet the error blames the join: {message}"
+            done = int((view == 2.0).sum())  # counted while rank 1 is still stopped
+            waited = time.monotonic() - stopped_at
+            assert waited < 15, f"the timeout took {waited:.1f} s"
+            print("stall message:", message, flush=True)
+        else:
+            raise AssertionError("no CollectiveTimeout although rank 1 was stopped mid-stage")
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        assert 0 < done < count, f"rank 1 was not stopped mid-stage ({done} of {count} reduced)"
+        print(f"stalled mid-stage: {done} of {count} elements reduced", flush=True)
+    else:
+        # Resumed: the other rank has left, so this one finishes (it was past its last wait)
+        # or times out naming rank 0. Either way it returns.
+        try:
+            handle.wait(timeout_s=30)
+            print("rank 1 resumed and finished", flush=True)
+        except pbm.CollectiveTimeout as error:
+            assert error.missing_ranks == [0], (error.missing_ranks, str(error))
+            print("rank 1 resumed and timed out:", error, flush=True)
+    assert time.monotonic() - started < 60
+    comm.Barrier()
+
+
 def mode_steps(comm, *steps: str) -> None:
     """Runs several modes in one launch ("exact:shm,auto:0", "async:shm", ...): starting
     4 ranks on 2 cores costs more than most checks."""
