@@ -48,7 +48,7 @@ from common import (human_bytes, median, parse_size, print_table, time_collectiv
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16", "pbm_shm", "pbm_shm_zc",
-         "pbm_shm_zc_finite", "pbm_hier", "pbm_hier_3lc")
+         "pbm_shm_zc_finite", "pbm_hier", "pbm_hier_3lc", "pbm_hier_zc", "pbm_hier_3lc_zc")
 DEFAULT_IMPLS = "pbm_ring,pbm_mpi,mpi,gloo"
 LINK_10G_BYTES_PER_S = 10e9 / 8
 
@@ -166,11 +166,11 @@ def main() -> None:
         # pbm_shm_zc: the buffer lives in MPI shared memory (pbm.shared_empty), so the node
         # stage reads peers' buffers in place instead of copying them in.
         shared = None
-        if "pbm_shm_zc" in impls or "pbm_shm_zc_finite" in impls:
+        if any(impl.endswith("_zc") or impl == "pbm_shm_zc_finite" for impl in impls):
             pbm.shared_reset()
             shared = pbm.shared_empty(count, "float32")
             shared.zero_()
-        if "pbm_3lc" in impls or "pbm_bf16" in impls or "pbm_hier_3lc" in impls:
+        if any(impl in impls for impl in ("pbm_3lc", "pbm_bf16", "pbm_hier_3lc", "pbm_hier_3lc_zc")):
             generator = torch.Generator().manual_seed(rank)
             gradient = torch.randn(count, generator=generator) * torch.rand(count, generator=generator) ** 4
             work = torch.empty_like(gradient)
@@ -191,6 +191,11 @@ def main() -> None:
             "pbm_hier": lambda: pbm.allreduce_(buffer, algorithm="hierarchical"),
             "pbm_hier_3lc": lambda: pbm.allreduce_(work.copy_(gradient), algorithm="hierarchical",
                                                    compression=codec, state=hier_state),
+            # hierarchical on shared buffers (what DDP's buckets are): zero-copy node stages; the
+            # 3LC one copies the gradient in each call, as DDP packs its bucket
+            "pbm_hier_zc": lambda: pbm.allreduce_(shared, algorithm="hierarchical"),
+            "pbm_hier_3lc_zc": lambda: pbm.allreduce_(shared.copy_(gradient), algorithm="hierarchical",
+                                                      compression=codec, state=hier_state),
             "mpi": lambda: comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM),
             "gloo": lambda: dist.all_reduce(buffer),
         }
@@ -237,7 +242,7 @@ def main() -> None:
         for impl in impls:
             columns += [(f"{impl}_us", f"{impl} us"), (f"{impl}_bus", f"{impl} busbw GB/s")]
         columns += [(k, f"ring speedup vs {k[2:]}") for k in ("x_mpi", "x_gloo") if k in rows[0]]
-        for impl in ("pbm_3lc", "pbm_bf16", "pbm_hier_3lc"):
+        for impl in ("pbm_3lc", "pbm_bf16", "pbm_hier_3lc", "pbm_hier_3lc_zc"):
             if impl in impls and "pbm_ring" in impls:
                 for row in rows:
                     size = next(r["size_bytes"] for r in records if human_bytes(r["size_bytes"]) == row["size"])

@@ -45,7 +45,7 @@ SCRIPT = HERE.parent / "slurm" / "emulated_cluster.sh"
 # allreduce.py registers them (they are called pbm.allreduce_(x, algorithm="hierarchical")
 # and the same with compression=ThreeLC(s), state=...).
 BASE_IMPLS = ("pbm_ring", "mpi", "pbm_3lc")
-HIERARCHICAL_IMPLS = ("pbm_hier", "pbm_hier_3lc")
+HIERARCHICAL_IMPLS = ("pbm_hier", "pbm_hier_3lc", "pbm_hier_zc", "pbm_hier_3lc_zc")
 DEFAULT_IMPLS = ",".join(BASE_IMPLS + tuple(i for i in HIERARCHICAL_IMPLS if i in IMPLS))
 
 
