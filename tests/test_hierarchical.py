@@ -59,6 +59,11 @@ def test_rank_stopped_inside_the_shared_memory_stage_is_named_and_nobody_hangs(p
     assert "stalled mid-stage" in result.stdout and "waiting for node rank 1" in result.stdout, result.stdout
 
 
+def test_shutdown_releases_shared_memory_and_init_again_works():
+    result = _run(2, 2, "reinit")
+    assert "resident MB after each cycle" in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("ranks,per_node,algorithm", [(2, 2, "shm"), (3, 2, "hierarchical")])
 def test_ddp_with_shared_memory_buckets_matches_one_process(ranks, per_node, algorithm):
     result = run_mpi(ranks, "ddp_worker.py", "equivalence", "sgd", "1", algorithm,

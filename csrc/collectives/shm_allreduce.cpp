@@ -5,6 +5,9 @@
 #include <new>
 #include <sstream>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "../kernels/reduce.h"
 
 namespace pbm {
@@ -105,11 +108,15 @@ NodeStage::NodeStage(Transport& world, int node_color) : world_(world) {
 
 NodeStage::~NodeStage() {
   // Shared windows are not freed: MPI_Win_free is a blocking collective and a peer that
-  // left after a failure would never join it. Their memory goes with the process (MPICH
-  // unlinks the backing files once mapped).
+  // left after a failure would never join it (no timeout can make that agreement safe).
+  // Their pages are handed back instead, which is local: pybrain_mpi.shutdown() followed
+  // by init() again does not keep the old buffers resident. Only while MPI is live: after
+  // MPI_Finalize the addresses may belong to other mappings.
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
+  release_own_pages(arena_);
+  for (const auto& pool : pools_) release_own_pages(pool);
   if (pool_comm_ != MPI_COMM_NULL) MPI_Comm_free(&pool_comm_);
 }
 
@@ -145,6 +152,18 @@ SharedWindow NodeStage::allocate_window(MPI_Comm comm, size_t bytes) {
     window.bytes[q] = static_cast<size_t>(size);
   }
   return window;
+}
+
+void NodeStage::release_own_pages(const SharedWindow& window) const {
+  if (window.win == MPI_WIN_NULL || window.base.size() <= static_cast<size_t>(local_rank_)) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t begin = reinterpret_cast<uintptr_t>(window.base[local_rank_]);
+  uintptr_t end = begin + window.bytes[local_rank_];
+  begin = (begin + page - 1) / page * page;
+  end = end / page * page;
+  // MADV_REMOVE frees the shared (tmpfs) backing of our own segment; a later touch would
+  // read zeros. Failure (e.g. a backing that does not support it) only means no release.
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_REMOVE);
 }
 
 void NodeStage::free_window(SharedWindow& window) {

@@ -128,6 +128,7 @@ class NodeStage {
   void ensure_arena(size_t bytes, Clock::time_point deadline, const Describe& what,
                     ProgressStatus* status);
   SharedWindow allocate_window(MPI_Comm comm, size_t bytes);
+  void release_own_pages(const SharedWindow& window) const;
   void free_window(SharedWindow& window);
   void inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op, double divisor,
                   const InterNode& inter, size_t* residual_offset, size_t* owner_offset,

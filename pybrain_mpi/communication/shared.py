@@ -60,8 +60,8 @@ def shared_empty(shape: Any, dtype: Any = "float32", *, torch: bool = True) -> A
         torch: return a ``torch.Tensor`` (default) or a ``numpy.ndarray``.
 
     The memory stays valid until :func:`shared_reset` or :func:`pybrain_mpi.shutdown`;
-    using the tensor after either is undefined (it aliases newer buffers, or is unmapped at
-    exit). Memory comes from windows that double in size, so many small calls are cheap.
+    using the tensor after either is undefined (it aliases newer buffers; after shutdown its
+    pages are handed back to the system, so it reads zeros, and it is unmapped at exit). Memory comes from windows that double in size, so many small calls are cheap.
     """
     shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
