@@ -121,8 +121,9 @@ def worker_pbm(args) -> dict:
 
         augment = Augment(flip_axes=(0, 1, 2), scale=(0.8, 1.2), shift=(-5, 5), gamma=(0.7, 1.4),
                           noise_std=(0.5, 2.0), zscore=True)
+    extra = None if args.prefetch_extra is None or args.prefetch_extra < 0 else args.prefetch_extra
     loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads, augment=augment,
-                         prefetch_batches=args.threads + args.prefetch_extra,
+                         prefetch_batches=None if extra is None else args.threads + extra,
                          output="torch" if args.torch else "numpy")
     epochs = []
     for epoch in range(args.epochs):
@@ -141,7 +142,8 @@ def worker_pbm(args) -> dict:
     out = {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "rank": rank, "world": world,
            "cache_capacity_mb": vol.cache_capacity_bytes / 2**20,
            # batches alive at most: those queued, the one handed out, the one the loop still holds
-           "prefetch_mb": (args.threads + args.prefetch_extra + 2) * args.batch * args.patch**3 * 4 / 2**20,
+           "prefetch_depth": loader.prefetch_depth,
+           "prefetch_mb": (loader.prefetch_depth + 2) * loader.batch_bytes / 2**20,
            "modules": _held_modules()}
     if args.mpi:
         from mpi4py import MPI
@@ -401,8 +403,9 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=160, help="patches per epoch (64^3; half at 128^3)")
     p.add_argument("--epochs", type=int, default=4, help="epoch 0 is cold; later ones warm (median)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prefetch-extra", type=int, default=1,
-                   help="pbm prefetch_batches = threads + this (0: one batch ahead per thread, least memory)")
+    p.add_argument("--prefetch-extra", type=int, default=-1,
+                   help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
+                        "bound (threads + 1 batches, at most 64 MiB read ahead)")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
