@@ -8,15 +8,18 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
   pbm        pbm.data.PatchLoader(output="numpy") + UniformSampler, 1/2/4 prefetch threads,
              1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
              torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
-             (room for 4 patches' chunks) unless --cache-mb. Epoch 0 starts from an empty
-             cache (cold); the median of the later epochs is reported as warm.
+             (room for 8 patches' chunks) unless --cache-mb; read-ahead: the loader's
+             default (threads + 1 batches, at most 64 MiB) unless --prefetch-extra. Epoch 0
+             starts from an empty cache (cold); the median of the later epochs is reported
+             as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
   pbm +augment  the pipeline alone with every numba augmentation on (numba + LLVM resident).
   torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
   nibabel    naive: load the whole NIfTI for every patch, then crop.
 
 Also: the peak RSS of each kind of process's imports alone ("imports"; "data MB" is the
-rest); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
+rest; "xTIO pk" and "xTIO dat" are a row's peak and data MB over TorchIO's at that patch
+size: data MB compares what each pipeline holds beyond the libraries it imports); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
 of the volume; cold = cache cleared before each patch, warm = a second epoch); a codec table
 (blosc-zstd, blosc-lz4, zstd, none: bytes on disk, conversion time, patches/s); with
 --large-gb, a synthetic volume of that size converted and sampled with bounded memory.
@@ -24,6 +27,7 @@ of the volume; cold = cache cleared before each patch, warm = a second epoch); a
     python benchmarks/patches.py                     # table + results/patches.json
     python benchmarks/patches.py --patch 64 --threads 1 2 --ranks 1 --samples 200
     python benchmarks/patches.py --large-gb 4 --only-large --json results/patches_large.json
+    python benchmarks/patches.py --upsample 2 --threads 2 --ranks 1 --no-codecs   # 277 MiB volume
 """
 
 from __future__ import annotations
@@ -442,7 +446,10 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pbm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data = prepare(workdir, args.upsample)
-    cache_text = "automatic (4 patches' chunks)" if args.cache_mb < 0 else f"{args.cache_mb:.1f} MiB"
+    from pybrain_mpi.data.volume import AUTO_CACHE_PATCHES
+
+    cache_text = (f"automatic ({AUTO_CACHE_PATCHES} patches' chunks)" if args.cache_mb < 0
+                  else f"{args.cache_mb:.1f} MiB")
     print(f"volume {data['shape']} float32 = {data['volume_mb']:.1f} MiB; pbm chunk cache {cache_text}; "
           f"chunks 32^3; batch {args.batch}; load average {os.getloadavg()[0]:.1f} (other jobs share the cores)")
     out = {"volume": data, "cache_mb": args.cache_mb, "host": os.uname().nodename,
@@ -506,9 +513,11 @@ def main() -> int:
     codecs = [] if args.no_codecs else [run_child("codec", data, codec=c, samples=args.samples)
                                         for c in ("blosc-zstd", "blosc-lz4", "zstd", "none")]
 
+    add_torchio_ratios(rows)
     print()
     print(f"{'method':18} {'patch':>5} {'thr':>3} {'ranks':>5} {'patches/s':>10} {'cold p/s':>9} "
-          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8}")
+          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8} "
+          f"{'xTIO p/s':>8} {'xTIO pk':>8} {'xTIO dat':>8}")
     for row in rows:
         print(_fmt(row))
     _print_amplification(amp)
@@ -533,9 +542,21 @@ def main() -> int:
                 print(f"{patch}^3: pbm with torch imported (2 threads, tensors) "
                       f"{t['patches_per_s'] / b['patches_per_s']:.2f}x TorchIO patches/s at "
                       f"{t['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS ({t['peak_rss_mb']:.0f} MB); "
-                      f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB")
+                      f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB "
+                      f"({t['data_vs_torchio']:.2f}x)")
     out.update(rows=rows, amplification=amp, codecs=codecs, load_average=os.getloadavg())
     return _write(args.json, out)
+
+
+def add_torchio_ratios(rows: list[dict]) -> None:
+    """Sets each row's patches/s, peak RSS and data MB (peak minus its imports) over those of
+    the TorchIO row with the same patch size (None without one)."""
+    base = {r["patch"]: r for r in rows if r["method"] == "torchio Queue"}
+    for r in rows:
+        b = base.get(r["patch"])
+        r["speed_vs_torchio"] = r["patches_per_s"] / b["patches_per_s"] if b else None
+        r["peak_vs_torchio"] = r["peak_rss_mb"] / b["peak_rss_mb"] if b else None
+        r["data_vs_torchio"] = r["data_mb"] / b["data_mb"] if b and b["data_mb"] > 0 else None
 
 
 def _amplification(args, data: dict) -> list[dict]:
@@ -568,7 +589,8 @@ def _fmt(r: dict) -> str:
     return (f"{r['method']:18} {r['patch']:>5} {r['threads']:>3} {r['ranks']:>5} {r['patches_per_s']:>10.1f} "
             f"{r['cold_patches_per_s']:>9.1f} {r['mb_per_s']:>8.1f} {num(r['amplification_cold'], '>9.2f')} "
             f"{num(r['amplification_warm'], '>9.2f')} {r['peak_rss_mb']:>8.0f} {r['imports_mb']:>8.0f} "
-            f"{r['data_mb']:>8.0f}")
+            f"{r['data_mb']:>8.0f} {num(r.get('speed_vs_torchio'), '>8.2f')} "
+            f"{num(r.get('peak_vs_torchio'), '>8.2f')} {num(r.get('data_vs_torchio'), '>8.2f')}")
 
 
 if __name__ == "__main__":
