@@ -9,7 +9,7 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
              1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
              torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
              (room for 8 patches' chunks) unless --cache-mb; read-ahead: the loader's
-             default (threads + 1 batches, at most 64 MiB) unless --prefetch-extra. Epoch 0
+             default (threads + 1 batches, at most 32 MiB) unless --prefetch-extra. Epoch 0
              starts from an empty cache (cold); the median of the later epochs is reported
              as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
@@ -128,6 +128,7 @@ def worker_pbm(args) -> dict:
     extra = None if args.prefetch_extra is None or args.prefetch_extra < 0 else args.prefetch_extra
     loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads, augment=augment,
                          prefetch_batches=None if extra is None else args.threads + extra,
+                         prefetch_bytes=None if args.prefetch_mb < 0 else int(args.prefetch_mb * 2**20),
                          output="torch" if args.torch else "numpy")
     epochs = []
     for epoch in range(args.epochs):
@@ -139,6 +140,8 @@ def worker_pbm(args) -> dict:
         n = 0
         for batch in loader:
             n += batch["image"].shape[0]
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)  # a training step: the read-ahead fills up
         if args.mpi:
             pbm.barrier()  # the epoch ends when the slowest rank is done
         dt = time.perf_counter() - t0
@@ -147,7 +150,7 @@ def worker_pbm(args) -> dict:
            "cache_capacity_mb": vol.cache_capacity_bytes / 2**20,
            # batches alive at most: those queued, the one handed out, the one the loop still holds
            "prefetch_depth": loader.prefetch_depth,
-           "prefetch_mb": (loader.prefetch_depth + 2) * loader.batch_bytes / 2**20,
+           "batches_resident_mb": (loader.prefetch_depth + 2) * loader.batch_bytes / 2**20,
            "modules": _held_modules()}
     if args.mpi:
         from mpi4py import MPI
@@ -179,6 +182,8 @@ def worker_torchio(args) -> dict:
         n = 0
         for batch in loader:
             n += batch["image"][tio.DATA].shape[0]
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)
             if n >= args.samples:
                 break
         epochs.append({"seconds": time.perf_counter() - t0, "patches": n, "amplification": None})
@@ -409,7 +414,12 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefetch-extra", type=int, default=-1,
                    help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
-                        "bound (threads + 1 batches, at most 64 MiB read ahead)")
+                        "bound (threads + 1 batches, at most 32 MiB read ahead)")
+    p.add_argument("--step-ms", type=float, default=0,
+                   help="sleep this long per batch in the pbm and TorchIO loops (a training step, "
+                        "so read-ahead queues fill up as in training; patches/s then include it)")
+    p.add_argument("--prefetch-mb", type=float, default=-1,
+                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 32 MiB")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
@@ -485,7 +495,7 @@ def main() -> int:
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        common = dict(patch=patch, batch=args.batch, epochs=args.epochs)
+        common = dict(patch=patch, batch=args.batch, epochs=args.epochs, step_ms=args.step_ms)
         if not args.no_torchio:
             r = run_child("torchio", data, samples=samples, threads=1, **common)
             rows.append(summarize("torchio Queue", patch, r, 1, 1, imports["torchio"], True))
@@ -496,17 +506,18 @@ def main() -> int:
         for ranks in args.ranks:
             for threads in args.threads:
                 r = run_child("pbm", data, ranks=ranks, samples=samples, threads=threads,
-                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra, **common)
+                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra,
+                              prefetch_mb=args.prefetch_mb, **common)
                 rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, imports["pbm"], False))
                 print(_fmt(rows[-1]), flush=True)
         # The same loader in a training process: torch imported, batches as tensors.
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
-                      prefetch_extra=args.prefetch_extra, **common)
+                      prefetch_extra=args.prefetch_extra, prefetch_mb=args.prefetch_mb, **common)
         rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
         print(_fmt(rows[-1]), flush=True)
         # With every numba augmentation on (no torch): what numba and its LLVM add.
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, augment=1,
-                      prefetch_extra=args.prefetch_extra, **common)
+                      prefetch_extra=args.prefetch_extra, prefetch_mb=args.prefetch_mb, **common)
         rows.append(summarize("pbm +augment", patch, r, 2, 1, imports["pbm"], False))
         print(_fmt(rows[-1]), flush=True)
     amp = _amplification(args, data)

@@ -160,9 +160,11 @@ def test_kernels_match_numpy_references():
 
 def test_prefetch_depth_is_bounded_by_bytes_and_batches():
     mib = 2**20
-    # Defaults: threads + 1 batches, at most 64 MiB of them, at least one.
+    # Defaults: threads + 1 batches, at most 32 MiB of them, at least one.
+    assert pbd.loader.DEFAULT_PREFETCH_BYTES == 32 * mib
     assert pbd.loader.prefetch_depth(4 * mib, threads=2) == 3            # 64^3 float32, batch 4
-    assert pbd.loader.prefetch_depth(32 * mib, threads=2) == 2           # 128^3 float32, batch 4
+    assert pbd.loader.prefetch_depth(16 * mib, threads=2) == 2
+    assert pbd.loader.prefetch_depth(32 * mib, threads=2) == 1           # 128^3 float32, batch 4
     assert pbd.loader.prefetch_depth(256 * mib, threads=2) == 1          # bigger than the budget
     assert pbd.loader.prefetch_depth(mib, threads=2, prefetch_bytes=3 * mib) == 3
     assert pbd.loader.prefetch_depth(mib, threads=8, prefetch_bytes=3 * mib) == 3
@@ -176,7 +178,7 @@ def test_loader_reports_its_batch_bytes_and_depth(t1, gm):
     loader = pbd.PatchLoader({"image": t1, "label": gm}, sampler, 4, threads=2)
     # float32 image + uint8 label, batch 4 of 128^3
     assert loader.batch_bytes == 4 * 128**3 * (4 + 1)
-    assert loader.prefetch_depth == 1  # 40 MiB batches: one fits in 64 MiB
+    assert loader.prefetch_depth == 1  # 40 MiB batches: more than 32 MiB, still one ahead
     small = pbd.UniformSampler(t1, (32, 32, 32), 8, seed=0, rank=0, world_size=1)
     assert pbd.PatchLoader(t1, small, 4, threads=2).prefetch_depth == 3
 

@@ -574,8 +574,11 @@ class Volume:
                 out[dst] = block[src]
         if self._pool is not None and len(missing) > 1:
             futures = [self._pool.submit(self._chunk, level, coords) for coords, _, _ in missing]
-            for (coords, src, dst), fut in zip(missing, futures):
-                out[dst] = fut.result()[src]
+            for i, (coords, src, dst) in enumerate(missing):
+                out[dst] = futures[i].result()[src]
+                # Drop the reference at once: a chunk the cache evicted (or never admitted) is
+                # freed now, not when the whole patch is done (up to 125 chunks at 128^3).
+                futures[i] = None
         else:
             for coords, src, dst in missing:
                 out[dst] = self._chunk(level, coords)[src]
