@@ -118,7 +118,8 @@ def worker_pbm(args) -> dict:
     vol = Volume(args.zarr, cache_bytes=_cache_arg(args), threads=2)
     size = (args.patch,) * 3
     vol.size_cache_for(size)  # the automatic cache is sized before the cold epoch
-    sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world)
+    sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world,
+                             local_window=args.local_window)
     augment = None
     if args.augment:  # numba kernels: numba's import and LLVM are the cost measured here
         from pybrain_mpi.data import Augment
@@ -222,11 +223,12 @@ def worker_amplification(args) -> dict:
     volume_bytes = args.volume_mb * 2**20
     size = (args.patch,) * 3
     rows = []
-    for fraction in (None, 0.25, 0.5, 1.0):
+    runs = [(None, 0), (0.25, 0), (0.5, 0), (1.0, 0)] + ([(None, args.local_window)] if args.local_window > 1 else [])
+    for fraction, window in runs:
         cache = None if fraction is None else int(fraction * volume_bytes) + 2**20
         vol = Volume(args.zarr, cache_bytes=cache, threads=2)
         vol.size_cache_for(size)
-        sampler = UniformSampler(vol, size, args.samples, seed=1, rank=0, world_size=1)
+        sampler = UniformSampler(vol, size, args.samples, seed=1, rank=0, world_size=1, local_window=window)
         for spec in list(sampler)[:30]:
             vol.clear_cache()
             vol.read_patch(spec.start, spec.size)
@@ -239,7 +241,7 @@ def worker_amplification(args) -> dict:
         t0 = time.perf_counter()
         for spec in sampler:
             vol.read_patch(spec.start, spec.size)
-        rows.append({"patch": args.patch, "cache": "auto" if fraction is None else fraction,
+        rows.append({"patch": args.patch, "cache": "auto" if fraction is None else fraction, "local_window": window,
                      "cache_mb": vol.cache_capacity_bytes / 2**20, "cold": cold, "warm": vol.read_amplification,
                      "warm_patches_per_s": args.samples / (time.perf_counter() - t0)})
         vol.close()
@@ -415,6 +417,9 @@ def main() -> int:
     p.add_argument("--prefetch-extra", type=int, default=-1,
                    help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
                         "bound (threads + 1 batches, at most 32 MiB read ahead)")
+    p.add_argument("--local-window", type=int, default=0,
+                   help="UniformSampler local_window for the pbm rows (0: random order) and one more "
+                        "read-amplification row with the automatic cache in that order")
     p.add_argument("--step-ms", type=float, default=0,
                    help="sleep this long per batch in the pbm and TorchIO loops (a training step, "
                         "so read-ahead queues fill up as in training; patches/s then include it)")
@@ -495,7 +500,8 @@ def main() -> int:
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        common = dict(patch=patch, batch=args.batch, epochs=args.epochs, step_ms=args.step_ms)
+        common = dict(patch=patch, batch=args.batch, epochs=args.epochs, step_ms=args.step_ms,
+                      local_window=args.local_window)
         if not args.no_torchio:
             r = run_child("torchio", data, samples=samples, threads=1, **common)
             rows.append(summarize("torchio Queue", patch, r, 1, 1, imports["torchio"], True))
@@ -574,16 +580,18 @@ def _amplification(args, data: dict) -> list[dict]:
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        rows += run_child("amplification", data, samples=samples, patch=patch)["rows"]
+        rows += run_child("amplification", data, samples=samples, patch=patch,
+                          local_window=args.local_window)["rows"]
     return rows
 
 
 def _print_amplification(amp: list[dict]) -> None:
     print("\nread amplification, random patches, 32^3 chunks (decoded bytes / returned bytes)")
-    print(f"{'patch':>5} {'cache':>6} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
+    print(f"{'patch':>5} {'cache':>6} {'order':>9} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
     for a in amp:
         cache = a["cache"] if a["cache"] == "auto" else f"{a['cache']:.2f}v"
-        print(f"{a['patch']:>5} {cache:>6} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
+        order = f"local {a['local_window']}" if a.get("local_window", 0) > 1 else "random"
+        print(f"{a['patch']:>5} {cache:>6} {order:>9} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
               f"{a['warm_patches_per_s']:>15.1f}")
 
 
