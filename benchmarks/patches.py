@@ -8,15 +8,18 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
   pbm        pbm.data.PatchLoader(output="numpy") + UniformSampler, 1/2/4 prefetch threads,
              1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
              torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
-             (room for 4 patches' chunks) unless --cache-mb. Epoch 0 starts from an empty
-             cache (cold); the median of the later epochs is reported as warm.
+             (room for 8 patches' chunks) unless --cache-mb; read-ahead: the loader's
+             default (threads + 1 batches, at most 32 MiB) unless --prefetch-extra. Epoch 0
+             starts from an empty cache (cold); the median of the later epochs is reported
+             as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
   pbm +augment  the pipeline alone with every numba augmentation on (numba + LLVM resident).
   torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
   nibabel    naive: load the whole NIfTI for every patch, then crop.
 
 Also: the peak RSS of each kind of process's imports alone ("imports"; "data MB" is the
-rest); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
+rest; "xTIO pk" and "xTIO dat" are a row's peak and data MB over TorchIO's at that patch
+size: data MB compares what each pipeline holds beyond the libraries it imports); read amplification of random 64^3 and 128^3 patches (automatic cache and 25/50/100%
 of the volume; cold = cache cleared before each patch, warm = a second epoch); a codec table
 (blosc-zstd, blosc-lz4, zstd, none: bytes on disk, conversion time, patches/s); with
 --large-gb, a synthetic volume of that size converted and sampled with bounded memory.
@@ -24,6 +27,7 @@ of the volume; cold = cache cleared before each patch, warm = a second epoch); a
     python benchmarks/patches.py                     # table + results/patches.json
     python benchmarks/patches.py --patch 64 --threads 1 2 --ranks 1 --samples 200
     python benchmarks/patches.py --large-gb 4 --only-large --json results/patches_large.json
+    python benchmarks/patches.py --upsample 2 --threads 2 --ranks 1 --no-codecs   # 277 MiB volume
 """
 
 from __future__ import annotations
@@ -114,15 +118,18 @@ def worker_pbm(args) -> dict:
     vol = Volume(args.zarr, cache_bytes=_cache_arg(args), threads=2)
     size = (args.patch,) * 3
     vol.size_cache_for(size)  # the automatic cache is sized before the cold epoch
-    sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world)
+    sampler = UniformSampler(vol, size, args.samples, seed=0, rank=rank, world_size=world,
+                             local_window=args.local_window)
     augment = None
     if args.augment:  # numba kernels: numba's import and LLVM are the cost measured here
         from pybrain_mpi.data import Augment
 
         augment = Augment(flip_axes=(0, 1, 2), scale=(0.8, 1.2), shift=(-5, 5), gamma=(0.7, 1.4),
                           noise_std=(0.5, 2.0), zscore=True)
+    extra = None if args.prefetch_extra is None or args.prefetch_extra < 0 else args.prefetch_extra
     loader = PatchLoader(vol, sampler, batch_size=args.batch, threads=args.threads, augment=augment,
-                         prefetch_batches=args.threads + args.prefetch_extra,
+                         prefetch_batches=None if extra is None else args.threads + extra,
+                         prefetch_bytes=None if args.prefetch_mb < 0 else int(args.prefetch_mb * 2**20),
                          output="torch" if args.torch else "numpy")
     epochs = []
     for epoch in range(args.epochs):
@@ -134,6 +141,8 @@ def worker_pbm(args) -> dict:
         n = 0
         for batch in loader:
             n += batch["image"].shape[0]
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)  # a training step: the read-ahead fills up
         if args.mpi:
             pbm.barrier()  # the epoch ends when the slowest rank is done
         dt = time.perf_counter() - t0
@@ -141,7 +150,8 @@ def worker_pbm(args) -> dict:
     out = {"epochs": epochs, "peak_rss_mb": peak_rss_mb(), "rank": rank, "world": world,
            "cache_capacity_mb": vol.cache_capacity_bytes / 2**20,
            # batches alive at most: those queued, the one handed out, the one the loop still holds
-           "prefetch_mb": (args.threads + args.prefetch_extra + 2) * args.batch * args.patch**3 * 4 / 2**20,
+           "prefetch_depth": loader.prefetch_depth,
+           "batches_resident_mb": (loader.prefetch_depth + 2) * loader.batch_bytes / 2**20,
            "modules": _held_modules()}
     if args.mpi:
         from mpi4py import MPI
@@ -173,6 +183,8 @@ def worker_torchio(args) -> dict:
         n = 0
         for batch in loader:
             n += batch["image"][tio.DATA].shape[0]
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)
             if n >= args.samples:
                 break
         epochs.append({"seconds": time.perf_counter() - t0, "patches": n, "amplification": None})
@@ -211,11 +223,12 @@ def worker_amplification(args) -> dict:
     volume_bytes = args.volume_mb * 2**20
     size = (args.patch,) * 3
     rows = []
-    for fraction in (None, 0.25, 0.5, 1.0):
+    runs = [(None, 0), (0.25, 0), (0.5, 0), (1.0, 0)] + ([(None, args.local_window)] if args.local_window > 1 else [])
+    for fraction, window in runs:
         cache = None if fraction is None else int(fraction * volume_bytes) + 2**20
         vol = Volume(args.zarr, cache_bytes=cache, threads=2)
         vol.size_cache_for(size)
-        sampler = UniformSampler(vol, size, args.samples, seed=1, rank=0, world_size=1)
+        sampler = UniformSampler(vol, size, args.samples, seed=1, rank=0, world_size=1, local_window=window)
         for spec in list(sampler)[:30]:
             vol.clear_cache()
             vol.read_patch(spec.start, spec.size)
@@ -228,7 +241,7 @@ def worker_amplification(args) -> dict:
         t0 = time.perf_counter()
         for spec in sampler:
             vol.read_patch(spec.start, spec.size)
-        rows.append({"patch": args.patch, "cache": "auto" if fraction is None else fraction,
+        rows.append({"patch": args.patch, "cache": "auto" if fraction is None else fraction, "local_window": window,
                      "cache_mb": vol.cache_capacity_bytes / 2**20, "cold": cold, "warm": vol.read_amplification,
                      "warm_patches_per_s": args.samples / (time.perf_counter() - t0)})
         vol.close()
@@ -401,8 +414,17 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=160, help="patches per epoch (64^3; half at 128^3)")
     p.add_argument("--epochs", type=int, default=4, help="epoch 0 is cold; later ones warm (median)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prefetch-extra", type=int, default=1,
-                   help="pbm prefetch_batches = threads + this (0: one batch ahead per thread, least memory)")
+    p.add_argument("--prefetch-extra", type=int, default=-1,
+                   help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
+                        "bound (threads + 1 batches, at most 32 MiB read ahead)")
+    p.add_argument("--local-window", type=int, default=0,
+                   help="UniformSampler local_window for the pbm rows (0: random order) and one more "
+                        "read-amplification row with the automatic cache in that order")
+    p.add_argument("--step-ms", type=float, default=0,
+                   help="sleep this long per batch in the pbm and TorchIO loops (a training step, "
+                        "so read-ahead queues fill up as in training; patches/s then include it)")
+    p.add_argument("--prefetch-mb", type=float, default=-1,
+                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 32 MiB")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
@@ -439,7 +461,10 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pbm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data = prepare(workdir, args.upsample)
-    cache_text = "automatic (4 patches' chunks)" if args.cache_mb < 0 else f"{args.cache_mb:.1f} MiB"
+    from pybrain_mpi.data.volume import AUTO_CACHE_PATCHES
+
+    cache_text = (f"automatic ({AUTO_CACHE_PATCHES} patches' chunks)" if args.cache_mb < 0
+                  else f"{args.cache_mb:.1f} MiB")
     print(f"volume {data['shape']} float32 = {data['volume_mb']:.1f} MiB; pbm chunk cache {cache_text}; "
           f"chunks 32^3; batch {args.batch}; load average {os.getloadavg()[0]:.1f} (other jobs share the cores)")
     out = {"volume": data, "cache_mb": args.cache_mb, "host": os.uname().nodename,
@@ -475,7 +500,8 @@ def main() -> int:
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        common = dict(patch=patch, batch=args.batch, epochs=args.epochs)
+        common = dict(patch=patch, batch=args.batch, epochs=args.epochs, step_ms=args.step_ms,
+                      local_window=args.local_window)
         if not args.no_torchio:
             r = run_child("torchio", data, samples=samples, threads=1, **common)
             rows.append(summarize("torchio Queue", patch, r, 1, 1, imports["torchio"], True))
@@ -486,26 +512,29 @@ def main() -> int:
         for ranks in args.ranks:
             for threads in args.threads:
                 r = run_child("pbm", data, ranks=ranks, samples=samples, threads=threads,
-                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra, **common)
+                              cache_mb=args.cache_mb, prefetch_extra=args.prefetch_extra,
+                              prefetch_mb=args.prefetch_mb, **common)
                 rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, imports["pbm"], False))
                 print(_fmt(rows[-1]), flush=True)
         # The same loader in a training process: torch imported, batches as tensors.
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
-                      prefetch_extra=args.prefetch_extra, **common)
+                      prefetch_extra=args.prefetch_extra, prefetch_mb=args.prefetch_mb, **common)
         rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
         print(_fmt(rows[-1]), flush=True)
         # With every numba augmentation on (no torch): what numba and its LLVM add.
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, augment=1,
-                      prefetch_extra=args.prefetch_extra, **common)
+                      prefetch_extra=args.prefetch_extra, prefetch_mb=args.prefetch_mb, **common)
         rows.append(summarize("pbm +augment", patch, r, 2, 1, imports["pbm"], False))
         print(_fmt(rows[-1]), flush=True)
     amp = _amplification(args, data)
     codecs = [] if args.no_codecs else [run_child("codec", data, codec=c, samples=args.samples)
                                         for c in ("blosc-zstd", "blosc-lz4", "zstd", "none")]
 
+    add_torchio_ratios(rows)
     print()
     print(f"{'method':18} {'patch':>5} {'thr':>3} {'ranks':>5} {'patches/s':>10} {'cold p/s':>9} "
-          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8}")
+          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8} "
+          f"{'xTIO p/s':>8} {'xTIO pk':>8} {'xTIO dat':>8}")
     for row in rows:
         print(_fmt(row))
     _print_amplification(amp)
@@ -530,25 +559,39 @@ def main() -> int:
                 print(f"{patch}^3: pbm with torch imported (2 threads, tensors) "
                       f"{t['patches_per_s'] / b['patches_per_s']:.2f}x TorchIO patches/s at "
                       f"{t['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS ({t['peak_rss_mb']:.0f} MB); "
-                      f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB")
+                      f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB "
+                      f"({t['data_vs_torchio']:.2f}x)")
     out.update(rows=rows, amplification=amp, codecs=codecs, load_average=os.getloadavg())
     return _write(args.json, out)
+
+
+def add_torchio_ratios(rows: list[dict]) -> None:
+    """Sets each row's patches/s, peak RSS and data MB (peak minus its imports) over those of
+    the TorchIO row with the same patch size (None without one)."""
+    base = {r["patch"]: r for r in rows if r["method"] == "torchio Queue"}
+    for r in rows:
+        b = base.get(r["patch"])
+        r["speed_vs_torchio"] = r["patches_per_s"] / b["patches_per_s"] if b else None
+        r["peak_vs_torchio"] = r["peak_rss_mb"] / b["peak_rss_mb"] if b else None
+        r["data_vs_torchio"] = r["data_mb"] / b["data_mb"] if b and b["data_mb"] > 0 else None
 
 
 def _amplification(args, data: dict) -> list[dict]:
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
-        rows += run_child("amplification", data, samples=samples, patch=patch)["rows"]
+        rows += run_child("amplification", data, samples=samples, patch=patch,
+                          local_window=args.local_window)["rows"]
     return rows
 
 
 def _print_amplification(amp: list[dict]) -> None:
     print("\nread amplification, random patches, 32^3 chunks (decoded bytes / returned bytes)")
-    print(f"{'patch':>5} {'cache':>6} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
+    print(f"{'patch':>5} {'cache':>6} {'order':>9} {'cache MiB':>9} {'cold':>6} {'warm':>6} {'warm patches/s':>15}")
     for a in amp:
         cache = a["cache"] if a["cache"] == "auto" else f"{a['cache']:.2f}v"
-        print(f"{a['patch']:>5} {cache:>6} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
+        order = f"local {a['local_window']}" if a.get("local_window", 0) > 1 else "random"
+        print(f"{a['patch']:>5} {cache:>6} {order:>9} {a['cache_mb']:>9.1f} {a['cold']:>6.2f} {a['warm']:>6.2f} "
               f"{a['warm_patches_per_s']:>15.1f}")
 
 
@@ -565,7 +608,8 @@ def _fmt(r: dict) -> str:
     return (f"{r['method']:18} {r['patch']:>5} {r['threads']:>3} {r['ranks']:>5} {r['patches_per_s']:>10.1f} "
             f"{r['cold_patches_per_s']:>9.1f} {r['mb_per_s']:>8.1f} {num(r['amplification_cold'], '>9.2f')} "
             f"{num(r['amplification_warm'], '>9.2f')} {r['peak_rss_mb']:>8.0f} {r['imports_mb']:>8.0f} "
-            f"{r['data_mb']:>8.0f}")
+            f"{r['data_mb']:>8.0f} {num(r.get('speed_vs_torchio'), '>8.2f')} "
+            f"{num(r.get('peak_vs_torchio'), '>8.2f')} {num(r.get('data_vs_torchio'), '>8.2f')}")
 
 
 if __name__ == "__main__":

@@ -86,9 +86,10 @@ def test_chunks_touched_is_the_worst_case_over_every_patch_position():
 def test_auto_cache_holds_a_few_patches_capped_by_budget_and_level():
     mib = 2**20
     big = (1000, 1000, 1000)
-    # 27 chunks of 128 KiB per 64^3 patch, 4 patches.
-    assert pvol.auto_cache_bytes((64,) * 3, (32,) * 3, big, 4) == 4 * 27 * 32**3 * 4
-    assert pvol.auto_cache_bytes((128,) * 3, (32,) * 3, big, 4) == 4 * 125 * 32**3 * 4
+    # 27 chunks of 128 KiB per 64^3 patch, 8 patches by default.
+    assert pvol.AUTO_CACHE_PATCHES == 8
+    assert pvol.auto_cache_bytes((64,) * 3, (32,) * 3, big, 4) == 8 * 27 * 32**3 * 4
+    assert pvol.auto_cache_bytes((128,) * 3, (32,) * 3, big, 4) == 8 * 125 * 32**3 * 4
     assert pvol.auto_cache_bytes((128,) * 3, (32,) * 3, big, 4, patches=2) == 2 * 125 * 32**3 * 4
     # Budget caps it; a tiny patch still gets the floor; a small level caps everything.
     assert pvol.auto_cache_bytes((256,) * 3, (64,) * 3, big, 4, budget=100 * mib) == 100 * mib
@@ -100,16 +101,40 @@ def test_volume_cache_grows_with_the_patch_size_and_a_fixed_cache_does_not(t1_f3
     vol = pbd.Volume(t1_f32, threads=1)
     level_bytes = int(np.prod(vol.shape)) * 4
     assert vol.auto_cache and vol.cache_capacity_bytes == pvol.AUTO_CACHE_FLOOR
-    vol.read_patch((0, 0, 0), (64, 64, 64))
-    assert vol.cache_capacity_bytes == 4 * 27 * 32**3 * 4
+    vol.read_patch((0, 0, 0), (32, 32, 32))
+    assert vol.cache_capacity_bytes == 8 * 8 * 32**3 * 4
     vol.read_patch((0, 0, 0), (16, 16, 16))  # smaller patches never shrink it
-    assert vol.cache_capacity_bytes == 4 * 27 * 32**3 * 4
+    assert vol.cache_capacity_bytes == 8 * 8 * 32**3 * 4
+    vol.read_patch((0, 0, 0), (64, 64, 64))
+    assert vol.cache_capacity_bytes == 8 * 27 * 32**3 * 4
     vol.read_patch((0, 0, 0), (128, 128, 128))
     grid_bytes = int(np.prod([-(-n // 32) for n in vol.shape])) * 32**3 * 4
-    assert vol.cache_capacity_bytes == min(4 * 125 * 32**3 * 4, grid_bytes) and grid_bytes > level_bytes
+    assert vol.cache_capacity_bytes == min(8 * 125 * 32**3 * 4, grid_bytes) and grid_bytes > level_bytes
     fixed = pbd.Volume(t1_f32, cache_bytes=2**20, threads=1)
     fixed.read_patch((0, 0, 0), (128, 128, 128))
     assert not fixed.auto_cache and fixed.cache_capacity_bytes == 2**20
+
+
+def _warm_amplification(vol, size, samples):
+    """Read amplification of an epoch of fresh random patches, with the cache left as the
+    previous epoch (other positions) filled it."""
+    sampler = pbd.UniformSampler(vol, size, samples, seed=1, rank=0, world_size=1)
+    for spec in sampler:
+        vol.read_patch(spec.start, spec.size)
+    sampler.set_epoch(1)
+    vol.reset_counters()
+    for spec in sampler:
+        vol.read_patch(spec.start, spec.size)
+    return vol.read_amplification
+
+
+def test_default_auto_cache_keeps_warm_amplification_of_random_64_cubed_patches_under_1_5(t1_f32):
+    # Single decode thread: the LRU order, hence the counters, are deterministic.
+    default = pbd.Volume(t1_f32, threads=1)
+    assert default.size_cache_for((64,) * 3) < int(np.prod(default.shape)) * 4  # smaller than the volume
+    assert _warm_amplification(default, (64,) * 3, 120) <= 1.5
+    # The previous default (room for 4 patches) re-read more than it returned half as much again.
+    assert _warm_amplification(pbd.Volume(t1_f32, threads=1, cache_patches=4), (64,) * 3, 120) > 1.3
 
 
 def test_auto_cache_keeps_128_cubed_patches_from_thrashing(t1_f32):

@@ -156,3 +156,67 @@ def test_kernels_match_numpy_references():
     np.testing.assert_array_equal(aug.gaussian_noise_(again, 2.0, seed=11), z)
     nz = np.array([0, 0, 2, 4], np.float32)
     np.testing.assert_allclose(aug.zscore_(nz, nonzero=True), [0, 0, -1, 1])
+
+
+def test_prefetch_depth_is_bounded_by_bytes_and_batches():
+    mib = 2**20
+    # Defaults: threads + 1 batches, at most 32 MiB of them, at least one.
+    assert pbd.loader.DEFAULT_PREFETCH_BYTES == 32 * mib
+    assert pbd.loader.prefetch_depth(4 * mib, threads=2) == 3            # 64^3 float32, batch 4
+    assert pbd.loader.prefetch_depth(16 * mib, threads=2) == 2
+    assert pbd.loader.prefetch_depth(32 * mib, threads=2) == 1           # 128^3 float32, batch 4
+    assert pbd.loader.prefetch_depth(256 * mib, threads=2) == 1          # bigger than the budget
+    assert pbd.loader.prefetch_depth(mib, threads=2, prefetch_bytes=3 * mib) == 3
+    assert pbd.loader.prefetch_depth(mib, threads=8, prefetch_bytes=3 * mib) == 3
+    assert pbd.loader.prefetch_depth(mib, threads=2, prefetch_batches=6, prefetch_bytes=4 * mib) == 4
+    # prefetch_batches alone keeps its original meaning: exactly that many.
+    assert pbd.loader.prefetch_depth(256 * mib, threads=2, prefetch_batches=4) == 4
+
+
+def test_loader_reports_its_batch_bytes_and_depth(t1, gm):
+    sampler = pbd.UniformSampler(t1, (128, 128, 128), 8, seed=0, rank=0, world_size=1)
+    loader = pbd.PatchLoader({"image": t1, "label": gm}, sampler, 4, threads=2)
+    # float32 image + uint8 label, batch 4 of 128^3
+    assert loader.batch_bytes == 4 * 128**3 * (4 + 1)
+    assert loader.prefetch_depth == 1  # 40 MiB batches: more than 32 MiB, still one ahead
+    small = pbd.UniformSampler(t1, (32, 32, 32), 8, seed=0, rank=0, world_size=1)
+    assert pbd.PatchLoader(t1, small, 4, threads=2).prefetch_depth == 3
+
+
+class _RecordingVolume:
+    """A Volume stand-in that records which batch each read belongs to and how many batches
+    the training loop had received at that moment."""
+
+    def __init__(self, vol, batch_of_start, consumed):
+        self.vol, self.batch_of_start, self.consumed = vol, batch_of_start, consumed
+        self.shape, self.dtype, self.path = vol.shape, vol.dtype, vol.path
+        self.lead = []  # batch being read minus batches received by the loop
+        self.lock = threading.Lock()
+
+    def read_patch(self, start, size, out=None):
+        with self.lock:
+            self.lead.append(self.batch_of_start[tuple(start)] - self.consumed[0])
+        return self.vol.read_patch(start, size, out=out)
+
+
+@pytest.mark.parametrize("options, depth", [(dict(prefetch_bytes=2 * 2 * 16**3 * 4), 2),
+                                            (dict(prefetch_batches=4), 4)])
+def test_a_slow_loop_never_has_more_than_the_prefetch_depth_read_ahead(t1, options, depth):
+    import time
+
+    batch_size, n = 2, 24
+    sampler = pbd.UniformSampler(t1, (16, 16, 16), n, seed=5, rank=0, world_size=1)
+    batch_of_start = {sampler[k].start: k // batch_size for k in range(n)}
+    assert len(batch_of_start) == n  # starts identify samples
+    consumed = [0]
+    rec = _RecordingVolume(t1, batch_of_start, consumed)
+    loader = pbd.PatchLoader({"image": rec}, sampler, batch_size, threads=3, **options)
+    assert loader.prefetch_depth == depth
+    for batch in loader:
+        consumed[0] += 1
+        time.sleep(0.02)  # a training step: the prefetch threads run ahead as far as allowed
+    assert consumed[0] == n // batch_size and len(rec.lead) == n
+    # The loop holds batch r-1 while batches r .. r-1+depth are read (the last one may start
+    # just before the loop counts batch r-1 as received, hence <= depth).
+    assert max(rec.lead) <= depth
+    assert max(rec.lead) >= depth - 1  # it does read ahead that far

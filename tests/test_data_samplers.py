@@ -173,3 +173,62 @@ def test_construction_errors_catch_mismatched_inputs_before_the_epoch():
         pbd.TimeSeriesSampler(t1, rank=0, world_size=1)
     with pytest.raises(pbd.DataMismatch, match="zero everywhere"):
         pbd.WeightedSampler((8, 8, 8), np.zeros((8, 8, 8)), (2, 2, 2), 4, rank=0, world_size=1)
+
+
+def test_local_window_visits_the_same_uniform_positions_in_z_order_per_window():
+    random_order = pbd.UniformSampler(SHAPE, (8, 8, 8), 50, seed=3, rank=0, world_size=1)
+    local = pbd.UniformSampler(SHAPE, (8, 8, 8), 50, seed=3, rank=0, world_size=1, local_window=16)
+    a, b = _starts(random_order), _starts(local)
+    assert a != b
+    for lo in range(0, 50, 16):  # each window (the last one short) holds the same draws
+        assert sorted(a[lo:lo + 16]) == sorted(b[lo:lo + 16])
+        window = b[lo:lo + 16]
+        assert window == sorted(window, key=pbd.samplers._morton_key)
+    assert b == _starts(pbd.UniformSampler(SHAPE, (8, 8, 8), 50, seed=3, rank=0, world_size=1, local_window=16))
+    # Indices and augmentation seeds stay with the epoch slot.
+    assert [s.index for s in local] == list(range(50))
+    assert [s.seed for s in local] == [s.seed for s in random_order]
+
+
+def test_morton_key_interleaves_axis_bits():
+    assert pbd.samplers._morton_key((1, 0, 0)) == 0b001
+    assert pbd.samplers._morton_key((0, 1, 0)) == 0b010
+    assert pbd.samplers._morton_key((0, 0, 1)) == 0b100
+    assert pbd.samplers._morton_key((3, 0, 1)) == 0b001_101
+    assert pbd.samplers._morton_key((2, 2, 2)) == 0b111_000
+
+
+def test_local_window_resumes_and_refuses_a_state_with_another_window():
+    s = pbd.UniformSampler(SHAPE, (8, 8, 8), 40, seed=1, rank=0, world_size=1, local_window=8)
+    s.set_epoch(2)
+    it = iter(s)
+    for _ in range(11):
+        next(it)
+    state = s.state_dict()
+    rest = [spec.start for spec in it]
+    resumed = pbd.UniformSampler(SHAPE, (8, 8, 8), 40, seed=1, rank=0, world_size=1, local_window=8)
+    resumed.load_state_dict(state)
+    assert _starts(resumed) == rest
+    other = pbd.UniformSampler(SHAPE, (8, 8, 8), 40, seed=1, rank=0, world_size=1, local_window=16)
+    with pytest.raises(pbd.DataMismatch, match="local_window=8"):
+        other.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "local_window"}  # saved before the option
+    plain = pbd.UniformSampler(SHAPE, (8, 8, 8), 40, seed=1, rank=0, world_size=1)
+    plain.load_state_dict(legacy)
+    assert plain.epoch == 2 and plain.position == 11
+
+
+def test_local_window_lets_a_small_cache_be_reused_across_random_patches():
+    path = converted(nilearn_mni("t1"), "t1_f32.zarr", chunks=(32, 32, 32), dtype="float32")
+    amplification = {}
+    for window in (0, 120):
+        vol = pbd.Volume(path, cache_bytes=8 * 2**20, threads=1)  # a quarter of the volume
+        sampler = pbd.UniformSampler(vol, (64,) * 3, 120, seed=2, rank=0, world_size=1, local_window=window)
+        for spec in sampler:
+            vol.read_patch(spec.start, spec.size)
+        sampler.set_epoch(1)
+        vol.reset_counters()
+        for spec in sampler:
+            vol.read_patch(spec.start, spec.size)
+        amplification[window] = vol.read_amplification
+    assert amplification[120] < 0.5 * amplification[0], amplification
