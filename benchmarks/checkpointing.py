@@ -18,7 +18,11 @@ Configurations:
   sqrt           pbm.checkpointing "sqrt" policy (about sqrt(n) segments)
   sqrt_inplace   sqrt + in-place ReLU (one activation tensor per conv block instead of two)
   sqrt_stem      sqrt + in-place ReLU + a strided first convolution (downsampling in the stem,
-                 so no full-resolution activation is kept: the layer that sets the peak)
+                 so no full-resolution activation is kept: the layer that sets the peak; a
+                 different model, shown for scale)
+  tiled          the same model as plain: its full-resolution block (conv, ReLU, conv, ReLU,
+                 pool) runs as pbm.checkpointing.TiledSegment (--tile, 64^3 tiles, recomputed in
+                 backward, exact); sqrt checkpointing with in-place ReLU for the rest
 Step time = median over --steps steps after one warm-up step.
 """
 
@@ -33,14 +37,14 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ["plain", "sqrt", "sqrt_inplace", "sqrt_stem"]
+CONFIGS = ["plain", "sqrt", "sqrt_inplace", "sqrt_stem", "tiled"]
 RESNET_CONFIGS = ["plain", "sqrt"]
 
 
 def build_model(config: str):
     import torch
 
-    inplace = config in ("sqrt_inplace", "sqrt_stem")
+    inplace = config in ("sqrt_inplace", "sqrt_stem", "tiled")
     layers = []
     channels, stride = 1, 2 if config == "sqrt_stem" else 1
     for index, width in enumerate((8, 8, 16, 16, 32, 32, 64, 64)):
@@ -50,6 +54,12 @@ def build_model(config: str):
             layers.append(torch.nn.MaxPool3d(2))
         channels = width
     layers += [torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 2)]
+    if config == "tiled":
+        from pybrain_mpi.checkpointing import TiledSegment
+
+        # an in-place ReLU inside a tile would be fine too; plain ones keep the block generic
+        block = torch.nn.Sequential(*[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in layers[:5]])
+        layers = [TiledSegment(block, tile=int(os.environ.get("PBM_BENCH_TILE", "64")))] + layers[5:]
     return torch.nn.Sequential(*layers)
 
 
@@ -81,9 +91,14 @@ def child(config: str, size: int, batch: int, steps: int, model_name: str = "cnn
         model, free_grads = net, False
     else:
         model = sequential = build_model(config)
+        if config == "tiled":  # the tiled block keeps only its input and output already
+            head, sequential = model[0], model[1:]
 
-        def forward(x):
-            return checkpoint_sequential(sequential, segments, x)
+            def forward(x):
+                return checkpoint_sequential(sequential, segments, head(x))
+        else:
+            def forward(x):
+                return checkpoint_sequential(sequential, segments, x)
         free_grads = True
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 1, size, size, size)
@@ -119,6 +134,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=None,
                         help=f"default: {CONFIGS} for cnn, {RESNET_CONFIGS} for resnet50_3d")
     parser.add_argument("--json", default=None, help="default: results/checkpointing_<model>.json")
+    parser.add_argument("--tile", type=int, default=64, help="TiledSegment tile edge for config tiled")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -128,7 +144,7 @@ def main() -> None:
     if args.model == "resnet50_3d" and set(configs) - set(RESNET_CONFIGS):
         parser.error(f"resnet50_3d takes --configs among {RESNET_CONFIGS}")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PBM_BENCH_TILE=str(args.tile))
     rows = []
     for config in configs:
         out = subprocess.run([sys.executable, __file__, "--child", config, "--size", str(args.size),
