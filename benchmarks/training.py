@@ -7,6 +7,8 @@ For each model, one process per rank (one thread each) runs interleaved steps of
   pbm        pbm.DistributedDataParallel (ring allreduce, overlapped with backward)
   pbm_nosync the same wrapper inside no_sync(): the step without any communication
   gloo       torch.nn.parallel.DistributedDataParallel over gloo
+  pbm_3lc    (--threelc) pbm.DistributedDataParallel(compression=ThreeLC(1.0)) over the ring:
+             3LC's two-stage compressed allreduce with error feedback, and the bytes it sends
 and reports median step times, samples/s per rank, weak-scaling efficiency 1 -> 2 ranks
 (samples/s per rank at 2 ranks / at 1 rank), pbm / pbm_nosync (how much communication was
 left exposed) and pbm / gloo. Models:
@@ -117,22 +119,36 @@ def worker(args) -> None:
             gloo_opt.step()
 
         variants = {"pbm": step_pbm, "pbm_nosync": step_nosync, "gloo": step_gloo}
+        if args.threelc:
+            tlc_model = pbm.DistributedDataParallel(copy.deepcopy(model), algorithm="ring",
+                                                    compression=pbm.compression.ThreeLC(1.0))
+            tlc_opt = torch.optim.SGD(tlc_model.parameters(), lr=1e-4)
+
+            def step_3lc():
+                tlc_opt.zero_grad()
+                loss_fn(tlc_model).backward()
+                tlc_opt.step()
+            variants["pbm_3lc"] = step_3lc
         times = {k: [] for k in variants}
+        sent = {k: 0 for k in variants}  # bytes pbm sent over MPI (not shared memory) per rank
         for i in range(args.steps + 2):  # two warm-up rounds
             for key, fn in variants.items():
                 comm.Barrier()
+                before = pbm.bytes_sent()
                 start = time.perf_counter()
                 fn()
                 elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
                 if i >= 2:
                     times[key].append(elapsed)
+                    sent[key] += pbm.bytes_sent() - before
         params = sum(p.numel() for p in model.parameters())
         for key, values in times.items():
             median = statistics.median(values)
             records.append({"model": name, "impl": key, "algorithm": args.algorithm, "ranks": comm.size, "batch_per_rank": batch,
                             "params": params, "median_step_s": median,
-                            "samples_per_s_per_rank": batch / median, "steps": len(values)})
-        pbm_model = gloo_model = None  # freed before the next model is built
+                            "samples_per_s_per_rank": batch / median, "steps": len(values),
+                            "pbm_bytes_sent_per_step": sent[key] / len(values)})
+        pbm_model = gloo_model = tlc_model = None  # freed before the next model is built
     dist.destroy_process_group()
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps(records))
@@ -146,6 +162,8 @@ def main() -> None:
     parser.add_argument("--algorithm", default="ring",
                         help="pbm DDP's allreduce algorithm: ring, mpi, shm (gradient buckets in "
                              "shared memory, reduced in place), hierarchical or auto")
+    parser.add_argument("--threelc", action="store_true",
+                        help="also time pbm DDP with 3LC compression (ring) and report its bytes")
     parser.add_argument("--json", default="results/training.jsonl")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -161,7 +179,8 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run([str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable,
                         __file__, "--worker", "--models", args.models, "--steps", str(args.steps),
-                        "--algorithm", args.algorithm, "--out", str(out)], check=True, env=env)
+                        "--algorithm", args.algorithm, "--out", str(out)] + (["--threelc"] if args.threelc else []),
+                       check=True, env=env)
         records += json.loads(out.read_text())
         out.unlink()
     rows = []
@@ -174,6 +193,12 @@ def main() -> None:
                    "gloo_s": by["gloo"]["median_step_s"],
                    "pbm_vs_nosync": by["pbm"]["median_step_s"] / by["pbm_nosync"]["median_step_s"],
                    "pbm_vs_gloo": by["pbm"]["median_step_s"] / by["gloo"]["median_step_s"]}
+            if "pbm_3lc" in by:
+                row["tlc_s"] = by["pbm_3lc"]["median_step_s"]
+                row["tlc_vs_gloo"] = by["pbm_3lc"]["median_step_s"] / by["gloo"]["median_step_s"]
+                ring_bytes = 2 * (ranks - 1) / ranks * by["pbm"]["params"] * 4  # an uncompressed ring
+                row["tlc_ratio"] = (ring_bytes / by["pbm_3lc"]["pbm_bytes_sent_per_step"]
+                                    if by["pbm_3lc"]["pbm_bytes_sent_per_step"] else float("nan"))
             if one:
                 row["eff_pbm"] = by["pbm"]["samples_per_s_per_rank"] / one["pbm"]["samples_per_s_per_rank"]
                 row["eff_gloo"] = by["gloo"]["samples_per_s_per_rank"] / one["gloo"]["samples_per_s_per_rank"]
@@ -181,6 +206,9 @@ def main() -> None:
     columns = [("model", "model"), ("ranks", "ranks"), ("params", "params"), ("pbm_s", "pbm step s"),
                ("nosync_s", "no_sync step s"), ("gloo_s", "gloo DDP step s"),
                ("pbm_vs_nosync", "pbm/no_sync"), ("pbm_vs_gloo", "pbm/gloo")]
+    if all("tlc_s" in r for r in rows):
+        columns += [("tlc_s", "3LC step s"), ("tlc_vs_gloo", "3LC/gloo"),
+                    ("tlc_ratio", "ring bytes / 3LC bytes")]
     if all("eff_pbm" in r for r in rows):
         columns += [("eff_pbm", "pbm weak-scaling eff"), ("eff_gloo", "gloo weak-scaling eff")]
     print(f"median step times (slowest rank), one thread per rank; pbm DDP algorithm={args.algorithm}")
