@@ -55,3 +55,19 @@ def converted(src: str, name: str, **kwargs) -> str:
         dst = os.path.join(scratch_dir(), name)
         _CONVERTED[key] = convert(src, dst, progress=False, overwrite=True, **kwargs)
     return _CONVERTED[key]
+
+
+def warm_amplification(vol, size, samples: int, *, seed: int = 1, local_window: int = 0) -> float:
+    """Read amplification of an epoch of fresh random patches (epoch 1), with the cache left
+    as epoch 0's patches (other positions) filled it."""
+    import pybrain_mpi.data as pbd
+
+    sampler = pbd.UniformSampler(vol, size, samples, seed=seed, rank=0, world_size=1,
+                                 local_window=local_window)
+    for spec in sampler:
+        vol.read_patch(spec.start, spec.size)
+    sampler.set_epoch(1)
+    vol.reset_counters()
+    for spec in sampler:
+        vol.read_patch(spec.start, spec.size)
+    return vol.read_amplification

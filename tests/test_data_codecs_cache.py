@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import zarr
-from data_fixtures import converted, load, nilearn_mni, scratch_dir
+from data_fixtures import converted, load, nilearn_mni, scratch_dir, warm_amplification
 
 import pybrain_mpi.data as pbd
 from pybrain_mpi.data import volume as pvol
@@ -115,26 +115,13 @@ def test_volume_cache_grows_with_the_patch_size_and_a_fixed_cache_does_not(t1_f3
     assert not fixed.auto_cache and fixed.cache_capacity_bytes == 2**20
 
 
-def _warm_amplification(vol, size, samples):
-    """Read amplification of an epoch of fresh random patches, with the cache left as the
-    previous epoch (other positions) filled it."""
-    sampler = pbd.UniformSampler(vol, size, samples, seed=1, rank=0, world_size=1)
-    for spec in sampler:
-        vol.read_patch(spec.start, spec.size)
-    sampler.set_epoch(1)
-    vol.reset_counters()
-    for spec in sampler:
-        vol.read_patch(spec.start, spec.size)
-    return vol.read_amplification
-
-
 def test_default_auto_cache_keeps_warm_amplification_of_random_64_cubed_patches_under_1_5(t1_f32):
     # Single decode thread: the LRU order, hence the counters, are deterministic.
     default = pbd.Volume(t1_f32, threads=1)
     assert default.size_cache_for((64,) * 3) < int(np.prod(default.shape)) * 4  # smaller than the volume
-    assert _warm_amplification(default, (64,) * 3, 120) <= 1.5
+    assert warm_amplification(default, (64,) * 3, 120) <= 1.5
     # The previous default (room for 4 patches) re-read more than it returned half as much again.
-    assert _warm_amplification(pbd.Volume(t1_f32, threads=1, cache_patches=4), (64,) * 3, 120) > 1.3
+    assert warm_amplification(pbd.Volume(t1_f32, threads=1, cache_patches=4), (64,) * 3, 120) > 1.3
 
 
 def test_auto_cache_keeps_128_cubed_patches_from_thrashing(t1_f32):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_fixtures import converted, load, nilearn_mni, nitime_fmri
+from data_fixtures import converted, load, nilearn_mni, nitime_fmri, warm_amplification
 
 import pybrain_mpi.data as pbd
 
@@ -223,12 +223,5 @@ def test_local_window_lets_a_small_cache_be_reused_across_random_patches():
     amplification = {}
     for window in (0, 120):
         vol = pbd.Volume(path, cache_bytes=8 * 2**20, threads=1)  # a quarter of the volume
-        sampler = pbd.UniformSampler(vol, (64,) * 3, 120, seed=2, rank=0, world_size=1, local_window=window)
-        for spec in sampler:
-            vol.read_patch(spec.start, spec.size)
-        sampler.set_epoch(1)
-        vol.reset_counters()
-        for spec in sampler:
-            vol.read_patch(spec.start, spec.size)
-        amplification[window] = vol.read_amplification
+        amplification[window] = warm_amplification(vol, (64,) * 3, 120, seed=2, local_window=window)
     assert amplification[120] < 0.5 * amplification[0], amplification
