@@ -27,15 +27,24 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def time_collective(comm, run: Callable[[], None], iterations: int, warmup: int = 2) -> list[float]:
-    """Per-iteration durations (s), each the slowest rank's, with a barrier before each."""
+def time_collective(comm, run: Callable[[], None], iterations: int, warmup: int = 2,
+                    prepare: Callable[[], None] | None = None) -> list[float]:
+    """Per-iteration durations (s), each the slowest rank's, with a barrier before each.
+
+    `prepare` (untimed) runs before each call's barrier: e.g. restoring the input of an
+    in-place collective whose result would otherwise be the next call's input.
+    """
     import numpy as np
 
     for _ in range(warmup):
+        if prepare is not None:
+            prepare()
         comm.Barrier()
         run()
     durations = np.empty(iterations)
     for i in range(iterations):
+        if prepare is not None:
+            prepare()
         comm.Barrier()
         start = time.perf_counter()
         run()

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../compression/threelc.h"
+#include "../kernels/reduce.h"
 
 namespace pbm {
 
@@ -81,7 +82,8 @@ size_t CompressedAllreduce::partition_count(size_t count, int parts, int index) 
 void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool average,
                               float sparsity, float* residual, float* owner_residual,
                               const std::string& name, Clock::time_point deadline,
-                              const Describe& what, ProgressStatus* status) {
+                              const Describe& what, ProgressStatus* status, double divisor,
+                              const std::vector<void*>* also_out) {
   const int n = transport_.size();
   const int me = transport_.rank();
   char* data = static_cast<char*>(data_void);
@@ -94,11 +96,23 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   for (int p = 0; p < n; ++p) send_offset[p + 1] = send_offset[p] + slot_bytes(elems(p));
   char* send = transport_.scratch(kScratchSend, send_offset[n]);
 
-  // Step 1: encode every partition with the first-stage residual.
+  // Step 1: encode every partition but our own with the first-stage residual. Our own
+  // partition never crosses a wire: its exact sum with the residual goes straight into the
+  // reduction (nothing is dropped, so its residual is delivered in full and cleared below).
+  const size_t mine = elems(me);
+  auto* sum = reinterpret_cast<float*>(transport_.scratch(kScratchSum, std::max<size_t>(mine, 1) * 4));
   std::string local_error;
+  bool own_residual_nonzero = false;
+  try {
+    own_residual_nonzero = threelc_accumulate(data + begin(me) * esize, dtype, mine,
+                                              residual + begin(me), sum, name.c_str());
+  } catch (const PbmError& error) {
+    local_error = error.what();
+  }
   for (int p = 0; p < n && local_error.empty(); ++p) {
     auto* header = reinterpret_cast<PartHeader*>(send + send_offset[p]);
     *header = PartHeader{};
+    if (p == me) continue;
     try {
       const ThreeLCEncoded encoded = threelc_encode(
           data + begin(p) * esize, dtype, elems(p), residual + begin(p), sparsity,
@@ -151,11 +165,10 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
     throw AgreedFailureError(message.str());
   }
 
-  // Step 2: decode and sum the n encodings of our partition in rank order.
-  const size_t mine = elems(me);
-  auto* sum = reinterpret_cast<float*>(transport_.scratch(kScratchSum, std::max<size_t>(mine, 1) * 4));
-  std::fill(sum, sum + mine, 0.f);
+  // Step 2: add the peers' encodings of our partition to our exact share, in rank order.
+  if (own_residual_nonzero) std::fill(residual + begin(me), residual + begin(me) + mine, 0.f);
   for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
     const auto* header = reinterpret_cast<const PartHeader*>(recv + my_slot * q);
     check_body_fits(*header, my_slot, me, q, what);
     threelc_decode_add(reinterpret_cast<const uint8_t*>(recv + my_slot * q + sizeof(PartHeader)),
@@ -178,7 +191,9 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
     header->bytes = static_cast<uint32_t>(encoded.bytes);
   }
 
-  // Step 4: allgather the re-encoded partitions; decode each into place.
+  // Step 4: allgather the re-encoded partitions; decode each into place (and into the
+  // extra outputs from the same stores). q * scale / divisor equals q * (scale / divisor)
+  // bitwise in float32 (q is -1, 0 or 1), so the division rides in the decode table.
   std::vector<size_t> recv_offset(n + 1, 0);
   for (int p = 0; p < n; ++p) recv_offset[p + 1] = recv_offset[p] + slot_bytes(elems(p));
   char* gathered = recv;
@@ -187,13 +202,20 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
            [&](int) { return std::make_pair(static_cast<const char*>(reduced), reduced_bytes); },
            deadline, [&] { return what() + ": 3LC allgather"; }, status);
   std::memcpy(gathered + recv_offset[me], reduced, reduced_bytes);
+  const bool fuse = dtype == DType::kFloat32 || divisor == 1.0;
+  const size_t extras = also_out ? also_out->size() : 0;
   for (int p = 0; p < n; ++p) {
     const auto* header = reinterpret_cast<const PartHeader*>(gathered + recv_offset[p]);
     check_body_fits(*header, slot_bytes(elems(p)), me, p, what);
+    const float scale = fuse && divisor != 1.0
+                            ? static_cast<float>(header->scale / static_cast<float>(divisor))
+                            : header->scale;
     threelc_decode(reinterpret_cast<const uint8_t*>(gathered + recv_offset[p] + sizeof(PartHeader)),
-                   header->bytes, header->scale, elems(p), data + begin(p) * esize, dtype,
-                   name.c_str());
+                   header->bytes, scale, elems(p), data + begin(p) * esize, dtype, name.c_str(),
+                   fuse && extras > 0 ? static_cast<char*>((*also_out)[0]) + begin(p) * esize : nullptr);
   }
+  if (!fuse) divide_in_place(data, count, dtype, divisor);
+  for (size_t e = fuse ? 1 : 0; e < extras; ++e) std::memcpy((*also_out)[e], data, count * esize);
 }
 
 }  // namespace pbm

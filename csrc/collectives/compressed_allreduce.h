@@ -2,9 +2,11 @@
 // section 4; the same shape as the compressed allreduce of 1-bit Adam):
 //
 //   1. every rank 3LC-encodes each partition p of its gradient with its own residual
-//      (first-stage error feedback) and sends it to p's owner, rank p;
-//   2. the owner decodes the n encodings of its partition and sums them (reduce-scatter on
-//      compressed data), dividing by n for avg;
+//      (first-stage error feedback) and sends it to p's owner, rank p. Its own partition
+//      stays exact (gradient + residual, the residual then cleared): compressing what never
+//      crosses a wire would only lose detail and cost an encode pass (1/n of the work);
+//   2. the owner adds the n-1 peers' decoded encodings of its partition to its own share
+//      in rank order (reduce-scatter on compressed data), dividing by n for avg;
 //   3. the owner re-encodes the reduced partition with a second residual of its own, so
 //      what it drops now is sent in a later step rather than lost;
 //   4. the re-encoded partitions are allgathered and every rank (owner included) decodes
@@ -18,6 +20,7 @@
 #include <cstddef>
 #include <functional>
 #include <utility>
+#include <vector>
 
 #include "../common/dtype.h"
 #include "transport.h"
@@ -30,9 +33,14 @@ class CompressedAllreduce {
 
   // `data`: float32/bfloat16/float16, in place. `residual`: float32 x count (this rank's
   // first-stage state); `owner_residual`: float32 x partition_count(rank) (second stage).
+  // The result is divided by `divisor` (after `average`'s division by n, which happens
+  // before the second encode) and also written to every buffer of `also_out` (count
+  // elements each), the first from the decode's own stores. After an agreed failure
+  // (NaN/Inf on some rank) neither `data` nor `also_out` has been written.
   void run(void* data, size_t count, DType dtype, bool average, float sparsity, float* residual,
            float* owner_residual, const std::string& name, Clock::time_point deadline,
-           const Describe& what, ProgressStatus* status);
+           const Describe& what, ProgressStatus* status, double divisor = 1.0,
+           const std::vector<void*>* also_out = nullptr);
 
   // Elements of partition `index` when `count` elements are split over `parts` ranks.
   static size_t partition_count(size_t count, int parts, int index);

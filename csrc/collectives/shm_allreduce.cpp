@@ -293,26 +293,27 @@ size_t NodeStage::owner_residual_elements(size_t count, DType dtype) const {
   return total;
 }
 
-void NodeStage::inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op,
+bool NodeStage::inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op,
                            double divisor, const InterNode& inter, size_t* residual_offset,
                            size_t* owner_offset, Clock::time_point deadline, const Describe& what,
-                           ProgressStatus* status) {
-  if (slice >= static_cast<int>(slice_transports_.size()) || !slice_transports_[slice]) return;
+                           ProgressStatus* status, const std::vector<void*>* also_out) {
+  if (slice >= static_cast<int>(slice_transports_.size()) || !slice_transports_[slice]) return false;
   Transport& ring = *slice_transports_[slice];
   const Describe slice_what = [&] { return what() + ": inter-node slice " + std::to_string(slice); };
   if (!inter.threelc) {
     slice_rings_[slice]->run(data, elems, dtype, op, divisor, deadline, slice_what, status);
-    return;
+    return false;
   }
   // 3LC on the inter-node stage only: the slice is already the exact node sum. The sum is
-  // divided by the world size afterwards (nodes may hold different numbers of ranks).
+  // divided by the world size in the final decode (nodes may hold different numbers of
+  // ranks), which also stores the result into the peers' copies of the slice.
   slice_compressed_[slice]->run(data, elems, dtype, false, inter.sparsity,
                                 inter.residual + *residual_offset,
                                 inter.owner_residual + *owner_offset, inter.name, deadline,
-                                slice_what, status);
-  if (divisor != 1.0) divide_in_place(data, elems, dtype, divisor);
+                                slice_what, status, divisor, also_out);
   *residual_offset += elems;
   *owner_offset += CompressedAllreduce::partition_count(elems, ring.size(), ring.rank());
+  return true;
 }
 
 bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp op, double divisor,
@@ -430,9 +431,10 @@ bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
                fused_finite ? &slices_finite : nullptr);
       if (hierarchical) {
         bool ok = true;
+        bool written = false;  // the inter-node stage stored the copies itself
         try {
-          inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset, &owner_offset,
-                     deadline, what, status);
+          written = inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset,
+                               &owner_offset, deadline, what, status, &peer_outs);
         } catch (const AgreedFailureError& error) {
           // Every rank of this slice's ring raised it; the node's other ranks learn it at
           // the next sync. Our remaining slices' rings still run: their peers expect us.
@@ -446,7 +448,7 @@ bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
           }
           failed_[me]->store(epoch_ + 1, std::memory_order_relaxed);
         }
-        if (ok || !zero_copy)
+        if (!written && (ok || !zero_copy))
           for (void* dst : peer_outs) std::memcpy(dst, out, n * esize);
       }
       moved += n * esize * peer_outs.size();

@@ -130,9 +130,13 @@ class NodeStage {
   SharedWindow allocate_window(MPI_Comm comm, size_t bytes);
   void release_own_pages(const SharedWindow& window) const;
   void free_window(SharedWindow& window);
-  void inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op, double divisor,
+  // The inter-node stage of one owned slice. Returns true when it also stored the result
+  // into every buffer of `also_out` (3LC does, from its final decode); otherwise the
+  // caller copies.
+  bool inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op, double divisor,
                   const InterNode& inter, size_t* residual_offset, size_t* owner_offset,
-                  Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+                  Clock::time_point deadline, const Describe& what, ProgressStatus* status,
+                  const std::vector<void*>* also_out);
 
   Transport& world_;
   MPI_Comm node_comm_ = MPI_COMM_NULL;  // control and arena windows (collective thread)

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -324,10 +325,10 @@ bool padding_is_zero(uint8_t byte, size_t used) {
   return used == 0 || byte / kPow3[used] == kZeroGroup / kPow3[used];
 }
 
-template <class Out, bool kAdd>
+template <class Out, bool kAdd, bool kAlso = false>
 PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, size_t count,
                                    typename Out::T* __restrict out, const DecodeTable& table,
-                                   const char* name) {
+                                   const char* name, typename Out::T* __restrict out2 = nullptr) {
   const size_t groups = threelc_groups(count);
   const size_t full_groups = count / 5;
   size_t group = 0;
@@ -352,11 +353,21 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<Out, Float32>) {
         for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o + i, _mm_load_ps(table.set[byte] + i));
+        if constexpr (kAlso) {
+          float* o2 = out2 + 5 * group;
+          for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o2 + i, _mm_load_ps(table.set[byte] + i));
+        }
       } else
 #endif
-      for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
+      {
+        for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
+        if constexpr (kAlso)
+          for (size_t i = 0; i < 16; ++i) out2[5 * group + i] = Out::store(table.set[byte][i]);
+      }
       const size_t run = table.advance[byte];
       for (size_t i = 16; i < 5 * run; ++i) o[i] = Out::store(0.f);
+      if constexpr (kAlso)
+        for (size_t i = 16; i < 5 * run; ++i) out2[5 * group + i] = Out::store(0.f);
     }
     group += table.advance[byte];
   }
@@ -372,6 +383,8 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
       if (!kAdd) {
         const size_t first = 5 * group, last = std::min(5 * (group + run), count);
         for (size_t i = first; i < last; ++i) out[i] = Out::store(0.f);
+        if constexpr (kAlso)
+          for (size_t i = first; i < last; ++i) out2[i] = Out::store(0.f);
       }
       group += run;
       continue;
@@ -390,6 +403,8 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
       for (size_t i = 0; i < used; ++i) {
         o[i] = kAdd ? Out::store(Out::load(o[i]) + table.add[byte][i]) : Out::store(table.set[byte][i]);
       }
+      if constexpr (kAlso)
+        for (size_t i = 0; i < used; ++i) out2[5 * group + i] = Out::store(table.set[byte][i]);
       ++group;
       continue;
     }
@@ -398,6 +413,8 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
     for (size_t i = 0; i < 5; ++i) {
       o[i] = kAdd ? Out::store(Out::load(o[i]) + values[i]) : Out::store(values[i]);
     }
+    if constexpr (kAlso)
+      for (size_t i = 0; i < 5; ++i) out2[5 * group + i] = Out::store(values[i]);
     ++group;
   }
   if (group != groups) {
@@ -414,6 +431,10 @@ PBM_MULTIVERSION void decode_set_f32(const uint8_t* in, size_t bytes, size_t cou
                                      const DecodeTable& table, const char* name) {
   decode_impl<Float32, false>(in, bytes, count, out, table, name);
 }
+PBM_MULTIVERSION void decode_set_twice_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
+                                           float* out2, const DecodeTable& table, const char* name) {
+  decode_impl<Float32, false, true>(in, bytes, count, out, table, name, out2);
+}
 
 void check_scale(float scale, const char* name) {
   if (!(scale >= 0.f && scale <= FLT_MAX)) {
@@ -423,11 +444,22 @@ void check_scale(float scale, const char* name) {
 
 template <bool kAdd>
 void decode_dispatch(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                     DType out_dtype, const char* name) {
+                     DType out_dtype, const char* name, void* also_out = nullptr) {
   check_scale(scale, name);
   if (count > 0 && out == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
   if (bytes > 0 && in == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
   const DecodeTable table(scale, kAdd);
+  if (!kAdd && also_out != nullptr && count > 0) {
+    if (out_dtype == DType::kFloat32) {
+      decode_set_twice_f32(in, bytes, count, static_cast<float*>(out), static_cast<float*>(also_out),
+                           table, name);
+    } else {
+      // 16-bit outputs are rare here (the hierarchical stage reduces float32): decode, copy.
+      decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
+      std::memcpy(also_out, out, count * dtype_size(out_dtype));
+    }
+    return;
+  }
   if (out_dtype == DType::kFloat32) {
     (kAdd ? decode_add_f32 : decode_set_f32)(in, bytes, count, static_cast<float*>(out), table, name);
     return;
@@ -472,8 +504,56 @@ void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t cou
 }
 
 void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                    DType out_dtype, const char* name) {
-  decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
+                    DType out_dtype, const char* name, void* also_out) {
+  decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name, also_out);
+}
+
+namespace {
+// out = residual + grad; returns (bits of the largest |out|, OR of the residual's bits without
+// sign). Integer max/OR vectorize without -ffast-math; the max also catches NaN/Inf.
+template <class In>
+PBM_ALWAYS_INLINE std::pair<uint32_t, uint32_t> accumulate_block(const typename In::T* __restrict grad,
+                                                                  const float* __restrict residual,
+                                                                  float* __restrict out, size_t count) {
+  uint32_t largest = 0, any = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const float v = residual[i] + In::load(grad[i]);
+    out[i] = v;
+    const uint32_t bits = float_to_bits(v) & 0x7fffffffu;
+    largest = bits > largest ? bits : largest;
+    any |= float_to_bits(residual[i]) & 0x7fffffffu;
+  }
+  return {largest, any};
+}
+PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_f32(const float* g, const float* r, float* o,
+                                                              size_t n) {
+  return accumulate_block<Float32>(g, r, o, n);
+}
+}  // namespace
+
+bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
+                        float* out, const char* name) {
+  if (count == 0) return false;
+  if (!grad || !residual || !out) throw PbmError("3LC accumulate of " + label(name) + ": null buffer");
+  std::pair<uint32_t, uint32_t> bits;
+  std::string problem;
+  if (dtype == DType::kFloat32) {
+    bits = accumulate_f32(static_cast<const float*>(grad), residual, out, count);
+    if (bits.first >= kInfBits) problem = describe_non_finite<Float32>(static_cast<const float*>(grad), residual, count);
+  } else {
+    element_io::dispatch_float_io(dtype, "3LC", [&](auto io) {
+      using In = decltype(io);
+      const auto* g = static_cast<const typename In::T*>(grad);
+      bits = accumulate_block<In>(g, residual, out, count);
+      if (bits.first >= kInfBits) problem = describe_non_finite<In>(g, residual, count);
+    });
+  }
+  if (!problem.empty()) {
+    throw PbmError("3LC encode of " + label(name) + ": " + problem +
+                   ". Nothing was encoded and the residual is unchanged; a NaN/Inf gradient "
+                   "usually means the loss diverged (lower the learning rate or the loss scale).");
+  }
+  return bits.second != 0;
 }
 
 }  // namespace pbm

@@ -73,8 +73,18 @@ ThreeLCEncoded threelc_encode(const void* grad, DType dtype, size_t count, float
 void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
                         DType out_dtype, const char* name = nullptr);
 
-// out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add.
+// out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add. `also_out`
+// (may be null; same dtype) receives the same values from the same stores, which saves the
+// re-read a later copy would cost (the hierarchical allreduce writes a peer's buffer so).
 void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                    DType out_dtype, const char* name = nullptr);
+                    DType out_dtype, const char* name = nullptr, void* also_out = nullptr);
+
+// out[i] = grad[i] + residual[i] in float32: the exact contribution of a partition that
+// never crosses a wire (the owner's own share in the compressed allreduce), with the same
+// error feedback as an encode that drops nothing. One pass; the residual is only read.
+// Throws PbmError like threelc_encode when a sum is NaN/Inf. Returns whether the residual
+// held any nonzero element (the caller then clears it: its content has been delivered).
+bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
+                        float* out, const char* name = nullptr);
 
 }  // namespace pbm

@@ -208,7 +208,8 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             are summed as 16-bit, accumulating in float32); or
             ``pbm.compression.ThreeLC(sparsity)`` with ``state=codec.new_state(x)`` kept
             across steps: the two-stage compressed allreduce with error feedback
-            (op "sum"/"avg", float32/bfloat16/float16). With ``"hierarchical"`` on several
+            (op "sum"/"avg", float32/bfloat16/float16); the owner of each partition adds
+            its own share exactly (only what crosses a wire is quantized). With ``"hierarchical"`` on several
             nodes 3LC compresses only the inter-node stage (the node stage is exact) and the
             state holds residuals for the slices this rank owns; with ``"shm"`` (one node)
             nothing is compressed; ``"auto"`` runs the flat compressed allreduce.

@@ -2,8 +2,9 @@
 
 The reference is the same two-stage algorithm simulated in float64-free NumPy float32 on
 every rank (each rank can regenerate every rank's gradients from the seeds): first-stage
-3LC with per-rank residuals, sum of the partitions, avg, second-stage 3LC with the
-owner's residual, decode. Results must match it to float32 rounding and be bitwise equal
+3LC with per-rank residuals (the owner's own share of its partition exact), sum of the
+partitions in rank order starting from that share, avg, second-stage 3LC with the owner's
+residual, decode. Results must match it to float32 rounding and be bitwise equal
 across ranks.
 """
 
@@ -49,19 +50,28 @@ def mode_reference(comm, count_text: str, sparsity_text: str, op: str) -> None:
     count, sparsity = int(count_text), float(sparsity_text)
     codec = ThreeLC(sparsity)
     parts = partitions(count, n)
-    residual = [np.zeros(count, np.float32) for _ in range(n)]
+    # Residuals start nonzero (as after a resume with another rank layout): the owner's
+    # share of its own partition must be delivered and cleared, the rest carried on.
+    residual = [np.random.default_rng([99, q]).standard_normal(count).astype(np.float32) * 0.1
+                for q in range(n)]
     owner_residual = [np.zeros(parts[p].stop - parts[p].start, np.float32) for p in range(n)]
     state = codec.new_state(np.zeros(count, np.float32))
-    sent_total = np.zeros(count, np.float64)
+    state.residual[:] = residual[r]
     input_total = np.zeros(count, np.float64)
+    input_total += sum(res.astype(np.float64) for res in residual) / (n if op == "avg" else 1)
+    sent_total = np.zeros(count, np.float64)
     for step in range(6):
         grads = gradients(step, count, n)
         x = torch.from_numpy(grads[r].copy())
         pbm.allreduce_(x, op=op, compression=codec, state=state, name="grad")
         expected = np.empty(count, np.float32)
         for p, part in enumerate(parts):
-            total = np.zeros(part.stop - part.start, np.float32)
+            # the owner's own share never crosses a wire: exact, its residual delivered
+            total = residual[p][part] + grads[p][part]
+            residual[p][part] = 0
             for q in range(n):
+                if q == p:
+                    continue
                 acc = residual[q][part] + grads[q][part]
                 qs, scale = quantize(acc, sparsity)
                 residual[q][part] = acc - qs * scale

@@ -183,7 +183,12 @@ def compressed_matches_simulation(comm, op: str) -> None:
     owner = {(j, s): None for j in range(nodes) for s in range(slices_n)}
     for step in range(4):
         grads = gradients(step, count, n)
-        x = torch.from_numpy(grads[r].copy())
+        if step % 2:
+            # zero-copy: the final 3LC decode stores straight into the node peer's buffer
+            x = pbm.shared_empty(count, torch.float32)
+            x.copy_(torch.from_numpy(grads[r]))
+        else:
+            x = torch.from_numpy(grads[r].copy())
         pbm.allreduce_(x, op=op, algorithm="hierarchical", compression=codec, state=state, name="grad")
         want = np.empty(count, np.float32)
         for s, sl in enumerate(slices):
@@ -197,8 +202,12 @@ def compressed_matches_simulation(comm, op: str) -> None:
             parts = partitions(length, nodes)
             result = np.empty(length, np.float32)
             for p, part in enumerate(parts):
-                total = np.zeros(part.stop - part.start, np.float32)
+                # the owning node's own share stays exact (it never crosses the network)
+                total = residual[(p, s)][part] + node_sums[p][part]
+                residual[(p, s)][part] = 0
                 for j in range(nodes):
+                    if j == p:
+                        continue
                     acc = residual[(j, s)][part] + node_sums[j][part]
                     qs, scale = quantize(acc, sparsity)
                     residual[(j, s)][part] = acc - qs * scale
