@@ -148,6 +148,41 @@ def test_runs_longer_than_14_split_into_255_then_remainder():
     assert list(body) == [first, 255, 255, 243, last]
 
 
+@pytest.mark.parametrize("pattern", ["dense", "sparse", "runs", "zeros"])
+@pytest.mark.parametrize("count", [65_536, 300_007])
+def test_large_decodes_stream_through_windows_exactly(pattern, count):
+    """Outputs of >= 64Ki float32 decode window by window with streaming stores: every
+    element, across window edges and runs that straddle them, equals the reference."""
+    rng = np.random.default_rng(count)
+    if pattern == "dense":
+        q = rng.integers(-1, 2, count)
+    elif pattern == "sparse":
+        q = np.where(rng.random(count) < 0.02, rng.choice([-1, 1], count), 0)
+    elif pattern == "runs":  # zero runs of random lengths (up to ~3 windows) between dense bursts
+        q = np.zeros(count, np.int64)
+        at = 0
+        while at < count:
+            at += int(rng.integers(0, 16_000))
+            burst = int(rng.integers(1, 400))
+            q[at:at + burst] = rng.choice([-1, 1], len(q[at:at + burst]))
+            at += burst
+    else:
+        q = np.zeros(count, np.int64)
+    q[-1] = 1  # M = 1 (and the short last group is nonzero)
+    body, scale = native_encode(trit_input(q), np.zeros(count, np.float32), 1.0)
+    assert scale == 1.0
+    out = native_decode(body, scale, count, np.full(count, np.nan, np.float32))
+    np.testing.assert_array_equal(out, q)
+    # misaligned output (not on a 16-byte boundary): the head is stored plainly
+    buffer = np.full(count + 3, np.nan, np.float32)
+    out = native_decode(body, scale, count, buffer[1:count + 1])
+    np.testing.assert_array_equal(out, q)
+    assert np.isnan(buffer[0]) and np.isnan(buffer[count + 1:]).all()
+    # a truncated body is refused with totals of the whole tensor
+    with pytest.raises(PbmError, match=f"expected for {count} elements"):
+        native_decode(body[:len(body) // 2], scale, count, np.empty(count, np.float32))
+
+
 @pytest.mark.parametrize("count", [0, 1, 4, 5, 7, 71, 5000])
 def test_all_zero_tensor_encodes_to_runs_with_scale_zero(count):
     body, scale = native_encode(np.zeros(count, np.float32), np.zeros(count, np.float32), 1.0)
