@@ -83,7 +83,10 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
                               float sparsity, float* residual, float* owner_residual,
                               const std::string& name, Clock::time_point deadline,
                               const Describe& what, ProgressStatus* status, double divisor,
-                              const std::vector<void*>* also_out) {
+                              const std::vector<void*>* also_out, const float* const* node_inputs,
+                              int n_node_inputs) {
+  if (node_inputs != nullptr && dtype != DType::kFloat32)
+    throw PbmError("3LC allreduce: node inputs are summed in float32 only, not " + std::string(dtype_name(dtype)));
   const int n = transport_.size();
   const int me = transport_.rank();
   char* data = static_cast<char*>(data_void);
@@ -101,11 +104,23 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
   // reduction (nothing is dropped, so its residual is delivered in full and cleared below).
   const size_t mine = elems(me);
   auto* sum = reinterpret_cast<float*>(transport_.scratch(kScratchSum, std::max<size_t>(mine, 1) * 4));
+  // With node inputs (hierarchical, float32) `data` is not formed yet: our own partition is
+  // summed from them straight into `sum`, the others into `data` while max|sum + residual|
+  // is taken, so each encode skips its first pass.
+  const bool fused = node_inputs != nullptr && n_node_inputs > 0;
+  std::vector<const float*> at(fused ? n_node_inputs : 0);
+  auto inputs_at = [&](size_t offset) {
+    for (int q = 0; q < n_node_inputs; ++q) at[q] = node_inputs[q] + offset;
+    return at.data();
+  };
   std::string local_error;
   bool own_residual_nonzero = false;
   try {
-    own_residual_nonzero = threelc_accumulate(data + begin(me) * esize, dtype, mine,
-                                              residual + begin(me), sum, name.c_str());
+    own_residual_nonzero =
+        fused ? threelc_accumulate_n(inputs_at(begin(me)), n_node_inputs, mine, residual + begin(me), sum,
+                                     name.c_str())
+              : threelc_accumulate(data + begin(me) * esize, dtype, mine, residual + begin(me), sum,
+                                   name.c_str());
   } catch (const PbmError& error) {
     local_error = error.what();
   }
@@ -114,9 +129,15 @@ void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool a
     *header = PartHeader{};
     if (p == me) continue;
     try {
-      const ThreeLCEncoded encoded = threelc_encode(
-          data + begin(p) * esize, dtype, elems(p), residual + begin(p), sparsity,
-          reinterpret_cast<uint8_t*>(send + send_offset[p] + sizeof(PartHeader)), name.c_str());
+      auto* body = reinterpret_cast<uint8_t*>(send + send_offset[p] + sizeof(PartHeader));
+      float* part = reinterpret_cast<float*>(data) + begin(p);
+      const ThreeLCEncoded encoded =
+          fused ? threelc_encode_known_max(
+                      part, elems(p), residual + begin(p), sparsity, body,
+                      threelc_reduce_max(part, inputs_at(begin(p)), n_node_inputs, elems(p), residual + begin(p)),
+                      name.c_str())
+                : threelc_encode(data + begin(p) * esize, dtype, elems(p), residual + begin(p), sparsity,
+                                 body, name.c_str());
       header->scale = encoded.scale;
       header->bytes = static_cast<uint32_t>(encoded.bytes);
     } catch (const PbmError& error) {

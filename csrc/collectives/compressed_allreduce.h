@@ -36,11 +36,15 @@ class CompressedAllreduce {
   // The result is divided by `divisor` (after `average`'s division by n, which happens
   // before the second encode) and also written to every buffer of `also_out` (count
   // elements each), the first from the decode's own stores. After an agreed failure
-  // (NaN/Inf on some rank) neither `data` nor `also_out` has been written.
+  // (NaN/Inf on some rank) `also_out` has not been written and `data` holds intermediate
+  // values. `node_inputs` (float32 only; n_node_inputs buffers of count elements, one may
+  // be `data` itself): `data` is their sum, formed here inside the encode passes rather
+  // than by a node reduce beforehand (the hierarchical allreduce's node stage).
   void run(void* data, size_t count, DType dtype, bool average, float sparsity, float* residual,
            float* owner_residual, const std::string& name, Clock::time_point deadline,
            const Describe& what, ProgressStatus* status, double divisor = 1.0,
-           const std::vector<void*>* also_out = nullptr);
+           const std::vector<void*>* also_out = nullptr, const float* const* node_inputs = nullptr,
+           int n_node_inputs = 0);
 
   // Elements of partition `index` when `count` elements are split over `parts` ranks.
   static size_t partition_count(size_t count, int parts, int index);

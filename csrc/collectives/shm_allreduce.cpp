@@ -296,7 +296,8 @@ size_t NodeStage::owner_residual_elements(size_t count, DType dtype) const {
 bool NodeStage::inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op,
                            double divisor, const InterNode& inter, size_t* residual_offset,
                            size_t* owner_offset, Clock::time_point deadline, const Describe& what,
-                           ProgressStatus* status, const std::vector<void*>* also_out) {
+                           ProgressStatus* status, const std::vector<void*>* also_out,
+                           const float* const* node_inputs, int n_node_inputs) {
   if (slice >= static_cast<int>(slice_transports_.size()) || !slice_transports_[slice]) return false;
   Transport& ring = *slice_transports_[slice];
   const Describe slice_what = [&] { return what() + ": inter-node slice " + std::to_string(slice); };
@@ -310,7 +311,7 @@ bool NodeStage::inter_node(int slice, char* data, size_t elems, DType dtype, Red
   slice_compressed_[slice]->run(data, elems, dtype, false, inter.sparsity,
                                 inter.residual + *residual_offset,
                                 inter.owner_residual + *owner_offset, inter.name, deadline,
-                                slice_what, status, divisor, also_out);
+                                slice_what, status, divisor, also_out, node_inputs, n_node_inputs);
   *residual_offset += elems;
   *owner_offset += CompressedAllreduce::partition_count(elems, ring.size(), ring.rank());
   return true;
@@ -378,10 +379,11 @@ bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
                   std::to_string(world_of_local_[q]) + " (a node's sum of the gradient)";
     }
     if (!failure.empty())
-      throw AgreedFailureError(failure + " (the buffer holds partial node sums; skip this step)");
+      throw AgreedFailureError(failure + " (the buffer holds intermediate values; skip this step)");
   };
   std::vector<void*> peer_outs;
   peer_outs.reserve(L);
+  std::vector<const float*> node_inputs(L, nullptr);
   for (size_t k = 0; k < rounds; ++k) {
     const size_t lo = k * chunk;
     const Slices slices = slices_of(std::min(chunk, count - lo), P, align);
@@ -425,16 +427,24 @@ bool NodeStage::allreduce(void* data_void, size_t count, DType dtype, ReduceOp o
         peer_outs.push_back(arena(me) + slices.begin(s) * esize);
       }
       // Hierarchical: the copies go out only after the inter-node stage finished the slice.
-      reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor,
-               hierarchical ? nullptr : peer_outs.data(),
-               hierarchical ? 0 : static_cast<int>(peer_outs.size()),
-               fused_finite ? &slices_finite : nullptr);
+      // 3LC between nodes (float32) sums the node inputs inside its own encode passes.
+      const bool sum_in_3lc = hierarchical && inter.threelc && dtype == DType::kFloat32 &&
+                              s < static_cast<int>(slice_transports_.size()) && slice_transports_[s];
+      if (sum_in_3lc) {
+        for (int q = 0; q < L; ++q) node_inputs[q] = static_cast<const float*>(inputs[q]);
+      } else {
+        reduce_n(out, inputs.data(), L, n, dtype, op, node_divisor,
+                 hierarchical ? nullptr : peer_outs.data(),
+                 hierarchical ? 0 : static_cast<int>(peer_outs.size()),
+                 fused_finite ? &slices_finite : nullptr);
+      }
       if (hierarchical) {
         bool ok = true;
         bool written = false;  // the inter-node stage stored the copies itself
         try {
           written = inter_node(s, out, n, dtype, op, divisor, inter, &residual_offset,
-                               &owner_offset, deadline, what, status, &peer_outs);
+                               &owner_offset, deadline, what, status, &peer_outs,
+                               sum_in_3lc ? node_inputs.data() : nullptr, L);
         } catch (const AgreedFailureError& error) {
           // Every rank of this slice's ring raised it; the node's other ranks learn it at
           // the next sync. Our remaining slices' rings still run: their peers expect us.

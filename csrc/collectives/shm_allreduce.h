@@ -132,11 +132,13 @@ class NodeStage {
   void free_window(SharedWindow& window);
   // The inter-node stage of one owned slice. Returns true when it also stored the result
   // into every buffer of `also_out` (3LC does, from its final decode); otherwise the
-  // caller copies.
+  // caller copies. `node_inputs` (3LC, float32): the slice is not reduced yet, 3LC sums
+  // these node buffers itself.
   bool inter_node(int slice, char* data, size_t elems, DType dtype, ReduceOp op, double divisor,
                   const InterNode& inter, size_t* residual_offset, size_t* owner_offset,
                   Clock::time_point deadline, const Describe& what, ProgressStatus* status,
-                  const std::vector<void*>* also_out);
+                  const std::vector<void*>* also_out, const float* const* node_inputs = nullptr,
+                  int n_node_inputs = 0);
 
   Transport& world_;
   MPI_Comm node_comm_ = MPI_COMM_NULL;  // control and arena windows (collective thread)

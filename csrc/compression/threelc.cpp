@@ -245,8 +245,11 @@ ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* resi
                            float sparsity, uint8_t* out, const char* name,
                            uint32_t (*max_pass)(const typename In::T*, const float*, size_t),
                            void (*quantize)(const typename In::T*, float*, size_t, float, float,
-                                            uint8_t*)) {
-  const uint32_t largest_bits = max_pass(grad, residual, count);
+                                            uint8_t*),
+                           const uint32_t* known_largest_bits = nullptr) {
+  // Pass 1 is skipped when the caller computed max|grad + residual| while producing grad.
+  const uint32_t largest_bits =
+      known_largest_bits ? *known_largest_bits : max_pass(grad, residual, count);
   if (largest_bits >= kInfBits) {
     throw PbmError("3LC encode of " + label(name) + ": " +
                    describe_non_finite<In>(grad, residual, count) +
@@ -597,6 +600,109 @@ PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_f32(const float* g, co
   return accumulate_block<Float32>(g, r, o, n);
 }
 }  // namespace
+
+namespace {
+// Blocks of the node-input kernels: the partial sum of the L inputs stays in L1.
+constexpr size_t kSumBlock = 2048;
+
+// acc[0..m) = in[0][b..] + in[1][b..] + ... in input order (what reduce_n computes).
+PBM_ALWAYS_INLINE void sum_inputs(float* __restrict acc, const float* const* in, int inputs, size_t b,
+                                  size_t m) {
+  const float* first = in[0] + b;
+  for (size_t i = 0; i < m; ++i) acc[i] = first[i];
+  for (int q = 1; q < inputs; ++q) {
+    const float* x = in[q] + b;
+    for (size_t i = 0; i < m; ++i) acc[i] += x[i];
+  }
+}
+
+PBM_MULTIVERSION uint32_t reduce_max_f32(float* out, const float* const* in, int inputs, size_t count,
+                                         const float* residual) {
+  alignas(64) float acc[kSumBlock];
+  uint32_t largest = 0;
+  for (size_t b = 0; b < count; b += kSumBlock) {
+    const size_t m = std::min(kSumBlock, count - b);
+    sum_inputs(acc, in, inputs, b, m);
+    float* __restrict dst = out + b;
+    const float* __restrict r = residual + b;
+    for (size_t i = 0; i < m; ++i) {
+      dst[i] = acc[i];
+      const uint32_t bits = float_to_bits(r[i] + acc[i]) & 0x7fffffffu;
+      largest = bits > largest ? bits : largest;
+    }
+  }
+  return largest;
+}
+
+PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_n_f32(const float* const* in, int inputs,
+                                                                size_t count, const float* residual,
+                                                                float* out) {
+  alignas(64) float acc[kSumBlock];
+  uint32_t largest = 0, any = 0;
+  for (size_t b = 0; b < count; b += kSumBlock) {
+    const size_t m = std::min(kSumBlock, count - b);
+    sum_inputs(acc, in, inputs, b, m);
+    float* __restrict dst = out + b;
+    const float* __restrict r = residual + b;
+    for (size_t i = 0; i < m; ++i) {
+      const float v = r[i] + acc[i];
+      dst[i] = v;
+      const uint32_t bits = float_to_bits(v) & 0x7fffffffu;
+      largest = bits > largest ? bits : largest;
+      any |= float_to_bits(r[i]) & 0x7fffffffu;
+    }
+  }
+  return {largest, any};
+}
+
+// The first element whose node sum or sum + residual is not finite, for the error.
+std::string describe_non_finite_sum(const float* const* in, int inputs, size_t count,
+                                    const float* residual) {
+  for (size_t i = 0; i < count; ++i) {
+    float sum = in[0][i];
+    for (int q = 1; q < inputs; ++q) sum += in[q][i];
+    if (!std::isfinite(sum))
+      return "element " + std::to_string(i) + " of the node's sum of the gradient is " + std::to_string(sum);
+    if (!std::isfinite(residual[i]))
+      return "element " + std::to_string(i) + " of the residual (error-feedback state) is " +
+             std::to_string(residual[i]);
+    if (!std::isfinite(residual[i] + sum))
+      return "element " + std::to_string(i) + " overflows float32 when added to the residual";
+  }
+  return "a value is not finite";
+}
+
+[[noreturn]] void non_finite(const char* name, const std::string& problem) {
+  throw PbmError("3LC encode of " + label(name) + ": " + problem +
+                 ". Nothing was encoded and the residual is unchanged; a NaN/Inf gradient "
+                 "usually means the loss diverged (lower the learning rate or the loss scale).");
+}
+}  // namespace
+
+uint32_t threelc_reduce_max(float* out, const float* const* inputs, int n_inputs, size_t count,
+                            const float* residual) {
+  if (count == 0) return 0;
+  return reduce_max_f32(out, inputs, n_inputs, count, residual);
+}
+
+bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count, const float* residual,
+                          float* out, const char* name) {
+  if (count == 0) return false;
+  const auto bits = accumulate_n_f32(inputs, n_inputs, count, residual, out);
+  if (bits.first >= kInfBits) non_finite(name, describe_non_finite_sum(inputs, n_inputs, count, residual));
+  return bits.second != 0;
+}
+
+ThreeLCEncoded threelc_encode_known_max(const float* grad, size_t count, float* residual, float sparsity,
+                                        uint8_t* out, uint32_t largest_bits, const char* name) {
+  if (!(sparsity >= 1.f && sparsity < 2.f)) {
+    throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
+                   std::to_string(sparsity) + " is outside [1, 2)");
+  }
+  if (count == 0) return ThreeLCEncoded{};
+  return encode_impl<Float32>(grad, count, residual, sparsity, out, name, max_abs_bits_f32,
+                              quantize_block_f32, &largest_bits);
+}
 
 bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
                         float* out, const char* name) {

@@ -87,4 +87,17 @@ void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, 
 bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
                         float* out, const char* name = nullptr);
 
+// Node-stage fusions of the hierarchical allreduce (float32). The L inputs are summed in
+// input order, as the shared-memory reduce does; `out` may be one of them.
+// out = in[0] + ... + in[L-1]; returns the float32 bits of max|residual + out| (Inf/NaN
+// compare above every finite value), the pass 1 that threelc_encode_known_max then skips.
+uint32_t threelc_reduce_max(float* out, const float* const* inputs, int n_inputs, size_t count,
+                            const float* residual);
+// out = residual + (in[0] + ... + in[L-1]): threelc_accumulate of the node's sum.
+bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count, const float* residual,
+                          float* out, const char* name = nullptr);
+// threelc_encode of float32 `grad` given largest_bits = bits of max|grad + residual|.
+ThreeLCEncoded threelc_encode_known_max(const float* grad, size_t count, float* residual, float sparsity,
+                                        uint8_t* out, uint32_t largest_bits, const char* name = nullptr);
+
 }  // namespace pbm
