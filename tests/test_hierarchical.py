@@ -43,8 +43,8 @@ def test_four_nodes_of_one_hierarchical_is_the_ring():
     _run(4, 1, "exact:hierarchical:0", "async:auto")
 
 
-def test_uneven_nodes_two_plus_one_hierarchical_exact():
-    _run(3, 2, "exact:hierarchical,auto:1", "zero_copy", "async:auto")
+def test_uneven_nodes_two_plus_one_hierarchical_exact_and_3lc_between_nodes():
+    _run(3, 2, "exact:hierarchical,auto:1", "zero_copy", "async:auto", "compressed:avg")
 
 
 @pytest.mark.parametrize("algorithm", ["shm", "hierarchical"])

@@ -167,7 +167,6 @@ def compressed_matches_simulation(comm, op: str) -> None:
     """3LC on the inter-node stage only: matches a simulation of node sum + per-slice 3LC."""
     n, r = comm.Get_size(), comm.Get_rank()
     layout = context.current().engine.node_layout()
-    local = layout["local_size"]
     nodes = layout["node_count"]
     assert nodes > 1, layout
     count, sparsity = 10_007, 1.0
@@ -177,7 +176,11 @@ def compressed_matches_simulation(comm, op: str) -> None:
     per_slice = -(-count // slices_n)  # ceil, then rounded up to 64 bytes of float32
     per = max(16, -(-per_slice // 16) * 16)
     slices = [slice(min(s * per, count), min((s + 1) * per, count)) for s in range(slices_n)]
-    # node j holds world ranks j*local .. j*local+local-1 (consecutive forced grouping)
+    # node j holds world ranks j*k .. j*k+k-1 (consecutive forced grouping of k per node; the
+    # last node may hold fewer); slice s belongs to local rank s % (ranks on that node)
+    per_node = layout["slices"]  # the largest node's rank count: the forced grouping
+    members = [list(range(j * per_node, min((j + 1) * per_node, n))) for j in range(nodes)]
+    assert members[pbm.cross_rank()] == sorted(layout["node_world_ranks"]), (members, layout)
     residual = {(j, s): np.zeros(sl.stop - sl.start, np.float32) for j in range(nodes)
                 for s, sl in enumerate(slices)}
     owner = {(j, s): None for j in range(nodes) for s in range(slices_n)}
@@ -195,9 +198,9 @@ def compressed_matches_simulation(comm, op: str) -> None:
             length = sl.stop - sl.start
             node_sums = []
             for j in range(nodes):
-                acc = grads[j * local][sl].copy()
-                for q in range(1, local):
-                    acc += grads[j * local + q][sl]
+                acc = grads[members[j][0]][sl].copy()
+                for q in members[j][1:]:
+                    acc += grads[q][sl]
                 node_sums.append(acc)
             parts = partitions(length, nodes)
             result = np.empty(length, np.float32)
@@ -221,10 +224,12 @@ def compressed_matches_simulation(comm, op: str) -> None:
             want[sl] = result / np.float32(n) if op == "avg" else result
         tolerance = 4 * n * F32_EPS * (np.abs(want).max(initial=0) + 1)
         np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=tolerance, err_msg=f"step {step}")
-        mine = slices[pbm.local_rank()]
-        np.testing.assert_allclose(state.hierarchical_residual, residual[(pbm.cross_rank(), pbm.local_rank())],
+        here = pbm.cross_rank()
+        owned = [s for s in range(slices_n) if s % len(members[here]) == pbm.local_rank()]
+        expected = np.concatenate([residual[(here, s)] for s in owned])
+        assert state.hierarchical_residual.size == expected.size, (owned, state.hierarchical_residual.size)
+        np.testing.assert_allclose(state.hierarchical_residual, expected,
                                    rtol=0, atol=tolerance, err_msg=f"residual, step {step}")
-        assert state.hierarchical_residual.size == mine.stop - mine.start
         same_on_every_rank(comm, x, f"compressed step {step}")
     # NaN/Inf on one rank: every rank raises (no timeout), and the ranks stay in step
     g = torch.ones(5000)
