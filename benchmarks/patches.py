@@ -9,7 +9,7 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
              1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
              torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
              (room for 8 patches' chunks) unless --cache-mb; read-ahead: the loader's
-             default (threads + 1 batches, at most 32 MiB) unless --prefetch-extra. Epoch 0
+             default (threads + 1 batches, at most 4 MiB) unless --prefetch-extra. Epoch 0
              starts from an empty cache (cold); the median of the later epochs is reported
              as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
@@ -416,7 +416,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefetch-extra", type=int, default=-1,
                    help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
-                        "bound (threads + 1 batches, at most 32 MiB read ahead)")
+                        "bound (threads + 1 batches, at most 4 MiB read ahead)")
     p.add_argument("--local-window", type=int, default=0,
                    help="UniformSampler local_window for the pbm rows (0: random order) and one more "
                         "read-amplification row with the automatic cache in that order")
@@ -424,7 +424,7 @@ def main() -> int:
                    help="sleep this long per batch in the pbm and TorchIO loops (a training step, "
                         "so read-ahead queues fill up as in training; patches/s then include it)")
     p.add_argument("--prefetch-mb", type=float, default=-1,
-                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 32 MiB")
+                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 4 MiB")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
