@@ -473,6 +473,9 @@ def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: f
         procs = result["tree_processes"]
         peak = max(peak, result["tree_peak_rss_mb"])
         data = pss - imports_pss_mb
+        imports_mb, procs_imports = imports_pss_mb, 1
+    else:
+        procs_imports = ranks
     data_pss = None if pss is None or imports_pss_mb is None else pss - imports_pss_mb
     return {"method": name, "patch": patch, "threads": threads, "ranks": ranks, "torch": torch_,
             "processes": procs, "pss_mb": pss, "data_pss_mb": data_pss,
@@ -480,7 +483,7 @@ def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: f
             "mb_per_s": rate * patch**3 * 4 / 2**20,
             "amplification_cold": cold["amplification"],
             "amplification_warm": statistics.median(amp_warm) if amp_warm else None,
-            "peak_rss_mb": peak, "imports_mb": procs * imports_mb, "data_mb": data,
+            "peak_rss_mb": peak, "imports_mb": procs_imports * imports_mb, "data_mb": data,
             "cache_capacity_mb": result.get("cache_capacity_mb"), "modules": result.get("modules")}
 
 

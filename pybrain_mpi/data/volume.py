@@ -30,7 +30,9 @@ __all__ = ["Volume", "chunks_touched", "auto_cache_bytes"]
 #: Automatic cache sizing (``Volume(cache_bytes=None)``): room for the chunks of this many
 #: patches of the largest size read so far ... (8, not 4: random 64^3 patches on 32^3 chunks
 #: of the 1 mm MNI152 T1 then re-read 0.36 decoded bytes per byte returned once warm, 1.5 with
-#: 4; 27 MiB of float32 chunks; ``benchmarks/patches.py --only-amplification``)
+#: 4, when every chunk was charged its full size; 27 MiB of float32 chunks. With constant
+#: chunks charged one element, 27 MiB holds the whole brain in 16 MiB: 0.03-0.08 warm;
+#: ``benchmarks/patches.py --only-amplification``)
 AUTO_CACHE_PATCHES = 8
 #: ... never more than this (the memory budget), nor more than the whole level ...
 AUTO_CACHE_BUDGET = 512 * 2**20
@@ -294,10 +296,13 @@ class Volume:
             chunks/patch -> 27 MiB for 8 patches; 128^3 -> 125 chunks -> 125 MiB. A fixed
             size for patches much larger than the cache thrashes (every patch re-reads its
             chunks). Re-use *across* random patches depends on the fraction of the volume
-            cached: random 64^3 patches, 32^3 chunks, warm read amplification 0.36 on the
-            1 mm MNI152 T1 (the automatic 27 MiB holds 64% of its chunks), but about 2.9 on
-            the same brain upsampled 2x (277 MiB: 10% cached). Pass ``cache_bytes`` (a good
-            part of the volume) where re-use matters more than memory.
+            cached: random 64^3 patches, 32^3 chunks, warm read amplification 0.03-0.08 on
+            the 1 mm MNI152 T1 (the automatic 27 MiB holds all its chunks in 16 MiB: constant
+            background chunks cost one element each), but about 2.9 on the same brain
+            upsampled 2x (277 MiB: 10% cached). Pass ``cache_bytes`` (a good part of the
+            volume) where re-use matters more than memory. The cache is charged what a chunk
+            holds: a chunk whose every element is one value (air, empty labels) is kept as a
+            one-element broadcast.
         cache_patches: patches' worth of chunks the automatic cache holds (default 8).
         cache_budget_bytes: upper bound of the automatic cache (default 512 MiB).
         threads: threads decoding the chunks of one patch in parallel (1 = in the caller).
