@@ -78,7 +78,7 @@ def _constant_view(block: np.ndarray) -> np.ndarray:
 
 def _held_bytes(block: np.ndarray) -> int:
     """Memory a cached chunk holds: its bytes, or one element for a constant broadcast."""
-    return block.itemsize if block.base is not None and 0 in block.strides else block.nbytes
+    return block.itemsize if block.ndim and not any(block.strides) else block.nbytes
 
 
 class _ChunkCache:
