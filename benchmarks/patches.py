@@ -9,12 +9,17 @@ it larger, stored once as NIfTI (.nii.gz, what TorchIO and nibabel read) and onc
              1 and 2 MPI ranks: the patch pipeline alone, in a process that never imports
              torch (numpy, zarr, numcodecs). Chunk cache: the Volume's automatic sizing
              (room for 8 patches' chunks) unless --cache-mb; read-ahead: the loader's
-             default (threads + 1 batches, at most 32 MiB) unless --prefetch-extra. Epoch 0
+             default (threads + 1 batches, at most 4 MiB) unless --prefetch-extra. Epoch 0
              starts from an empty cache (cold); the median of the later epochs is reported
              as warm.
   pbm +torch the same loader in a training process: torch imported, batches as tensors.
   pbm +augment  the pipeline alone with every numba augmentation on (numba + LLVM resident).
-  torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline).
+  torchio    tio.Queue(UniformSampler, samples_per_volume=16) + DataLoader (baseline), with
+             --torchio-workers N: subjects loaded by N forked DataLoader workers (the setting
+             users pick for speed). Every TorchIO row and the pbm +torch row sample their whole
+             process tree every 20 ms: summed RSS and PSS (/proc/PID/smaps_rollup, shared pages
+             split between processes); with workers, peak MB is the tree's RSS sum and data MB
+             that minus each process's imports.
   nibabel    naive: load the whole NIfTI for every patch, then crop.
 
 Also: the peak RSS of each kind of process's imports alone ("imports"; "data MB" is the
@@ -174,7 +179,8 @@ def worker_torchio(args) -> dict:
     subjects = [tio.Subject(image=tio.ScalarImage(args.nii)) for _ in range(n_subjects)]
     dataset = tio.SubjectsDataset(subjects)
     queue = tio.Queue(dataset, max_length=2 * per_volume, samples_per_volume=per_volume,
-                      sampler=tio.data.UniformSampler(size), num_workers=args.threads - 1,
+                      sampler=tio.data.UniformSampler(size),
+                      num_workers=args.threads - 1 if args.tio_workers < 0 else args.tio_workers,
                       shuffle_subjects=False, shuffle_patches=True, verbose=False)
     loader = torch.utils.data.DataLoader(queue, batch_size=args.batch, num_workers=0)
     epochs = []
@@ -356,7 +362,8 @@ def worker_baseline(args) -> dict:
     process holds before it reads any data."""
     for name in filter(None, args.modules.split(",")):
         importlib.import_module(name)
-    return {"peak_rss_mb": peak_rss_mb(), "modules": _held_modules()}
+    return {"peak_rss_mb": peak_rss_mb(), "pss_mb": _proc_kib("/proc/self/smaps_rollup", "Pss:") / 1024,
+            "modules": _held_modules()}
 
 
 WORKERS = {"large_make": worker_large_make, "large_convert": worker_large_convert, "large_sample": worker_large_sample,
@@ -365,7 +372,66 @@ WORKERS = {"large_make": worker_large_make, "large_convert": worker_large_conver
 
 
 # ---------------------------------------------------------------------------- driver
-def run_child(kind: str, data: dict, ranks: int = 1, **opts) -> dict:
+def _tree_pids(root: int) -> list[int]:
+    """``root`` and every process descending from it (DataLoader workers, mpiexec's ranks)."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass  # exited between the listing and the read
+    return pids
+
+
+def _proc_kib(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Samples, every ``interval_s``, the summed RSS (/proc/PID/status VmRSS) and PSS
+    (/proc/PID/smaps_rollup: shared pages split between the processes mapping them) of a
+    process and all its descendants; keeps the peaks and the most processes seen. RSS sums
+    count pages shared by forked workers once per worker; PSS counts them once in all."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02):
+        import threading
+
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_rss_mb = self.peak_pss_mb = 0.0
+        self.max_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = _tree_pids(self.pid)
+            rss = sum(_proc_kib(f"/proc/{p}/status", "VmRSS:") for p in pids) / 1024
+            pss = sum(_proc_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss)
+            self.max_procs = max(self.max_procs, len(pids))
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"tree_peak_rss_mb": self.peak_rss_mb, "tree_peak_pss_mb": self.peak_pss_mb,
+                "tree_processes": self.max_procs}
+
+
+def run_child(kind: str, data: dict, ranks: int = 1, tree: bool = False, **opts) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--nii", data["nii"], "--zarr", data["zarr"],
            "--volume-mb", str(data["volume_mb"])]
     for key, value in opts.items():
@@ -374,26 +440,50 @@ def run_child(kind: str, data: dict, ranks: int = 1, **opts) -> dict:
         mpiexec = str(Path(sys.executable).parent / "mpiexec")
         cmd = [mpiexec, "-n", str(ranks)] + cmd + ["--mpi"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return json.loads(lines[0][len("RESULT "):])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    watch = TreeMemory(proc.pid) if tree else None
+    try:
+        stdout, stderr = proc.communicate(timeout=1800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sampled = watch.stop() if watch else {}
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout}\n{stderr}")
+    return dict(json.loads(lines[0][len("RESULT "):]), **sampled)
 
 
-def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: float, torch_: bool) -> dict:
+def summarize(name: str, patch: int, result: dict, threads, ranks, imports_mb: float, torch_: bool,
+              imports_pss_mb: float | None = None) -> dict:
     epochs = result["epochs"]
     cold = epochs[0]
     warm = epochs[1:] or epochs
     rate = statistics.median(e["patches"] / e["seconds"] for e in warm)
     amp_warm = [e["amplification"] for e in warm if e["amplification"] is not None]
     peak = sum(result.get("peak_rss_mb_per_rank") or [result["peak_rss_mb"]])
+    procs = ranks
+    data = peak - ranks * imports_mb
+    pss = result.get("tree_peak_pss_mb")
+    if result.get("tree_processes", 0) > ranks:
+        # Worker processes (TorchIO's DataLoader): peak is the tree's sampled RSS sum, which
+        # counts the libraries forked workers share with the parent once per process; data MB
+        # is the tree's PSS (shared pages split, so counted once in all) minus the PSS of the
+        # imports alone.
+        procs = result["tree_processes"]
+        peak = max(peak, result["tree_peak_rss_mb"])
+        data = pss - imports_pss_mb
+        imports_mb, procs_imports = imports_pss_mb, 1
+    else:
+        procs_imports = ranks
+    data_pss = None if pss is None or imports_pss_mb is None else pss - imports_pss_mb
     return {"method": name, "patch": patch, "threads": threads, "ranks": ranks, "torch": torch_,
+            "processes": procs, "pss_mb": pss, "data_pss_mb": data_pss,
             "patches_per_s": rate, "cold_patches_per_s": cold["patches"] / cold["seconds"],
             "mb_per_s": rate * patch**3 * 4 / 2**20,
             "amplification_cold": cold["amplification"],
             "amplification_warm": statistics.median(amp_warm) if amp_warm else None,
-            "peak_rss_mb": peak, "imports_mb": ranks * imports_mb, "data_mb": peak - ranks * imports_mb,
+            "peak_rss_mb": peak, "imports_mb": procs_imports * imports_mb, "data_mb": data,
             "cache_capacity_mb": result.get("cache_capacity_mb"), "modules": result.get("modules")}
 
 
@@ -416,7 +506,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefetch-extra", type=int, default=-1,
                    help="pbm prefetch_batches = threads + this; negative (default): the loader's own "
-                        "bound (threads + 1 batches, at most 32 MiB read ahead)")
+                        "bound (threads + 1 batches, at most 4 MiB read ahead)")
     p.add_argument("--local-window", type=int, default=0,
                    help="UniformSampler local_window for the pbm rows (0: random order) and one more "
                         "read-amplification row with the automatic cache in that order")
@@ -424,11 +514,15 @@ def main() -> int:
                    help="sleep this long per batch in the pbm and TorchIO loops (a training step, "
                         "so read-ahead queues fill up as in training; patches/s then include it)")
     p.add_argument("--prefetch-mb", type=float, default=-1,
-                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 32 MiB")
+                   help="pbm prefetch_bytes in MiB (read-ahead bound); negative (default): the loader's 4 MiB")
     p.add_argument("--cache-mb", type=float, default=-1,
                    help="pbm chunk cache in MiB; negative (default): the Volume's automatic sizing")
     p.add_argument("--upsample", type=int, default=1, help="repeat voxels to make a larger volume")
     p.add_argument("--no-torchio", action="store_true")
+    p.add_argument("--torchio-workers", type=int, nargs="+", default=[0],
+                   help="TorchIO Queue num_workers to run (0: subjects loaded in the training process, "
+                        "the xTIO reference; N > 0: N forked DataLoader workers, peak memory of the "
+                        "whole process tree)")
     p.add_argument("--no-codecs", action="store_true", help="skip the codec table")
     p.add_argument("--large-gb", type=float, default=0,
                    help="also convert and sample a synthetic volume of this many GiB (bounded memory)")
@@ -449,6 +543,7 @@ def main() -> int:
     p.add_argument("--augment", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--codec", default="blosc-zstd", help=argparse.SUPPRESS)
     p.add_argument("--modules", default="", help=argparse.SUPPRESS)
+    p.add_argument("--tio-workers", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
@@ -493,19 +588,29 @@ def main() -> int:
         out["amplification"] = _amplification(args, data)
         _print_amplification(out["amplification"])
         return _write(args.json, out)
-    imports = {k: run_child("baseline", data, modules=v)["peak_rss_mb"] for k, v in IMPORTS.items()}
+    base = {k: run_child("baseline", data, modules=v) for k, v in IMPORTS.items()}
+    imports = {k: v["peak_rss_mb"] for k, v in base.items()}
+    imports_pss = {k: v["pss_mb"] for k, v in base.items()}
+    out["imports_pss_mb"] = imports_pss
     imports["python+numpy"] = run_child("baseline", data, modules="numpy")["peak_rss_mb"]
     out["imports_rss_mb"] = imports
     print("peak RSS of the imports alone: " + ", ".join(f"{k} {v:.0f} MB" for k, v in imports.items()))
+    print("PSS of the imports alone (shared library pages split between processes): "
+          + ", ".join(f"{k} {v:.0f} MB" for k, v in imports_pss.items()))
     rows = []
     for patch in args.patch:
         samples = args.samples if patch <= 64 else max(8, args.samples // 2)
         common = dict(patch=patch, batch=args.batch, epochs=args.epochs, step_ms=args.step_ms,
                       local_window=args.local_window)
         if not args.no_torchio:
-            r = run_child("torchio", data, samples=samples, threads=1, **common)
-            rows.append(summarize("torchio Queue", patch, r, 1, 1, imports["torchio"], True))
-            print(_fmt(rows[-1]), flush=True)
+            for workers in args.torchio_workers:
+                # The whole process tree is sampled (RSS and PSS every 20 ms): with workers > 0
+                # TorchIO loads subjects in forked DataLoader processes.
+                r = run_child("torchio", data, samples=samples, threads=1, tio_workers=workers, tree=True,
+                              **common)
+                name = "torchio Queue" if workers == 0 else f"torchio Queue {workers}w"
+                rows.append(summarize(name, patch, r, workers, 1, imports["torchio"], True, imports_pss["torchio"]))
+                print(_fmt(rows[-1]), flush=True)
         r = run_child("nibabel", data, samples=args.nibabel_samples, threads=1, **dict(common, epochs=2))
         rows.append(summarize("nibabel full load", patch, r, 1, 1, imports["nibabel"], True))
         print(_fmt(rows[-1]), flush=True)
@@ -517,9 +622,9 @@ def main() -> int:
                 rows.append(summarize("pbm PatchLoader", patch, r, threads, ranks, imports["pbm"], False))
                 print(_fmt(rows[-1]), flush=True)
         # The same loader in a training process: torch imported, batches as tensors.
-        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1,
+        r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, torch=1, tree=True,
                       prefetch_extra=args.prefetch_extra, prefetch_mb=args.prefetch_mb, **common)
-        rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True))
+        rows.append(summarize("pbm +torch", patch, r, 2, 1, imports["pbm+torch"], True, imports_pss["pbm+torch"]))
         print(_fmt(rows[-1]), flush=True)
         # With every numba augmentation on (no torch): what numba and its LLVM add.
         r = run_child("pbm", data, samples=samples, threads=2, cache_mb=args.cache_mb, augment=1,
@@ -533,7 +638,7 @@ def main() -> int:
     add_torchio_ratios(rows)
     print()
     print(f"{'method':18} {'patch':>5} {'thr':>3} {'ranks':>5} {'patches/s':>10} {'cold p/s':>9} "
-          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'peak MB':>8} {'imports':>8} {'data MB':>8} "
+          f"{'MB/s':>8} {'amp cold':>9} {'amp warm':>9} {'procs':>5} {'peak MB':>8} {'PSS MB':>7} {'imports':>8} {'data MB':>8} "
           f"{'xTIO p/s':>8} {'xTIO pk':>8} {'xTIO dat':>8}")
     for row in rows:
         print(_fmt(row))
@@ -561,6 +666,18 @@ def main() -> int:
                       f"{t['peak_rss_mb'] / b['peak_rss_mb']:.2f}x its peak RSS ({t['peak_rss_mb']:.0f} MB); "
                       f"data beyond imports {t['data_mb']:.0f} vs {b['data_mb']:.0f} MB "
                       f"({t['data_vs_torchio']:.2f}x)")
+    for patch in args.patch:
+        with_torch = [r for r in rows if r["method"] == "pbm +torch" and r["patch"] == patch]
+        for b in [r for r in rows if r["method"].startswith("torchio Queue") and r["patch"] == patch]:
+            if not with_torch or b["method"] == "torchio Queue" and len(args.torchio_workers) == 1:
+                continue
+            t = with_torch[0]
+            print(f"{patch}^3: pbm +torch vs {b['method']} ({b['processes']} processes): "
+                  f"{t['patches_per_s'] / b['patches_per_s']:.2f}x patches/s, peak "
+                  f"{t['peak_rss_mb'] / b['peak_rss_mb']:.2f}x ({t['peak_rss_mb']:.0f} vs {b['peak_rss_mb']:.0f} MB), "
+                  f"PSS {t['pss_mb'] / b['pss_mb']:.2f}x ({t['pss_mb']:.0f} vs {b['pss_mb']:.0f} MB), data (PSS "
+                  f"above imports) {t['data_pss_mb'] / b['data_pss_mb']:.2f}x ({t['data_pss_mb']:.0f} vs "
+                  f"{b['data_pss_mb']:.0f} MB)")
     out.update(rows=rows, amplification=amp, codecs=codecs, load_average=os.getloadavg())
     return _write(args.json, out)
 
@@ -607,7 +724,8 @@ def _fmt(r: dict) -> str:
         return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0].lstrip(">")))
     return (f"{r['method']:18} {r['patch']:>5} {r['threads']:>3} {r['ranks']:>5} {r['patches_per_s']:>10.1f} "
             f"{r['cold_patches_per_s']:>9.1f} {r['mb_per_s']:>8.1f} {num(r['amplification_cold'], '>9.2f')} "
-            f"{num(r['amplification_warm'], '>9.2f')} {r['peak_rss_mb']:>8.0f} {r['imports_mb']:>8.0f} "
+            f"{num(r['amplification_warm'], '>9.2f')} {r.get('processes', r['ranks']):>5} {r['peak_rss_mb']:>8.0f} "
+            f"{num(r.get('pss_mb'), '>7.0f')} {r['imports_mb']:>8.0f} "
             f"{r['data_mb']:>8.0f} {num(r.get('speed_vs_torchio'), '>8.2f')} "
             f"{num(r.get('peak_vs_torchio'), '>8.2f')} {num(r.get('data_vs_torchio'), '>8.2f')}")
 

@@ -160,10 +160,11 @@ def test_kernels_match_numpy_references():
 
 def test_prefetch_depth_is_bounded_by_bytes_and_batches():
     mib = 2**20
-    # Defaults: threads + 1 batches, at most 32 MiB of them, at least one.
-    assert pbd.loader.DEFAULT_PREFETCH_BYTES == 32 * mib
-    assert pbd.loader.prefetch_depth(4 * mib, threads=2) == 3            # 64^3 float32, batch 4
-    assert pbd.loader.prefetch_depth(16 * mib, threads=2) == 2
+    # Defaults: threads + 1 batches, at most 4 MiB of them, at least one.
+    assert pbd.loader.DEFAULT_PREFETCH_BYTES == 4 * mib
+    assert pbd.loader.prefetch_depth(mib // 2, threads=2) == 3           # 32^3 float32, batch 4
+    assert pbd.loader.prefetch_depth(2 * mib, threads=2) == 2
+    assert pbd.loader.prefetch_depth(4 * mib, threads=2) == 1            # 64^3 float32, batch 4
     assert pbd.loader.prefetch_depth(32 * mib, threads=2) == 1           # 128^3 float32, batch 4
     assert pbd.loader.prefetch_depth(256 * mib, threads=2) == 1          # bigger than the budget
     assert pbd.loader.prefetch_depth(mib, threads=2, prefetch_bytes=3 * mib) == 3
@@ -178,7 +179,7 @@ def test_loader_reports_its_batch_bytes_and_depth(t1, gm):
     loader = pbd.PatchLoader({"image": t1, "label": gm}, sampler, 4, threads=2)
     # float32 image + uint8 label, batch 4 of 128^3
     assert loader.batch_bytes == 4 * 128**3 * (4 + 1)
-    assert loader.prefetch_depth == 1  # 40 MiB batches: more than 32 MiB, still one ahead
+    assert loader.prefetch_depth == 1  # 40 MiB batches: more than the bound, still one ahead
     small = pbd.UniformSampler(t1, (32, 32, 32), 8, seed=0, rank=0, world_size=1)
     assert pbd.PatchLoader(t1, small, 4, threads=2).prefetch_depth == 3
 
@@ -220,3 +221,25 @@ def test_a_slow_loop_never_has_more_than_the_prefetch_depth_read_ahead(t1, optio
     # just before the loop counts batch r-1 as received, hence <= depth).
     assert max(rec.lead) <= depth
     assert max(rec.lead) >= depth - 1  # it does read ahead that far
+
+
+def test_torch_batches_share_memory_with_the_buffers_the_threads_read_into(t1, monkeypatch):
+    # No copy between the prefetch threads and the training loop: each tensor is a view of
+    # the numpy array the samples were read into (torch.from_numpy), so a batch is resident once.
+    buffers = []
+    submit = pbd.PatchLoader._submit_batch
+
+    def recording(self, pool, lo, hi):
+        bufs, futures = submit(self, pool, lo, hi)
+        buffers.append(bufs)
+        return bufs, futures
+
+    monkeypatch.setattr(pbd.PatchLoader, "_submit_batch", recording)
+    sampler = pbd.UniformSampler(t1, (16, 16, 16), 12, seed=3, rank=0, world_size=1)
+    ref = load(nilearn_mni("t1")).astype(np.float32)
+    for k, batch in enumerate(pbd.PatchLoader(t1, sampler, 4, threads=2)):
+        image = batch["image"]
+        assert image.data_ptr() == buffers[k]["image"].__array_interface__["data"][0]
+        s0 = tuple(int(v) for v in batch["start"][0])
+        np.testing.assert_array_equal(image[0, 0].numpy(), ref[s0[0]:s0[0] + 16, s0[1]:s0[1] + 16, s0[2]:s0[2] + 16])
+    assert len(buffers) == 3

@@ -62,14 +62,37 @@ def test_read_amplification_counts_decoded_chunk_bytes_cold_and_warm(t1):
 
 def test_chunk_cache_stays_within_its_byte_budget_and_evicts_least_recent(t1):
     vol = pbd.Volume(t1, cache_bytes=3 * 32**3, threads=1)
-    for x in (0, 32, 64, 96):  # four distinct chunks into a three-chunk cache
-        vol.read_patch((x, 0, 0), (32, 32, 32))
+    for x in (0, 32, 64, 96):  # four distinct chunks (inside the head) into a three-chunk cache
+        vol.read_patch((x, 96, 64), (32, 32, 32))
         assert vol.cache_used_bytes <= 3 * 32**3
     vol.reset_counters()
-    vol.read_patch((96, 0, 0), (32, 32, 32))
+    vol.read_patch((96, 96, 64), (32, 32, 32))
     assert vol.chunk_hits == 1
-    vol.read_patch((0, 0, 0), (32, 32, 32))  # evicted first
+    vol.read_patch((0, 96, 64), (32, 32, 32))  # evicted first
     assert vol.chunk_misses == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_constant_chunks_are_cached_without_chunk_sized_memory_and_read_back_exactly(dtype):
+    # Background chunks (one repeated value) are held as one element: a 2-chunk cache keeps
+    # every constant chunk of the volume beside 2 real ones; -0.0 comes back as -0.0.
+    rng = np.random.default_rng(7)
+    data = np.zeros((64, 64, 96), dtype=dtype)
+    data[:32, :32, :32] = rng.integers(-50, 50, size=(32,) * 3)
+    data[32:, 32:, 64:] = rng.integers(-50, 50, size=(32,) * 3)
+    data[32:, :32, 32:64] = -0.0 if dtype == np.float32 else 5
+    src = os.path.join(scratch_dir(), f"const_{np.dtype(dtype).name}.npy")
+    np.save(src, data)
+    path = pbd.convert(src, src.replace(".npy", ".zarr"), chunks=(32, 32, 32), progress=False, overwrite=True)
+    chunk = 32**3 * np.dtype(dtype).itemsize
+    with pbd.Volume(path, cache_bytes=2 * chunk + 4096, threads=1) as vol:
+        np.testing.assert_array_equal(vol.read(), data)
+        assert vol.chunk_misses == 12
+        assert vol.cache_used_bytes < 2 * chunk + 4096
+        vol.reset_counters()
+        whole = vol.read()
+        assert vol.chunk_misses == 0 and vol.chunk_hits == 12  # every chunk stayed cached
+        assert whole.tobytes() == data.tobytes()  # bit for bit (signed zeros included)
 
 
 def test_levels_read_like_level_zero(t1):

@@ -4,9 +4,8 @@ Threads rather than processes: chunk decoding (Blosc/zstd) and the numba augment
 release the GIL, and threads share one chunk cache per :class:`Volume` instead of one copy
 of the data per worker process.
 
-Memory: the read-ahead is bounded in bytes (``prefetch_bytes``, default 32 MiB) as well as in
-batches (``threads + 1`` by default), so 128^3 patches do not hold four 32 MiB batches in
-flight. The threads share the samples of the batches in flight (one task per sample), so even
+Memory: the read-ahead is bounded in bytes (``prefetch_bytes``, default 4 MiB) as well as in
+batches (``threads + 1`` by default), so large batches are read one ahead, not four. The threads share the samples of the batches in flight (one task per sample), so even
 one batch ahead keeps every thread busy: the next batch is started the moment the loop takes
 one, and a loop slower than the loader never waits. Each batch is one preallocated numpy array per volume
 that the samples are read straight into; torch tensors wrap it (``torch.from_numpy``, no copy).
@@ -31,10 +30,13 @@ __all__ = ["PatchLoader"]
 _WIDEN = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 #: Default bound on the bytes of batches read ahead of the training loop (``prefetch_bytes``).
-#: 32 MiB: one 128^3 float32 batch of 4. Measured (benchmarks/patches.py, 2 threads, MNI152
-#: T1, 100 ms training step): 128^3 peak RSS 336 MB at depth 1 vs 372 at 2 and 432 with the
-#: former fixed 4 batches, patches/s within 3%.
-DEFAULT_PREFETCH_BYTES = 32 * 2**20
+#: 4 MiB: one 64^3 float32 batch of 4, so the usual batches are read one ahead (at least one
+#: always is). One batch ahead keeps every thread busy (one task per sample) and leaves the
+#: loop waiting only when the loader is slower than the loop anyway; each extra batch ahead is
+#: resident memory. Measured (benchmarks/patches.py, MNI152 T1 1 mm, 2 threads, torch
+#: imported): 64^3 data beyond imports 34 MB at depth 1 vs 42 at depth 3 (the former 32 MiB
+#: default), patches/s within noise (~1000); 128^3 batches (32 MiB) were already one ahead.
+DEFAULT_PREFETCH_BYTES = 4 * 2**20
 
 
 def prefetch_depth(batch_bytes: int, threads: int, prefetch_batches: int | None = None,
@@ -64,9 +66,9 @@ class PatchLoader:
         threads: prefetch threads; they share the samples of the batches in flight.
         prefetch_batches: batches read ahead at most. Given alone, exactly this many (as
             before); by default ``threads + 1``, further bounded by ``prefetch_bytes``.
-        prefetch_bytes: bytes of batches read ahead at most (default 32 MiB; at least one
-            batch is always read ahead). With the default, 64^3 float32 batches of 4 (4 MiB)
-            are read 3 ahead with 2 threads, 128^3 ones (32 MiB) 1 ahead. Resident batch
+        prefetch_bytes: bytes of batches read ahead at most (default 4 MiB; at least one
+            batch is always read ahead). With the default, 32^3 float32 batches of 4 (0.5 MiB)
+            are read 3 ahead with 2 threads, 64^3 and 128^3 ones 1 ahead. Resident batch
             memory is :attr:`prefetch_depth` + 2 batches: those read ahead, the one being
             handed out and the one the loop still holds.
         augment: an :class:`Augment` (applied per sample with the sample's seed) or None.

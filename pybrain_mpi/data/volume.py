@@ -30,12 +30,16 @@ __all__ = ["Volume", "chunks_touched", "auto_cache_bytes"]
 #: Automatic cache sizing (``Volume(cache_bytes=None)``): room for the chunks of this many
 #: patches of the largest size read so far ... (8, not 4: random 64^3 patches on 32^3 chunks
 #: of the 1 mm MNI152 T1 then re-read 0.36 decoded bytes per byte returned once warm, 1.5 with
-#: 4; 27 MiB of float32 chunks; ``benchmarks/patches.py --only-amplification``)
+#: 4, when every chunk was charged its full size; 27 MiB of float32 chunks. With constant
+#: chunks charged one element, 27 MiB holds the whole brain in 16 MiB: 0.03-0.08 warm;
+#: ``benchmarks/patches.py --only-amplification``)
 AUTO_CACHE_PATCHES = 8
 #: ... never more than this (the memory budget), nor more than the whole level ...
 AUTO_CACHE_BUDGET = 512 * 2**20
 #: ... and at least this much before the first patch (a few default 64^3 float32 chunks).
 AUTO_CACHE_FLOOR = 8 * 2**20
+#: Bookkeeping charged per cached chunk (a constant chunk holds one element).
+_ENTRY_BYTES = 256
 
 
 def chunks_touched(size: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> int:
@@ -60,6 +64,23 @@ def auto_cache_bytes(size: Sequence[int], chunks: Sequence[int], shape: Sequence
     return int(min(want, budget, grid * chunk_bytes))
 
 
+def _constant_view(block: np.ndarray) -> np.ndarray:
+    """``block`` itself, or, when every element has the same bit pattern (background air,
+    empty label chunks: 61% of the 32^3 chunks of the MNI152 T1), a read-only broadcast of
+    its first element that holds no chunk-sized memory. Bit patterns, not values, are compared
+    so -0.0 and NaN payloads come back exactly."""
+    bits = block.reshape(-1).view(np.dtype(f"u{block.dtype.itemsize}")) \
+        if block.dtype.itemsize in (1, 2, 4, 8) else None
+    if bits is None or not (bits == bits[0]).all():
+        return block
+    return np.broadcast_to(block.reshape(-1)[:1].copy().reshape((1,) * block.ndim), block.shape)
+
+
+def _held_bytes(block: np.ndarray) -> int:
+    """Memory a cached chunk holds: its bytes, or one element for a constant broadcast."""
+    return block.itemsize if block.ndim and not any(block.strides) else block.nbytes
+
+
 class _ChunkCache:
     """LRU cache of decoded chunks, bounded in bytes, with in-flight de-duplication so two
     threads asking for the same chunk decode it once."""
@@ -77,7 +98,7 @@ class _ChunkCache:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
-                return "hit", item
+                return "hit", item[0]
             fut = self._inflight.get(key)
             if fut is not None:
                 return "wait", fut
@@ -89,19 +110,23 @@ class _ChunkCache:
         """The cached value (marked recently used) or None."""
         with self._lock:
             item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
 
     def fulfil(self, key, value: np.ndarray | None, error: BaseException | None = None):
         with self._lock:
             fut = self._inflight.pop(key)
-            if error is None and value.nbytes <= self.capacity_bytes:
-                self._items[key] = value
-                self.used_bytes += value.nbytes
+            # Charged what it holds (plus a nominal entry cost), so constant chunks cost
+            # next to nothing and the capacity bounds real memory.
+            cost = _held_bytes(value) + _ENTRY_BYTES if error is None else 0
+            if error is None and cost <= self.capacity_bytes:
+                self._items[key] = (value, cost)
+                self.used_bytes += cost
                 while self.used_bytes > self.capacity_bytes:
-                    _, old = self._items.popitem(last=False)
-                    self.used_bytes -= old.nbytes
+                    _, (_, old_cost) = self._items.popitem(last=False)
+                    self.used_bytes -= old_cost
         if error is not None:
             fut.set_exception(error)
         else:
@@ -271,10 +296,13 @@ class Volume:
             chunks/patch -> 27 MiB for 8 patches; 128^3 -> 125 chunks -> 125 MiB. A fixed
             size for patches much larger than the cache thrashes (every patch re-reads its
             chunks). Re-use *across* random patches depends on the fraction of the volume
-            cached: random 64^3 patches, 32^3 chunks, warm read amplification 0.36 on the
-            1 mm MNI152 T1 (the automatic 27 MiB holds 64% of its chunks), but about 2.9 on
-            the same brain upsampled 2x (277 MiB: 10% cached). Pass ``cache_bytes`` (a good
-            part of the volume) where re-use matters more than memory.
+            cached: random 64^3 patches, 32^3 chunks, warm read amplification 0.03-0.08 on
+            the 1 mm MNI152 T1 (the automatic 27 MiB holds all its chunks in 16 MiB: constant
+            background chunks cost one element each), but about 2.9 on the same brain
+            upsampled 2x (277 MiB: 10% cached). Pass ``cache_bytes`` (a good part of the
+            volume) where re-use matters more than memory. The cache is charged what a chunk
+            holds: a chunk whose every element is one value (air, empty labels) is kept as a
+            one-element broadcast.
         cache_patches: patches' worth of chunks the automatic cache holds (default 8).
         cache_budget_bytes: upper bound of the automatic cache (default 512 MiB).
         threads: threads decoding the chunks of one patch in parallel (1 = in the caller).
@@ -466,16 +494,25 @@ class Volume:
                     "written with every chunk present; the copy is incomplete: copy it again "
                     "or re-run `pybrain-mpi convert`", self.path, key)
             # Zarr semantics: an absent chunk holds the fill value.
-            block = np.full(level.chunks, level.fill_value, dtype=level.dtype)
-            return block
+            # (a read-only broadcast: no chunk-sized memory in the cache).
+            return np.broadcast_to(np.full((1,) * len(level.chunks), level.fill_value, dtype=level.dtype),
+                                   level.chunks)
         try:
-            data = level.decoder(raw) if level.decoder is not None else raw
-            block = np.frombuffer(data, dtype=level.byte_dtype)
-            if block.size != int(np.prod(level.chunks)):
-                raise ValueError(f"decoded {block.size} elements, expected {int(np.prod(level.chunks))}")
+            count = int(np.prod(level.chunks))
+            if level.decoder is not None:
+                # Decoded straight into a fresh array: no intermediate bytes object (half the
+                # decode time, one allocation per chunk instead of two).
+                block = np.empty(count, dtype=level.byte_dtype)
+                level.decoder(raw, out=block)
+            else:
+                block = np.frombuffer(raw, dtype=level.byte_dtype)
+            if block.size != count:
+                raise ValueError(f"decoded {block.size} elements, expected {count}")
             block = block.reshape(level.chunks)
             if block.dtype != level.dtype:
                 block = block.astype(level.dtype)
+            if len(raw) * 64 < block.nbytes:  # compressed this well: maybe one repeated value
+                block = _constant_view(block)
         except Exception as err:
             raise ChunkError(
                 f"chunk {key} of store {self.path} is corrupt ({type(err).__name__}: {err}); "
