@@ -616,27 +616,12 @@ PBM_ALWAYS_INLINE void sum_inputs(float* __restrict acc, const float* const* in,
   }
 }
 
-PBM_MULTIVERSION uint32_t reduce_max_f32(float* out, const float* const* in, int inputs, size_t count,
-                                         const float* residual) {
-  alignas(64) float acc[kSumBlock];
-  uint32_t largest = 0;
-  for (size_t b = 0; b < count; b += kSumBlock) {
-    const size_t m = std::min(kSumBlock, count - b);
-    sum_inputs(acc, in, inputs, b, m);
-    float* __restrict dst = out + b;
-    const float* __restrict r = residual + b;
-    for (size_t i = 0; i < m; ++i) {
-      dst[i] = acc[i];
-      const uint32_t bits = float_to_bits(r[i] + acc[i]) & 0x7fffffffu;
-      largest = bits > largest ? bits : largest;
-    }
-  }
-  return largest;
-}
-
-PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_n_f32(const float* const* in, int inputs,
-                                                                size_t count, const float* residual,
-                                                                float* out) {
+// One pass over a block-summed node input: stores the sum (kWithResidual: residual + sum)
+// and returns (bits of max|residual + sum|, OR of the residual's bits without sign).
+template <bool kWithResidual>
+PBM_ALWAYS_INLINE std::pair<uint32_t, uint32_t> node_sum_pass(float* out, const float* const* in,
+                                                              int inputs, size_t count,
+                                                              const float* residual) {
   alignas(64) float acc[kSumBlock];
   uint32_t largest = 0, any = 0;
   for (size_t b = 0; b < count; b += kSumBlock) {
@@ -646,13 +631,24 @@ PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_n_f32(const float* con
     const float* __restrict r = residual + b;
     for (size_t i = 0; i < m; ++i) {
       const float v = r[i] + acc[i];
-      dst[i] = v;
+      dst[i] = kWithResidual ? v : acc[i];
       const uint32_t bits = float_to_bits(v) & 0x7fffffffu;
       largest = bits > largest ? bits : largest;
-      any |= float_to_bits(r[i]) & 0x7fffffffu;
+      if (kWithResidual) any |= float_to_bits(r[i]) & 0x7fffffffu;
     }
   }
   return {largest, any};
+}
+
+PBM_MULTIVERSION uint32_t reduce_max_f32(float* out, const float* const* in, int inputs, size_t count,
+                                         const float* residual) {
+  return node_sum_pass<false>(out, in, inputs, count, residual).first;
+}
+
+PBM_MULTIVERSION std::pair<uint32_t, uint32_t> accumulate_n_f32(const float* const* in, int inputs,
+                                                                size_t count, const float* residual,
+                                                                float* out) {
+  return node_sum_pass<true>(out, in, inputs, count, residual);
 }
 
 // The first element whose node sum or sum + residual is not finite, for the error.
