@@ -328,11 +328,10 @@ bool padding_is_zero(uint8_t byte, size_t used) {
   return used == 0 || byte / kPow3[used] == kZeroGroup / kPow3[used];
 }
 
-template <class Out, bool kAdd, bool kAlso = false>
+template <class Out, bool kAdd>
 PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, size_t count,
                                    typename Out::T* __restrict out, const DecodeTable& table,
-                                   const char* name, typename Out::T* __restrict out2 = nullptr,
-                                   size_t byte_base = 0, size_t group_base = 0) {
+                                   const char* name, size_t byte_base = 0, size_t group_base = 0) {
   // byte_base/group_base: where this piece starts in the whole body (error messages only).
   const size_t groups = threelc_groups(count);
   const size_t full_groups = count / 5;
@@ -358,21 +357,11 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<Out, Float32>) {
         for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o + i, _mm_load_ps(table.set[byte] + i));
-        if constexpr (kAlso) {
-          float* o2 = out2 + 5 * group;
-          for (size_t i = 0; i < 16; i += 4) _mm_storeu_ps(o2 + i, _mm_load_ps(table.set[byte] + i));
-        }
       } else
 #endif
-      {
-        for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
-        if constexpr (kAlso)
-          for (size_t i = 0; i < 16; ++i) out2[5 * group + i] = Out::store(table.set[byte][i]);
-      }
+      for (size_t i = 0; i < 16; ++i) o[i] = Out::store(table.set[byte][i]);
       const size_t run = table.advance[byte];
       for (size_t i = 16; i < 5 * run; ++i) o[i] = Out::store(0.f);
-      if constexpr (kAlso)
-        for (size_t i = 16; i < 5 * run; ++i) out2[5 * group + i] = Out::store(0.f);
     }
     group += table.advance[byte];
   }
@@ -388,8 +377,6 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
       if (!kAdd) {
         const size_t first = 5 * group, last = std::min(5 * (group + run), count);
         for (size_t i = first; i < last; ++i) out[i] = Out::store(0.f);
-        if constexpr (kAlso)
-          for (size_t i = first; i < last; ++i) out2[i] = Out::store(0.f);
       }
       group += run;
       continue;
@@ -408,8 +395,6 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
       for (size_t i = 0; i < used; ++i) {
         o[i] = kAdd ? Out::store(Out::load(o[i]) + table.add[byte][i]) : Out::store(table.set[byte][i]);
       }
-      if constexpr (kAlso)
-        for (size_t i = 0; i < used; ++i) out2[5 * group + i] = Out::store(table.set[byte][i]);
       ++group;
       continue;
     }
@@ -418,8 +403,6 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
     for (size_t i = 0; i < 5; ++i) {
       o[i] = kAdd ? Out::store(Out::load(o[i]) + values[i]) : Out::store(values[i]);
     }
-    if constexpr (kAlso)
-      for (size_t i = 0; i < 5; ++i) out2[5 * group + i] = Out::store(values[i]);
     ++group;
   }
   if (group != groups) {
@@ -436,10 +419,6 @@ PBM_MULTIVERSION void decode_add_f32(const uint8_t* in, size_t bytes, size_t cou
 PBM_MULTIVERSION void decode_set_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
                                      const DecodeTable& table, const char* name) {
   decode_impl<Float32, false>(in, bytes, count, out, table, name);
-}
-PBM_MULTIVERSION void decode_set_twice_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
-                                           float* out2, const DecodeTable& table, const char* name) {
-  decode_impl<Float32, false, true>(in, bytes, count, out, table, name, out2);
 }
 
 #if defined(__SSE2__)
@@ -489,13 +468,8 @@ PBM_MULTIVERSION void decode_set_stream_f32(const uint8_t* in, size_t bytes, siz
   // The rest (the last kMaxRun groups and the short one, or a malformed body) takes the
   // checked path. It starts on a byte and a group boundary, so it is a body of its own.
   const size_t done = 5 * group;
-  if (out2 != nullptr) {
-    decode_impl<Float32, false, true>(in + p, bytes - p, count - done, out + done, table, name,
-                                      out2 + done, p, group);
-  } else {
-    decode_impl<Float32, false>(in + p, bytes - p, count - done, out + done, table, name, nullptr, p,
-                                group);
-  }
+  decode_impl<Float32, false>(in + p, bytes - p, count - done, out + done, table, name, p, group);
+  if (out2 != nullptr) std::memcpy(out2 + done, out + done, (count - done) * sizeof(float));
 }
 #endif
 
@@ -520,14 +494,9 @@ void decode_dispatch(const uint8_t* in, size_t bytes, float scale, size_t count,
   }
 #endif
   if (!kAdd && also_out != nullptr && count > 0) {
-    if (out_dtype == DType::kFloat32) {
-      decode_set_twice_f32(in, bytes, count, static_cast<float*>(out), static_cast<float*>(also_out),
-                           table, name);
-    } else {
-      // 16-bit outputs are rare here (the hierarchical stage reduces float32): decode, copy.
-      decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
-      std::memcpy(also_out, out, count * dtype_size(out_dtype));
-    }
+    // Small or 16-bit outputs: decode, then copy while the result is still in cache.
+    decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
+    std::memcpy(also_out, out, count * dtype_size(out_dtype));
     return;
   }
   if (out_dtype == DType::kFloat32) {

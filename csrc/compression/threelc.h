@@ -74,8 +74,9 @@ void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t cou
                         DType out_dtype, const char* name = nullptr);
 
 // out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add. `also_out`
-// (may be null; same dtype) receives the same values from the same stores, which saves the
-// re-read a later copy would cost (the hierarchical allreduce writes a peer's buffer so).
+// (may be null; same dtype) receives the same values: for large float32 outputs from the
+// same streamed window (no re-read of `out`), otherwise copied while still in cache (the
+// hierarchical allreduce writes a node peer's buffer so).
 void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
                     DType out_dtype, const char* name = nullptr, void* also_out = nullptr);
 
