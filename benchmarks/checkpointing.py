@@ -21,7 +21,7 @@ Configurations:
                  so no full-resolution activation is kept: the layer that sets the peak; a
                  different model, shown for scale)
   tiled          the same model as plain: its full-resolution block (conv, ReLU, conv, ReLU,
-                 pool) runs as pbm.checkpointing.TiledSegment (--tile, 64^3 tiles, recomputed in
+                 pool) runs as pbm.models.recompute.TiledSegment (--tile, 64^3 tiles, recomputed in
                  backward, exact); sqrt checkpointing with in-place ReLU for the rest
 Step time = median over --steps steps after one warm-up step.
 """
@@ -55,7 +55,7 @@ def build_model(config: str):
         channels = width
     layers += [torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 2)]
     if config == "tiled":
-        from pybrain_mpi.checkpointing import TiledSegment
+        from pybrain_mpi.models.recompute import TiledSegment
 
         # an in-place ReLU inside a tile would be fine too; plain ones keep the block generic
         block = torch.nn.Sequential(*[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in layers[:5]])
@@ -74,7 +74,7 @@ def rss_kib(field: str) -> int:
 def child(config: str, size: int, batch: int, steps: int, model_name: str = "cnn") -> dict:
     import torch
 
-    from pybrain_mpi.checkpointing import checkpoint_sequential, segments_for_policy
+    from pybrain_mpi.models.recompute import checkpoint_sequential, segments_for_policy
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

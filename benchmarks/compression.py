@@ -9,7 +9,9 @@ quantization), and "dense", Student-t noise whose many nonzero trits are the slo
 Baselines in the same run: numpy `r += g` (one read-modify-write pass, what the error
 feedback step alone costs) and a float32 -> bfloat16 cast (Cast('bf16')).
 Times are medians; GB/s are given on thread CPU time (robust to other processes on a busy
-machine) and on wall time.
+machine) and on wall time. The codec calls are timed by the bench mode of the native test
+binary (tests/native/, built here with CMake or g++ from the core's sources): the same
+body-level functions the allreduce calls, with no Python call in between.
 
 Part 2, ratio: a 1D convolutional autoencoder trains on the voxel time series of nitime's
 real fMRI run (nitime/data/fmri1.nii.gz, 10x10x18 voxels x 40 volumes). Every step's
@@ -25,15 +27,19 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import pybrain_mpi  # noqa: F401
-from pybrain_mpi._native import _core
-from pybrain_mpi.compression import Cast, ThreeLC
+from pybrain_mpi.compression import ThreeLC
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "native"))
+from build_native_tests import build  # noqa: E402
 
 SIZES = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
 SPARSITIES = [1.0, 1.5, 1.9]
@@ -126,42 +132,31 @@ def throughput(gradients: list[np.ndarray], sizes: list[int], budget_s: float) -
     rows = []
     source = np.concatenate(gradients[len(gradients) // 2:])  # mid-training gradients
     rng = np.random.default_rng(0)
-    for size, kind in [(size, kind) for size in sizes for kind in ("fmri", "dense")]:
-        n = size // 4
-        if kind == "fmri":  # the real gradients, tiled: sparse once quantized (one M)
-            grad = np.resize(source, n).astype(np.float32)
-        else:  # heavy-tailed noise: many nonzero trits, the codec's slow case
-            grad = (rng.standard_t(3, n) * 1e-3).astype(np.float32)
-        residual = np.zeros(n, np.float32)
-        body = np.empty(_core.threelc_max_encoded_bytes(n), np.uint8)
-        out = np.zeros(n, np.float32)
-        bf16 = np.empty(n, np.uint16)
-        repeats = int(min(200, max(5, budget_s / max(size / 1e9, 1e-4))))
-        result = {"bytes": size, "input": kind, "repeats": repeats}
-        for sparsity in (1.0,):
-            def encode():
-                result["_body"] = _core.threelc_encode(grad.ctypes.data, 0, n, residual.ctypes.data,
-                                                       sparsity, body.ctypes.data, "")
-            encode()  # warm the residual, as in training
-            cpu, wall = timed(encode, repeats)
-            nbytes, scale = result.pop("_body")
-            result.update(encode_gbps=size / cpu / 1e9, encode_wall_gbps=size / wall / 1e9,
-                          ratio=size / (nbytes + 4))
-            for name, add in (("decode", False), ("decode_add", True)):
-                cpu, wall = timed(lambda: _core.threelc_decode(body.ctypes.data, nbytes, scale, n,
-                                                               out.ctypes.data, 0, add, ""), repeats)
+    binary = build()
+    with tempfile.TemporaryDirectory() as scratch:
+        for size, kind in [(size, kind) for size in sizes for kind in ("fmri", "dense")]:
+            n = size // 4
+            if kind == "fmri":  # the real gradients, tiled: sparse once quantized (one M)
+                grad = np.resize(source, n).astype(np.float32)
+            else:  # heavy-tailed noise: many nonzero trits, the codec's slow case
+                grad = (rng.standard_t(3, n) * 1e-3).astype(np.float32)
+            repeats = int(min(200, max(5, budget_s / max(size / 1e9, 1e-4))))
+            result = {"bytes": size, "input": kind, "repeats": repeats}
+            # 3LC encode (warm residual, s = 1), decode, decode-add and Cast('bf16'), one core
+            path = Path(scratch) / "grad.f32"
+            grad.tofile(path)
+            timing = json.loads(subprocess.run([str(binary), "bench", str(path), str(n), str(repeats)],
+                                               capture_output=True, text=True, check=True).stdout)
+            for name in ("encode", "decode", "decode_add", "cast_bf16"):
+                cpu, wall = timing[name]
                 result[f"{name}_gbps"] = size / cpu / 1e9
                 result[f"{name}_wall_gbps"] = size / wall / 1e9
-        cpu, wall = timed(lambda: np.add(residual, grad, out=residual), repeats)
-        result.update(numpy_add_gbps=size / cpu / 1e9, numpy_add_wall_gbps=size / wall / 1e9)
-        cast = Cast("bf16")
-        capacity = _core.payload_max_bytes(2, n, 0, 3)
-        cast_out = np.empty(capacity, np.uint8)
-        cpu, wall = timed(lambda: _core.cast_encode_payload(grad.ctypes.data, 0, n, 3, cast_out.ctypes.data,
-                                                            capacity, ""), repeats)
-        result.update(cast_bf16_gbps=size / cpu / 1e9, cast_bf16_wall_gbps=size / wall / 1e9)
-        del grad, residual, body, out, bf16, cast_out, cast
-        rows.append(result)
+            result["ratio"] = size / (timing["body_bytes"] + 4)
+            residual = np.zeros(n, np.float32)
+            cpu, wall = timed(lambda: np.add(residual, grad, out=residual), repeats)
+            result.update(numpy_add_gbps=size / cpu / 1e9, numpy_add_wall_gbps=size / wall / 1e9)
+            del grad, residual
+            rows.append(result)
     return rows
 
 

@@ -12,7 +12,7 @@ For each model, one process per rank (one thread each) runs interleaved steps of
 and reports median step times, samples/s per rank, weak-scaling efficiency 1 -> 2 ranks
 (samples/s per rank at 2 ranks / at 1 rank), pbm / pbm_nosync (how much communication was
 left exposed) and pbm / gloo. Models:
-  dca    DCA 1D conv autoencoder on 284-point series (REFERENCE.md, ~6.0M params)
+  dca    DCA 1D conv autoencoder on 284-point series (docs/background.md, ~6.0M params)
   cnn3d  NaiveCNN3D on 64^3 patches (1.3M params)
   mlp    EncodingMLP with 20,000 outputs (22M params: communication-heavy)
 """

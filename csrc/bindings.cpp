@@ -1,9 +1,13 @@
 // The only pybind11 file: exposes the native core to pybrain_mpi/ as `pybrain_mpi._core`.
 //
-// Buffers cross as (address, element count, dtype code); pybrain_mpi/communication/buffers.py
-// is the one place that turns tensors and arrays into those. Every call that can block
-// releases the GIL.
+// The core's codes cross as enums exported from here (DType, ReduceOp, Algorithm,
+// PayloadCodec, WireKind), so Python never mirrors them and an invalid value cannot reach
+// the core. Buffers cross as (address, element count, DType); pybrain_mpi/core/buffers.py
+// is the one place that turns tensors and arrays into those. An allreduce is one
+// AllreduceArgs object; how its values travel (Wire) is described by the compression
+// codec. Every call that can block releases the GIL.
 #include <mpi.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,9 +16,11 @@
 #include <string>
 
 #include "collectives/engine.h"
+#include "collectives/threelc_state.h"
 #include "common/errors.h"
 #include "compression/payload.h"
-#include "compression/threelc.h"
+#include "kernels/optimizers.h"
+#include "kernels/parallel.h"
 
 namespace py = pybind11;
 
@@ -47,162 +53,216 @@ int query_thread_level() {
   return level;
 }
 
-// Raises the Python exception class of pybrain_mpi.errors that matches a core failure.
-void raise_python(const char* class_name, const std::exception& error,
-                  const std::vector<int>* missing_ranks) {
+// Raises the Python exception class of pybrain_mpi.errors that matches a core failure;
+// `ranks` (may be null) becomes the attribute `ranks_attribute`.
+void raise_python(const char* class_name, const std::exception& error, const std::vector<int>* ranks,
+                  const char* ranks_attribute) {
   py::object errors = py::module_::import("pybrain_mpi.errors");
   py::object instance = errors.attr(class_name)(py::str(error.what()));
-  if (missing_ranks) instance.attr("missing_ranks") = py::cast(*missing_ranks);
+  if (ranks) instance.attr(ranks_attribute) = py::cast(*ranks);
   PyErr_SetObject(errors.attr(class_name).ptr(), instance.ptr());
 }
 
-pbm::CollectiveSpec make_spec(pbm::CollectiveKind kind, std::uintptr_t address, size_t count,
-                              int dtype, int op, int algorithm, int root, const std::string& name) {
-  pbm::CollectiveSpec spec;
-  spec.kind = kind;
-  spec.data = reinterpret_cast<void*>(address);
-  spec.count = count;
-  spec.dtype = static_cast<pbm::DType>(dtype);
-  pbm::dtype_size(spec.dtype);  // validates the code
-  spec.op = static_cast<pbm::ReduceOp>(op);
-  spec.algorithm = static_cast<pbm::Algorithm>(algorithm);
-  spec.root = root;
-  spec.name = name;
-  return spec;
+void translate_errors(std::exception_ptr pointer) {
+  try {
+    if (pointer) std::rethrow_exception(pointer);
+  } catch (const pbm::CollectiveTimeoutError& error) {
+    raise_python("CollectiveTimeout", error, &error.missing_ranks(), "missing_ranks");
+  } catch (const pbm::CollectiveMismatchError& error) {
+    raise_python("CollectiveMismatch", error, nullptr, nullptr);
+  } catch (const pbm::AgreedFailureError& error) {
+    raise_python("PbmError", error, &error.ranks(), "failed_ranks");
+  } catch (const pbm::PbmError& error) {
+    raise_python("PbmError", error, nullptr, nullptr);
+  }
 }
 
-// Runs a collective blocking (returns None) or queues it (returns the Operation).
-py::object start(pbm::Engine& engine, pbm::CollectiveSpec spec, bool async_op, double timeout_s) {
-  if (async_op) {
-    std::shared_ptr<pbm::Operation> op;
-    {
-      py::gil_scoped_release release;
-      op = engine.submit(std::move(spec));
-    }
-    return py::cast(op);
-  }
+template <typename T>
+T* pointer(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+const char* name_or_null(const std::string& name) { return name.empty() ? nullptr : name.c_str(); }
+
+// A numpy view of a state buffer that keeps the buffer alive (None for a missing buffer).
+py::object residual_view(std::shared_ptr<pbm::FloatBuffer> buffer) {
+  if (!buffer) return py::none();
+  auto* holder = new std::shared_ptr<pbm::FloatBuffer>(buffer);
+  py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<pbm::FloatBuffer>*>(p); });
+  return py::array_t<float>({buffer->size()}, {sizeof(float)}, buffer->data(), owner);
+}
+
+// Runs a collective blocking, or queues it and returns the Operation.
+void run_blocking(pbm::Engine& engine, pbm::CollectiveSpec spec, double timeout_s) {
   py::gil_scoped_release release;
   engine.run(std::move(spec), timeout_s);
-  return py::none();
+}
+
+std::shared_ptr<pbm::Operation> run_async(pbm::Engine& engine, pbm::CollectiveSpec spec) {
+  py::gil_scoped_release release;
+  return engine.submit(std::move(spec));
+}
+
+pbm::CollectiveSpec broadcast_spec(std::uintptr_t address, size_t count, pbm::DType dtype, int root,
+                                   const std::string& name) {
+  pbm::CollectiveSpec spec;
+  spec.kind = pbm::CollectiveKind::kBroadcast;
+  spec.args.data = pointer<void>(address);
+  spec.args.count = count;
+  spec.args.dtype = dtype;
+  spec.args.name = name;
+  spec.root = root;
+  return spec;
 }
 
 }  // namespace
 
-// Compression codecs (csrc/compression/): body-level 3LC for tests and benchmarks, and the
-// self-describing payloads behind pybrain_mpi.compression. Buffers cross as addresses.
-void bind_compression(py::module_& m) {
-  auto name_or_null = [](const std::string& name) { return name.empty() ? nullptr : name.c_str(); };
+// The codes of the core, one Python enum each (value names are the user-facing strings).
+void bind_enums(py::module_& m) {
+  py::enum_<pbm::DType>(m, "DType", "Element types of the core (csrc/common/dtype.h).")
+      .value("float32", pbm::DType::kFloat32)
+      .value("float64", pbm::DType::kFloat64)
+      .value("float16", pbm::DType::kFloat16)
+      .value("bfloat16", pbm::DType::kBFloat16)
+      .value("int32", pbm::DType::kInt32)
+      .value("int64", pbm::DType::kInt64)
+      .def_property_readonly("itemsize", [](pbm::DType d) { return pbm::dtype_size(d); })
+      .def_property_readonly("is_integer", [](pbm::DType d) { return pbm::is_integer(d); });
+  py::enum_<pbm::ReduceOp>(m, "ReduceOp", "Reduction ops of an allreduce.")
+      .value("sum", pbm::ReduceOp::kSum)
+      .value("avg", pbm::ReduceOp::kAvg)
+      .value("min", pbm::ReduceOp::kMin)
+      .value("max", pbm::ReduceOp::kMax);
+  py::enum_<pbm::Algorithm>(m, "Algorithm", "Allreduce algorithms a caller asks for.")
+      .value("ring", pbm::Algorithm::kRing)
+      .value("mpi", pbm::Algorithm::kMpi)
+      .value("shm", pbm::Algorithm::kShm)
+      .value("hierarchical", pbm::Algorithm::kHierarchical)
+      .value("auto", pbm::Algorithm::kAuto);
+  py::enum_<pbm::PayloadCodec>(m, "PayloadCodec", "Codec ids of self-describing payloads (payload.h).")
+      .value("NoCompression", pbm::PayloadCodec::kRaw)
+      .value("ThreeLC", pbm::PayloadCodec::kThreeLC)
+      .value("Cast", pbm::PayloadCodec::kCast);
+  py::enum_<pbm::WireKind>(m, "WireKind", "How an allreduce's values travel (allreduce.h).")
+      .value("plain", pbm::WireKind::kPlain)
+      .value("half", pbm::WireKind::kHalf)
+      .value("threelc", pbm::WireKind::kThreeLC);
+}
+
+// 3LC state and wire descriptions: what the compression codecs hand the core.
+void bind_wire(py::module_& m) {
+  using pbm::ResidualKind;
+  py::enum_<ResidualKind>(m, "ResidualKind", "The residual buffers of a ThreeLCState.")
+      .value("residual", ResidualKind::kResidual)
+      .value("owner_residual", ResidualKind::kOwner)
+      .value("hierarchical_residual", ResidualKind::kHierarchical)
+      .value("hierarchical_owner_residual", ResidualKind::kHierarchicalOwner);
+  py::class_<pbm::ThreeLCState, std::shared_ptr<pbm::ThreeLCState>>(
+      m, "ThreeLCState", "Error-feedback residuals of one tensor; laid out by the path that uses them.")
+      .def(py::init<size_t>(), py::arg("count"))
+      .def_property_readonly("count", &pbm::ThreeLCState::count)
+      .def("buffer", [](const pbm::ThreeLCState& s, ResidualKind kind) { return residual_view(s.buffer(kind)); },
+           py::arg("kind"), "A float32 view of a residual buffer, or None while its path has not run.")
+      .def(
+          "load",
+          [](pbm::ThreeLCState& s, ResidualKind kind, py::array_t<float, py::array::c_style | py::array::forcecast> data) {
+            s.load(kind, data.data(), static_cast<size_t>(data.size()));
+          },
+          py::arg("kind"), py::arg("data"), "Restores a saved residual buffer.")
+      .def("reset", &pbm::ThreeLCState::reset, "Zeroes the residual and drops every path's buffers.");
+  py::class_<pbm::Wire>(m, "Wire", "How an allreduce's values travel; made by a codec's wire().")
+      .def_static("plain", [] { return pbm::Wire{}; })
+      .def_static(
+          "half", [](pbm::DType dtype) { return pbm::Wire{pbm::WireKind::kHalf, dtype, 1.0f, nullptr}; },
+          py::arg("dtype"), "16-bit values on the wire (the caller casts the buffer to `dtype`).")
+      .def_static(
+          "threelc",
+          [](float sparsity, std::shared_ptr<pbm::ThreeLCState> state) {
+            return pbm::Wire{pbm::WireKind::kThreeLC, pbm::DType::kBFloat16, sparsity, std::move(state)};
+          },
+          py::arg("sparsity"), py::arg("state"), "The 3LC-compressed allreduce with this error-feedback state.")
+      .def_readonly("kind", &pbm::Wire::kind)
+      .def_readonly("half_dtype", &pbm::Wire::half_dtype)
+      .def_readonly("sparsity", &pbm::Wire::sparsity);
+}
+
+// Self-describing payloads behind pybrain_mpi.compression; a codec's wire names the codec.
+namespace {
+pbm::PayloadCodec payload_codec(const pbm::Wire& wire) {
+  switch (wire.kind) {
+    case pbm::WireKind::kPlain: return pbm::PayloadCodec::kRaw;
+    case pbm::WireKind::kHalf: return pbm::PayloadCodec::kCast;
+    case pbm::WireKind::kThreeLC: return pbm::PayloadCodec::kThreeLC;
+  }
+  return pbm::PayloadCodec::kRaw;
+}
+
+size_t encode_payload(const pbm::Wire& wire, std::uintptr_t address, size_t count, pbm::DType dtype,
+                      py::array_t<uint8_t, py::array::c_style> out, const std::string& name) {
+  uint8_t* into = out.mutable_data();
+  const size_t capacity = static_cast<size_t>(out.size());
+  const pbm::Elements grad{pointer<const void>(address), count, dtype};
+  py::gil_scoped_release release;
+  switch (wire.kind) {
+    case pbm::WireKind::kThreeLC: {
+      if (!wire.state || wire.state->count() != count) throw pbm::PbmError("3LC encode: the state belongs to another tensor");
+      float* residual = wire.state->buffer(pbm::ResidualKind::kResidual)->data();
+      return pbm::threelc_encode_payload(grad, residual, wire.sparsity, into, capacity, name_or_null(name));
+    }
+    case pbm::WireKind::kHalf:
+      return pbm::cast_encode_payload(grad, wire.half_dtype, into, capacity, name_or_null(name));
+    case pbm::WireKind::kPlain:
+      break;
+  }
+  return pbm::raw_encode_payload(grad, into, capacity, name_or_null(name));
+}
+}  // namespace
+
+void bind_payloads(py::module_& m) {
   m.attr("PAYLOAD_HEADER_BYTES") = pbm::kPayloadHeaderBytes;
-  m.def("threelc_max_encoded_bytes", &pbm::threelc_max_encoded_bytes, py::arg("count"),
-        "Upper bound of a 3LC body for `count` elements (one byte per 5 elements).");
-  m.def(
-      "threelc_encode",
-      [=](std::uintptr_t grad, int dtype, size_t count, std::uintptr_t residual, float sparsity,
-          std::uintptr_t out, const std::string& name) {
-        py::gil_scoped_release release;
-        const pbm::ThreeLCEncoded encoded = pbm::threelc_encode(
-            reinterpret_cast<const void*>(grad), static_cast<pbm::DType>(dtype), count,
-            reinterpret_cast<float*>(residual), sparsity, reinterpret_cast<uint8_t*>(out),
-            name_or_null(name));
-        return std::make_pair(encoded.bytes, encoded.scale);
-      },
-      py::arg("grad"), py::arg("dtype"), py::arg("count"), py::arg("residual"),
-      py::arg("sparsity"), py::arg("out"), py::arg("name") = "",
-      "3LC body encode (no header); returns (body bytes, scale M).");
-  m.def(
-      "threelc_decode",
-      [=](std::uintptr_t in, size_t bytes, float scale, size_t count, std::uintptr_t out,
-          int out_dtype, bool add, const std::string& name) {
-        py::gil_scoped_release release;
-        auto* body = reinterpret_cast<const uint8_t*>(in);
-        if (add) {
-          pbm::threelc_decode_add(body, bytes, scale, count, reinterpret_cast<void*>(out),
-                                  static_cast<pbm::DType>(out_dtype), name_or_null(name));
-        } else {
-          pbm::threelc_decode(body, bytes, scale, count, reinterpret_cast<void*>(out),
-                              static_cast<pbm::DType>(out_dtype), name_or_null(name));
-        }
-      },
-      py::arg("body"), py::arg("bytes"), py::arg("scale"), py::arg("count"), py::arg("out"),
-      py::arg("out_dtype"), py::arg("add"), py::arg("name") = "",
-      "3LC body decode into out (overwrite, or add with add=True).");
   m.def(
       "payload_max_bytes",
-      [](int codec, size_t count, int dtype, int wire_dtype) {
-        return pbm::payload_max_bytes(static_cast<pbm::PayloadCodec>(codec), count,
-                                      static_cast<pbm::DType>(dtype),
-                                      static_cast<pbm::DType>(wire_dtype));
+      [](const pbm::Wire& wire, size_t count, pbm::DType dtype) {
+        const pbm::DType body = wire.kind == pbm::WireKind::kHalf ? wire.half_dtype : dtype;
+        return pbm::payload_max_bytes(payload_codec(wire), count, dtype, body);
       },
-      py::arg("codec"), py::arg("count"), py::arg("dtype"), py::arg("wire_dtype"));
-  m.def(
-      "threelc_encode_payload",
-      [=](std::uintptr_t grad, int dtype, size_t count, std::uintptr_t residual, float sparsity,
-          std::uintptr_t out, size_t capacity, const std::string& name) {
-        py::gil_scoped_release release;
-        return pbm::threelc_encode_payload(
-            reinterpret_cast<const void*>(grad), static_cast<pbm::DType>(dtype), count,
-            reinterpret_cast<float*>(residual), sparsity, reinterpret_cast<uint8_t*>(out),
-            capacity, name_or_null(name));
-      },
-      py::arg("grad"), py::arg("dtype"), py::arg("count"), py::arg("residual"),
-      py::arg("sparsity"), py::arg("out"), py::arg("capacity"), py::arg("name") = "");
-  m.def(
-      "cast_encode_payload",
-      [=](std::uintptr_t in, int dtype, size_t count, int wire_dtype, std::uintptr_t out,
-          size_t capacity, const std::string& name) {
-        py::gil_scoped_release release;
-        return pbm::cast_encode_payload(reinterpret_cast<const void*>(in),
-                                        static_cast<pbm::DType>(dtype), count,
-                                        static_cast<pbm::DType>(wire_dtype),
-                                        reinterpret_cast<uint8_t*>(out), capacity,
-                                        name_or_null(name));
-      },
-      py::arg("data"), py::arg("dtype"), py::arg("count"), py::arg("wire_dtype"), py::arg("out"),
-      py::arg("capacity"), py::arg("name") = "");
-  m.def(
-      "raw_encode_payload",
-      [=](std::uintptr_t in, int dtype, size_t count, std::uintptr_t out, size_t capacity,
-          const std::string& name) {
-        py::gil_scoped_release release;
-        return pbm::raw_encode_payload(reinterpret_cast<const void*>(in),
-                                       static_cast<pbm::DType>(dtype), count,
-                                       reinterpret_cast<uint8_t*>(out), capacity,
-                                       name_or_null(name));
-      },
-      py::arg("data"), py::arg("dtype"), py::arg("count"), py::arg("out"), py::arg("capacity"),
-      py::arg("name") = "");
+      py::arg("wire"), py::arg("count"), py::arg("dtype"), "Largest payload (header included) of an encode.");
+  m.def("encode_payload", &encode_payload, py::arg("wire"), py::arg("address"), py::arg("count"),
+        py::arg("dtype"), py::arg("out"), py::arg("name") = "",
+        "Writes the payload of `wire`'s codec into `out` (uint8) and returns its length.");
   m.def(
       "read_payload_header",
-      [=](std::uintptr_t in, size_t bytes, const std::string& name) {
+      [](py::array_t<uint8_t, py::array::c_style> payload, const std::string& name) {
         const pbm::PayloadHeader header =
-            pbm::read_payload_header(reinterpret_cast<const uint8_t*>(in), bytes, name_or_null(name));
+            pbm::read_payload_header(payload.data(), static_cast<size_t>(payload.size()), name_or_null(name));
         py::dict info;
-        info["codec"] = static_cast<int>(header.codec);
-        info["dtype"] = static_cast<int>(header.dtype);
-        info["wire_dtype"] = static_cast<int>(header.wire_dtype);
+        info["codec"] = header.codec;
+        info["dtype"] = header.dtype;
+        info["wire_dtype"] = header.wire_dtype;
         info["count"] = header.count;
         info["scale"] = header.scale;
         info["body_bytes"] = header.body_bytes;
         return info;
       },
-      py::arg("payload"), py::arg("bytes"), py::arg("name") = "",
+      py::arg("payload"), py::arg("name") = "",
       "Validates a payload (header, length, checksum) and returns its header fields.");
   m.def(
       "decode_payload",
-      [=](std::uintptr_t in, size_t bytes, std::uintptr_t out, size_t count, int out_dtype,
-          bool add, const std::string& name) {
+      [](py::array_t<uint8_t, py::array::c_style> payload, std::uintptr_t out, size_t count, pbm::DType out_dtype,
+         bool add, const std::string& name) {
+        const uint8_t* in = payload.data();
+        const size_t bytes = static_cast<size_t>(payload.size());
         py::gil_scoped_release release;
-        pbm::decode_payload(reinterpret_cast<const uint8_t*>(in), bytes,
-                            reinterpret_cast<void*>(out), count,
-                            static_cast<pbm::DType>(out_dtype), add, name_or_null(name));
+        pbm::decode_payload(in, bytes, pbm::MutableElements{pointer<void>(out), count, out_dtype}, add,
+                            name_or_null(name));
       },
-      py::arg("payload"), py::arg("bytes"), py::arg("out"), py::arg("count"), py::arg("out_dtype"),
-      py::arg("add"), py::arg("name") = "");
+      py::arg("payload"), py::arg("out"), py::arg("count"), py::arg("out_dtype"), py::arg("add"),
+      py::arg("name") = "", "Decodes a payload into `out` (overwrite, or add with add=True).");
 }
+// Kernels: fused optimizer updates and loss-scaling checks (pybrain_mpi/optim/). Their
+// argument lists are torch.optim's hyperparameters, as pybrain_mpi/optim/fused.py passes them.
 
-// ---- kernels: fused optimizer updates and loss-scaling checks (pybrain_mpi/optim.py, amp.py)
-#include "kernels/optimizers.h"
-#include "kernels/parallel.h"
+
 
 void bind_kernels(py::module_& m) {
   auto f32 = [](std::uintptr_t address) { return reinterpret_cast<float*>(address); };
@@ -220,13 +280,13 @@ void bind_kernels(py::module_& m) {
       "One read of a float32 buffer: (sum of (grad*scale)^2 in float64, all finite).");
   m.def(
       "unscale_and_check",
-      [](std::uintptr_t grad, size_t count, int dtype, double scale, int num_threads) {
+      [](std::uintptr_t grad, size_t count, pbm::DType dtype, double scale, int num_threads) {
         py::gil_scoped_release release;
-        if (static_cast<pbm::DType>(dtype) == pbm::DType::kFloat64)
+        if (dtype == pbm::DType::kFloat64)
           return pbm::unscale_and_check(reinterpret_cast<double*>(grad), count, scale, num_threads);
-        if (static_cast<pbm::DType>(dtype) != pbm::DType::kFloat32)
+        if (dtype != pbm::DType::kFloat32)
           throw pbm::PbmError(std::string("unscale_and_check takes float32 or float64 gradients, not ") +
-                              pbm::dtype_name(static_cast<pbm::DType>(dtype)));
+                              pbm::dtype_name(dtype));
         return pbm::unscale_and_check(reinterpret_cast<float*>(grad), count,
                                       static_cast<float>(scale), num_threads);
       },
@@ -255,7 +315,7 @@ void bind_kernels(py::module_& m) {
         py::gil_scoped_release release;
         const pbm::AdamParams p{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                                 amsgrad, step, static_cast<float>(grad_scale)};
-        pbm::adam_step(f32(param), f32(grad), f32(exp_avg), f32(exp_avg_sq), f32(max_exp_avg_sq),
+        pbm::adam_step(f32(param), f32(grad), pbm::AdamMoments{f32(exp_avg), f32(exp_avg_sq), f32(max_exp_avg_sq)},
                        count, p, num_threads);
       },
       py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
@@ -279,9 +339,8 @@ void bind_kernels(py::module_& m) {
       "Fused torch.optim.Adagrad update over flat float32 buffers.");
 }
 
-// Shared-memory node stage (csrc/collectives/shm_allreduce.*): methods added to Engine.
-void bind_shm(py::module_& m) {
-  auto engine = py::reinterpret_borrow<py::class_<pbm::Engine>>(m.attr("Engine"));
+// Shared-memory node stage (csrc/collectives/node_stage.h): methods added to Engine.
+void bind_node_stage(py::class_<pbm::Engine>& engine) {
   auto node = [](pbm::Engine& e) -> pbm::NodeStage& {
     if (!e.node()) throw pbm::PbmError("the shared-memory node stage is not set up (pybrain_mpi.init() does it)");
     return *e.node();
@@ -300,15 +359,15 @@ void bind_shm(py::module_& m) {
           [node](pbm::Engine& e, size_t bytes) {
             pbm::NodeStage& stage = node(e);
             py::gil_scoped_release release;
-            return reinterpret_cast<std::uintptr_t>(stage.shared_alloc(bytes));
+            return reinterpret_cast<std::uintptr_t>(stage.pool().alloc(bytes));
           },
           py::arg("bytes"), "Address of `bytes` in this rank's shared pool segment; collective over the node.")
-      .def("shared_reset", [node](pbm::Engine& e) { node(e).shared_reset(); },
+      .def("shared_reset", [node](pbm::Engine& e) { node(e).pool().reset(); },
            "Makes all pool memory reusable (earlier shared buffers then alias new ones).")
       .def_property_readonly("shm_bytes", &pbm::Engine::shm_bytes)
       .def_property(
-          "shm_min_bytes", [](pbm::Engine& e) { return e.shm_min_bytes; },
-          [](pbm::Engine& e, size_t bytes) { e.shm_min_bytes = bytes; })
+          "shm_min_bytes", [](pbm::Engine& e) { return e.algorithms().shm_min_bytes; },
+          [](pbm::Engine& e, size_t bytes) { e.algorithms().shm_min_bytes = bytes; })
       .def_property(
           "shm_chunk_bytes", [node](pbm::Engine& e) { return node(e).chunk_bytes; },
           [node](pbm::Engine& e, size_t bytes) { node(e).chunk_bytes = std::max<size_t>(bytes, 4096); })
@@ -320,53 +379,37 @@ void bind_shm(py::module_& m) {
             layout["local_rank"] = stage.local_rank();
             layout["local_size"] = stage.local_size();
             layout["node_count"] = stage.node_count();
-            layout["slices"] = stage.max_local_size();
+            layout["slices"] = stage.slices();
             layout["node_world_ranks"] = stage.node_world_ranks();
             return layout;
           },
-          "The node stage's view of the topology.")
-      .def(
-          "resolve_algorithm",
-          [](pbm::Engine& e, int algorithm, size_t bytes) {
-            return static_cast<int>(e.resolve_algorithm(static_cast<pbm::Algorithm>(algorithm), bytes));
-          },
-          py::arg("algorithm"), py::arg("bytes"), "The algorithm code an allreduce of `bytes` runs as.")
-      .def(
-          "threelc_state_sizes",
-          [node](pbm::Engine& e, size_t count, int dtype) {
-            pbm::NodeStage& stage = node(e);
-            const auto type = static_cast<pbm::DType>(dtype);
-            return py::make_tuple(stage.owned_elements(count, type),
-                                  stage.owner_residual_elements(count, type));
-          },
-          py::arg("count"), py::arg("dtype"),
-          "(first-stage, second-stage) residual elements of a compressed hierarchical allreduce.");
+          "The node stage's view of the topology.");
 }
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
+// One allreduce call, as Python describes it (the engine resolves the rest).
+void bind_allreduce_args(py::module_& m) {
+  py::class_<pbm::AllreduceArgs>(m, "AllreduceArgs", "One allreduce: buffer, op, algorithm and wire.")
+      .def(py::init([](std::uintptr_t address, size_t count, pbm::DType dtype, pbm::ReduceOp op,
+                       pbm::Algorithm algorithm, std::string name) {
+             pbm::AllreduceArgs args;
+             args.data = pointer<void>(address);
+             args.count = count;
+             args.dtype = dtype;
+             args.op = op;
+             args.algorithm = algorithm;
+             args.name = std::move(name);
+             return args;
+           }),
+           py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("algorithm"),
+           py::arg("name") = "")
+      .def_readwrite("wire", &pbm::AllreduceArgs::wire, "How the values travel (default: plain).")
+      .def_readwrite("check_finite", &pbm::AllreduceArgs::check_finite,
+                     "Have the Operation report finite() of the result.")
+      .def_property_readonly("count", [](const pbm::AllreduceArgs& a) { return a.count; })
+      .def_property_readonly("dtype", [](const pbm::AllreduceArgs& a) { return a.dtype; });
+}
 
-  py::register_exception_translator([](std::exception_ptr pointer) {
-    try {
-      if (pointer) std::rethrow_exception(pointer);
-    } catch (const pbm::CollectiveTimeoutError& error) {
-      raise_python("CollectiveTimeout", error, &error.missing_ranks());
-    } catch (const pbm::CollectiveMismatchError& error) {
-      raise_python("CollectiveMismatch", error, nullptr);
-    } catch (const pbm::PbmError& error) {
-      raise_python("PbmError", error, nullptr);
-    }
-  });
-
-  m.def("compiled_mpi_vendor", &compiled_mpi_vendor,
-        "MPI implementation (and version) whose mpi.h this extension was compiled against.");
-  m.def("mpi_library_version", &runtime_mpi_library_version,
-        "MPI_Get_library_version() of the MPI library loaded in this process.");
-  m.def("query_thread_level", &query_thread_level,
-        "MPI_Query_thread(): the thread support level MPI was initialized with.");
-  m.attr("MPI_THREAD_MULTIPLE") = static_cast<int>(MPI_THREAD_MULTIPLE);
-  m.attr("MAX_INLINE_PAYLOAD_BYTES") = pbm::kMaxInlinePayloadBytes;
-
+void bind_engine(py::module_& m) {
   py::class_<pbm::Operation, std::shared_ptr<pbm::Operation>>(
       m, "Operation", "A queued collective; pybrain_mpi.Handle wraps it.")
       .def(
@@ -384,7 +427,8 @@ PYBIND11_MODULE(_core, m) {
       .def("phase", [](pbm::Operation& op) { return op.status().phase(); })
       .def("waiting_for", [](pbm::Operation& op) { return op.status().waiting_for(); });
 
-  py::class_<pbm::Engine>(m, "Engine", "Owns the duplicated communicator and progress thread.")
+  py::class_<pbm::Engine> engine(m, "Engine", "Owns the duplicated communicator and progress thread.");
+  engine
       .def(py::init([](int64_t fortran_comm, double timeout_s, bool progress_thread) {
              MPI_Comm comm = MPI_Comm_f2c(static_cast<MPI_Fint>(fortran_comm));
              py::gil_scoped_release release;
@@ -396,61 +440,68 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("bytes_sent", &pbm::Engine::bytes_sent)
       .def_property_readonly("timeout_s", &pbm::Engine::timeout_s)
       .def_property(
-          "ring_chunk_bytes", [](pbm::Engine& e) { return e.ring().chunk_bytes; },
-          [](pbm::Engine& e, size_t bytes) { e.ring().chunk_bytes = bytes; })
+          "ring_chunk_bytes", [](pbm::Engine& e) { return e.algorithms().ring().chunk_bytes; },
+          [](pbm::Engine& e, size_t bytes) { e.algorithms().ring().chunk_bytes = bytes; })
       .def_property(
-          "ring_window", [](pbm::Engine& e) { return e.ring().window; },
-          [](pbm::Engine& e, int window) { e.ring().window = window; })
+          "ring_window", [](pbm::Engine& e) { return e.algorithms().ring().window; },
+          [](pbm::Engine& e, int window) { e.algorithms().ring().window = window; })
       .def(
           "allreduce",
-          [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int op,
-             int algorithm, const std::string& name, bool async_op, double timeout_s,
-             float sparsity, std::uintptr_t residual, std::uintptr_t owner_residual,
-             bool half_wire, bool check_finite) {
-            pbm::CollectiveSpec spec = make_spec(pbm::CollectiveKind::kAllreduce, address, count,
-                                                 dtype, op, algorithm, 0, name);
-            spec.half_wire = half_wire;
-            spec.check_finite = check_finite;
-            if (sparsity > 0) {
-              spec.threelc = true;
-              spec.sparsity = sparsity;
-              spec.residual = reinterpret_cast<float*>(residual);
-              spec.owner_residual = reinterpret_cast<float*>(owner_residual);
-            }
-            return start(engine, std::move(spec), async_op, timeout_s);
+          [](pbm::Engine& e, const pbm::AllreduceArgs& args, double timeout_s) {
+            run_blocking(e, pbm::CollectiveSpec{pbm::CollectiveKind::kAllreduce, args, 0}, timeout_s);
           },
-          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("op"),
-          py::arg("algorithm"), py::arg("name"), py::arg("async_op"), py::arg("timeout_s"),
-          py::arg("sparsity") = 0.0f, py::arg("residual") = 0, py::arg("owner_residual") = 0,
-          py::arg("half_wire") = false, py::arg("check_finite") = false,
-          "Allreduce; sparsity > 0 selects the two-stage 3LC-compressed algorithm; check_finite "
-          "makes the returned Operation report finite().")
+          py::arg("args"), py::arg("timeout_s"), "Runs an allreduce; returns when it is done on this rank.")
+      .def(
+          "allreduce_async",
+          [](pbm::Engine& e, const pbm::AllreduceArgs& args) {
+            return run_async(e, pbm::CollectiveSpec{pbm::CollectiveKind::kAllreduce, args, 0});
+          },
+          py::arg("args"), "Queues an allreduce for the progress thread; returns its Operation.")
       .def(
           "broadcast",
-          [](pbm::Engine& engine, std::uintptr_t address, size_t count, int dtype, int root,
-             const std::string& name, bool async_op, double timeout_s) {
-            return start(engine,
-                         make_spec(pbm::CollectiveKind::kBroadcast, address, count, dtype, 0, 0,
-                                   root, name),
-                         async_op, timeout_s);
-          },
+          [](pbm::Engine& e, std::uintptr_t address, size_t count, pbm::DType dtype, int root, const std::string& name,
+             double timeout_s) { run_blocking(e, broadcast_spec(address, count, dtype, root, name), timeout_s); },
           py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("name"),
-          py::arg("async_op"), py::arg("timeout_s"))
+          py::arg("timeout_s"))
+      .def(
+          "broadcast_async",
+          [](pbm::Engine& e, std::uintptr_t address, size_t count, pbm::DType dtype, int root, const std::string& name) {
+            return run_async(e, broadcast_spec(address, count, dtype, root, name));
+          },
+          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("name"))
       .def(
           "barrier",
-          [](pbm::Engine& engine, double timeout_s) {
-            return start(engine, make_spec(pbm::CollectiveKind::kBarrier, 0, 0, 0, 0, 0, 0, ""),
-                         false, timeout_s);
+          [](pbm::Engine& e, double timeout_s) {
+            pbm::CollectiveSpec spec;
+            spec.kind = pbm::CollectiveKind::kBarrier;
+            run_blocking(e, std::move(spec), timeout_s);
           },
           py::arg("timeout_s"))
       .def(
           "shutdown",
-          [](pbm::Engine& engine) {
+          [](pbm::Engine& e) {
             py::gil_scoped_release release;
-            engine.shutdown();
+            e.shutdown();
           },
           "Stops the progress thread; queued collectives fail, a stuck one is aborted.");
-  bind_compression(m);
+  bind_node_stage(engine);
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
+  py::register_exception_translator(&translate_errors);
+  m.def("compiled_mpi_vendor", &compiled_mpi_vendor,
+        "MPI implementation (and version) whose mpi.h this extension was compiled against.");
+  m.def("mpi_library_version", &runtime_mpi_library_version,
+        "MPI_Get_library_version() of the MPI library loaded in this process.");
+  m.def("query_thread_level", &query_thread_level,
+        "MPI_Query_thread(): the thread support level MPI was initialized with.");
+  m.attr("MPI_THREAD_MULTIPLE") = static_cast<int>(MPI_THREAD_MULTIPLE);
+  m.attr("MAX_INLINE_PAYLOAD_BYTES") = pbm::kMaxInlinePayloadBytes;
+  bind_enums(m);
+  bind_wire(m);
+  bind_allreduce_args(m);
+  bind_engine(m);
+  bind_payloads(m);
   bind_kernels(m);
-  bind_shm(m);
 }

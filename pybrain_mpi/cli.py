@@ -2,6 +2,9 @@
 
     pybrain-mpi info                         versions, MPI thread level, ranks/nodes, build
     pybrain-mpi train CONFIG [--resume] [--timeline trace.json] [--steps N] [--set k=v ...]
+    pybrain-mpi predict CONFIG --checkpoint C --input IMG|MANIFEST --output OUT [--png P]
+    pybrain-mpi convert IN OUT.zarr [--chunks ...] [--shard ...]
+    pybrain-mpi config [--keys | CONFIG]     every config key, or a config resolved
     pybrain-mpi bench [NAME [ARGS...]]       list the benchmarks, or run one
     pybrain-mpi <command> --help
 
@@ -28,7 +31,12 @@ def _under_mpi_launcher() -> bool:
 
 
 # ------------------------------------------------------------------------------------ info
-def _info(_args: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
+    from .communication import launcher
+
+    if args.pmi:  # for scripts (slurm/*.sbatch): no MPI initialization, nothing else printed
+        print(launcher.srun_mpi_plugin())
+        return 0
     import platform
     import socket
 
@@ -39,7 +47,7 @@ def _info(_args: argparse.Namespace) -> int:
     import pybrain_mpi as pbm
 
     from . import __version__
-    from ._native import _core
+    from .core.library import _core
 
     pbm.init()
     hosts = pbm.comm().allgather(socket.gethostname())
@@ -54,7 +62,8 @@ def _info(_args: argparse.Namespace) -> int:
     if build_info is not None:
         for key, value in dict(build_info()).items():
             print(f"  build {key}: {value}")
-    print(f"MPI library loaded: {_core.mpi_library_version().strip().splitlines()[0]}")
+    # Open MPI pads its version string with NULs
+    print(f"MPI library loaded: {_core.mpi_library_version().replace(chr(0), '').strip().splitlines()[0]}")
     try:
         import mpi4py
 
@@ -72,7 +81,12 @@ def _info(_args: argparse.Namespace) -> int:
     print(f"topology: {pbm.size()} rank(s) on {len(nodes)} node(s)")
     for host, ranks in nodes.items():
         print(f"  {host}: ranks {_ranges(ranks)}")
-    if not _under_mpi_launcher():
+    launch = launcher.detect()
+    print(f"launcher: {launch.describe()}")
+    print(f"PMI: {launch.pmi}")
+    print(f"srun --mpi for this build: {launcher.srun_mpi_plugin()} (`pybrain-mpi info --pmi`; "
+          "PBM_SRUN_MPI overrides)")
+    if launch.launcher == "none" and not _under_mpi_launcher():
         print("  (a single process; run `mpiexec -n N pybrain-mpi info` to see a launched world)")
     print(f"torch threads per rank: {torch.get_num_threads()}, cores: {os.cpu_count()}")
     pbm.shutdown()
@@ -137,7 +151,11 @@ def apply_overrides(text: str, overrides: list[str]) -> str:
     return text
 
 
-def _train(args: argparse.Namespace) -> int:
+def _start(command: str, args: argparse.Namespace):
+    """``pbm.init()``, then ``(config, fail)``: the config of ``args.config`` with its ``--set``
+    overrides and ``fail(message, code)``, which prints the error on rank 0, shuts down and
+    returns ``code``. A config that cannot be read or is invalid gives ``(None, report)``:
+    ``report()`` does the same for that problem and returns 2."""
     import pybrain_mpi as pbm
 
     from .config import ConfigError, parse_config
@@ -147,25 +165,40 @@ def _train(args: argparse.Namespace) -> int:
 
     def fail(message: str, code: int) -> int:
         if rank == 0:
-            print(f"pybrain-mpi train: error: {message}", file=sys.stderr, flush=True)
+            print(f"pybrain-mpi {command}: error: {message}", file=sys.stderr, flush=True)
         pbm.shutdown()
         return code
 
     try:
         text = Path(args.config).read_text(encoding="utf-8")
     except OSError as exc:
-        return fail(f"cannot read config {args.config}: {exc.strerror or exc}", 2)
+        message = f"cannot read config {args.config}: {exc.strerror or exc}"
+        return None, lambda: fail(message, 2)
     try:
         if args.set:
             text = apply_overrides(text, args.set)
         source = args.config + (" (with --set overrides)" if args.set else "")
-        config = parse_config(text, source)
+        return parse_config(text, source), fail
     except (ConfigError, ValueError) as exc:
-        return fail(str(exc), 2)
+        message = str(exc)
+        return None, lambda: fail(message, 2)
 
-    from .checkpoint import CheckpointError
+
+def _train(args: argparse.Namespace) -> int:
+    import pybrain_mpi as pbm
+
+    config, fail = _start("train", args)
+    if config is None:
+        return fail()
+
+    from .compute import ComputeError, check_device
+    from .trainer.checkpoint import CheckpointError
     from .trainer import Trainer, TrainingDiverged, TrainingSetupError
 
+    try:
+        check_device(config.train.device)
+    except ComputeError as exc:
+        return fail(str(exc), 2)
     try:
         trainer = Trainer(config, resume=args.resume, timeline_path=args.timeline,
                           max_steps=args.steps, progress=not args.no_progress)
@@ -175,6 +208,55 @@ def _train(args: argparse.Namespace) -> int:
     except (TrainingDiverged, CheckpointError) as exc:
         return fail(str(exc), 1)
     pbm.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ predict
+def _predict(args: argparse.Namespace) -> int:
+    import pybrain_mpi as pbm
+
+    config, fail = _start("predict", args)
+    if config is None:
+        return fail()
+    from .data.errors import DataError
+    from .errors import CollectiveTimeout
+    from .trainer.checkpoint import CheckpointError
+    from .trainer.predict import PredictError, predict
+
+    try:
+        records = predict(config, args.checkpoint, args.input, args.output,
+                          probabilities=args.probabilities, png=args.png,
+                          batch_size=args.batch_size)
+    except (PredictError, DataError, CheckpointError, OSError, ValueError, KeyError) as exc:
+        return fail(" ".join(str(exc).split()) if isinstance(exc, OSError) else str(exc), 2)
+    except CollectiveTimeout as exc:
+        return fail(str(exc), 1)
+    if pbm.rank() == 0:
+        for record in records:
+            shown = {k: v for k, v in record.items() if k not in ("subject", "voxels_per_label")}
+            print(f"{record['subject']}: " + ", ".join(f"{k} {v}" for k, v in shown.items()),
+                  flush=True)
+    pbm.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ config
+def _config(args: argparse.Namespace) -> int:
+    from .config import ConfigError, describe_schema, load_config
+
+    if args.keys or not args.config:
+        print(describe_schema())
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pybrain-mpi config: error: {exc}", file=sys.stderr)
+        return 2
+    import json
+
+    from .config import config_to_dict
+
+    print(json.dumps(config_to_dict(config), indent=2))
     return 0
 
 
@@ -240,14 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print versions, the MPI library and its thread level, the "
                                       "ranks/nodes topology (run under mpiexec/srun to see a "
                                       "launched world) and how the native core was built.")
+    info.add_argument("--pmi", action="store_true",
+                      help="print only the srun --mpi plugin this build needs (pmix for Open MPI, "
+                           "pmi2 for MPICH; PBM_SRUN_MPI overrides) without initializing MPI")
     info.set_defaults(func=_info)
+
+    from .config import describe_schema
 
     train = sub.add_parser("train", help="train a model from a TOML config",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train the config's model on its data on every rank, e.g.\n"
                                        "  mpiexec -n 2 pybrain-mpi train examples/dca_fmri.toml\n"
                                        "SIGTERM/SIGUSR1 make all ranks checkpoint at the next step "
-                                       "and exit 0; --resume continues from that checkpoint.")
+                                       "and exit 0; --resume continues from that checkpoint.",
+                           epilog="config keys (also: pybrain-mpi config --keys):\n"
+                                  + describe_schema())
     train.add_argument("config", help="TOML run configuration (see examples/)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's checkpoint if there is one (else start fresh)")
@@ -259,6 +348,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     train.set_defaults(func=_train)
+
+    predict = sub.add_parser(
+        "predict", help="apply a trained segmentation or regression model to new images",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predict with a checkpoint on every rank (grid patches shared across ranks), "
+                    "e.g.\n  mpiexec -n 2 pybrain-mpi predict examples/unet3d_mni_cohort.toml "
+                    "--checkpoint runs/unet3d_mni_cohort/checkpoints/checkpoint.pt \\\n"
+                    "      --input t1.nii.gz --output brain.nii.gz --png brain.png\n"
+                    "Segmentation writes labels (NIfTI with the input's affine and header, or "
+                    ".zarr); regression writes one row per subject (.tsv). --input may be a "
+                    "manifest (then --output, --probabilities and --png are directories).")
+    predict.add_argument("config", help="the TOML config the model was trained with")
+    predict.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train")
+    predict.add_argument("--input", required=True,
+                         help="an image (.nii.gz, .mgz, .zarr, ...) or a manifest (.tsv/.csv)")
+    predict.add_argument("--output", required=True,
+                         help="labels: .nii.gz/.nii/.zarr (a directory for a manifest); "
+                              "regression: .tsv/.csv")
+    predict.add_argument("--probabilities", help="also write class probabilities (segmentation)")
+    predict.add_argument("--png", help="three orthogonal slices with the prediction over the image")
+    predict.add_argument("--batch-size", type=int, default=None, help="patches per forward pass")
+    predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value (e.g. data.cache_dir=...)")
+    predict.set_defaults(func=_predict)
+
+    config = sub.add_parser("config", help="list every config key, or show a config resolved",
+                            description="With --keys (or no CONFIG): every config key with its "
+                                        "type, default and meaning. With CONFIG: the config with "
+                                        "every default filled in, as JSON.")
+    config.add_argument("config", nargs="?", help="a TOML config to resolve")
+    config.add_argument("--keys", action="store_true", help="list every key")
+    config.set_defaults(func=_config)
 
     bench = sub.add_parser("bench", help="list or run the benchmarks (benchmarks/*.py)",
                            description="Without NAME, list the benchmarks; with NAME (or 'all'), "
@@ -278,9 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pybrain-mpi`` console script."""
+    from .communication.launcher import LaunchMismatch, check_before_mpi_init, detect
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        if args.command in ("info", "train") and not getattr(args, "pmi", False):
+            check_before_mpi_init()  # before anything imports mpi4py.MPI (which runs MPI_Init)
+        return args.func(args)
+    except LaunchMismatch as exc:  # mis-launched (torchrun, srun --mpi=none): one line, no traceback
+        if detect().rank in (None, 0):  # every process has the same reason; one says it
+            print(f"pybrain-mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

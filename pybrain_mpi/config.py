@@ -19,8 +19,10 @@ expected and what was found, e.g.::
 file's text (table headers, dotted keys, inline tables). Relative paths in a config are
 relative to the current working directory; ``~`` is expanded.
 
-The schema is data (:data:`SCHEMA`, built from :class:`Field` and :class:`Section`), so
-:func:`describe_schema` can print every key with its type, range, choices and default.
+Each key is declared once, as a field of its section's dataclass (:func:`key`: type, default,
+range, choices, doc). :data:`SCHEMA` is read off those dataclasses, so validation, the typed
+result and :func:`describe_schema` (every key with its type, range, choices and default)
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 from .errors import PbmError
 
-__all__ = ["ConfigError", "Field", "Section", "SCHEMA", "Config", "ModelConfig", "DataConfig",
+__all__ = ["ConfigError", "Field", "Section", "SCHEMA", "key", "subsection", "section_of", "Config", "ModelConfig", "DataConfig",
            "TrainConfig", "LRScheduleConfig", "CompressionConfig", "OutputConfig",
            "load_config", "parse_config", "key_lines", "describe_schema", "config_to_dict"]
 
@@ -91,6 +93,7 @@ class Field:
     choices: tuple | None = None
     item_type: type | None = None
     length: int | None = None
+    path: bool = False  # a file-system path: "~" expanded, returned as pathlib.Path
 
     @property
     def required(self) -> bool:
@@ -190,104 +193,53 @@ class Section:
     extra: str | None = None
 
 
-# ----------------------------------------------------------------------------- dataclasses
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """[model]: registered model name and its constructor keyword arguments."""
-
-    name: str
-    kwargs: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """[data]: the training data."""
-
-    kind: str
-    source: str = "path"
-    path: Path | None = None
-    cache_dir: Path | None = None
-    held_out_fraction: float = 0.2
-    split_seed: int = 0
-    patch_size: tuple = (64, 64, 64)
-    patches_per_volume: int = 16
-    target: str = "gm_mean"
-    lags: int = 4
-    num_workers: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class LRScheduleConfig:
-    """[train.lr_schedule]: learning-rate schedule over optimizer steps."""
-
-    kind: str = "constant"
-    warmup_steps: int = 0
-    step_epochs: int = 10
-    gamma: float = 0.1
-    min_lr: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressionConfig:
-    """[train.compression]: gradient compression for the allreduce."""
-
-    kind: str = "none"
-    sparsity: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """[train]: optimisation, precision, compression and checkpointing."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    loss: str = "auto"
-    dca_lambda: float = 0.006
-    lr_schedule: LRScheduleConfig = LRScheduleConfig()
-    val_fraction: float = 0.1
-    patience: int = 0
-    seed: int = 0
-    precision: str = "fp32"
-    compression: CompressionConfig = CompressionConfig()
-    allreduce: str = "auto"
-    activation_checkpointing: str = "none"
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 0
-    time_budget_s: float = 0.0
-    log_every: int = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputConfig:
-    """[output]: where logs, plots and summaries go."""
-
-    dir: Path = Path("runs/pbm")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A validated run configuration (``source`` is the file it came from)."""
-
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    output: OutputConfig
-    source: str = "<string>"
-
-
-# ----------------------------------------------------------------------------- the schema
+# ----------------------------------------------------------------------------- the sections
+#
+# Each key is declared once, in its section's dataclass: type, default, range, choices and doc
+# travel in the field's metadata (:func:`key`), and :data:`SCHEMA` is read off the dataclasses.
+# The dataclasses have no defaults of their own: a Config is only ever built by validation,
+# which fills every key.
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-PRECISIONS = ("fp32", "fp64", "bf16")
+PRECISIONS = ("auto", "fp32", "fp64", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPRESSIONS = ("none", "fp16", "bf16", "3lc")
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "mpi", "shm", "hierarchical")
-DATA_KINDS = ("fmri_series", "volume_patches", "encoding")
-DATA_SOURCES = ("path", "nitime_fmri", "mni152", "nitime_rois")
+DATA_KINDS = ("fmri_series", "volume_patches", "encoding", "segmentation", "regression")
+DATA_SOURCES = ("path", "nitime_fmri", "mni152", "nitime_rois", "mni152_cohort", "nitime_runs")
+#: Sources that build a cohort (a manifest) from shipped data into the cache.
+COHORT_SOURCES = ("mni152_cohort", "nitime_runs")
+LOSSES = ("auto", "mse", "dca", "smooth_l1", "cross_entropy", "dice_ce")
+
+
+def key(kind: type, default: Any = _REQUIRED, **rules: Any) -> Any:
+    """A config key: a dataclass field whose metadata holds its :class:`Field` rules."""
+    return dataclasses.field(metadata={"key": Field(kind, default, **rules)})
+
+
+def subsection(dataclass: type, doc: str = "", required: bool = False) -> Any:
+    """A sub-table (e.g. ``[train.lr_schedule]``) described by another section dataclass."""
+    return dataclasses.field(metadata={"section": (dataclass, doc, required)})
+
+
+def extra_keys() -> Any:
+    """The field that receives the keys a section does not declare ([model]'s arguments)."""
+    return dataclasses.field(metadata={"extra": True})
+
+
+def section_of(dataclass: type, doc: str = "", required: bool = False) -> Section:
+    """The :class:`Section` a section dataclass declares through its fields' metadata."""
+    fields: dict[str, Any] = {}
+    extra = None
+    for f in dataclasses.fields(dataclass):
+        if "key" in f.metadata:
+            fields[f.name] = f.metadata["key"]
+        elif "section" in f.metadata:
+            fields[f.name] = section_of(*f.metadata["section"])
+        elif f.metadata.get("extra"):
+            extra = f.name
+    return Section(fields=fields, dataclass=dataclass, doc=doc, required=required, extra=extra)
 
 
 def _model_names() -> tuple:
@@ -295,87 +247,195 @@ def _model_names() -> tuple:
     return tuple(MODELS)
 
 
-SCHEMA = Section(doc="a pybrain-mpi run", dataclass=Config, required=True, fields={
-    "model": Section(dataclass=ModelConfig, required=True, extra="kwargs",
-                     doc="model name plus its keyword arguments", fields={
-        "name": Field(str, doc="registered model (pybrain_mpi.models.MODELS)"),
-    }),
-    "data": Section(dataclass=DataConfig, required=True, doc="training data", fields={
-        "kind": Field(str, choices=DATA_KINDS,
-                      doc="fmri_series: one voxel time series per sample; "
-                          "volume_patches: 3D patches from volumes; encoding: feature vectors "
-                          "-> responses of outputs grouped into ROIs (per-ROI metrics)"),
-        "source": Field(str, "path", choices=DATA_SOURCES,
-                        doc="'path' reads [data] path; nitime_fmri / mni152 / nitime_rois use "
-                            "the real data shipped in the nitime / nilearn packages"),
-        "path": Field(str, None, doc="data file or directory (required when source = 'path')"),
-        "cache_dir": Field(str, None, doc="where converted data is cached "
-                                          "(default $PBM_CACHE_DIR or ~/.cache/pybrain-mpi)"),
-        "held_out_fraction": Field(float, 0.2, minimum=0.0, maximum=1.0, exclusive_minimum=True,
-                                   exclusive_maximum=True,
-                                   doc="fraction of voxels/volumes held out for the final test"),
-        "split_seed": Field(int, 0, minimum=0, doc="seed of the held-out split"),
-        "patch_size": Field(list, (64, 64, 64), item_type=int, length=3, minimum=1,
-                            doc="patch size in voxels (volume_patches)"),
-        "patches_per_volume": Field(int, 16, minimum=1, doc="patches drawn per volume per epoch"),
-        "target": Field(str, "gm_mean", choices=("gm_mean", "gm_center"),
-                        doc="regression target for mni152: mean or centre grey-matter probability"),
-        "lags": Field(int, 4, minimum=1, maximum=100,
-                      doc="encoding from nitime_rois: past volumes used as features"),
-        "num_workers": Field(int, 0, minimum=0, doc="background reader threads per rank"),
-    }),
-    "train": Section(dataclass=TrainConfig, required=True, doc="optimisation", fields={
-        "epochs": Field(int, minimum=1, doc="passes over the training data"),
-        "batch_size": Field(int, minimum=1, doc="samples per rank per step"),
-        "lr": Field(float, minimum=0.0, exclusive_minimum=True, doc="learning rate"),
-        "optimizer": Field(str, "adam", choices=OPTIMIZERS),
-        "weight_decay": Field(float, 0.0, minimum=0.0),
-        "momentum": Field(float, 0.0, minimum=0.0, maximum=1.0, exclusive_maximum=True,
-                          doc="SGD momentum"),
-        "loss": Field(str, "auto", choices=("auto", "mse", "dca", "smooth_l1"),
-                      doc="auto: dca_loss for the DCA model, MSE otherwise"),
-        "dca_lambda": Field(float, 0.006, minimum=0.0,
-                            doc="weight of 0.5*||Z - Z'||^2 in the DCA loss"),
-        "lr_schedule": Section(dataclass=LRScheduleConfig, doc="learning-rate schedule", fields={
-            "kind": Field(str, "constant", choices=("constant", "cosine", "step")),
-            "warmup_steps": Field(int, 0, minimum=0, doc="linear warm-up steps"),
-            "step_epochs": Field(int, 10, minimum=1, doc="'step': epochs between decays"),
-            "gamma": Field(float, 0.1, minimum=0.0, maximum=1.0, exclusive_minimum=True,
-                           doc="'step': decay factor"),
-            "min_lr": Field(float, 0.0, minimum=0.0, doc="'cosine': final learning rate"),
-        }),
-        "val_fraction": Field(float, 0.1, minimum=0.0, maximum=1.0, exclusive_maximum=True,
-                              doc="fraction of the training data used for validation"),
-        "patience": Field(int, 0, minimum=0,
-                          doc="early stopping after this many epochs without improvement (0: off)"),
-        "seed": Field(int, 0, minimum=0),
-        "precision": Field(str, "fp32", choices=PRECISIONS),
-        "compression": Section(dataclass=CompressionConfig, doc="gradient compression", fields={
-            "kind": Field(str, "none", choices=COMPRESSIONS),
-            "sparsity": Field(float, 1.0, minimum=1.0, maximum=2.0, exclusive_maximum=True,
-                              doc="3LC sparsity multiplier s (larger: more zeros)"),
-        }),
-        "allreduce": Field(str, "auto", choices=ALLREDUCE_ALGORITHMS,
-                           doc="gradient allreduce algorithm ('auto': shared memory within a "
-                               "node, hierarchical across nodes; see pbm.allreduce)"),
-        "activation_checkpointing": Field(str, "none", choices=("none", "sqrt"),
-                                          doc="recompute activations in backward ('sqrt': "
-                                              "about sqrt(n) segments)"),
-        "checkpoint_dir": Field(str, None, doc="default: <output dir>/checkpoints"),
-        "checkpoint_every": Field(int, 0, minimum=0,
-                                  doc="optimizer steps between checkpoints (0: end and "
-                                      "preemption only)"),
-        "time_budget_s": Field(float, 0.0, minimum=0.0,
-                               doc="stop after this many seconds of training (0: no limit)"),
-        "log_every": Field(int, 10, minimum=1, doc="steps between JSON log lines"),
-    }),
-    "output": Section(dataclass=OutputConfig, doc="results", fields={
-        "dir": Field(str, "runs/pbm", doc="directory for logs, plots, summary"),
-    }),
-})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """[model]: registered model name and its constructor keyword arguments."""
 
-_PATH_FIELDS = {("data", "path"), ("data", "cache_dir"), ("train", "checkpoint_dir"),
-                ("output", "dir")}
+    name: str = key(str, doc="a registered model (dca, naive_cnn3d, resnet50_3d, encoding_mlp, "
+                             "unet3d) or your own: \"package.module:Class\" or "
+                             "\"path/models.py:Class\"; its keyword arguments are the other keys "
+                             "of [model] (sizes the data determines, e.g. input_length, "
+                             "in_channels, out_channels, are filled in unless set)")
+    kwargs: dict = extra_keys()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """[data]: the training data."""
+
+    kind: str = key(str, choices=DATA_KINDS,
+                    doc="fmri_series: one voxel (vertex) time series per sample; segmentation: "
+                        "voxel labels from a cohort ([data] label), Dice/IoU; regression: "
+                        "per-subject targets from a cohort ([data] targets), R^2/r/MAE; "
+                        "volume_patches: 3D patches regressing grey matter (mni152, .npz); "
+                        "encoding: feature vectors -> responses of outputs grouped into ROIs")
+    source: str = key(str, "path", choices=DATA_SOURCES,
+                      doc="'path': your data ([data] manifest, bids or path); nitime_fmri / mni152 "
+                          "/ nitime_rois: the real data shipped in nitime / nilearn; "
+                          "mni152_cohort: a small cohort made from nilearn's MNI152 (the real "
+                          "template plus seeded synthetic warps of it) written as NIfTI files and "
+                          "a manifest into the cache; nitime_runs: nitime's two 4D NIfTI runs "
+                          "through a manifest")
+    path: Path | None = key(str, None, path=True,
+                            doc="one data file: .npy (voxels, time) for fmri_series, .npz for "
+                                "volume_patches / encoding")
+    manifest: Path | None = key(str, None, path=True,
+                                doc="a cohort: .tsv/.csv with a 'subject' column, the image, label "
+                                    "and target columns, optional 'split' (train/val/test); "
+                                    "image paths relative to the manifest")
+    bids: Path | None = key(str, None, path=True,
+                            doc="a cohort from a BIDS dataset: sub-*/[ses-*/]anat|func/"
+                                "*_<bids_suffix>.nii[.gz], targets from participants.tsv")
+    bids_suffix: str = key(str, "T1w", doc="BIDS suffix of the rows' images (T1w, bold, ...)")
+    images: tuple = key(list, (), item_type=str,
+                        doc="image columns of the manifest (channels of the input, in order); "
+                            "BIDS: suffixes (default [bids_suffix])")
+    label: str | None = key(str, None, doc="label-map column (BIDS: suffix, e.g. dseg) for "
+                                           "segmentation")
+    mask: str | None = key(str, None, doc="mask column (BIDS: suffix): the foreground for "
+                                          "sampling and z-scoring; fmri_series: the voxels used")
+    targets: tuple = key(list, (), item_type=str,
+                         doc="per-subject target columns for regression (BIDS: participants.tsv)")
+    cache_dir: Path | None = key(str, None, path=True, doc="where converted data is cached "
+                                                           "(default $PBM_CACHE_DIR or ~/.cache/pybrain-mpi)")
+    verify_cache: bool = key(bool, False, doc="re-read every cached store of a cohort against its "
+                                              "checksum at start-up")
+    chunks: tuple = key(list, (32, 32, 32), item_type=int, length=3, minimum=1,
+                        doc="chunk shape of a cohort's volumes in the cache")
+    held_out_fraction: float = key(float, 0.2, minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                                   exclusive_maximum=True,
+                                   doc="fraction held out for the final test: of subjects for a "
+                                       "cohort of several, else of voxels/volumes (one subject: "
+                                       "a block of it)")
+    split_seed: int = key(int, 0, minimum=0, doc="seed of the held-out split")
+    patch_size: tuple = key(list, (64, 64, 64), item_type=int, length=3, minimum=1,
+                            doc="patch size in voxels (volume_patches)")
+    patches_per_volume: int = key(int, 16, minimum=1, doc="patches drawn per volume (per "
+                                                          "training subject) per epoch")
+    sampling: str = key(str, "foreground", choices=("foreground", "uniform"),
+                        doc="cohort patches: 'foreground' centres foreground_fraction of them on "
+                            "a foreground voxel (mask, label > 0, or above the image mean)")
+    foreground_fraction: float = key(float, 0.5, minimum=0.0, maximum=1.0,
+                                     doc="share of foreground-centred patches ('foreground'); "
+                                         "the rest are uniform, so background is seen too")
+    eval_patches: int = key(int, 8, minimum=1,
+                            doc="fixed validation patches per subject (cohorts); regression from "
+                                "patches: patches averaged per held-out subject")
+    grid_overlap: float = key(float, 0.25, minimum=0.0, maximum=0.75,
+                              doc="whole-volume segmentation and prediction: overlap of grid "
+                                  "patches, as a fraction of the patch")
+    regression_input: str = key(str, "patches", choices=("patches", "volume"),
+                                doc="regression: random foreground patches (the subject's value "
+                                    "is every patch's target) or the whole volume at [data] level")
+    level: int = key(int, 2, minimum=0, maximum=6,
+                     doc="regression_input = 'volume': resolution level (each halves the grid)")
+    cohort_subjects: int = key(int, 6, minimum=2, maximum=64,
+                               doc="mni152_cohort: subjects (the template and seeded warps of it)")
+    cohort_voxel_mm: float = key(float, 2.0, minimum=1.0, maximum=4.0,
+                                 doc="mni152_cohort: voxel size of the cohort's images in mm")
+    open_subjects: int = key(int, 32, minimum=1,
+                             doc="cohort subjects kept open per rank (their chunk caches share "
+                                 "cache_mb)")
+    cache_mb: int = key(int, 512, minimum=1,
+                        doc="decoded-chunk cache per rank over the open subjects, MiB: the more "
+                            "of the cohort it holds, the fewer chunks are decoded again "
+                            "(benchmarks/cohort_patches.py)")
+    target: str = key(str, "gm_mean", choices=("gm_mean", "gm_center"),
+                      doc="regression target for mni152: mean or centre grey-matter probability")
+    lags: int = key(int, 4, minimum=1, maximum=100,
+                    doc="encoding from nitime_rois: past volumes used as features")
+    num_workers: int = key(int, 0, minimum=0,
+                           doc="threads reading a batch's patches per rank (cohorts; 0: the "
+                               "training thread)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LRScheduleConfig:
+    """[train.lr_schedule]: learning-rate schedule over optimizer steps."""
+
+    kind: str = key(str, "constant", choices=("constant", "cosine", "step"))
+    warmup_steps: int = key(int, 0, minimum=0, doc="linear warm-up steps")
+    step_epochs: int = key(int, 10, minimum=1, doc="'step': epochs between decays")
+    gamma: float = key(float, 0.1, minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                       doc="'step': decay factor")
+    min_lr: float = key(float, 0.0, minimum=0.0, doc="'cosine': final learning rate")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """[train.compression]: gradient compression for the allreduce."""
+
+    kind: str = key(str, "none", choices=COMPRESSIONS)
+    sparsity: float = key(float, 1.0, minimum=1.0, maximum=2.0, exclusive_maximum=True,
+                          doc="3LC sparsity multiplier s (larger: more zeros)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """[train]: optimisation, precision, compression and checkpointing."""
+
+    epochs: int = key(int, minimum=1, doc="passes over the training data")
+    batch_size: int = key(int, minimum=1, doc="samples per rank per step")
+    lr: float = key(float, minimum=0.0, exclusive_minimum=True, doc="learning rate")
+    optimizer: str = key(str, "adam", choices=OPTIMIZERS)
+    weight_decay: float = key(float, 0.0, minimum=0.0)
+    momentum: float = key(float, 0.0, minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                          doc="SGD momentum")
+    loss: str = key(str, "auto", choices=LOSSES,
+                    doc="auto: dca_loss for the DCA model, dice_ce (cross-entropy + soft Dice) "
+                        "for segmentation, MSE otherwise")
+    dca_lambda: float = key(float, 0.006, minimum=0.0,
+                            doc="weight of 0.5*||Z - Z'||^2 in the DCA loss")
+    lr_schedule: LRScheduleConfig = subsection(LRScheduleConfig, doc="learning-rate schedule")
+    val_fraction: float = key(float, 0.1, minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                              doc="fraction of the training data used for validation")
+    patience: int = key(int, 0, minimum=0,
+                        doc="early stopping after this many epochs without improvement (0: off)")
+    seed: int = key(int, 0, minimum=0)
+    device: str = key(str, "auto", choices=DEVICES,
+                      doc="auto: a CUDA device per rank when one is visible, else the CPU "
+                          "(pybrain_mpi.compute)")
+    precision: str = key(str, "auto", choices=PRECISIONS,
+                         doc="auto: bf16 autocast on CPUs with native bfloat16 (AVX512_BF16/AMX) "
+                             "for models large enough to gain, else fp32; fp16 adds loss scaling")
+    memory_format: str = key(str, "auto", choices=MEMORY_FORMATS,
+                             doc="auto: channels_last_3d for models with 3D convolutions")
+    compression: CompressionConfig = subsection(CompressionConfig, doc="gradient compression")
+    allreduce: str = key(str, "auto", choices=ALLREDUCE_ALGORITHMS,
+                         doc="gradient allreduce algorithm ('auto': shared memory within a node, "
+                             "hierarchical across nodes; see pbm.allreduce)")
+    activation_checkpointing: str = key(str, "none", choices=("none", "sqrt"),
+                                        doc="recompute activations in backward ('sqrt': about "
+                                            "sqrt(n) segments)")
+    checkpoint_dir: Path | None = key(str, None, path=True, doc="default: <output dir>/checkpoints")
+    checkpoint_every: int = key(int, 0, minimum=0,
+                                doc="optimizer steps between checkpoints (0: end and preemption "
+                                    "only)")
+    time_budget_s: float = key(float, 0.0, minimum=0.0,
+                               doc="stop after this many seconds of training (0: no limit)")
+    log_every: int = key(int, 10, minimum=1, doc="steps between JSON log lines")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """[output]: where logs, plots and summaries go."""
+
+    dir: Path = key(str, "runs/pbm", path=True, doc="directory for logs, plots, summary")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A validated run configuration (``source`` is the file it came from)."""
+
+    model: ModelConfig = subsection(ModelConfig, doc="model name plus its keyword arguments",
+                                    required=True)
+    data: DataConfig = subsection(DataConfig, doc="training data", required=True)
+    train: TrainConfig = subsection(TrainConfig, doc="optimisation", required=True)
+    output: OutputConfig = subsection(OutputConfig, doc="results")
+    source: str = "<string>"
+
+
+SCHEMA = section_of(Config, doc="a pybrain-mpi run", required=True)
 
 
 # ----------------------------------------------------------------------------- line finder
@@ -495,7 +555,7 @@ class _Validator:
                     self.problem(key_path, f"{self.label(key_path)} = {_show(table[key])}: "
                                  f"expected {spec.describe()}, {exc}")
                     continue
-            if key_path in _PATH_FIELDS and value is not None:
+            if spec.path and value is not None:
                 value = Path(value).expanduser()
             values[key] = value
         if schema.extra is not None:
@@ -517,20 +577,30 @@ class _Validator:
 
 
 def _check_model(v: _Validator, model: dict):
-    from .models import model_arguments
+    from .models import ModelNotFound, is_model_spec, model_arguments, resolve_model
 
-    names = _model_names()
     name = model["name"]
-    if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1)
-        v.problem(("model", "name"), f'[model] name = "{name}": expected one of '
-                  + ", ".join(f'"{n}"' for n in names)
-                  + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        return
+    if is_model_spec(name):
+        try:
+            resolve_model(name)
+        except ModelNotFound as exc:
+            v.problem(("model", "name"), str(exc))
+            return
+    else:
+        names = _model_names()
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            v.problem(("model", "name"), f'[model] name = "{name}": expected one of '
+                      + ", ".join(f'"{n}"' for n in names)
+                      + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                      + ', or your own model as "package.module:Class" or "file.py:Class"')
+            return
     allowed = model_arguments(name)
     for key, value in model["kwargs"].items():
         path = ("model", key)
         if key not in allowed:
+            if "**" in allowed:
+                continue  # the constructor takes **kwargs: it checks them itself
             hint = difflib.get_close_matches(key, list(allowed), n=1)
             v.problem(path, f"[model] {key}: model '{name}' has no argument '{key}'"
                       + (f" (did you mean '{hint[0]}'?)" if hint else "")
@@ -540,6 +610,8 @@ def _check_model(v: _Validator, model: dict):
         if default is None or default is inspect.Parameter.empty:
             continue  # no default to infer the type from: the model checks it
         kind = list if isinstance(default, (tuple, list)) else type(default)
+        if kind not in _TYPE_NAMES:
+            continue  # a default of another type (an enum, a class): the model checks it
         try:
             if kind is list:
                 if not isinstance(value, list):
@@ -558,11 +630,8 @@ NITIME_ROI_SIGNALS, NITIME_ROI_OUTPUTS = 31, 28  # fmri_timeseries.csv: all colu
 def _check_model_matches_data(v: _Validator, model: dict, data: dict):
     # Shape mismatches we can see from the config alone are reported now, before any data
     # is read or any step is run; the trainer checks the rest against the real data.
-    from .models import model_arguments
-
-    if model["name"] not in _model_names():
-        return
-    args = {**model_arguments(model["name"]), **model["kwargs"]}
+    # Only sizes the config sets: those left out are taken from the data by the trainer.
+    args = model["kwargs"]
     if "input_shape" in args and data["kind"] == "volume_patches":
         shape = tuple(args["input_shape"]) if isinstance(args["input_shape"], (list, tuple)) \
             else args["input_shape"]
@@ -585,6 +654,52 @@ def _check_model_matches_data(v: _Validator, model: dict, data: dict):
             v.problem(("model", "out_features"), f"[model] out_features = "
                       f"{args['out_features']}: nitime_rois predicts {NITIME_ROI_OUTPUTS} ROI "
                       f"signals; set out_features = {NITIME_ROI_OUTPUTS}")
+
+
+def _check_data(v: _Validator, data: dict, train: dict) -> None:
+    """Combinations of [data] keys that cannot work, reported before anything is read."""
+    given = [k for k in ("path", "manifest", "bids") if data[k] is not None]
+    kind, source = data["kind"], data["source"]
+    if source == "path":
+        if not given:
+            v.problem(("data", "source"), "[data] source = \"path\" needs [data] path (one "
+                      "file), manifest (a .tsv/.csv of subjects) or bids (a BIDS directory); or "
+                      "use source = \"nitime_fmri\" / \"mni152\" / \"mni152_cohort\" for the "
+                      "built-in example data")
+        elif len(given) > 1:
+            v.problem(("data", given[1]), f"[data] {' and '.join(given)}: give only one of path, "
+                      "manifest and bids")
+    elif given:
+        v.problem(("data", given[0]), f"[data] {given[0]}: source = \"{source}\" brings its own "
+                  "data; leave it out or set source = \"path\"")
+    provides = {"nitime_fmri": ("fmri_series",), "mni152": ("volume_patches",),
+                "nitime_rois": ("encoding",), "nitime_runs": ("fmri_series",),
+                "mni152_cohort": ("segmentation", "regression")}
+    if source in provides and kind not in provides[source]:
+        v.problem(("data", "kind"), f'[data] kind = "{kind}": source "{source}" provides '
+                  + " or ".join(f'"{k}"' for k in provides[source]) + " data")
+    cohort = source in COHORT_SOURCES or data["manifest"] is not None or data["bids"] is not None
+    if kind in ("segmentation", "regression") and source == "path" and data["path"] is not None:
+        v.problem(("data", "path"), f'[data] kind = "{kind}" trains on a cohort: give [data] '
+                  "manifest (or bids) instead of path")
+    if cohort and kind in ("volume_patches", "encoding"):
+        v.problem(("data", "kind"), f'[data] kind = "{kind}" reads [data] path; a cohort trains '
+                  'kind = "segmentation", "regression" or "fmri_series"')
+    if data["manifest"] is not None and not data["images"]:
+        v.problem(("data", "images"), "[data] manifest needs [data] images, the image column(s), "
+                  'e.g. images = ["t1"]', line=v.line_of(("data", "manifest")))
+    if kind == "segmentation" and source == "path" and cohort and data["label"] is None:
+        v.problem(("data", "label"), "[data] kind = \"segmentation\" needs [data] label, the "
+                  "label-map column", line=v.line_of(("data", "kind")))
+    if kind == "regression" and source == "path" and cohort and not data["targets"]:
+        v.problem(("data", "targets"), "[data] kind = \"regression\" needs [data] targets, the "
+                  "per-subject target columns", line=v.line_of(("data", "kind")))
+    loss = train["loss"]
+    if kind == "segmentation" and loss not in ("auto", "cross_entropy", "dice_ce"):
+        v.problem(("train", "loss"), f'[train] loss = "{loss}": segmentation trains with '
+                  '"cross_entropy" or "dice_ce" (the default)')
+    if kind != "segmentation" and loss in ("cross_entropy", "dice_ce"):
+        v.problem(("train", "loss"), f'[train] loss = "{loss}" is for kind = "segmentation"')
 
 
 def _build(schema: Section, values: dict):
@@ -612,15 +727,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     v.report()
     _check_model(v, values["model"])
     data = values["data"]
-    if data["source"] == "path" and data["path"] is None:
-        v.problem(("data", "source"), "[data] source = \"path\" needs [data] path (a file or "
-                  "directory); or use source = \"nitime_fmri\" / \"mni152\" for the built-in "
-                  "example data")
-    for field, kind in (("nitime_fmri", "fmri_series"), ("mni152", "volume_patches"),
-                        ("nitime_rois", "encoding")):
-        if data["source"] == field and data["kind"] != kind:
-            v.problem(("data", "kind"), f'[data] kind = "{data["kind"]}": source "{field}" '
-                      f'provides "{kind}" data')
+    _check_data(v, data, values["train"])
     _check_model_matches_data(v, values["model"], data)
     v.report()
     config = _build(SCHEMA, values)

@@ -1,4 +1,5 @@
-"""Regression metrics for brain models: MSE, MAE, RMSE, R^2, Pearson r; per output and summary.
+"""Metrics for brain models: regression (MSE, MAE, RMSE, R^2, Pearson r; per output and
+summary) and segmentation (Dice and IoU per label, :class:`SegmentationStats`).
 
 Conventions (all computed in float64 whatever the input dtype):
 
@@ -17,6 +18,11 @@ validation can stream over batches and ranks (allreduce :meth:`RegressionStats.a
 with op=sum, then :meth:`RegressionStats.from_tensor`) and give the same numbers as the
 one-shot functions. The sums are raw float64 moments; they lose precision only when an
 output's mean is about 1e7 times its standard deviation or more.
+
+**Undefined is not NaN in a report.** :meth:`RegressionStats.compute` and
+:meth:`SegmentationStats.compute` put ``None`` for a summary that has no defined value and say
+why in ``report["undefined"]`` (``{"r2": "the target is constant over the 3 samples"}``), so a
+summary never shows a bare nan; per-output arrays keep NaN for the undefined outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["mse", "mae", "rmse", "r2_score", "pearson_r", "per_roi", "regression_report",
-           "RegressionStats"]
+           "RegressionStats", "SegmentationStats", "dice_iou"]
 
 
 def _as_2d_float64(a, name: str) -> np.ndarray:
@@ -193,14 +199,118 @@ class RegressionStats:
         cov = spt - sp * st / n
         r2_out = _r2_from_sums(sse, ss_tot)
         r_out = _pearson_from_moments(cov, var_p, ss_tot)
+        undefined = {}
+        if n == 2:  # two points always lie on a line: r is +-1 whatever the model
+            r_out = np.full_like(r_out, np.nan)
+        r2, r = _summary(r2_out), _summary(r_out)
+        constant_target = ss_tot <= 0
+        constant_pred = var_p <= 0
+        samples = f"{int(n)} sample{'s' if n != 1 else ''}"
+        if not np.isfinite(r2):
+            r2 = None
+            undefined["r2"] = (f"the target is constant over the {samples}" if n > 1
+                               else "one sample: R^2 needs at least 2")
+        elif constant_target.any():
+            undefined["r2"] = (f"{int(constant_target.sum())} of {self.n_outputs} outputs have a "
+                               "constant target and are left out of the mean")
+        if n == 2:
+            r = None
+            undefined["pearson_r"] = "2 samples: a correlation of two points is +-1 by construction"
+        elif not np.isfinite(r):
+            r = None
+            undefined["pearson_r"] = (
+                "one sample: a correlation needs at least 2" if n < 2 else
+                f"the target is constant over the {samples}" if constant_target.all() else
+                f"the prediction is constant over the {samples}" if constant_pred.all() else
+                "the target or the prediction is constant in every output")
+        elif (constant_target | constant_pred).any():
+            undefined["pearson_r"] = (f"{int((constant_target | constant_pred).sum())} of "
+                                      f"{self.n_outputs} outputs have a constant target or "
+                                      "prediction and are left out of the mean")
         report = {
             "n_samples": int(n), "n_outputs": self.n_outputs,
             "mse": float(mse_out.mean()), "rmse": float(np.sqrt(mse_out.mean())),
-            "mae": float((sabs / n).mean()), "r2": _summary(r2_out),
-            "pearson_r": _summary(r_out),
+            "mae": float((sabs / n).mean()), "r2": r2, "pearson_r": r,
             "per_output": {"mse": mse_out, "mae": sabs / n, "r2": r2_out, "pearson_r": r_out},
+            "undefined": undefined,
         }
         if roi_labels is not None:
             report["per_roi"] = {"pearson_r": per_roi(r_out, roi_labels),
                                  "r2": per_roi(r2_out, roi_labels)}
         return report
+
+
+def dice_iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label Dice ``2TP / (2TP + FP + FN)`` and IoU ``TP / (TP + FP + FN)``; NaN where a
+    label is in neither the target nor the prediction (``TP + FP + FN = 0``)."""
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    union = tp + fp + fn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dice = np.where(union > 0, 2 * tp / np.where(union > 0, tp + union, 1.0), np.nan)
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1.0), np.nan)
+    return dice, iou
+
+
+@dataclasses.dataclass
+class SegmentationStats:
+    """Additive voxel counts for Dice and IoU of ``n_classes`` labels (class indices
+    ``0..n_classes-1``, 0 the background), accumulated over batches, volumes and ranks
+    (allreduce :meth:`as_tensor` with op=sum, then :meth:`from_tensor`).
+
+    ``labels`` names the classes in reports (the label values of the label map).
+    """
+
+    n_classes: int
+    counts: np.ndarray | None = None  # rows: tp, fp, fn; columns: classes
+
+    def __post_init__(self):
+        if self.counts is None:
+            self.counts = np.zeros((3, self.n_classes), dtype=np.float64)
+
+    def update(self, pred, target) -> None:
+        """Add predicted and true class indices of the same shape (any number of voxels)."""
+        p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred).reshape(-1)
+        t = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target).reshape(-1)
+        if p.shape != t.shape:
+            raise ValueError(f"prediction of {p.size} voxels, target of {t.size}")
+        k = self.n_classes
+        confusion = np.bincount(t.astype(np.int64) * k + p.astype(np.int64),
+                                minlength=k * k).reshape(k, k).astype(np.float64)
+        tp = np.diag(confusion)
+        self.counts += np.stack([tp, confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp])
+
+    def merge(self, other: "SegmentationStats") -> None:
+        """Add another accumulator's counts."""
+        self.counts += other.counts
+
+    def as_tensor(self) -> torch.Tensor:
+        """The counts as one float64 vector for an allreduce with op=sum."""
+        return torch.from_numpy(self.counts.reshape(-1).copy())
+
+    @classmethod
+    def from_tensor(cls, vector, n_classes: int) -> "SegmentationStats":
+        """Inverse of :meth:`as_tensor`."""
+        v = np.asarray(vector.numpy() if isinstance(vector, torch.Tensor) else vector,
+                       dtype=np.float64)
+        return cls(n_classes, v.reshape(3, n_classes).copy())
+
+    def compute(self, labels=None) -> dict:
+        """Per-label and mean Dice and IoU. The means are over the foreground labels (class
+        1 and up) with a defined value; a label in neither target nor prediction has none,
+        and ``undefined`` says so."""
+        labels = list(labels) if labels is not None else list(range(self.n_classes))
+        tp, fp, fn = self.counts
+        dice, iou = dice_iou(tp, fp, fn)
+        undefined = {f"dice[{labels[c]}]": f"label {labels[c]} is in neither the target nor "
+                     "the prediction" for c in range(self.n_classes) if not np.isfinite(dice[c])}
+        foreground = [c for c in range(1, self.n_classes) if np.isfinite(dice[c])]
+        mean_dice = float(np.mean(dice[foreground])) if foreground else None
+        mean_iou = float(np.mean(iou[foreground])) if foreground else None
+        if mean_dice is None:
+            undefined["mean_dice"] = ("no foreground label is in the target or the prediction"
+                                      if self.n_classes > 1 else "only a background class")
+        plain = lambda a: {str(labels[c]): (float(a[c]) if np.isfinite(a[c]) else None)  # noqa: E731
+                           for c in range(self.n_classes)}
+        return {"mean_dice": mean_dice, "mean_iou": mean_iou, "dice": plain(dice),
+                "iou": plain(iou), "n_voxels": int(tp.sum() + fn.sum()),
+                "undefined": undefined}

@@ -68,6 +68,10 @@ write_conf() {
     cat >"$CONF" <<EOF
 # Written by slurm/local_cluster.sh; regenerated on every start.
 ClusterName=pbm-local
+# Job ids never repeat across clusters started on one machine: MPICH names its shared-memory
+# segments after the PMI job ("jobid.step"), and a segment a killed job 1.0 left in /dev/shm
+# would be picked up by the next cluster's job 1.0 and break its MPI_Init.
+FirstJobId=$(( ( $(date +%s) % 600000 ) * 100 + RANDOM % 100 + 1 ))
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT

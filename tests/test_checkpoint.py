@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pybrain_mpi import checkpoint as ckpt
+from pybrain_mpi.trainer import checkpoint as ckpt
 from pybrain_mpi.models import DCA, EncodingMLP
 
 
@@ -188,3 +188,106 @@ def test_missing_or_foreign_file_errors_are_clear(tmp_path):
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04truncated")
     with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
         ckpt.load_checkpoint(tmp_path / "cut.pt")
+
+
+# ------------------------------------------------------------------ integrity and disk space
+def _pattern_state(n: int = 65536) -> dict:
+    # Synthetic on purpose: a constant tensor whose bytes can be found in the file.
+    return {"model": {"class": "x.Y", "state": {"w": torch.full((n,), 1.5)}}}
+
+
+def test_a_flipped_byte_in_tensor_data_is_refused_naming_the_file(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path / "run.pt", _pattern_state(), {"step": 3})
+    raw = bytearray(path.read_bytes())
+    marker = torch.full((16,), 1.5).numpy().tobytes()
+    at = raw.find(marker)
+    assert at > 0
+    raw[at + 5] ^= 0x10  # one bit of one float: torch.load alone reads this back silently
+    path.write_bytes(bytes(raw))
+    assert torch.load(path, weights_only=True)["model"]["state"]["w"][1].item() != 1.5
+    with pytest.raises(ckpt.CheckpointError, match=f"{path.name} is corrupted"):
+        ckpt.load_checkpoint(path)
+
+
+def test_checksum_covers_metadata_and_plain_values(tmp_path):
+    state = {**_pattern_state(8), "progress": {"step": 7, "name": "a"}}
+    tree = {**state, "metadata_json": "{}"}
+    base = ckpt.content_checksum(tree)
+    assert ckpt.content_checksum({**tree, "metadata_json": '{"a": 1}'}) != base
+    assert ckpt.content_checksum({**tree, "progress": {"step": 8, "name": "a"}}) != base
+    assert ckpt.content_checksum(dict(tree)) == base
+
+
+def test_too_little_free_space_is_reported_as_a_full_disk_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(tmp_path / "run.pt", _pattern_state(), {"step": 1})
+    real = ckpt.shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=4096))
+    with pytest.raises(ckpt.CheckpointError, match=r"disk full \(No space left on device\): .*run.pt needs about 1.3 MiB .* has 0.0 MiB free"):
+        ckpt.save_checkpoint(path, _pattern_state(), {"step": 2})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)[1] == {"step": 1}
+    assert not list(tmp_path.glob(".run.pt.*"))
+
+
+def test_running_out_of_space_during_the_write_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(tmp_path / "run.pt", _pattern_state(), {"step": 1})
+    real_fdopen = ckpt.os.fdopen
+
+    class FillsUp:
+        """A file that accepts 100 KB and then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100_000:
+                raise OSError(ckpt.errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(ckpt.CheckpointError, match="disk full"):
+        ckpt.save_checkpoint(path, _pattern_state(), {"step": 2})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)[1] == {"step": 1}
+    assert not list(tmp_path.glob(".run.pt.*"))
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 2 MiB tmpfs (needs root and mount permission, as in CI)."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the monkeypatched "
+                    "disk-full tests above cover the same code")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_file_system_keeps_the_previous_checkpoint_loadable(tiny_filesystem, monkeypatch):
+    path = tiny_filesystem / "run.pt"
+    ckpt.save_checkpoint(path, _pattern_state(1 << 17), {"step": 1})   # 0.5 MiB
+    # Claim plenty of room so the write itself runs out of space (as when another process
+    # fills the disk between the check and the write).
+    real = ckpt.shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 40))
+    with pytest.raises(ckpt.CheckpointDiskFull, match="disk full"):
+        ckpt.save_checkpoint(path, _pattern_state(1 << 19), {"step": 2})  # 2 MiB
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)[1] == {"step": 1}
+    assert sorted(p.name for p in tiny_filesystem.iterdir()) == ["run.pt"]

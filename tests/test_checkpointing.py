@@ -1,11 +1,11 @@
-"""pbm.checkpointing: checkpointed sequential models give the same gradients as plain ones."""
+"""pbm.models.recompute: checkpointed sequential models give the same gradients as plain ones."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pybrain_mpi.checkpointing import CheckpointedSequential, checkpoint_sequential, segments_for_policy
+from pybrain_mpi.models.recompute import CheckpointedSequential, checkpoint_sequential, segments_for_policy
 
 
 def cnn3d(seed=0):
@@ -87,7 +87,7 @@ def test_sqrt_policy_and_invalid_policies():
 
 # --- TiledSegment ---------------------------------------------------------------------------
 
-from pybrain_mpi.checkpointing import TiledSegment  # noqa: E402
+from pybrain_mpi.models.recompute import TiledSegment  # noqa: E402
 
 
 def tileable_block(seed=0, pool=2):

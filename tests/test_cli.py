@@ -118,3 +118,13 @@ def test_convert_subcommand_writes_a_zarr_volume_with_the_affine(tmp_path):
     assert opened.shape == volume.shape
     np.testing.assert_array_equal(opened.affine, affine)
     np.testing.assert_array_equal(opened.read_patch((3, 4, 1), (10, 9, 8)), volume[3:13, 4:13, 1:9])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where no CUDA device is visible")
+def test_train_on_cuda_without_a_device_is_refused_in_one_line(tmp_path, capsys):
+    code = main(["train", str(EXAMPLE), "--set", "train.device=cuda",
+                 "--set", f"output.dir={tmp_path / 'out'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device is visible" in err, err
+    assert not (tmp_path / "out" / "logs").exists()

@@ -54,12 +54,12 @@ def test_valid_config_becomes_typed_dataclasses_with_defaults():
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
     assert config.train.compression.kind == "3lc" and config.train.compression.sparsity == 1.5
     assert config.train.lr_schedule.kind == "cosine" and config.train.lr_schedule.gamma == 0.1
-    assert config.train.precision == "fp32" and config.train.patience == 0
+    assert config.train.precision == "auto" and config.train.patience == 0
     assert config.output.dir == Path("~/runs/x").expanduser()
     assert config.source == "run.toml"
 
 
-@pytest.mark.parametrize("name", ["dca_fmri.toml", "cnn3d_mni.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_shipped_example_configs_are_valid(name):
     config = load_config(EXAMPLES / name)
     assert config.source.endswith(name)

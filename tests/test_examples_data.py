@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pybrain_mpi import examples_data as ed
+from pybrain_mpi.data import examples as ed
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""pybrain-mpi under a real Slurm: sbatch + srun --mpi=pmi2 on the local single-node cluster.
+"""pybrain-mpi under a real Slurm: sbatch + srun on the local single-node cluster.
+
+The templates start the ranks with ``srun --mpi=$(pybrain-mpi info --pmi)`` (pmi2 for the test
+venv's MPICH); tests/test_two_node_slurm.py runs them across two nodes.
 
 The module fixture brings the cluster up with slurm/local_cluster.sh (installing Debian's Slurm
 when it is missing and apt is usable) and stops it afterwards only if it was not running before.
@@ -102,7 +105,8 @@ def batch_jobs(cluster: Cluster, tmp_path_factory) -> dict:
     for key, script_args in jobs.items():
         ranks = key if isinstance(key, int) else 2
         output = out_dir / f"job_{key}.out"
-        command = ["timeout", str(JOB_TIMEOUT_S), "sbatch", "--wait", "--parsable", f"--ntasks={ranks}",
+        # The templates' geometry is -N NODES --ntasks-per-node=RANKS (defaults: 1 node, 2 ranks).
+        command = ["timeout", str(JOB_TIMEOUT_S), "sbatch", "--wait", "--parsable", f"--ntasks-per-node={ranks}",
                    f"--output={output}", f"--chdir={out_dir}", "--time=5", str(ALLREDUCE_SBATCH), *script_args]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**cluster.env, **job_env(PBM_SLURM_ENV_TOKEN=token)})
@@ -126,7 +130,7 @@ def describe(job: dict, cluster: Cluster) -> str:
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sbatch_srun_pmi2_allreduce_matches_numpy_reference(ranks: int, batch_jobs: dict, cluster: Cluster):
+def test_sbatch_srun_allreduce_matches_numpy_reference(ranks: int, batch_jobs: dict, cluster: Cluster):
     job = batch_jobs[ranks]
     assert job["returncode"] == 0, f"the {ranks}-rank allreduce job failed\n{describe(job, cluster)}"
     assert "SLURM_ALLREDUCE_FAIL" not in job["output"], describe(job, cluster)
@@ -172,7 +176,7 @@ def test_srun_with_missing_program_fails_fast(cluster: Cluster):
 def test_job_asking_more_tasks_than_cpus_is_rejected_at_submission(cluster: Cluster, tmp_path: Path):
     # EnforcePartLimits=ALL: an impossible request must fail now, not pend forever.
     started = time.monotonic()
-    result = cluster.run("sbatch", "--ntasks=64", f"--chdir={tmp_path}", str(ALLREDUCE_SBATCH),
+    result = cluster.run("sbatch", "--ntasks-per-node=64", f"--chdir={tmp_path}", str(ALLREDUCE_SBATCH),
                          str(WORKERS / "slurm_allreduce.py"), timeout_s=30, env=job_env())
     elapsed = time.monotonic() - started
     assert result.returncode != 0, f"sbatch accepted 64 tasks on an 8-CPU node:\n{result.stdout}"

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import pybrain_mpi as pbm
-from pybrain_mpi.checkpoint import load_checkpoint
+from pybrain_mpi.data import ShuffledSampler
 from pybrain_mpi.config import parse_config
 from pybrain_mpi.compression import Cast, ThreeLC
-from pybrain_mpi.trainer import (ShardedSampler, Trainer, TrainingDiverged,
+from pybrain_mpi.trainer import (Trainer, TrainingDiverged,
                                  TrainingSetupError, build_codec, checkpoint_path)
+from pybrain_mpi.trainer.checkpoint import load_checkpoint
 from pybrain_mpi.trainer.trainer import _lr_at
 
 
@@ -79,13 +80,13 @@ def losses(output: Path) -> list[tuple[int, float]]:
 
 # ------------------------------------------------------------------------ building blocks
 def test_sampler_gives_each_rank_equal_disjoint_shards_that_change_per_epoch():
-    samplers = [ShardedSampler(103, 8, rank, 4, seed=5) for rank in range(4)]
+    samplers = [ShuffledSampler(103, 8, seed=5, rank=rank, world_size=4) for rank in range(4)]
     assert {s.per_rank for s in samplers} == {25} and {s.steps_per_epoch for s in samplers} == {4}
     shards = [s.shard(0) for s in samplers]
     together = np.concatenate(shards)
     assert len(set(together.tolist())) == 100  # disjoint, remainder of 3 dropped
     assert not np.array_equal(samplers[0].shard(1), shards[0])
-    again = ShardedSampler(103, 8, 2, 4, seed=5)
+    again = ShuffledSampler(103, 8, seed=5, rank=2, world_size=4)
     assert np.array_equal(again.batch_indices(1, 3), samplers[2].shard(1)[24:25])
 
 
@@ -239,7 +240,7 @@ def test_mni152_patches_are_read_from_zarr_in_disjoint_slabs_with_grey_matter_ta
     import nibabel as nib
 
     from pybrain_mpi.data import Volume
-    from pybrain_mpi.examples_data import mni152_paths
+    from pybrain_mpi.data.examples import mni152_paths
     from pybrain_mpi.trainer import build_data
 
     config = parse_config(mni_config(tmp_path))
@@ -350,7 +351,7 @@ dir = "{tmp_path / 'run'}"
 
 
 def test_encoding_from_nitime_rois_predicts_next_volume_from_lagged_signals():
-    from pybrain_mpi.examples_data import load_nitime_roi_timeseries
+    from pybrain_mpi.data.examples import load_nitime_roi_timeseries
     from pybrain_mpi.trainer.data import nitime_roi_encoding
 
     data = nitime_roi_encoding(lags=2, held_out_fraction=0.2, val_fraction=0.1)
@@ -418,3 +419,31 @@ lr = 1e-3
     with pytest.raises(DataError, match="on rank 0 failed: cannot write the example cache"):
         build_data(bad.data, 0.1, rank=0, share=lambda value, timeout_s: shared.append(value) or value)
     assert "PBM_CACHE_DIR" in shared[0]
+
+
+def test_auto_compute_policy_is_what_pbm_compute_resolves_for_the_model(tmp_path):
+    from pybrain_mpi import compute
+    from pybrain_mpi.models import NaiveCNN3D
+
+    config = parse_config(mni_config(tmp_path, precision="auto"))
+    trainer = Trainer(config, max_steps=2, progress=False, echo=False)
+    expected = compute.resolve(NaiveCNN3D(input_shape=(16, 16, 16)), device="cpu")
+    assert (trainer.policy.precision, trainer.policy.memory_format) == \
+        (expected.precision, expected.memory_format)
+    conv = next(m for m in trainer.module.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert "compute: cpu" in trainer.describe(2)
+    summary = trainer.fit()
+    assert summary["precision"] == expected.precision and summary["memory_format"] == "channels_last"
+    assert math.isfinite(summary["final_train_loss"])
+
+
+def test_fp16_training_scales_the_loss_and_resumes_its_scale(tmp_path):
+    data = synthetic_series(tmp_path / "s.npy")
+    config = parse_config(dca_config(tmp_path, data, precision="fp16"))
+    trainer = Trainer(config, max_steps=3, progress=False, echo=False)
+    assert trainer.scaler is not None and trainer.policy.autocast_dtype == torch.float16
+    summary = trainer.fit()
+    assert summary["precision"] == "fp16" and math.isfinite(summary["final_train_loss"])
+    tree, metadata = load_checkpoint(checkpoint_path(config))
+    assert metadata["precision"] == "fp16" and tree["scaler"]["scale"] > 0

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import WORKERS, mpiexec_path, run_mpi
 from train_fixtures import step_lines, write_config
-from pybrain_mpi.checkpoint import load_checkpoint
+from pybrain_mpi.trainer.checkpoint import load_checkpoint
 
 
 def curve(output: Path, rank: int) -> list[tuple]:

@@ -5,18 +5,13 @@
 #include <sstream>
 #include <vector>
 
+#include "../common/partition.h"
 #include "../compression/threelc.h"
 #include "../kernels/reduce.h"
 
 namespace pbm {
 
 namespace {
-// Transport scratch slots (the handshake uses 0-1, the ring 2, the engine 3-4).
-constexpr size_t kScratchSend = 5;
-constexpr size_t kScratchRecv = 6;
-constexpr size_t kScratchSum = 7;
-constexpr int kTagCompressed = 17010;
-
 // Precedes every encoded partition on the wire.
 struct PartHeader {
   float scale = 0.f;
@@ -27,20 +22,54 @@ struct PartHeader {
 
 size_t slot_bytes(size_t elements) { return sizeof(PartHeader) + threelc_max_encoded_bytes(elements); }
 
-// A peer's message claiming a body larger than the slot can hold is corrupt: refuse it
+PartHeader* header_at(char* slot) { return reinterpret_cast<PartHeader*>(slot); }
+const PartHeader* header_at(const char* slot) { return reinterpret_cast<const PartHeader*>(slot); }
+uint8_t* body_at(char* slot) { return reinterpret_cast<uint8_t*>(slot + sizeof(PartHeader)); }
+const uint8_t* body_at(const char* slot) { return reinterpret_cast<const uint8_t*>(slot + sizeof(PartHeader)); }
+
+// A peer's message claiming a body larger than its slot can hold is corrupt: refuse it
 // rather than decode past the buffer.
-void check_body_fits(const PartHeader& header, size_t slot, int me, int peer, const Describe& what) {
-  if (header.bytes > slot - sizeof(PartHeader)) {
-    throw PbmError("rank " + std::to_string(me) + ": " + what() + ": rank " + std::to_string(peer) +
+void check_body_fits(const char* slot, size_t slot_size, int me, int peer, const Progress& progress) {
+  if (header_at(slot)->bytes > slot_size - sizeof(PartHeader)) {
+    throw PbmError("rank " + std::to_string(me) + ": " + progress.describe() + ": rank " + std::to_string(peer) +
                    " sent a 3LC partition larger than possible (corrupt message)");
   }
 }
 }  // namespace
 
-void CompressedAllreduce::exchange(const std::function<std::pair<char*, size_t>(int)>& recv_slot,
-                                   const std::function<std::pair<const char*, size_t>(int)>& send_slot,
-                                   Clock::time_point deadline, const Describe& what,
-                                   ProgressStatus* status) {
+struct ThreeLCExchange::Call {
+  const ThreeLCExchangeArgs& args;
+  int n;
+  int me;
+  char* data;
+  size_t esize;
+  Partition parts;  // partition p is reduced (and re-encoded) by rank p
+  // Slot p of a back-to-back layout of one encoded partition each: the step-1 send buffer
+  // and the step-4 receive area.
+  std::vector<size_t> slot_offset;
+  char* send;
+  char* recv;      // step 1: n slots of our partition; step 4: the back-to-back layout
+  size_t my_slot;  // slot bytes of our partition
+  float* sum;      // float32 reduction of our partition
+  bool fused;      // node inputs: `data` is formed inside the encode passes
+  std::vector<const float*> at;
+  bool own_residual_nonzero = false;
+
+  size_t begin(int p) const { return parts.begin(p); }
+  size_t elems(int p) const { return parts.length(p); }
+  // The node inputs shifted to `offset` (fused only).
+  const float* const* inputs_at(size_t offset) {
+    for (int q = 0; q < args.node_input_count; ++q) at[q] = args.node_inputs[q] + offset;
+    return at.data();
+  }
+};
+
+size_t ThreeLCExchange::owner_residual_count(size_t count) const {
+  return Partition::even(count, transport_.size()).length(transport_.rank());
+}
+
+template <typename RecvSlot, typename SendSlot>
+void ThreeLCExchange::exchange(const RecvSlot& recv_slot, const SendSlot& send_slot, const Progress& progress) {
   const int n = transport_.size();
   const int me = transport_.rank();
   std::vector<MPI_Request> requests;
@@ -50,7 +79,7 @@ void CompressedAllreduce::exchange(const std::function<std::pair<char*, size_t>(
     if (q == me) continue;
     const auto [buffer, capacity] = recv_slot(q);
     requests.emplace_back();
-    transport_.check(MPI_Irecv(buffer, static_cast<int>(capacity), MPI_BYTE, q, kTagCompressed,
+    transport_.check(MPI_Irecv(buffer, static_cast<int>(capacity), MPI_BYTE, q, kTagThreeLC,
                                transport_.comm(), &requests.back()),
                      "MPI_Irecv (3LC)");
     peers.push_back(q);
@@ -62,181 +91,217 @@ void CompressedAllreduce::exchange(const std::function<std::pair<char*, size_t>(
     requests.emplace_back();
     // MPI_Isend takes a non-const pointer in MPI-2 headers; the buffer is only read.
     transport_.check(MPI_Isend(const_cast<char*>(buffer), static_cast<int>(bytes), MPI_BYTE, q,
-                               kTagCompressed, transport_.comm(), &requests.back()),
+                               kTagThreeLC, transport_.comm(), &requests.back()),
                      "MPI_Isend (3LC)");
     transport_.bytes_sent += bytes;
     peers.push_back(q);
     is_recv.push_back(false);
   }
-  transport_.wait_all(requests, peers, is_recv, deadline, what, status);
+  transport_.wait_all(requests, peers, is_recv, progress);
 }
 
-size_t CompressedAllreduce::partition_begin(size_t count, int parts, int index) {
-  return (count / parts) * static_cast<size_t>(index) + std::min<size_t>(index, count % parts);
-}
-
-size_t CompressedAllreduce::partition_count(size_t count, int parts, int index) {
-  return partition_begin(count, parts, index + 1) - partition_begin(count, parts, index);
-}
-
-void CompressedAllreduce::run(void* data_void, size_t count, DType dtype, bool average,
-                              float sparsity, float* residual, float* owner_residual,
-                              const std::string& name, Clock::time_point deadline,
-                              const Describe& what, ProgressStatus* status, double divisor,
-                              const std::vector<void*>* also_out, const float* const* node_inputs,
-                              int n_node_inputs) {
-  if (node_inputs != nullptr && dtype != DType::kFloat32)
-    throw PbmError("3LC allreduce: node inputs are summed in float32 only, not " + std::string(dtype_name(dtype)));
+ThreeLCExchange::Call ThreeLCExchange::plan(const ThreeLCExchangeArgs& args) {
+  if (args.node_inputs != nullptr && args.dtype != DType::kFloat32)
+    throw PbmError("3LC allreduce: node inputs are summed in float32 only, not " + std::string(dtype_name(args.dtype)));
   const int n = transport_.size();
   const int me = transport_.rank();
-  char* data = static_cast<char*>(data_void);
-  const size_t esize = dtype_size(dtype);
-  auto begin = [&](int p) { return partition_begin(count, n, p); };
-  auto elems = [&](int p) { return partition_count(count, n, p); };
+  Call call{args, n, me, static_cast<char*>(args.data), dtype_size(args.dtype), Partition::even(args.count, n),
+            std::vector<size_t>(n + 1, 0), nullptr, nullptr, 0, nullptr, false, {}};
+  for (int p = 0; p < n; ++p) call.slot_offset[p + 1] = call.slot_offset[p] + slot_bytes(call.elems(p));
+  call.send = transport_.scratch(kScratchThreeLCSend, call.slot_offset[n]);
+  call.my_slot = slot_bytes(call.elems(me));
+  size_t recv_bytes = call.my_slot * n;
+  for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(call.elems(p)) * n);
+  call.recv = transport_.scratch(kScratchThreeLCRecv, recv_bytes);
+  call.sum = reinterpret_cast<float*>(
+      transport_.scratch(kScratchThreeLCSum, std::max<size_t>(call.elems(me), 1) * sizeof(float)));
+  call.fused = args.node_inputs != nullptr && args.node_input_count > 0;
+  call.at.resize(call.fused ? args.node_input_count : 0);
+  return call;
+}
 
-  // Send buffer: one slot per partition, laid out back to back.
-  std::vector<size_t> send_offset(n + 1, 0);
-  for (int p = 0; p < n; ++p) send_offset[p + 1] = send_offset[p] + slot_bytes(elems(p));
-  char* send = transport_.scratch(kScratchSend, send_offset[n]);
+ThreeLCFailure ThreeLCExchange::run(const ThreeLCExchangeArgs& args, const Progress& progress) {
+  Call call = plan(args);
 
-  // Step 1: encode every partition but our own with the first-stage residual. Our own
-  // partition never crosses a wire: its exact sum with the residual goes straight into the
-  // reduction (nothing is dropped, so its residual is delivered in full and cleared below).
-  const size_t mine = elems(me);
-  auto* sum = reinterpret_cast<float*>(transport_.scratch(kScratchSum, std::max<size_t>(mine, 1) * 4));
-  // With node inputs (hierarchical, float32) `data` is not formed yet: our own partition is
-  // summed from them straight into `sum`, the others into `data` while max|sum + residual|
-  // is taken, so each encode skips its first pass.
-  const bool fused = node_inputs != nullptr && n_node_inputs > 0;
-  std::vector<const float*> at(fused ? n_node_inputs : 0);
-  auto inputs_at = [&](size_t offset) {
-    for (int q = 0; q < n_node_inputs; ++q) at[q] = node_inputs[q] + offset;
-    return at.data();
-  };
-  std::string local_error;
-  bool own_residual_nonzero = false;
+  // Step 1: encode every partition but our own with the first-stage residual; our own goes
+  // exact into the reduction. A NaN/Inf stops the encoding: every slot then says "failed".
+  const std::string local_error = encode_shares(call);
+
+  // Step 1 (wire): partition p goes to rank p; we receive the n-1 peers' encodings of ours.
+  scatter(call, Progress(progress, "3LC reduce-scatter"));
+
+  // Every rank sees every rank's flag for its partition, so all agree on the failure (and
+  // on the ranks at fault) without another message.
+  ThreeLCFailure failure = agreed_failure(call, local_error);
+  if (failure.failed()) return failure;
+
+  // Step 2: the peers' encodings of our partition are added to our exact share, in rank
+  // order (avg divides here, before the second encode).
+  reduce_own_partition(call, progress);
+
+  // Step 3: the reduced partition is re-encoded with the owner's residual, into the step-1
+  // send buffer (free again), so what it drops now is sent in a later step.
+  char* reduced = call.send;
+  const ThreeLCEncoded encoded = threelc_encode(Elements{call.sum, call.elems(call.me), DType::kFloat32},
+                                                args.owner_residual, args.sparsity, body_at(reduced), args.name);
+  *header_at(reduced) = PartHeader{encoded.scale, static_cast<uint32_t>(encoded.bytes), 0, 0};
+
+  // Step 4: allgather the re-encoded partitions and decode each into place (and into the
+  // extra outputs from the same stores): every rank decodes the same bytes.
+  gather_and_decode(call, Progress(progress, "3LC allgather"));
+  return failure;
+}
+
+std::string ThreeLCExchange::encode_shares(Call& call) {
+  const ThreeLCExchangeArgs& args = call.args;
+  const int me = call.me;
+  std::string error;
+  // Our own partition never crosses a wire: its exact sum with the residual goes straight
+  // into the reduction (nothing is dropped, so its residual is delivered in full and
+  // cleared in step 2). With node inputs (hierarchical, float32) `data` is not formed yet:
+  // our partition is summed from them straight into `sum`.
   try {
-    own_residual_nonzero =
-        fused ? threelc_accumulate_n(inputs_at(begin(me)), n_node_inputs, mine, residual + begin(me), sum,
-                                     name.c_str())
-              : threelc_accumulate(data + begin(me) * esize, dtype, mine, residual + begin(me), sum,
-                                   name.c_str());
-  } catch (const PbmError& error) {
-    local_error = error.what();
+    call.own_residual_nonzero =
+        call.fused ? threelc_accumulate_n(call.inputs_at(call.begin(me)), args.node_input_count, call.elems(me),
+                                          args.residual + call.begin(me), call.sum, args.name)
+                   : threelc_accumulate(Elements{call.data + call.begin(me) * call.esize, call.elems(me), args.dtype},
+                                        args.residual + call.begin(me), call.sum, args.name);
+  } catch (const PbmError& e) {
+    error = e.what();
   }
-  for (int p = 0; p < n && local_error.empty(); ++p) {
-    auto* header = reinterpret_cast<PartHeader*>(send + send_offset[p]);
-    *header = PartHeader{};
-    if (p == me) continue;
-    try {
-      auto* body = reinterpret_cast<uint8_t*>(send + send_offset[p] + sizeof(PartHeader));
-      float* part = reinterpret_cast<float*>(data) + begin(p);
-      const ThreeLCEncoded encoded =
-          fused ? threelc_encode_known_max(
-                      part, elems(p), residual + begin(p), sparsity, body,
-                      threelc_reduce_max(part, inputs_at(begin(p)), n_node_inputs, elems(p), residual + begin(p)),
-                      name.c_str())
-                : threelc_encode(data + begin(p) * esize, dtype, elems(p), residual + begin(p), sparsity,
-                                 body, name.c_str());
-      header->scale = encoded.scale;
-      header->bytes = static_cast<uint32_t>(encoded.bytes);
-    } catch (const PbmError& error) {
-      local_error = error.what();
+  for (int p = 0; p < call.n && error.empty(); ++p) error = encode_share(call, p);
+  if (!error.empty()) {
+    for (int p = 0; p < call.n; ++p) *header_at(call.send + call.slot_offset[p]) = PartHeader{0.f, 0, 1, 0};
+  }
+  return error;
+}
+
+std::string ThreeLCExchange::encode_share(Call& call, int p) {
+  const ThreeLCExchangeArgs& args = call.args;
+  char* slot = call.send + call.slot_offset[p];
+  *header_at(slot) = PartHeader{};
+  if (p == call.me) return {};
+  try {
+    float* residual = args.residual + call.begin(p);
+    ThreeLCEncoded encoded;
+    if (call.fused) {
+      // The node sum is formed into `data` while max|sum + residual| is taken, so the
+      // encode skips its first pass.
+      float* part = reinterpret_cast<float*>(call.data) + call.begin(p);
+      const uint32_t largest = threelc_reduce_max(part, call.inputs_at(call.begin(p)), args.node_input_count,
+                                                  call.elems(p), residual);
+      encoded = threelc_encode_known_max(Elements{part, call.elems(p), DType::kFloat32}, residual, args.sparsity,
+                                         body_at(slot), largest, args.name);
+    } else {
+      encoded = threelc_encode(Elements{call.data + call.begin(p) * call.esize, call.elems(p), args.dtype}, residual,
+                               args.sparsity, body_at(slot), args.name);
     }
+    header_at(slot)->scale = encoded.scale;
+    header_at(slot)->bytes = static_cast<uint32_t>(encoded.bytes);
+  } catch (const PbmError& e) {
+    return e.what();
   }
-  if (!local_error.empty()) {
-    for (int p = 0; p < n; ++p) {
-      auto* header = reinterpret_cast<PartHeader*>(send + send_offset[p]);
-      *header = PartHeader{};
-      header->failed = 1;
-    }
-  }
+  return {};
+}
 
-  // Step 1 (wire): partition p goes to rank p; receive the n-1 peers' encodings of ours.
-  const size_t my_slot = slot_bytes(elems(me));
-  // Receive area: n slots of our partition (reused in step 4 for all partitions).
-  size_t recv_bytes = my_slot * n;
-  for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(elems(p)) * n);
-  char* recv = transport_.scratch(kScratchRecv, recv_bytes);
-  exchange(
-      [&](int q) { return std::make_pair(recv + my_slot * q, my_slot); },
-      [&](int p) {
-        const auto* header = reinterpret_cast<const PartHeader*>(send + send_offset[p]);
-        return std::make_pair(static_cast<const char*>(send + send_offset[p]),
-                              sizeof(PartHeader) + header->bytes);
-      },
-      deadline, [&] { return what() + ": 3LC reduce-scatter"; }, status);
-  std::memcpy(recv + my_slot * me, send + send_offset[me], my_slot);
+void ThreeLCExchange::scatter(Call& call, const Progress& progress) {
+  char* send = call.send;
+  char* recv = call.recv;
+  const size_t my_slot = call.my_slot;
+  const std::vector<size_t>& offset = call.slot_offset;
+  exchange([&](int q) { return std::make_pair(recv + my_slot * q, my_slot); },
+           [&](int p) {
+             const char* slot = send + offset[p];
+             return std::make_pair(slot, sizeof(PartHeader) + header_at(slot)->bytes);
+           },
+           progress);
+  std::memcpy(recv + my_slot * call.me, send + offset[call.me], my_slot);
+}
 
-  // Every rank sees every rank's flag for its partition: all agree on failure.
-  std::vector<int> failed_ranks;
-  for (int q = 0; q < n; ++q) {
-    if (reinterpret_cast<const PartHeader*>(recv + my_slot * q)->failed) failed_ranks.push_back(q);
+ThreeLCFailure ThreeLCExchange::agreed_failure(const Call& call, const std::string& local_error) const {
+  ThreeLCFailure failure;
+  for (int q = 0; q < call.n; ++q) {
+    // World ranks: a hierarchical allreduce runs this over a sub-communicator per slice.
+    if (header_at(call.recv + call.my_slot * q)->failed) failure.ranks.push_back(transport_.world_rank(q));
   }
-  if (!failed_ranks.empty()) {
-    std::ostringstream message;
-    // World ranks (a hierarchical allreduce runs this over a sub-communicator per slice).
-    message << "rank " << transport_.world_rank(me) << ": " << what()
-            << ": 3LC found NaN/Inf in the gradient on rank";
-    message << (failed_ranks.size() > 1 ? "s " : " ");
-    for (size_t i = 0; i < failed_ranks.size(); ++i)
-      message << (i ? ", " : "") << transport_.world_rank(failed_ranks[i]);
-    message << "; no rank applied this allreduce";
-    if (!local_error.empty()) message << " (here: " << local_error << ")";
-    throw AgreedFailureError(message.str());
-  }
+  if (failure.failed()) failure.local_error = local_error;
+  return failure;
+}
 
-  // Step 2: add the peers' encodings of our partition to our exact share, in rank order.
-  if (own_residual_nonzero) std::fill(residual + begin(me), residual + begin(me) + mine, 0.f);
-  for (int q = 0; q < n; ++q) {
+void ThreeLCExchange::reduce_own_partition(Call& call, const Progress& progress) {
+  const ThreeLCExchangeArgs& args = call.args;
+  const int me = call.me;
+  const size_t mine = call.elems(me);
+  if (call.own_residual_nonzero) std::fill(args.residual + call.begin(me), args.residual + call.begin(me) + mine, 0.f);
+  for (int q = 0; q < call.n; ++q) {
     if (q == me) continue;
-    const auto* header = reinterpret_cast<const PartHeader*>(recv + my_slot * q);
-    check_body_fits(*header, my_slot, me, q, what);
-    threelc_decode_add(reinterpret_cast<const uint8_t*>(recv + my_slot * q + sizeof(PartHeader)),
-                       header->bytes, header->scale, mine, sum, DType::kFloat32, name.c_str());
+    const char* slot = call.recv + call.my_slot * q;
+    check_body_fits(slot, call.my_slot, me, q, progress);
+    threelc_decode_add(ThreeLCBody{body_at(slot), header_at(slot)->bytes, header_at(slot)->scale},
+                       MutableElements{call.sum, mine, DType::kFloat32}, args.name);
   }
-  if (average && n > 1) {
-    const float inv = 1.0f / static_cast<float>(n);
-    for (size_t i = 0; i < mine; ++i) sum[i] *= inv;
+  if (args.average && call.n > 1) {
+    const float inv = 1.0f / static_cast<float>(call.n);
+    for (size_t i = 0; i < mine; ++i) call.sum[i] *= inv;
   }
+}
 
-  // Step 3: re-encode the reduced partition with the owner's residual.
-  char* reduced = send;  // the step-1 send buffer is free again
-  {
-    auto* header = reinterpret_cast<PartHeader*>(reduced);
-    *header = PartHeader{};
-    const ThreeLCEncoded encoded =
-        threelc_encode(sum, DType::kFloat32, mine, owner_residual, sparsity,
-                       reinterpret_cast<uint8_t*>(reduced + sizeof(PartHeader)), name.c_str());
-    header->scale = encoded.scale;
-    header->bytes = static_cast<uint32_t>(encoded.bytes);
+void ThreeLCExchange::gather_and_decode(Call& call, const Progress& progress) {
+  const ThreeLCExchangeArgs& args = call.args;
+  const std::vector<size_t>& offset = call.slot_offset;
+  char* gathered = call.recv;
+  const char* reduced = call.send;
+  const size_t reduced_bytes = sizeof(PartHeader) + header_at(reduced)->bytes;
+  exchange([&](int q) { return std::make_pair(gathered + offset[q], offset[q + 1] - offset[q]); },
+           [&](int) { return std::make_pair(reduced, reduced_bytes); }, progress);
+  std::memcpy(gathered + offset[call.me], reduced, reduced_bytes);
+  // q * scale / divisor equals q * (scale / divisor) bitwise in float32 (q is -1, 0 or 1),
+  // so the division rides in the decode table; 16-bit outputs divide after decoding.
+  const double divisor = args.divisor;
+  const bool fuse = args.dtype == DType::kFloat32 || divisor == 1.0;
+  const size_t extras = args.also_out ? args.also_out->size() : 0;
+  for (int p = 0; p < call.n; ++p) {
+    const char* slot = gathered + offset[p];
+    check_body_fits(slot, offset[p + 1] - offset[p], call.me, p, progress);
+    const float scale = fuse && divisor != 1.0 ? static_cast<float>(header_at(slot)->scale / static_cast<float>(divisor))
+                                               : header_at(slot)->scale;
+    char* also = fuse && extras > 0 ? static_cast<char*>((*args.also_out)[0]) + call.begin(p) * call.esize : nullptr;
+    threelc_decode(ThreeLCBody{body_at(slot), header_at(slot)->bytes, scale},
+                   MutableElements{call.data + call.begin(p) * call.esize, call.elems(p), args.dtype}, args.name, also);
   }
+  if (!fuse) divide_in_place(call.data, args.count, args.dtype, divisor);
+  for (size_t e = fuse ? 1 : 0; e < extras; ++e) std::memcpy((*args.also_out)[e], call.data, args.count * call.esize);
+}
 
-  // Step 4: allgather the re-encoded partitions; decode each into place (and into the
-  // extra outputs from the same stores). q * scale / divisor equals q * (scale / divisor)
-  // bitwise in float32 (q is -1, 0 or 1), so the division rides in the decode table.
-  std::vector<size_t> recv_offset(n + 1, 0);
-  for (int p = 0; p < n; ++p) recv_offset[p + 1] = recv_offset[p] + slot_bytes(elems(p));
-  char* gathered = recv;
-  const size_t reduced_bytes = sizeof(PartHeader) + reinterpret_cast<const PartHeader*>(reduced)->bytes;
-  exchange([&](int q) { return std::make_pair(gathered + recv_offset[q], slot_bytes(elems(q))); },
-           [&](int) { return std::make_pair(static_cast<const char*>(reduced), reduced_bytes); },
-           deadline, [&] { return what() + ": 3LC allgather"; }, status);
-  std::memcpy(gathered + recv_offset[me], reduced, reduced_bytes);
-  const bool fuse = dtype == DType::kFloat32 || divisor == 1.0;
-  const size_t extras = also_out ? also_out->size() : 0;
-  for (int p = 0; p < n; ++p) {
-    const auto* header = reinterpret_cast<const PartHeader*>(gathered + recv_offset[p]);
-    check_body_fits(*header, slot_bytes(elems(p)), me, p, what);
-    const float scale = fuse && divisor != 1.0
-                            ? static_cast<float>(header->scale / static_cast<float>(divisor))
-                            : header->scale;
-    threelc_decode(reinterpret_cast<const uint8_t*>(gathered + recv_offset[p] + sizeof(PartHeader)),
-                   header->bytes, scale, elems(p), data + begin(p) * esize, dtype, name.c_str(),
-                   fuse && extras > 0 ? static_cast<char*>((*also_out)[0]) + begin(p) * esize : nullptr);
-  }
-  if (!fuse) divide_in_place(data, count, dtype, divisor);
-  for (size_t e = fuse ? 1 : 0; e < extras; ++e) std::memcpy((*also_out)[e], data, count * esize);
+std::optional<ThreeLCLayout> ThreeLCAllreduce::threelc_layout(const AllreduceArgs& args) const {
+  ThreeLCLayout layout;
+  layout.path = ThreeLCPath::kFlat;
+  layout.first = args.count;
+  layout.second = exchange_.owner_residual_count(args.count);
+  layout.ranks = transport_.size();
+  layout.rank = transport_.rank();
+  return layout;
+}
+
+AllreduceResult ThreeLCAllreduce::run(const AllreduceArgs& args, const Progress& progress) {
+  ThreeLCExchangeArgs exchange;
+  exchange.data = args.data;
+  exchange.count = args.count;
+  exchange.dtype = args.dtype;
+  exchange.average = args.op == ReduceOp::kAvg;
+  exchange.sparsity = args.wire.sparsity;
+  exchange.residual = args.residuals.first_data();
+  exchange.owner_residual = args.residuals.second_data();
+  exchange.name = args.name.c_str();
+  const ThreeLCFailure failure = exchange_.run(exchange, progress);
+  if (!failure.failed()) return {};
+  std::ostringstream message;
+  message << "rank " << transport_.rank() << ": " << progress.describe() << ": 3LC found NaN/Inf in the gradient on rank"
+          << (failure.ranks.size() > 1 ? "s " : " ");
+  for (size_t i = 0; i < failure.ranks.size(); ++i) message << (i ? ", " : "") << failure.ranks[i];
+  message << "; no rank applied this allreduce";
+  if (!failure.local_error.empty()) message << " (here: " << failure.local_error << ")";
+  throw AgreedFailureError(message.str(), failure.ranks);
 }
 
 }  // namespace pbm

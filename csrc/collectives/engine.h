@@ -4,6 +4,12 @@
 // calls are queued for the progress thread; a blocking call made while nothing is queued
 // runs directly on the calling thread (GIL released by the bindings), which keeps small
 // allreduces at MPI latency instead of paying a thread hand-off.
+//
+// An allreduce is resolved once, at submission: the algorithm table (algorithm_table.h)
+// resolves the requested algorithm for this topology and picks its implementation, and a
+// 3LC call binds its state's residuals for that path's layout. Execution is then the join
+// (handshake.h), the implementation's run(), and the work every algorithm shares
+// (allreduce.h: 16-bit widening, the finiteness scan).
 #pragma once
 
 #include <mpi.h>
@@ -18,23 +24,37 @@
 #include <thread>
 #include <vector>
 
+#include "algorithm_table.h"
+#include "allreduce.h"
 #include "collective.h"
-#include "compressed_allreduce.h"
 #include "handshake.h"
-#include "ring_allreduce.h"
-#include "shm_allreduce.h"
+#include "node_stage.h"
 #include "transport.h"
 
 namespace pbm {
 
+// What a collective call asks for.
+struct CollectiveSpec {
+  CollectiveKind kind = CollectiveKind::kAllreduce;
+  AllreduceArgs args;  // buffer, dtype and name of every kind; the rest for allreduce
+  int root = 0;        // broadcast only
+};
+
 // One submitted collective; shared by the engine and the Python handle that waits on it.
 class Operation {
  public:
-  Operation(CollectiveSpec spec, uint64_t seq) : spec_(std::move(spec)), seq_(seq) {}
+  Operation(CollectiveSpec spec, uint64_t seq);
 
   const CollectiveSpec& spec() const { return spec_; }
+  // The allreduce as the engine runs it (resolved fields filled in at submission).
+  AllreduceArgs& args() { return spec_.args; }
+  // The implementation the engine picked for an allreduce (at submission).
+  AllreduceAlgorithm* algorithm() const { return algorithm_; }
+  void set_algorithm(AllreduceAlgorithm* algorithm) { algorithm_ = algorithm; }
   uint64_t seq() const { return seq_; }
-  // "allreduce #12 'fc1.weight' (float32 x 1000, op=sum, algorithm=ring)"
+  // The join header: what every rank must agree on, as the caller asked for it.
+  const CollectiveHeader& header() const { return header_; }
+  // "#12 allreduce 'fc1.weight' (float32 x 1000, op=sum, algorithm=ring)"
   std::string describe() const;
 
   // Blocks until the collective finished (successfully or not) or timeout_s passed
@@ -55,6 +75,8 @@ class Operation {
  private:
   CollectiveSpec spec_;
   uint64_t seq_;
+  AllreduceAlgorithm* algorithm_ = nullptr;
+  CollectiveHeader header_;
   ProgressStatus status_;
   mutable std::mutex mu_;
   std::condition_variable finished_cv_;
@@ -83,10 +105,8 @@ class Engine {
   // Stops the progress thread. Queued collectives fail; one stuck in MPI is aborted.
   void shutdown();
 
-  RingAllreduce& ring() { return ring_; }
-  uint64_t bytes_sent() const {
-    return transport_.bytes_sent.load() + (node_ ? node_->bytes_sent() : 0);
-  }
+  AlgorithmTable& algorithms() { return algorithms_; }
+  uint64_t bytes_sent() const { return transport_.bytes_sent.load() + algorithms_.bytes_sent(); }
 
   // Sets up the shared-memory node stage (algorithms shm/hierarchical/auto). Collective over
   // the communicator; call once, before any collective. `node_color`: the same value on all
@@ -94,32 +114,27 @@ class Engine {
   void configure_nodes(int node_color);
   NodeStage* node() { return node_.get(); }
   uint64_t shm_bytes() const { return node_ ? node_->shm_bytes() : 0; }
-  // algorithm "auto" uses the node stage from this many bytes on (PBM_SHM_MIN_BYTES);
-  // smaller messages go to the ring (which carries them inside the join message).
-  size_t shm_min_bytes = 64 * 1024;
-  // The algorithm an allreduce of `bytes` with `requested` runs as on this topology.
-  Algorithm resolve_algorithm(Algorithm requested, size_t bytes) const;
   double timeout_s() const { return timeout_s_; }
 
  private:
   void validate(const CollectiveSpec& spec) const;
+  void validate_allreduce(const AllreduceArgs& args, const std::string& where) const;
+  AllreduceAlgorithm* plan(AllreduceArgs& args) const;
   std::shared_ptr<Operation> make_operation(CollectiveSpec spec);
   void progress_loop();
   void execute(Operation& op, Clock::time_point deadline);
-  void execute_allreduce(Operation& op, Clock::time_point deadline);
-  void execute_broadcast(Operation& op, Clock::time_point deadline);
-  // Zero-copy: window and offset of the buffer if every node rank's lies at the same place.
-  void zero_copy_target(const void* data, size_t bytes, CollectiveHeader* header) const;
-  int32_t agreed_zero_copy_window(size_t bytes, uint64_t* offset) const;
+  void execute_allreduce(Operation& op, const Progress& progress);
+  void join_allreduce(Operation& op, const JoinRequest& request, bool in_place, const Progress& progress);
+  // Zero-copy: where the buffer lies in the pool, if every node rank's lies at the same place.
+  ZeroCopyPlacement agreed_placement(size_t bytes) const;
   void mark_broken(const std::string& reason);
   void throw_if_broken() const;
   Clock::time_point deadline_after(double timeout_s) const;
 
   Transport transport_;
   Handshake handshake_;
-  RingAllreduce ring_;
-  CompressedAllreduce compressed_;
-  std::unique_ptr<NodeStage> node_;
+  std::unique_ptr<NodeStage> node_;  // before the table, whose node algorithms refer to it
+  AlgorithmTable algorithms_;
   double timeout_s_;
 
   mutable std::mutex mu_;

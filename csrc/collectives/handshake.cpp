@@ -9,8 +9,6 @@
 namespace pbm {
 
 namespace {
-constexpr size_t kScratchSend = 0;
-constexpr size_t kScratchRecv = 1;
 constexpr size_t kSlotBytes = sizeof(CollectiveHeader) + kMaxInlinePayloadBytes;
 }  // namespace
 
@@ -30,9 +28,7 @@ std::string describe_header(const CollectiveHeader& header) {
   return out.str();
 }
 
-void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
-                         Clock::time_point deadline, const Describe& what,
-                         ProgressStatus* status) {
+void Handshake::exchange(const CollectiveHeader& mine, const void* payload, const Progress& progress) {
   const int n = transport_.size();
   const int me = transport_.rank();
   headers_.assign(n, CollectiveHeader{});
@@ -43,10 +39,10 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
   if (n == 1) return;
 
   const size_t message_bytes = sizeof(CollectiveHeader) + mine.payload_bytes;
-  char* send = transport_.scratch(kScratchSend, message_bytes);
+  char* send = transport_.scratch(kScratchJoinSend, message_bytes);
   std::memcpy(send, &mine, sizeof(CollectiveHeader));
   if (mine.payload_bytes) std::memcpy(send + sizeof(CollectiveHeader), payload, mine.payload_bytes);
-  char* recv = transport_.scratch(kScratchRecv, kSlotBytes * n);
+  char* recv = transport_.scratch(kScratchJoinRecv, kSlotBytes * n);
 
   std::vector<MPI_Request> requests;
   std::vector<int> peers;
@@ -72,17 +68,16 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload,
     peers.push_back(peer);
     is_recv.push_back(false);
   }
-  transport_.wait_all(requests, peers, is_recv, deadline,
-                      [&] { return what() + ": waiting for ranks to join"; }, status);
+  transport_.wait_all(requests, peers, is_recv, Progress(progress, "waiting for ranks to join"));
   for (int peer = 0; peer < n; ++peer) {
     if (peer == me) continue;
     std::memcpy(&headers_[peer], recv + kSlotBytes * peer, sizeof(CollectiveHeader));
     payloads_[peer] = recv + kSlotBytes * peer + sizeof(CollectiveHeader);
   }
-  check_agreement(what);
+  check_agreement(progress);
 }
 
-void Handshake::check_agreement(const Describe& what) {
+void Handshake::check_agreement(const Progress& progress) {
   const int n = transport_.size();
   const CollectiveHeader& first = headers_[0];
   bool agree = true;
@@ -90,7 +85,7 @@ void Handshake::check_agreement(const Describe& what) {
     const CollectiveHeader& h = headers_[r];
     if (h.magic != kHeaderMagic || h.version != kHeaderVersion) {
       std::ostringstream message;
-      message << "rank " << transport_.rank() << ": " << what() << ": rank " << r
+      message << "rank " << transport_.rank() << ": " << progress.describe() << ": rank " << r
               << " sent a malformed join header (magic/version mismatch): is every rank running "
                  "the same pybrain-mpi build?";
       order_broken_ = true;

@@ -1,5 +1,6 @@
 // The join step every collective starts with: each rank sends a small header describing
-// the collective it is about to run (sequence number, kind, dtype, count, op, root, name)
+// the collective it is about to run (sequence number, kind, dtype, count, op, algorithm,
+// compression, root, name)
 // to every peer and waits for theirs.
 //
 // Why all-to-all rather than a tree: it tells each rank exactly which peers have not
@@ -49,8 +50,7 @@ class Handshake {
   // payload(i) describe rank i (payload(rank) is our own). Throws CollectiveTimeoutError
   // naming the ranks that did not join by `deadline`, and CollectiveMismatchError (on
   // every rank alike) when the headers disagree on anything but the payload.
-  void exchange(const CollectiveHeader& mine, const void* payload, Clock::time_point deadline,
-                const Describe& what, ProgressStatus* status);
+  void exchange(const CollectiveHeader& mine, const void* payload, const Progress& progress);
 
   const CollectiveHeader& header(int rank) const { return headers_[rank]; }
   const char* payload(int rank) const { return payloads_[rank]; }
@@ -60,7 +60,7 @@ class Handshake {
   bool order_broken() const { return order_broken_; }
 
  private:
-  void check_agreement(const Describe& what);
+  void check_agreement(const Progress& progress);
 
   Transport& transport_;
   std::vector<CollectiveHeader> headers_;

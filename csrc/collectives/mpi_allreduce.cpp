@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "../kernels/reduce.h"
+
 namespace pbm {
 
 namespace {
@@ -38,29 +40,30 @@ std::vector<int> everyone_but(const Transport& transport) {
 }
 }  // namespace
 
-void mpi_allreduce(Transport& transport, void* data, size_t count, DType dtype, ReduceOp op,
-                   Clock::time_point deadline, const Describe& what, ProgressStatus* status) {
-  char* bytes = static_cast<char*>(data);
-  const size_t esize = dtype_size(dtype);
-  for (size_t first = 0; first < count; first += kMaxElemsPerCall) {
-    const size_t elems = std::min(kMaxElemsPerCall, count - first);
+AllreduceResult MpiAllreduce::run(const AllreduceArgs& args, const Progress& progress) {
+  char* bytes = static_cast<char*>(args.data);
+  const size_t esize = dtype_size(args.dtype);
+  const Progress phase(progress, "MPI_Iallreduce");
+  for (size_t first = 0; first < args.count; first += kMaxElemsPerCall) {
+    const size_t elems = std::min(kMaxElemsPerCall, args.count - first);
     MPI_Request request = MPI_REQUEST_NULL;
-    transport.check(MPI_Iallreduce(MPI_IN_PLACE, bytes + first * esize, static_cast<int>(elems),
-                                   mpi_type(dtype), mpi_op(op), transport.comm(), &request),
-                    "MPI_Iallreduce");
-    transport.bytes_sent += elems * esize * 2 * (transport.size() - 1) / transport.size();
+    transport_.check(MPI_Iallreduce(MPI_IN_PLACE, bytes + first * esize, static_cast<int>(elems),
+                                    mpi_type(args.dtype), mpi_op(args.op), transport_.comm(), &request),
+                     "MPI_Iallreduce");
+    transport_.bytes_sent += elems * esize * 2 * (transport_.size() - 1) / transport_.size();
     // A non-blocking collective cannot say which peer is late: report all others.
     std::vector<MPI_Request> requests{request};
-    const std::vector<int> others = everyone_but(transport);
-    std::vector<int> peers{others.empty() ? transport.rank() : others.front()};
-    transport.wait_all(requests, peers, {false}, deadline, [&] { return what() + ": MPI_Iallreduce"; }, status,
-                       /*cancellable=*/false);
+    const std::vector<int> others = everyone_but(transport_);
+    std::vector<int> peers{others.empty() ? transport_.rank() : others.front()};
+    transport_.wait_all(requests, peers, {false}, phase, /*cancellable=*/false);
   }
+  if (args.divisor != 1.0) divide_in_place(args.data, args.count, args.dtype, args.divisor);
+  return {};
 }
 
-void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
-                   Clock::time_point deadline, const Describe& what, ProgressStatus* status) {
+void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root, const Progress& progress) {
   char* base = static_cast<char*>(data);
+  const Progress phase(progress, "MPI_Ibcast");
   for (size_t first = 0; first < bytes; first += kMaxElemsPerCall) {
     const size_t piece = std::min(kMaxElemsPerCall, bytes - first);
     MPI_Request request = MPI_REQUEST_NULL;
@@ -69,8 +72,7 @@ void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
                     "MPI_Ibcast");
     if (transport.rank() == root) transport.bytes_sent += piece;
     std::vector<MPI_Request> requests{request};
-    transport.wait_all(requests, {root}, {false}, deadline, [&] { return what() + ": MPI_Ibcast"; }, status,
-                       /*cancellable=*/false);
+    transport.wait_all(requests, {root}, {false}, phase, /*cancellable=*/false);
   }
 }
 

@@ -4,19 +4,30 @@
 #pragma once
 
 #include <cstddef>
-#include <string>
 
-#include "../common/dtype.h"
+#include "allreduce.h"
 #include "transport.h"
 
 namespace pbm {
 
-// In-place MPI_Iallreduce on a wide dtype; kAvg reduces as a sum (the caller divides).
-void mpi_allreduce(Transport& transport, void* data, size_t count, DType dtype, ReduceOp op,
-                   Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+class MpiAllreduce : public AllreduceAlgorithm {
+ public:
+  explicit MpiAllreduce(Transport& transport) : transport_(transport) {}
+
+  const char* name() const override { return "mpi"; }
+  bool enabled(const AllreduceArgs& args) const override {
+    return args.algorithm == Algorithm::kMpi && !args.wire.threelc();
+  }
+  // MPI reduces wide types only: 16-bit floats always go through a float32 copy.
+  bool widens(const AllreduceArgs& args) const override { return is_half_precision(args.dtype); }
+  // In-place MPI_Iallreduce; kAvg reduces as a sum and is divided afterwards.
+  AllreduceResult run(const AllreduceArgs& args, const Progress& progress) override;
+
+ private:
+  Transport& transport_;
+};
 
 // MPI_Ibcast of `bytes` bytes from `root`.
-void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root,
-                   Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+void mpi_broadcast(Transport& transport, void* data, size_t bytes, int root, const Progress& progress);
 
 }  // namespace pbm

@@ -4,71 +4,75 @@
 #include <climits>
 #include <vector>
 
+#include "../common/partition.h"
 #include "../kernels/reduce.h"
 
 namespace pbm {
 
 namespace {
-constexpr size_t kScratchRing = 2;  // transport scratch slot holding the receive window
 // Allgather messages go straight into the result buffer; they are only cut to stay below
 // MPI's int count limit.
 constexpr size_t kMaxMessageBytes = size_t{1} << 30;
 }  // namespace
 
+struct RingAllreduce::Pass {
+  char* data;
+  size_t esize;
+  DType dtype;
+  ReduceOp op;
+  Partition segments;  // segment s is reduced by rank s - 1 (mod n), then passed on
+  int left;
+  int right;
+};
+
 RingAllreduce::RingAllreduce(Transport& transport) : transport_(transport) {}
 
-void RingAllreduce::run(void* data_void, size_t count, DType dtype, ReduceOp op, double divisor,
-                        Clock::time_point deadline, const Describe& what,
-                        ProgressStatus* status) {
+AllreduceResult RingAllreduce::run(const AllreduceArgs& args, const Progress& progress) {
+  reduce(MutableElements{args.data, args.count, args.dtype}, args.op, args.divisor, progress);
+  return {};
+}
+
+void RingAllreduce::reduce(const MutableElements& buffer, ReduceOp op, double divisor, const Progress& progress) {
   const int n = transport_.size();
   const int r = transport_.rank();
-  char* data = static_cast<char*>(data_void);
-  const size_t esize = dtype_size(dtype);
-  if (n == 1 || count == 0) {
-    if (divisor != 1.0) divide_in_place(data, count, dtype, divisor);
+  char* data = static_cast<char*>(buffer.data);
+  const size_t esize = dtype_size(buffer.dtype);
+  if (n == 1 || buffer.count == 0) {
+    if (divisor != 1.0) divide_in_place(data, buffer.count, buffer.dtype, divisor);
     return;
   }
-  // Segment s covers [begin(s), begin(s+1)): sizes differ by at most one element, so any
-  // count works, including fewer elements than ranks (some segments are then empty).
-  auto begin = [&](int s) {
-    return (count / n) * static_cast<size_t>(s) + std::min<size_t>(s, count % n);
-  };
-  auto seg_count = [&](int s) { return begin(s + 1) - begin(s); };
+  // Segments differ by at most one element, so any count works, including fewer elements
+  // than ranks (some segments are then empty).
+  const Pass pass{data, esize, buffer.dtype, op, Partition::even(buffer.count, n), (r - 1 + n) % n, (r + 1) % n};
   auto mod = [n](int x) { return ((x % n) + n) % n; };
 
   // Reduce-scatter: at step k, send segment r-k (complete up to this rank's contribution)
   // to the right and reduce segment r-k-1 arriving from the left into the local buffer.
   // After n-1 steps this rank holds the full reduction of segment r+1.
   for (int step = 0; step < n - 1; ++step) {
-    const int send_seg = mod(r - step);
-    const int recv_seg = mod(r - step - 1);
-    reduce_scatter_step(data, esize, dtype, op, begin(send_seg), seg_count(send_seg),
-                        begin(recv_seg), seg_count(recv_seg), deadline,
-                        [&] { return what() + ": ring reduce-scatter step " + std::to_string(step); },
-                        status);
+    reduce_scatter_step(pass, mod(r - step), mod(r - step - 1),
+                        Progress(progress, "ring reduce-scatter step", step));
   }
+  // Averages divide the one segment this rank finished: 1/n of a pass.
   const int owned = mod(r + 1);
-  if (divisor != 1.0) divide_in_place(data + begin(owned) * esize, seg_count(owned), dtype, divisor);
+  if (divisor != 1.0) {
+    divide_in_place(data + pass.segments.begin(owned) * esize, pass.segments.length(owned), buffer.dtype, divisor);
+  }
 
   // Allgather: at step k, pass segment r+1-k (owned, or received at step k-1) to the right
   // and receive segment r-k from the left straight into its final place.
   for (int step = 0; step < n - 1; ++step) {
-    const int send_seg = mod(r + 1 - step);
-    const int recv_seg = mod(r - step);
-    allgather_step(data, esize, begin(send_seg), seg_count(send_seg), begin(recv_seg),
-                   seg_count(recv_seg), deadline,
-                   [&] { return what() + ": ring allgather step " + std::to_string(step); }, status);
+    allgather_step(pass, mod(r + 1 - step), mod(r - step), Progress(progress, "ring allgather step", step));
   }
 }
 
-void RingAllreduce::reduce_scatter_step(char* data, size_t esize, DType dtype, ReduceOp op,
-                                        size_t send_begin, size_t send_count, size_t recv_begin,
-                                        size_t recv_count, Clock::time_point deadline,
-                                        const Describe& what, ProgressStatus* status) {
-  const int n = transport_.size();
-  const int r = transport_.rank();
-  const int left = (r - 1 + n) % n;
-  const int right = (r + 1) % n;
+void RingAllreduce::reduce_scatter_step(const Pass& pass, int send_segment, int recv_segment,
+                                        const Progress& progress) {
+  const size_t esize = pass.esize;
+  const size_t send_begin = pass.segments.begin(send_segment);
+  const size_t send_count = pass.segments.length(send_segment);
+  const size_t recv_begin = pass.segments.begin(recv_segment);
+  const size_t recv_count = pass.segments.length(recv_segment);
   const size_t chunk_elems = std::max<size_t>(1, std::min(chunk_bytes, kMaxMessageBytes) / esize);
   const size_t send_chunks = (send_count + chunk_elems - 1) / chunk_elems;
   const size_t recv_chunks = (recv_count + chunk_elems - 1) / chunk_elems;
@@ -81,8 +85,8 @@ void RingAllreduce::reduce_scatter_step(char* data, size_t esize, DType dtype, R
   for (size_t c = 0; c < send_chunks; ++c) {
     const size_t first = c * chunk_elems;
     const size_t elems = std::min(chunk_elems, send_count - first);
-    transport_.check(MPI_Isend(data + (send_begin + first) * esize, static_cast<int>(elems * esize),
-                               MPI_BYTE, right, kTagRing, transport_.comm(), &sends[c]),
+    transport_.check(MPI_Isend(pass.data + (send_begin + first) * esize, static_cast<int>(elems * esize),
+                               MPI_BYTE, pass.right, kTagRing, transport_.comm(), &sends[c]),
                      "MPI_Isend (ring)");
     transport_.bytes_sent += elems * esize;
   }
@@ -93,57 +97,55 @@ void RingAllreduce::reduce_scatter_step(char* data, size_t esize, DType dtype, R
     const size_t elems = std::min(chunk_elems, recv_count - c * chunk_elems);
     const size_t slot = c % window_slots;
     transport_.check(MPI_Irecv(window_buffer + slot * chunk_elems * esize,
-                               static_cast<int>(elems * esize), MPI_BYTE, left, kTagRing,
+                               static_cast<int>(elems * esize), MPI_BYTE, pass.left, kTagRing,
                                transport_.comm(), &recvs[slot]),
                      "MPI_Irecv (ring)");
   };
   for (size_t c = 0; c < std::min<size_t>(recv_chunks, window_slots); ++c) post_recv(c);
   for (size_t c = 0; c < recv_chunks; ++c) {
     const size_t slot = c % window_slots;
-    transport_.wait_one(recvs[slot], left, true, deadline, what, status);
+    transport_.wait_one(recvs[slot], pass.left, true, progress);
     const size_t first = c * chunk_elems;
     const size_t elems = std::min(chunk_elems, recv_count - first);
-    reduce_into(data + (recv_begin + first) * esize, window_buffer + slot * chunk_elems * esize,
-                elems, dtype, op);
+    reduce_into(pass.data + (recv_begin + first) * esize, window_buffer + slot * chunk_elems * esize,
+                elems, pass.dtype, pass.op);
     if (c + window_slots < recv_chunks) post_recv(c + window_slots);
   }
-  std::vector<int> peers(sends.size(), right);
+  std::vector<int> peers(sends.size(), pass.right);
   std::vector<bool> is_recv(sends.size(), false);
-  transport_.wait_all(sends, peers, is_recv, deadline, what, status);
+  transport_.wait_all(sends, peers, is_recv, progress);
 }
 
-void RingAllreduce::allgather_step(char* data, size_t esize, size_t send_begin, size_t send_count,
-                                   size_t recv_begin, size_t recv_count,
-                                   Clock::time_point deadline, const Describe& what,
-                                   ProgressStatus* status) {
-  const int n = transport_.size();
-  const int r = transport_.rank();
-  const int left = (r - 1 + n) % n;
-  const int right = (r + 1) % n;
+void RingAllreduce::allgather_step(const Pass& pass, int send_segment, int recv_segment,
+                                   const Progress& progress) {
+  const size_t esize = pass.esize;
   const size_t piece_elems = std::max<size_t>(1, kMaxMessageBytes / esize);
   std::vector<MPI_Request> requests;
   std::vector<int> peers;
   std::vector<bool> is_recv;
-  for (size_t first = 0; first < recv_count; first += piece_elems) {
-    const size_t elems = std::min(piece_elems, recv_count - first);
-    requests.emplace_back();
-    transport_.check(MPI_Irecv(data + (recv_begin + first) * esize, static_cast<int>(elems * esize),
-                               MPI_BYTE, left, kTagRing, transport_.comm(), &requests.back()),
-                     "MPI_Irecv (ring)");
-    peers.push_back(left);
-    is_recv.push_back(true);
-  }
-  for (size_t first = 0; first < send_count; first += piece_elems) {
-    const size_t elems = std::min(piece_elems, send_count - first);
-    requests.emplace_back();
-    transport_.check(MPI_Isend(data + (send_begin + first) * esize, static_cast<int>(elems * esize),
-                               MPI_BYTE, right, kTagRing, transport_.comm(), &requests.back()),
-                     "MPI_Isend (ring)");
-    transport_.bytes_sent += elems * esize;
-    peers.push_back(right);
-    is_recv.push_back(false);
-  }
-  transport_.wait_all(requests, peers, is_recv, deadline, what, status);
+  auto post = [&](bool recv, int segment) {
+    const size_t begin = pass.segments.begin(segment);
+    const size_t count = pass.segments.length(segment);
+    for (size_t first = 0; first < count; first += piece_elems) {
+      const size_t elems = std::min(piece_elems, count - first);
+      char* at = pass.data + (begin + first) * esize;
+      const int bytes = static_cast<int>(elems * esize);
+      requests.emplace_back();
+      if (recv) {
+        transport_.check(MPI_Irecv(at, bytes, MPI_BYTE, pass.left, kTagRing, transport_.comm(), &requests.back()),
+                         "MPI_Irecv (ring)");
+      } else {
+        transport_.check(MPI_Isend(at, bytes, MPI_BYTE, pass.right, kTagRing, transport_.comm(), &requests.back()),
+                         "MPI_Isend (ring)");
+        transport_.bytes_sent += elems * esize;
+      }
+      peers.push_back(recv ? pass.left : pass.right);
+      is_recv.push_back(recv);
+    }
+  };
+  post(true, recv_segment);  // receives first, so the data lands in place
+  post(false, send_segment);
+  transport_.wait_all(requests, peers, is_recv, progress);
 }
 
 }  // namespace pbm

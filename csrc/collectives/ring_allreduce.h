@@ -1,25 +1,31 @@
 // Pipelined ring allreduce: reduce-scatter then allgather around the ring of ranks
-// (REFERENCE.md section 3). Each rank sends and receives 2(n-1)/n of the buffer, which is
+// (docs/background.md section 3). Each rank sends and receives 2(n-1)/n of the buffer, which is
 // bandwidth-optimal.
 #pragma once
 
 #include <cstddef>
-#include <string>
 
-#include "../common/dtype.h"
+#include "allreduce.h"
 #include "transport.h"
 
 namespace pbm {
 
-class RingAllreduce {
+class RingAllreduce : public AllreduceAlgorithm {
  public:
   explicit RingAllreduce(Transport& transport);
 
-  // Reduces `data` (count elements of a wide dtype: float32/64, int32/64) in place across
-  // all ranks. `divisor` > 1 divides the result (kAvg); it is applied to the one segment
-  // each rank owns between the two phases, so the division costs 1/n of a pass.
-  void run(void* data, size_t count, DType dtype, ReduceOp op, double divisor,
-           Clock::time_point deadline, const Describe& what, ProgressStatus* status);
+  const char* name() const override { return "ring"; }
+  bool enabled(const AllreduceArgs& args) const override {
+    return args.algorithm == Algorithm::kRing && !args.wire.threelc();
+  }
+  bool widens(const AllreduceArgs& args) const override { return widens_half(args); }
+  AllreduceResult run(const AllreduceArgs& args, const Progress& progress) override;
+
+  // Reduces `buffer` (a whole allreduce, or one node slice of the hierarchical allreduce;
+  // wide dtypes, or 16-bit on a 16-bit wire) in place across the transport's ranks. `divisor` != 1 divides the
+  // result (kAvg); it is applied to the one segment each rank owns between the two phases,
+  // so the division costs 1/n of a pass.
+  void reduce(const MutableElements& buffer, ReduceOp op, double divisor, const Progress& progress);
 
   // Size of the pieces a segment is cut into during reduce-scatter. Small enough that the
   // received piece is still in cache when it is reduced (so the reduce reads it for free),
@@ -30,13 +36,9 @@ class RingAllreduce {
   int window = 4;
 
  private:
-  void reduce_scatter_step(char* data, size_t esize, DType dtype, ReduceOp op, size_t send_begin,
-                           size_t send_count, size_t recv_begin, size_t recv_count,
-                           Clock::time_point deadline, const Describe& what,
-                           ProgressStatus* status);
-  void allgather_step(char* data, size_t esize, size_t send_begin, size_t send_count,
-                      size_t recv_begin, size_t recv_count, Clock::time_point deadline,
-                      const Describe& what, ProgressStatus* status);
+  struct Pass;  // one reduce(): the buffer, its segments and the neighbours
+  void reduce_scatter_step(const Pass& pass, int send_segment, int recv_segment, const Progress& progress);
+  void allgather_step(const Pass& pass, int send_segment, int recv_segment, const Progress& progress);
 
   Transport& transport_;
 };

@@ -86,7 +86,7 @@ void Transport::cancel_pending(std::vector<MPI_Request>& requests,
 }
 
 void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
-                              const std::vector<int>& peers, const Describe& what,
+                              const std::vector<int>& peers, const Progress& progress,
                               bool aborted) {
   std::vector<int> missing;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -95,7 +95,7 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
   std::sort(missing.begin(), missing.end());
   missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
   std::ostringstream message;
-  message << "rank " << world_rank(rank_) << ": " << what()
+  message << "rank " << world_rank(rank_) << ": " << progress.describe()
           << (aborted ? " was aborted (engine shutting down)" : " timed out") << "; waiting for rank"
           << (missing.size() == 1 ? " " : "s ");
   for (size_t i = 0; i < missing.size(); ++i) message << (i ? ", " : "") << missing[i];
@@ -103,8 +103,8 @@ void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
 }
 
 void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
-                         const std::vector<bool>& is_recv, Clock::time_point deadline,
-                         const Describe& what, ProgressStatus* status, bool cancellable) {
+                         const std::vector<bool>& is_recv, const Progress& progress,
+                         bool cancellable) {
   size_t reported_pending = requests.size() + 1;  // nothing reported yet
   // MPI_Testsome, not MPI_Testall: Testall leaves every request untouched until all are
   // done, and then a timeout could not tell which peers had already answered.
@@ -122,48 +122,45 @@ void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<i
     if (pending == 0) return;
     // Reading the clock costs ~20 ns; MPI_Testall a few hundred. Check every 64 polls.
     if ((spin & 63) == 63) {
-      if (status) {
-        // Re-report whenever the set of peers still pending shrinks, so a waiter that
-        // times out names exactly the ranks that are late.
-        if (pending != reported_pending) {
-          std::vector<int> waiting;
-          for (size_t i = 0; i < requests.size(); ++i)
-            if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(world_rank(peers[i]));
-          std::sort(waiting.begin(), waiting.end());
-          waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
-          status->set(what(), waiting);
-          reported_pending = pending;
-        }
+      // Re-report whenever the set of peers still pending shrinks, so a waiter that
+      // times out names exactly the ranks that are late.
+      if (pending != reported_pending) {
+        std::vector<int> waiting;
+        for (size_t i = 0; i < requests.size(); ++i)
+          if (requests[i] != MPI_REQUEST_NULL) waiting.push_back(world_rank(peers[i]));
+        std::sort(waiting.begin(), waiting.end());
+        waiting.erase(std::unique(waiting.begin(), waiting.end()), waiting.end());
+        progress.report(std::move(waiting));
+        reported_pending = pending;
       }
       back_off(spin);
       const bool aborted = aborted_.load();
-      if (aborted || Clock::now() >= deadline) {
+      if (aborted || progress.expired(Clock::now())) {
         std::vector<MPI_Request> snapshot = requests;
         if (cancellable) cancel_pending(requests, is_recv);
-        throw_timeout(snapshot, peers, what, aborted);
+        throw_timeout(snapshot, peers, progress, aborted);
       }
     }
   }
 }
 
 MPI_Status Transport::wait_one(MPI_Request& request, int peer, bool is_recv,
-                               Clock::time_point deadline, const Describe& what,
-                               ProgressStatus* status) {
+                               const Progress& progress) {
   MPI_Status result;
   for (uint64_t spin = 0;; ++spin) {
     int done = 0;
     check(MPI_Test(&request, &done, &result), "MPI_Test");
     if (done) return result;
     if ((spin & 63) == 63) {
-      if (status && spin == 63) status->set(what(), {world_rank(peer)});
+      if (spin == 63) progress.report({world_rank(peer)});
       back_off(spin);
       const bool aborted = aborted_.load();
-      if (aborted || Clock::now() >= deadline) {
+      if (aborted || progress.expired(Clock::now())) {
         std::vector<MPI_Request> one{request};
         std::vector<MPI_Request> snapshot = one;
         cancel_pending(one, {is_recv});
         request = MPI_REQUEST_NULL;
-        throw_timeout(snapshot, {peer}, what, aborted);
+        throw_timeout(snapshot, {peer}, progress, aborted);
       }
     }
   }

@@ -9,51 +9,32 @@
 #include <mpi.h>
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "../common/errors.h"
+#include "progress.h"
 
 namespace pbm {
-
-using Clock = std::chrono::steady_clock;
-
-// Names what is being waited for; called only when a wait is slow or fails, so the hot
-// path never formats strings.
-using Describe = std::function<std::string()>;
 
 // Message tags. Each collective's messages use their own tag so a header of the next
 // collective can arrive early without being mistaken for data (MPI matches by tag and
 // keeps order per sender and tag, which the chunked ring relies on).
-enum Tag : int { kTagHeader = 17001, kTagRing = 17002, kTagBroadcast = 17003 };
+enum Tag : int { kTagHeader = 17001, kTagRing = 17002, kTagBroadcast = 17003, kTagThreeLC = 17010 };
 
-// Live progress of the operation being executed, readable from a waiting thread so a
-// timeout on the Python side can say what the engine is stuck on.
-class ProgressStatus {
- public:
-  void set(std::string phase, std::vector<int> waiting_for) {
-    std::lock_guard<std::mutex> lock(mu_);
-    phase_ = std::move(phase);
-    waiting_for_ = std::move(waiting_for);
-  }
-  std::string phase() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return phase_;
-  }
-  std::vector<int> waiting_for() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return waiting_for_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::string phase_ = "queued";
-  std::vector<int> waiting_for_;
+// Persistent scratch slots of a transport, one per user, so no two phases of a collective
+// hand out the same memory.
+enum ScratchSlot : size_t {
+  kScratchJoinSend = 0,   // handshake.cpp: our header (+ inline payload)
+  kScratchJoinRecv = 1,   // handshake.cpp: every peer's
+  kScratchRing = 2,       // ring_allreduce.cpp: the receive window
+  kScratchWiden = 3,      // engine.cpp: 16-bit inputs widened to float32
+  kScratchFold = 4,       // join_allreduce.cpp: the inline allreduce's accumulator
+  kScratchThreeLCSend = 5,  // compressed_allreduce.cpp: encoded partitions
+  kScratchThreeLCRecv = 6,
+  kScratchThreeLCSum = 7,   // compressed_allreduce.cpp: the owned partition's float32 sum
 };
 
 class Transport {
@@ -74,16 +55,14 @@ class Transport {
 
   // Polls `requests` until all complete. `peers[i]` is the rank request i talks to and
   // `is_recv[i]` whether it is a receive (receives are cancelled on failure). Throws
-  // CollectiveTimeoutError at `deadline` or when abort() was called.
+  // CollectiveTimeoutError at the progress's deadline or when abort() was called.
   // `cancellable` false leaves requests untouched on failure: MPI forbids freeing or
   // cancelling the request of a non-blocking collective.
   void wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
-                const std::vector<bool>& is_recv, Clock::time_point deadline,
-                const Describe& what, ProgressStatus* status, bool cancellable = true);
+                const std::vector<bool>& is_recv, const Progress& progress, bool cancellable = true);
 
   // Polls one request; on completion returns the MPI_Status.
-  MPI_Status wait_one(MPI_Request& request, int peer, bool is_recv, Clock::time_point deadline,
-                      const Describe& what, ProgressStatus* status);
+  MPI_Status wait_one(MPI_Request& request, int peer, bool is_recv, const Progress& progress);
 
   // Makes every wait in progress (and later) give up promptly: used at shutdown.
   void abort() { aborted_.store(true); }
@@ -113,7 +92,7 @@ class Transport {
  private:
   void cancel_pending(std::vector<MPI_Request>& requests, const std::vector<bool>& is_recv);
   [[noreturn]] void throw_timeout(const std::vector<MPI_Request>& requests,
-                                  const std::vector<int>& peers, const Describe& what,
+                                  const std::vector<int>& peers, const Progress& progress,
                                   bool aborted);
 
   MPI_Comm comm_ = MPI_COMM_NULL;

@@ -1,14 +1,16 @@
 // Element types the native core understands, and the one dtype dispatch of the project.
 //
 // The core never sees framework types: Python maps torch/numpy dtypes to DType once
-// (pybrain_mpi/communication/buffers.py) and hands over pointer + count + DType.
+// (pybrain_mpi/core/buffers.py, with the enum bindings.cpp exports) and hands over
+// pointer + count + DType.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <string>
+
+#include "errors.h"
 
 namespace pbm {
 
@@ -23,6 +25,19 @@ enum class DType : int32_t {
 
 enum class ReduceOp : int32_t { kSum = 0, kAvg = 1, kMin = 2, kMax = 3 };
 
+// `count` elements of `dtype` at `data`: how a buffer crosses the core's own interfaces
+// (read, or written in place).
+struct Elements {
+  const void* data = nullptr;
+  size_t count = 0;
+  DType dtype = DType::kFloat32;
+};
+struct MutableElements {
+  void* data = nullptr;
+  size_t count = 0;
+  DType dtype = DType::kFloat32;
+};
+
 inline size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return 4;
@@ -32,7 +47,7 @@ inline size_t dtype_size(DType dtype) {
     case DType::kInt32: return 4;
     case DType::kInt64: return 8;
   }
-  throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+  throw PbmError("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
 inline const char* dtype_name(DType dtype) {
@@ -74,8 +89,7 @@ decltype(auto) dispatch_wide_dtype(DType dtype, Fn&& fn) {
     case DType::kInt64: return fn(int64_t{});
     default: break;
   }
-  throw std::invalid_argument(std::string("dtype ") + dtype_name(dtype) +
-                              " must be widened to float32 before reduction");
+  throw PbmError(std::string("dtype ") + dtype_name(dtype) + " must be widened to float32 before reduction");
 }
 
 // Bit casts between float32 and its IEEE bits (memcpy: the defined way in C++17).

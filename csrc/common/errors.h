@@ -1,5 +1,7 @@
-// The native core's failure families. bindings.cpp translates each into the Python class
-// of the same meaning in pybrain_mpi/errors.py; messages already name rank and operation.
+// The native core's failure families. Every throw in csrc/ is one of these; bindings.cpp
+// translates each into the Python class of the same meaning in pybrain_mpi/errors.py.
+// Messages already name rank and operation; failures that involve other ranks also carry
+// those ranks as a field.
 #pragma once
 
 #include <stdexcept>
@@ -29,10 +31,17 @@ class CollectiveTimeoutError : public PbmError {
 };
 
 // A failure every rank detected and raised alike (e.g. a NaN gradient under 3LC): the
-// ranks are still in step, so later collectives can run.
+// ranks are still in step, so later collectives can run. `ranks` (world ranks) are the
+// ones that reported it: under 3LC the ranks whose gradient held NaN/Inf, or, for a node
+// peer that learnt it through shared memory, the node rank owning the failing slice.
 class AgreedFailureError : public PbmError {
  public:
-  using PbmError::PbmError;
+  AgreedFailureError(const std::string& message, std::vector<int> ranks)
+      : PbmError(message), ranks_(std::move(ranks)) {}
+  const std::vector<int>& ranks() const { return ranks_; }
+
+ private:
+  std::vector<int> ranks_;
 };
 
 // Ranks called the same collective with different sizes, dtypes, ops or order.

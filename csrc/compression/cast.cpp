@@ -36,8 +36,10 @@ size_t cast_loop(const typename In::T* __restrict in, size_t count, uint16_t* __
 
 }  // namespace
 
-void cast_encode(const void* in, DType in_dtype, size_t count, DType wire_dtype, uint16_t* out,
-                 const char* name) {
+void cast_encode(const Elements& elements, DType wire_dtype, uint16_t* out, const char* name) {
+  const void* in = elements.data;
+  const DType in_dtype = elements.dtype;
+  const size_t count = elements.count;
   if (!is_half_precision(wire_dtype)) {
     throw PbmError("cast encode of " + label(name) + ": wire dtype " + dtype_name(wire_dtype) +
                    " is not bfloat16 or float16");
@@ -64,8 +66,11 @@ void cast_encode(const void* in, DType in_dtype, size_t count, DType wire_dtype,
                                                      "loss diverged)")));
 }
 
-void cast_decode(const uint16_t* in, DType wire_dtype, size_t count, void* out, DType out_dtype,
-                 bool add, const char* name) {
+void cast_decode(const uint16_t* in, DType wire_dtype, const MutableElements& elements, bool add,
+                 const char* name) {
+  void* out = elements.data;
+  const DType out_dtype = elements.dtype;
+  const size_t count = elements.count;
   if (!is_half_precision(wire_dtype)) {
     throw PbmError("cast decode of " + label(name) + ": wire dtype " + dtype_name(wire_dtype) +
                    " is not bfloat16 or float16");

@@ -9,16 +9,15 @@
 
 namespace pbm {
 
-// Writes `count` elements of `in` (float32, bfloat16 or float16) as `wire_dtype`
-// (bfloat16 or float16, round to nearest even) into `out`. Throws PbmError naming `name`
-// if an input is NaN/Inf or a value overflows the wire type (float16 above 65504), so a
-// cast never silently poisons a model.
-void cast_encode(const void* in, DType in_dtype, size_t count, DType wire_dtype, uint16_t* out,
-                 const char* name = nullptr);
+// Writes the elements of `in` (float32, bfloat16 or float16) as `wire_dtype` (bfloat16 or
+// float16, round to nearest even) into `out`. Throws PbmError naming `name` if an input is
+// NaN/Inf or a value overflows the wire type (float16 above 65504), so a cast never
+// silently poisons a model.
+void cast_encode(const Elements& in, DType wire_dtype, uint16_t* out, const char* name = nullptr);
 
-// out[i] = in[i] (or out[i] += in[i] with `add`) converting `wire_dtype` elements to
-// `out_dtype` (float32, bfloat16 or float16; 16-bit outputs add in float32).
-void cast_decode(const uint16_t* in, DType wire_dtype, size_t count, void* out, DType out_dtype,
-                 bool add, const char* name = nullptr);
+// out[i] = in[i] (or out[i] += in[i] with `add`) converting out.count `wire_dtype` elements
+// to out.dtype (float32, bfloat16 or float16; 16-bit outputs add in float32).
+void cast_decode(const uint16_t* in, DType wire_dtype, const MutableElements& out, bool add,
+                 const char* name = nullptr);
 
 }  // namespace pbm

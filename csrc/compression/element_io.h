@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../common/dtype.h"
+#include "../common/errors.h"
 
 #if defined(__GNUC__)
 #define PBM_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -48,8 +49,8 @@ struct Float16 {
   static inline uint16_t store(float v) { return float_to_half(v); }
 };
 
-// Calls fn(Float32{} | BFloat16{} | Float16{}) for the dtype; other dtypes throw
-// std::invalid_argument with `what` in the message.
+// Calls fn(Float32{} | BFloat16{} | Float16{}) for the dtype; other dtypes throw PbmError
+// with `what` in the message.
 template <typename Fn>
 decltype(auto) dispatch_float_io(DType dtype, const char* what, Fn&& fn) {
   switch (dtype) {
@@ -58,8 +59,7 @@ decltype(auto) dispatch_float_io(DType dtype, const char* what, Fn&& fn) {
     case DType::kFloat16: return fn(Float16{});
     default: break;
   }
-  throw std::invalid_argument(std::string(what) + " supports float32, bfloat16 and float16, not " +
-                              dtype_name(dtype));
+  throw PbmError(std::string(what) + " supports float32, bfloat16 and float16, not " + dtype_name(dtype));
 }
 
 }  // namespace element_io

@@ -116,8 +116,10 @@ double load_raw(const uint8_t* body, DType dtype, size_t i) {
   }
 }
 
-void decode_raw(const uint8_t* body, DType body_dtype, size_t count, void* out, DType out_dtype,
-                bool add) {
+void decode_raw(const uint8_t* body, DType body_dtype, const MutableElements& elements, bool add) {
+  void* out = elements.data;
+  const DType out_dtype = elements.dtype;
+  const size_t count = elements.count;
   if (!add && body_dtype == out_dtype) {
     std::memcpy(out, body, count * dtype_size(out_dtype));
     return;
@@ -148,45 +150,43 @@ size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wi
   throw PbmError("unknown payload codec " + std::to_string(static_cast<int>(codec)));
 }
 
-size_t threelc_encode_payload(const void* grad, DType dtype, size_t count, float* residual,
-                              float sparsity, uint8_t* out, size_t capacity, const char* name) {
-  check_capacity(PayloadCodec::kThreeLC, count, dtype, DType::kFloat32, capacity, name);
-  const ThreeLCEncoded body =
-      threelc_encode(grad, dtype, count, residual, sparsity, out + kPayloadHeaderBytes, name);
+size_t threelc_encode_payload(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                              size_t capacity, const char* name) {
+  check_capacity(PayloadCodec::kThreeLC, grad.count, grad.dtype, DType::kFloat32, capacity, name);
+  const ThreeLCEncoded body = threelc_encode(grad, residual, sparsity, out + kPayloadHeaderBytes, name);
   PayloadHeader header;
   header.codec = PayloadCodec::kThreeLC;
-  header.dtype = dtype;
+  header.dtype = grad.dtype;
   header.wire_dtype = static_cast<DType>(0);
-  header.count = count;
+  header.count = grad.count;
   header.scale = body.scale;
   header.body_bytes = body.bytes;
   return finish_payload(out, header);
 }
 
-size_t cast_encode_payload(const void* in, DType dtype, size_t count, DType wire_dtype,
-                           uint8_t* out, size_t capacity, const char* name) {
-  check_capacity(PayloadCodec::kCast, count, dtype, wire_dtype, capacity, name);
+size_t cast_encode_payload(const Elements& in, DType wire_dtype, uint8_t* out, size_t capacity,
+                           const char* name) {
+  check_capacity(PayloadCodec::kCast, in.count, in.dtype, wire_dtype, capacity, name);
   // The body starts at offset 32, so its uint16 elements are aligned like `out`.
-  cast_encode(in, dtype, count, wire_dtype, reinterpret_cast<uint16_t*>(out + kPayloadHeaderBytes), name);
+  cast_encode(in, wire_dtype, reinterpret_cast<uint16_t*>(out + kPayloadHeaderBytes), name);
   PayloadHeader header;
   header.codec = PayloadCodec::kCast;
-  header.dtype = dtype;
+  header.dtype = in.dtype;
   header.wire_dtype = wire_dtype;
-  header.count = count;
-  header.body_bytes = 2 * count;
+  header.count = in.count;
+  header.body_bytes = 2 * in.count;
   return finish_payload(out, header);
 }
 
-size_t raw_encode_payload(const void* in, DType dtype, size_t count, uint8_t* out,
-                          size_t capacity, const char* name) {
-  check_capacity(PayloadCodec::kRaw, count, dtype, dtype, capacity, name);
+size_t raw_encode_payload(const Elements& in, uint8_t* out, size_t capacity, const char* name) {
+  check_capacity(PayloadCodec::kRaw, in.count, in.dtype, in.dtype, capacity, name);
   PayloadHeader header;
   header.codec = PayloadCodec::kRaw;
-  header.dtype = dtype;
-  header.wire_dtype = dtype;
-  header.count = count;
-  header.body_bytes = count * dtype_size(dtype);
-  if (header.body_bytes) std::memcpy(out + kPayloadHeaderBytes, in, header.body_bytes);
+  header.dtype = in.dtype;
+  header.wire_dtype = in.dtype;
+  header.count = in.count;
+  header.body_bytes = in.count * dtype_size(in.dtype);
+  if (header.body_bytes) std::memcpy(out + kPayloadHeaderBytes, in.data, header.body_bytes);
   return finish_payload(out, header);
 }
 
@@ -245,20 +245,19 @@ PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* n
   return header;
 }
 
-void decode_payload(const uint8_t* in, size_t bytes, void* out, size_t out_count, DType out_dtype,
-                    bool add, const char* name) {
+void decode_payload(const uint8_t* in, size_t bytes, const MutableElements& out, bool add, const char* name) {
   const PayloadHeader header = read_payload_header(in, bytes, name);
-  if (header.count != out_count) {
+  if (header.count != out.count) {
     bad_payload(name, "it holds " + std::to_string(header.count) + " elements but the output has " +
-                          std::to_string(out_count));
+                          std::to_string(out.count));
   }
   const uint8_t* body = in + kPayloadHeaderBytes;
   switch (header.codec) {
     case PayloadCodec::kThreeLC:
       if (add) {
-        threelc_decode_add(body, header.body_bytes, header.scale, out_count, out, out_dtype, name);
+        threelc_decode_add(ThreeLCBody{body, header.body_bytes, header.scale}, out, name);
       } else {
-        threelc_decode(body, header.body_bytes, header.scale, out_count, out, out_dtype, name);
+        threelc_decode(ThreeLCBody{body, header.body_bytes, header.scale}, out, name);
       }
       return;
     case PayloadCodec::kCast: {
@@ -266,12 +265,11 @@ void decode_payload(const uint8_t* in, size_t bytes, void* out, size_t out_count
       if (reinterpret_cast<uintptr_t>(body) % 2 != 0) {
         bad_payload(name, "the cast body is not 2-byte aligned in memory (copy the payload into an aligned buffer)");
       }
-      cast_decode(reinterpret_cast<const uint16_t*>(body), header.wire_dtype, out_count, out,
-                  out_dtype, add, name);
+      cast_decode(reinterpret_cast<const uint16_t*>(body), header.wire_dtype, out, add, name);
       return;
     }
     case PayloadCodec::kRaw:
-      decode_raw(body, header.dtype, out_count, out, out_dtype, add);
+      decode_raw(body, header.dtype, out, add);
       return;
   }
 }

@@ -43,19 +43,17 @@ struct PayloadHeader {
 size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype);
 
 // Each writes a complete payload into `out` (capacity bytes) and returns its length.
-size_t threelc_encode_payload(const void* grad, DType dtype, size_t count, float* residual,
-                              float sparsity, uint8_t* out, size_t capacity, const char* name);
-size_t cast_encode_payload(const void* in, DType dtype, size_t count, DType wire_dtype,
-                           uint8_t* out, size_t capacity, const char* name);
-size_t raw_encode_payload(const void* in, DType dtype, size_t count, uint8_t* out,
-                          size_t capacity, const char* name);
+size_t threelc_encode_payload(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                              size_t capacity, const char* name);
+size_t cast_encode_payload(const Elements& in, DType wire_dtype, uint8_t* out, size_t capacity,
+                           const char* name);
+size_t raw_encode_payload(const Elements& in, uint8_t* out, size_t capacity, const char* name);
 
 // Parses and validates a payload of `bytes` bytes (header, length, checksum).
 PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* name);
 
-// Decodes a payload into `out` (`out_count` elements of `out_dtype`), overwriting it or,
-// with `add`, adding to it. The element count must match the payload's.
-void decode_payload(const uint8_t* in, size_t bytes, void* out, size_t out_count,
-                    DType out_dtype, bool add, const char* name);
+// Decodes a payload of `bytes` bytes into `out`, overwriting it or, with `add`, adding to
+// it. The element count must match the payload's.
+void decode_payload(const uint8_t* in, size_t bytes, const MutableElements& out, bool add, const char* name);
 
 }  // namespace pbm

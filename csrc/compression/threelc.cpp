@@ -5,6 +5,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -240,16 +241,28 @@ std::string describe_non_finite(const typename In::T* grad, const float* residua
   return "a value is not finite";
 }
 
+// The pass kernels of one input type (multiversioned, see element_io.h).
 template <class In>
-ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* residual,
-                           float sparsity, uint8_t* out, const char* name,
-                           uint32_t (*max_pass)(const typename In::T*, const float*, size_t),
-                           void (*quantize)(const typename In::T*, float*, size_t, float, float,
-                                            uint8_t*),
-                           const uint32_t* known_largest_bits = nullptr) {
+struct EncodeKernels {
+  uint32_t (*max_pass)(const typename In::T*, const float*, size_t);
+  void (*quantize)(const typename In::T*, float*, size_t, float, float, uint8_t*);
+};
+
+// What one encode writes and how.
+struct EncodeJob {
+  float sparsity;
+  uint8_t* out;
+  const char* name;
+  const uint32_t* known_largest_bits;  // pass 1 done by the caller (else null)
+};
+
+template <class In>
+ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* residual, const EncodeJob& job,
+                           const EncodeKernels<In>& kernels) {
+  const char* name = job.name;
   // Pass 1 is skipped when the caller computed max|grad + residual| while producing grad.
   const uint32_t largest_bits =
-      known_largest_bits ? *known_largest_bits : max_pass(grad, residual, count);
+      job.known_largest_bits ? *job.known_largest_bits : kernels.max_pass(grad, residual, count);
   if (largest_bits >= kInfBits) {
     throw PbmError("3LC encode of " + label(name) + ": " +
                    describe_non_finite<In>(grad, residual, count) +
@@ -259,17 +272,17 @@ ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* resi
   const float largest = bits_to_float(largest_bits);
   ThreeLCEncoded result;
   // M = max|acc| * s in float32, clamped so that a huge max cannot make M infinite.
-  const float scale = std::min(largest * sparsity, FLT_MAX);
+  const float scale = std::min(largest * job.sparsity, FLT_MAX);
   // With all-zero input no element may become +-1: an infinite threshold keeps q = 0.
   const float threshold = largest_bits == 0 ? INFINITY : scale * 0.5f;
   result.scale = largest_bits == 0 ? 0.f : scale;
 
   alignas(64) uint8_t trits[kBlockElements + 8];  // + 8: pack_group reads ahead
   alignas(64) uint8_t quartic[kBlockGroups];
-  ZeroRunWriter writer(out, threelc_groups(count));
+  ZeroRunWriter writer(job.out, threelc_groups(count));
   for (size_t start = 0; start < count; start += kBlockElements) {
     const size_t n = std::min(kBlockElements, count - start);
-    quantize(grad + start, residual + start, n, result.scale, threshold, trits);
+    kernels.quantize(grad + start, residual + start, n, result.scale, threshold, trits);
     const size_t groups = (n + 4) / 5;
     std::memset(trits + n, 1, groups * 5 - n);  // padding rule: zero trits
     std::memset(trits + groups * 5, 0, 8);       // defined bytes for pack_group's read-ahead
@@ -328,11 +341,24 @@ bool padding_is_zero(uint8_t byte, size_t used) {
   return used == 0 || byte / kPow3[used] == kZeroGroup / kPow3[used];
 }
 
+// A stretch of a body that starts on a byte and a group boundary: `bytes` bytes encoding
+// `count` elements. byte_base/group_base: where it starts in the whole body (for messages).
+struct BodyPiece {
+  const uint8_t* in;
+  size_t bytes;
+  size_t count;
+  size_t byte_base = 0;
+  size_t group_base = 0;
+};
+
 template <class Out, bool kAdd>
-PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, size_t count,
-                                   typename Out::T* __restrict out, const DecodeTable& table,
-                                   const char* name, size_t byte_base = 0, size_t group_base = 0) {
-  // byte_base/group_base: where this piece starts in the whole body (error messages only).
+PBM_ALWAYS_INLINE void decode_impl(const BodyPiece& piece, typename Out::T* __restrict out, const DecodeTable& table,
+                                   const char* name) {
+  const uint8_t* __restrict in = piece.in;
+  const size_t bytes = piece.bytes;
+  const size_t count = piece.count;
+  const size_t byte_base = piece.byte_base;
+  const size_t group_base = piece.group_base;
   const size_t groups = threelc_groups(count);
   const size_t full_groups = count / 5;
   size_t group = 0;
@@ -412,13 +438,26 @@ PBM_ALWAYS_INLINE void decode_impl(const uint8_t* __restrict in, size_t bytes, s
   }
 }
 
-PBM_MULTIVERSION void decode_add_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
-                                     const DecodeTable& table, const char* name) {
-  decode_impl<Float32, true>(in, bytes, count, out, table, name);
+// The multiversioned kernels catch their own errors and hand them to the caller: GCC 12
+// compiles calls to a target_clones function as if it could not throw (without LTO), so an
+// exception must not leave one.
+PBM_MULTIVERSION std::exception_ptr decode_add_f32(const BodyPiece& body, float* out, const DecodeTable& table,
+                                                   const char* name) noexcept {
+  try {
+    decode_impl<Float32, true>(body, out, table, name);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
 }
-PBM_MULTIVERSION void decode_set_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
-                                     const DecodeTable& table, const char* name) {
-  decode_impl<Float32, false>(in, bytes, count, out, table, name);
+PBM_MULTIVERSION std::exception_ptr decode_set_f32(const BodyPiece& body, float* out, const DecodeTable& table,
+                                                   const char* name) noexcept {
+  try {
+    decode_impl<Float32, false>(body, out, table, name);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
 }
 
 #if defined(__SSE2__)
@@ -440,8 +479,11 @@ inline void stream_copy(float* __restrict dst, const float* __restrict src, size
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-PBM_MULTIVERSION void decode_set_stream_f32(const uint8_t* in, size_t bytes, size_t count, float* out,
-                                            float* out2, const DecodeTable& table, const char* name) {
+PBM_MULTIVERSION std::exception_ptr decode_set_stream_f32(const BodyPiece& body, float* out, float* out2,
+                                                          const DecodeTable& table, const char* name) noexcept try {
+  const uint8_t* in = body.in;
+  const size_t bytes = body.bytes;
+  const size_t count = body.count;
   const size_t full_groups = count / 5;
   // A byte applied before the window's end may run up to kMaxRun - 1 groups past it, and a
   // group's 16-float store spills 11 floats further.
@@ -468,10 +510,17 @@ PBM_MULTIVERSION void decode_set_stream_f32(const uint8_t* in, size_t bytes, siz
   // The rest (the last kMaxRun groups and the short one, or a malformed body) takes the
   // checked path. It starts on a byte and a group boundary, so it is a body of its own.
   const size_t done = 5 * group;
-  decode_impl<Float32, false>(in + p, bytes - p, count - done, out + done, table, name, p, group);
+  decode_impl<Float32, false>(BodyPiece{in + p, bytes - p, count - done, p, group}, out + done, table, name);
   if (out2 != nullptr) std::memcpy(out2 + done, out + done, (count - done) * sizeof(float));
+  return nullptr;
+} catch (...) {
+  return std::current_exception();
 }
 #endif
+
+void rethrow_if(const std::exception_ptr& error) {
+  if (error) std::rethrow_exception(error);
+}
 
 void check_scale(float scale, const char* name) {
   if (!(scale >= 0.f && scale <= FLT_MAX)) {
@@ -480,71 +529,71 @@ void check_scale(float scale, const char* name) {
 }
 
 template <bool kAdd>
-void decode_dispatch(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                     DType out_dtype, const char* name, void* also_out = nullptr) {
-  check_scale(scale, name);
-  if (count > 0 && out == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
-  if (bytes > 0 && in == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
-  const DecodeTable table(scale, kAdd);
+void decode_dispatch(const ThreeLCBody& body, const MutableElements& out, const char* name, void* also_out = nullptr) {
+  check_scale(body.scale, name);
+  const size_t count = out.count;
+  if (count > 0 && out.data == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
+  if (body.bytes > 0 && body.data == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
+  const DecodeTable table(body.scale, kAdd);
+  const BodyPiece piece{body.data, body.bytes, count};
 #if defined(__SSE2__)
-  if (!kAdd && out_dtype == DType::kFloat32 && count >= kStreamMinElements) {
-    decode_set_stream_f32(in, bytes, count, static_cast<float*>(out), static_cast<float*>(also_out),
-                          table, name);
+  if (!kAdd && out.dtype == DType::kFloat32 && count >= kStreamMinElements) {
+    rethrow_if(decode_set_stream_f32(piece, static_cast<float*>(out.data), static_cast<float*>(also_out), table, name));
     return;
   }
 #endif
   if (!kAdd && also_out != nullptr && count > 0) {
     // Small or 16-bit outputs: decode, then copy while the result is still in cache.
-    decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name);
-    std::memcpy(also_out, out, count * dtype_size(out_dtype));
+    decode_dispatch<false>(body, out, name);
+    std::memcpy(also_out, out.data, count * dtype_size(out.dtype));
     return;
   }
-  if (out_dtype == DType::kFloat32) {
-    (kAdd ? decode_add_f32 : decode_set_f32)(in, bytes, count, static_cast<float*>(out), table, name);
+  if (out.dtype == DType::kFloat32) {
+    rethrow_if((kAdd ? decode_add_f32 : decode_set_f32)(piece, static_cast<float*>(out.data), table, name));
     return;
   }
-  element_io::dispatch_float_io(out_dtype, "3LC decode", [&](auto io) {
+  element_io::dispatch_float_io(out.dtype, "3LC decode", [&](auto io) {
     using Out = decltype(io);
-    decode_impl<Out, kAdd>(in, bytes, count, static_cast<typename Out::T*>(out), table, name);
+    decode_impl<Out, kAdd>(piece, static_cast<typename Out::T*>(out.data), table, name);
   });
 }
 
 }  // namespace
 
-ThreeLCEncoded threelc_encode(const void* grad, DType dtype, size_t count, float* residual,
-                              float sparsity, uint8_t* out, const char* name) {
+ThreeLCEncoded threelc_encode(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                              const char* name) {
   if (!(sparsity >= 1.f && sparsity < 2.f)) {
     throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
                    std::to_string(sparsity) + " is outside [1, 2) (1 keeps the most detail, "
                    "values towards 2 send fewer nonzeros)");
   }
+  const size_t count = grad.count;
   if (count == 0) return ThreeLCEncoded{};
-  if (!grad || !residual || !out) throw PbmError("3LC encode of " + label(name) + ": null buffer");
-  switch (dtype) {
+  if (!grad.data || !residual || !out) throw PbmError("3LC encode of " + label(name) + ": null buffer");
+  const EncodeJob job{sparsity, out, name, nullptr};
+  switch (grad.dtype) {
     case DType::kFloat32:
-      return encode_impl<Float32>(static_cast<const float*>(grad), count, residual, sparsity, out,
-                                  name, max_abs_bits_f32, quantize_block_f32);
+      return encode_impl<Float32>(static_cast<const float*>(grad.data), count, residual, job,
+                                  {max_abs_bits_f32, quantize_block_f32});
     case DType::kBFloat16:
-      return encode_impl<BFloat16>(static_cast<const uint16_t*>(grad), count, residual, sparsity,
-                                   out, name, max_abs_bits_bf16, quantize_block_bf16);
+      return encode_impl<BFloat16>(static_cast<const uint16_t*>(grad.data), count, residual, job,
+                                   {max_abs_bits_bf16, quantize_block_bf16});
     case DType::kFloat16:
-      return encode_impl<Float16>(static_cast<const uint16_t*>(grad), count, residual, sparsity,
-                                  out, name, max_abs_bits_f16, quantize_block_f16);
+      return encode_impl<Float16>(static_cast<const uint16_t*>(grad.data), count, residual, job,
+                                  {max_abs_bits_f16, quantize_block_f16});
     default:
       break;
   }
-  throw PbmError("3LC encode of " + label(name) + ": dtype " + dtype_name(dtype) +
+  throw PbmError("3LC encode of " + label(name) + ": dtype " + dtype_name(grad.dtype) +
                  " is not supported; 3LC takes float32, bfloat16 or float16 gradients");
 }
 
-void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                        DType out_dtype, const char* name) {
-  decode_dispatch<true>(in, bytes, scale, count, out, out_dtype, name);
+void threelc_decode_add(const ThreeLCBody& body, const MutableElements& out, const char* name) {
+  decode_dispatch<true>(body, out, name);
 }
 
-void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                    DType out_dtype, const char* name, void* also_out) {
-  decode_dispatch<false>(in, bytes, scale, count, out, out_dtype, name, also_out);
+void threelc_decode(const ThreeLCBody& body, const MutableElements& out, const char* name, void* also_out) {
+  decode_dispatch<false>(body, out, name, also_out);
 }
 
 namespace {
@@ -658,19 +707,22 @@ bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count
   return bits.second != 0;
 }
 
-ThreeLCEncoded threelc_encode_known_max(const float* grad, size_t count, float* residual, float sparsity,
-                                        uint8_t* out, uint32_t largest_bits, const char* name) {
+ThreeLCEncoded threelc_encode_known_max(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                                        uint32_t largest_bits, const char* name) {
   if (!(sparsity >= 1.f && sparsity < 2.f)) {
     throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
                    std::to_string(sparsity) + " is outside [1, 2)");
   }
-  if (count == 0) return ThreeLCEncoded{};
-  return encode_impl<Float32>(grad, count, residual, sparsity, out, name, max_abs_bits_f32,
-                              quantize_block_f32, &largest_bits);
+  if (grad.dtype != DType::kFloat32) throw PbmError("3LC encode of " + label(name) + ": a known max takes float32");
+  if (grad.count == 0) return ThreeLCEncoded{};
+  return encode_impl<Float32>(static_cast<const float*>(grad.data), grad.count, residual,
+                              EncodeJob{sparsity, out, name, &largest_bits}, {max_abs_bits_f32, quantize_block_f32});
 }
 
-bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
-                        float* out, const char* name) {
+bool threelc_accumulate(const Elements& elements, const float* residual, float* out, const char* name) {
+  const void* grad = elements.data;
+  const DType dtype = elements.dtype;
+  const size_t count = elements.count;
   if (count == 0) return false;
   if (!grad || !residual || !out) throw PbmError("3LC accumulate of " + label(name) + ": null buffer");
   std::pair<uint32_t, uint32_t> bits;

@@ -1,12 +1,12 @@
 // 3LC gradient compression (Lim, Andersen, Kaminsky, "3LC: Lightweight and Effective
-// Traffic Compression for Distributed Machine Learning", SysML 2019; REFERENCE.md section 4).
+// Traffic Compression for Distributed Machine Learning", SysML 2019; docs/background.md section 4).
 //
 // Buffer-level and allocation-free, so a collective can call it per partition:
 //
 //   std::vector<uint8_t> wire(threelc_max_encoded_bytes(count));
-//   ThreeLCEncoded e = threelc_encode(grad, DType::kFloat32, count, residual, 1.0f, wire.data());
+//   ThreeLCEncoded e = threelc_encode({grad, count, DType::kFloat32}, residual, 1.0f, wire.data());
 //   ... send e.bytes bytes of wire and e.scale ...
-//   threelc_decode_add(wire.data(), e.bytes, e.scale, count, sum, DType::kFloat32);
+//   threelc_decode_add({wire.data(), e.bytes, e.scale}, {sum, count, DType::kFloat32});
 //
 // The body carries no header: the caller transmits `scale` (M) and the element count
 // (csrc/compression/payload.h adds a validated header for the Python API).
@@ -50,6 +50,13 @@ struct ThreeLCEncoded {
   float scale = 0.f;  // M: decoded values are q * scale
 };
 
+// A body to decode: its bytes and the scale M that travels with it.
+struct ThreeLCBody {
+  const uint8_t* data = nullptr;
+  size_t bytes = 0;
+  float scale = 0.f;
+};
+
 // Number of quartic groups (bytes before zero-run encoding) of `count` elements.
 inline size_t threelc_groups(size_t count) { return (count + 4) / 5; }
 
@@ -57,36 +64,34 @@ inline size_t threelc_groups(size_t count) { return (count + 4) / 5; }
 // never grows the stream). Size `out` of threelc_encode with it.
 inline size_t threelc_max_encoded_bytes(size_t count) { return threelc_groups(count); }
 
-// Encodes `grad` (float32, bfloat16 or float16; `count` elements) with error feedback into
-// `residual` (float32, `count` elements, updated in place) and writes the body to `out`
-// (at least threelc_max_encoded_bytes(count) bytes). `sparsity` is 3LC's multiplier s in
-// [1, 2). `name` (may be null) labels the tensor in error messages.
+// Encodes `grad` (float32, bfloat16 or float16) with error feedback into `residual`
+// (float32, grad.count elements, updated in place) and writes the body to `out` (at least
+// threelc_max_encoded_bytes(grad.count) bytes). `sparsity` is 3LC's multiplier s in [1, 2).
+// `name` (may be null) labels the tensor in error messages.
 // Throws PbmError if grad + residual has a NaN or Inf (the residual is then unchanged) or
 // on a bad argument.
-ThreeLCEncoded threelc_encode(const void* grad, DType dtype, size_t count, float* residual,
-                              float sparsity, uint8_t* out, const char* name = nullptr);
+ThreeLCEncoded threelc_encode(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                              const char* name = nullptr);
 
-// out[i] += q_i * scale for the `count` elements encoded in body `in` of `bytes` bytes.
-// `out` is float32, bfloat16 or float16 (16-bit outputs add in float32 and round once).
-// Elements whose trit is zero are left bit-for-bit unchanged. Throws PbmError naming
-// `name` when the body is malformed (wrong length, runs past the end, bad padding).
-void threelc_decode_add(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                        DType out_dtype, const char* name = nullptr);
+// out[i] += q_i * scale for the out.count elements encoded in `body`. `out` is float32,
+// bfloat16 or float16 (16-bit outputs add in float32 and round once). Elements whose trit
+// is zero are left bit-for-bit unchanged. Throws PbmError naming `name` when the body is
+// malformed (wrong length, runs past the end, bad padding).
+void threelc_decode_add(const ThreeLCBody& body, const MutableElements& out, const char* name = nullptr);
 
 // out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add. `also_out`
-// (may be null; same dtype) receives the same values: for large float32 outputs from the
-// same streamed window (no re-read of `out`), otherwise copied while still in cache (the
-// hierarchical allreduce writes a node peer's buffer so).
-void threelc_decode(const uint8_t* in, size_t bytes, float scale, size_t count, void* out,
-                    DType out_dtype, const char* name = nullptr, void* also_out = nullptr);
+// (may be null; out.count elements of out.dtype) receives the same values: for large
+// float32 outputs from the same streamed window (no re-read of `out`), otherwise copied
+// while still in cache (the hierarchical allreduce writes a node peer's buffer so).
+void threelc_decode(const ThreeLCBody& body, const MutableElements& out, const char* name = nullptr,
+                    void* also_out = nullptr);
 
 // out[i] = grad[i] + residual[i] in float32: the exact contribution of a partition that
 // never crosses a wire (the owner's own share in the compressed allreduce), with the same
 // error feedback as an encode that drops nothing. One pass; the residual is only read.
 // Throws PbmError like threelc_encode when a sum is NaN/Inf. Returns whether the residual
 // held any nonzero element (the caller then clears it: its content has been delivered).
-bool threelc_accumulate(const void* grad, DType dtype, size_t count, const float* residual,
-                        float* out, const char* name = nullptr);
+bool threelc_accumulate(const Elements& grad, const float* residual, float* out, const char* name = nullptr);
 
 // Node-stage fusions of the hierarchical allreduce (float32). The L inputs are summed in
 // input order, as the shared-memory reduce does; `out` may be one of them.
@@ -98,7 +103,7 @@ uint32_t threelc_reduce_max(float* out, const float* const* inputs, int n_inputs
 bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count, const float* residual,
                           float* out, const char* name = nullptr);
 // threelc_encode of float32 `grad` given largest_bits = bits of max|grad + residual|.
-ThreeLCEncoded threelc_encode_known_max(const float* grad, size_t count, float* residual, float sparsity,
-                                        uint8_t* out, uint32_t largest_bits, const char* name = nullptr);
+ThreeLCEncoded threelc_encode_known_max(const Elements& grad, float* residual, float sparsity, uint8_t* out,
+                                        uint32_t largest_bits, const char* name = nullptr);
 
 }  // namespace pbm

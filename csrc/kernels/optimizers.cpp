@@ -110,6 +110,7 @@ PBM_CLONES unsigned unscale_chunk_f64(double* __restrict grad, size_t count, dou
 
 struct SgdScalars {
   float lr, momentum, one_minus_dampening, weight_decay, grad_scale;
+  bool with_momentum, first, nesterov;  // which sgd_loop runs
 };
 
 // torch.optim.SGD, single-tensor path:
@@ -132,9 +133,10 @@ PBM_INLINE void sgd_loop(float* __restrict param, const float* __restrict grad,
   }
 }
 
-PBM_CLONES void sgd_chunk(float* param, const float* grad, float* buffer, size_t count,
-                          const SgdScalars& s, bool momentum, bool first, bool nesterov) {
-  if (!momentum) return sgd_loop<false, false, false>(param, grad, buffer, count, s);
+PBM_CLONES void sgd_chunk(float* param, const float* grad, float* buffer, size_t count, const SgdScalars& s) {
+  const bool first = s.first;
+  const bool nesterov = s.nesterov;
+  if (!s.with_momentum) return sgd_loop<false, false, false>(param, grad, buffer, count, s);
   if (first) {
     if (nesterov) return sgd_loop<true, true, true>(param, grad, buffer, count, s);
     return sgd_loop<true, true, false>(param, grad, buffer, count, s);
@@ -148,6 +150,7 @@ PBM_CLONES void sgd_chunk(float* param, const float* grad, float* buffer, size_t
 struct AdamScalars {
   float lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
       bias_correction2_sqrt, grad_scale;
+  bool amsgrad, decoupled;  // which adam_loop runs
 };
 
 // torch.optim.Adam/AdamW, single-tensor path:
@@ -185,9 +188,13 @@ PBM_INLINE void adam_loop(float* __restrict param, const float* __restrict grad,
   }
 }
 
-PBM_CLONES void adam_chunk(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-                           float* max_exp_avg_sq, size_t count, const AdamScalars& s,
-                           bool amsgrad, bool decoupled) {
+PBM_CLONES void adam_chunk(float* param, const float* grad, const AdamMoments& m, size_t count,
+                           const AdamScalars& s) {
+  float* exp_avg = m.exp_avg;
+  float* exp_avg_sq = m.exp_avg_sq;
+  float* max_exp_avg_sq = m.max_exp_avg_sq;
+  const bool amsgrad = s.amsgrad;
+  const bool decoupled = s.decoupled;
   const bool low = s.lerp_weight < 0.5f;
 #define PBM_ADAM(A, D, L) \
   if (amsgrad == A && decoupled == D && low == L) \
@@ -258,16 +265,16 @@ void sgd_step(float* param, const float* grad, float* momentum_buffer, size_t co
               const SgdParams& p, int num_threads) {
   const detail::SgdScalars s{static_cast<float>(p.lr), static_cast<float>(p.momentum),
                              static_cast<float>(1.0 - p.dampening),
-                             static_cast<float>(p.weight_decay), p.grad_scale};
-  const bool momentum = p.momentum != 0.0;
+                             static_cast<float>(p.weight_decay), p.grad_scale,
+                             p.momentum != 0.0, !p.momentum_initialized, p.nesterov};
   parallel_for(count, num_threads, [&](size_t begin, size_t end, int) {
-    detail::sgd_chunk(param + begin, grad + begin, momentum ? momentum_buffer + begin : nullptr,
-                      end - begin, s, momentum, !p.momentum_initialized, p.nesterov);
+    detail::sgd_chunk(param + begin, grad + begin, s.with_momentum ? momentum_buffer + begin : nullptr,
+                      end - begin, s);
   });
 }
 
-void adam_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-               float* max_exp_avg_sq, size_t count, const AdamParams& p, int num_threads) {
+void adam_step(float* param, const float* grad, const AdamMoments& moments, size_t count, const AdamParams& p,
+               int num_threads) {
   const double bias_correction1 = 1.0 - std::pow(p.beta1, p.step);
   const double bias_correction2 = 1.0 - std::pow(p.beta2, p.step);
   const detail::AdamScalars s{
@@ -275,11 +282,13 @@ void adam_step(float* param, const float* grad, float* exp_avg, float* exp_avg_s
       static_cast<float>(1.0 - p.beta2),        static_cast<float>(p.eps),
       static_cast<float>(p.weight_decay),       static_cast<float>(1.0 - p.lr * p.weight_decay),
       static_cast<float>(p.lr / bias_correction1), static_cast<float>(std::sqrt(bias_correction2)),
-      p.grad_scale};
+      p.grad_scale,
+      p.amsgrad,
+      p.decoupled_weight_decay};
   parallel_for(count, num_threads, [&](size_t begin, size_t end, int) {
-    detail::adam_chunk(param + begin, grad + begin, exp_avg + begin, exp_avg_sq + begin,
-                       p.amsgrad ? max_exp_avg_sq + begin : nullptr, end - begin, s, p.amsgrad,
-                       p.decoupled_weight_decay);
+    const AdamMoments chunk{moments.exp_avg + begin, moments.exp_avg_sq + begin,
+                            p.amsgrad ? moments.max_exp_avg_sq + begin : nullptr};
+    detail::adam_chunk(param + begin, grad + begin, chunk, end - begin, s);
   });
 }
 

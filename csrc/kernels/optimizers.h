@@ -61,8 +61,15 @@ struct AdamParams {
 };
 
 // torch.optim.Adam / AdamW; max_exp_avg_sq may be null unless amsgrad.
-void adam_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-               float* max_exp_avg_sq, size_t count, const AdamParams& p, int num_threads);
+// Adam's per-element state, in torch.optim's names (max_exp_avg_sq: amsgrad only, else null).
+struct AdamMoments {
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;
+};
+
+void adam_step(float* param, const float* grad, const AdamMoments& moments, size_t count, const AdamParams& p,
+               int num_threads);
 
 struct AdagradParams {
   double lr, lr_decay, weight_decay, eps;

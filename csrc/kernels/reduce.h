@@ -135,18 +135,33 @@ inline bool add_store(T* __restrict dst, const T* __restrict acc, const T* __res
   return bad == 0;
 }
 
-// out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), combined in input order, then divided
-// by `divisor` (kAvg; 1 leaves it). One pass over the n inputs and the output: blocks are
-// accumulated in an L1-resident buffer, so `out` may be one of the inputs (the shared-memory
-// node stage reduces in place). `extra_out[0..n_extra)` receive further copies of the result
-// (the shared arena, or peers' buffers in the zero-copy node stage), stored from the same L1
-// block. Integers wrap like reduce_into. `finite`, when not null, is cleared if any float
+// What reduce_n combines: out[i] = op(in[0][i], in[1][i], ..., in[n-1][i]), in input order,
+// then divided by `divisor` (kAvg; 1 leaves it). `extra_out[0..n_extra)` receive further
+// copies of the result (the shared arena, or peers' buffers in the zero-copy node stage),
+// stored from the same L1 block.
+struct ReduceInputs {
+  const void* const* in = nullptr;
+  int n = 0;
+  ReduceOp op = ReduceOp::kSum;
+  double divisor = 1.0;
+  void* const* extra_out = nullptr;
+  int n_extra = 0;
+};
+
+// One pass over the n inputs and the output: blocks are accumulated in an L1-resident
+// buffer, so `out` may be one of the inputs (the shared-memory node stage reduces in
+// place). Integers wrap like reduce_into. `finite`, when not null, is cleared if any float
 // result is Inf/NaN (checked on the L1 block, so it costs no memory traffic).
 template <typename T>
-void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op, double divisor,
-                   T* const* extra_out = nullptr, int n_extra = 0, bool* finite = nullptr) {
+void reduce_n_wide(T* out, size_t count, const ReduceInputs& r, bool* finite) {
   constexpr size_t kBlock = 2048;
   alignas(64) T acc[kBlock];
+  const T* const* in = reinterpret_cast<const T* const*>(r.in);
+  T* const* extra_out = reinterpret_cast<T* const*>(r.extra_out);
+  const int n = r.n;
+  const int n_extra = r.n_extra;
+  const ReduceOp op = r.op;
+  const double divisor = r.divisor;
   for (size_t b = 0; b < count; b += kBlock) {
     const size_t m = std::min(kBlock, count - b);
     const T* first = in[0] + b;
@@ -188,12 +203,12 @@ void reduce_n_wide(T* out, const T* const* in, int n, size_t count, ReduceOp op,
 }
 
 // The 16-bit float version: widened, combined in float32 and rounded once per element.
-inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_t count, DType dtype,
-                          ReduceOp op, double divisor, uint16_t* const* extra_out = nullptr,
-                          int n_extra = 0) {
+inline void reduce_n_half(uint16_t* out, size_t count, DType dtype, const ReduceInputs& r) {
   constexpr size_t kBlock = 2048;
   alignas(64) float acc[kBlock];
   alignas(64) float wide[kBlock];
+  const uint16_t* const* in = reinterpret_cast<const uint16_t* const*>(r.in);
+  uint16_t* const* extra_out = reinterpret_cast<uint16_t* const*>(r.extra_out);
   const bool bf16 = dtype == DType::kBFloat16;
   auto widen = [bf16](const uint16_t* src, float* dst, size_t m) {
     if (bf16) {
@@ -205,12 +220,12 @@ inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_
   for (size_t b = 0; b < count; b += kBlock) {
     const size_t m = std::min(kBlock, count - b);
     widen(in[0] + b, acc, m);
-    for (int q = 1; q < n; ++q) {
+    for (int q = 1; q < r.n; ++q) {
       widen(in[q] + b, wide, m);
-      reduce_into(acc, wide, m, op);
+      reduce_into(acc, wide, m, r.op);
     }
-    if (divisor != 1.0) {
-      const float div = static_cast<float>(divisor);
+    if (r.divisor != 1.0) {
+      const float div = static_cast<float>(r.divisor);
       for (size_t i = 0; i < m; ++i) acc[i] /= div;
     }
     uint16_t* dst = out + b;
@@ -219,23 +234,19 @@ inline void reduce_n_half(uint16_t* out, const uint16_t* const* in, int n, size_
     } else {
       for (size_t i = 0; i < m; ++i) dst[i] = float_to_half(acc[i]);
     }
-    for (int e = 0; e < n_extra; ++e) std::memcpy(extra_out[e] + b, dst, m * sizeof(uint16_t));
+    for (int e = 0; e < r.n_extra; ++e) std::memcpy(extra_out[e] + b, dst, m * sizeof(uint16_t));
   }
 }
 
-inline void reduce_n(void* out, const void* const* in, int n, size_t count, DType dtype,
-                     ReduceOp op, double divisor, void* const* extra_out = nullptr,
-                     int n_extra = 0, bool* finite = nullptr) {
-  // `finite` is honoured for float32/float64 only; callers scan 16-bit results (all_finite).
+// `finite` is honoured for float32/float64 only; callers scan 16-bit results (all_finite).
+inline void reduce_n(void* out, size_t count, DType dtype, const ReduceInputs& r, bool* finite = nullptr) {
   if (is_half_precision(dtype)) {
-    reduce_n_half(static_cast<uint16_t*>(out), reinterpret_cast<const uint16_t* const*>(in), n,
-                  count, dtype, op, divisor, reinterpret_cast<uint16_t* const*>(extra_out), n_extra);
+    reduce_n_half(static_cast<uint16_t*>(out), count, dtype, r);
     return;
   }
   dispatch_wide_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    reduce_n_wide(static_cast<T*>(out), reinterpret_cast<const T* const*>(in), n, count, op, divisor,
-                  reinterpret_cast<T* const*>(extra_out), n_extra, finite);
+    reduce_n_wide(static_cast<T*>(out), count, r, finite);
   });
 }
 

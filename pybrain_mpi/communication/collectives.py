@@ -8,36 +8,70 @@ different shape, dtype or op on some rank raises :class:`CollectiveMismatch` on 
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from collections.abc import Mapping
+from typing import Any, Iterator
 
 from ..errors import CollectiveTimeout
 from . import context
-from .buffers import INT32, INT64, Buffer, as_buffer
+from ..core.buffers import Buffer, as_buffer, element_count, staged_buffer
 
 __all__ = ["allreduce", "allreduce_", "allreduce_async_", "broadcast_", "broadcast_async_",
            "barrier", "Handle", "OPS", "ALGORITHMS"]
 
-OPS = {"sum": 0, "avg": 1, "min": 2, "max": 3}
-ALGORITHMS = {"ring": 0, "mpi": 1, "shm": 2, "hierarchical": 3, "auto": 4}
-_HIERARCHICAL = 3
-_AUTO = 4
-_ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 2, 4: 4, 5: 8}  # by buffers.py dtype code
+_core: Any = None  # the native core, loaded on first use (importing pybrain_mpi loads nothing)
 
 
-def _op_code(op: str, buffer: Buffer, name: str | None) -> int:
-    code = OPS.get(op)
+def _native() -> Any:
+    global _core
+    if _core is None:
+        from ..core.library import _core as core
+
+        _core = core
+    return _core
+
+
+class _EnumNames(Mapping):
+    """User strings -> the core's enum members (``"sum"`` -> ``ReduceOp.sum``), read from the
+    enum the core exports on first use."""
+
+    def __init__(self, enum: str):
+        self._enum = enum
+        self._table: dict | None = None
+
+    def table(self) -> dict:
+        if self._table is None:
+            self._table = dict(getattr(_native(), self._enum).__members__)
+        return self._table
+
+    def __getitem__(self, name: str) -> Any:
+        return self.table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table())
+
+    def __len__(self) -> int:
+        return len(self.table())
+
+    def __repr__(self) -> str:
+        return f"<{self._enum} names: {sorted(self.table())}>"
+
+
+OPS = _EnumNames("ReduceOp")
+ALGORITHMS = _EnumNames("Algorithm")
+
+
+def _op(op: str, buffer: Buffer, name: str | None) -> Any:
+    code = OPS.table().get(op)
     if code is None:
         raise ValueError(f"unknown op {op!r}; choose one of {sorted(OPS)}")
-    if code == 1 and buffer.dtype_code in (INT32, INT64):
+    if op == "avg" and buffer.dtype.is_integer:
         label = f"tensor '{name}'" if name else "tensor"
         raise TypeError(f"{label}: op='avg' needs a floating-point dtype; use op='sum' for integers")
     return code
 
 
-def _algorithm_code(algorithm: str) -> int:
-    code = ALGORITHMS.get(algorithm)
+def _algorithm(algorithm: str) -> Any:
+    code = ALGORITHMS.table().get(algorithm)
     if code is None:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     return code
@@ -66,7 +100,6 @@ class Handle:
         self._buffer = buffer
         self._result: Any = None
         self._finished = False
-        self._cast_back_into: Any = None  # Cast compression: the caller's full-precision tensor
 
     def done(self) -> bool:
         """True once the collective has finished (successfully or not); never blocks."""
@@ -92,13 +125,6 @@ class Handle:
             )
         self._operation.check()
         self._result = self._buffer.finish()
-        target = self._cast_back_into
-        if target is not None:  # a Cast-compressed allreduce: widen into the caller's tensor
-            if isinstance(target, np.ndarray):
-                target[...] = self._result
-            else:
-                target.detach().copy_(self._result)
-            self._result = target
         self._finished = True
         return self._result
 
@@ -116,73 +142,69 @@ class Handle:
         return f"<pybrain_mpi.Handle {self._operation.describe()}: {state}>"
 
 
-def _threelc_args(compression: Any, state: Any, buffer: Buffer, name: str | None,
-                  algorithm: int) -> tuple:
-    """(sparsity, residual address, owner residual address) for a 3LC allreduce."""
-    from ..compression.codecs import ThreeLCState
+def _compressed_buffer(x: Any, compression: Any, state: Any, name: str | None) -> tuple[Buffer, Any]:
+    """(buffer, wire) of an allreduce of ``x`` under ``compression``.
 
-    label = f"tensor '{name}'" if name else "tensor"
-    if not isinstance(state, ThreeLCState):
-        raise TypeError(f"{label}: a ThreeLC allreduce needs state=codec.new_state(tensor), kept "
-                        "across steps (it holds the error-feedback residuals)")
-    if state.count != buffer.count:
-        raise ValueError(f"{label} has {buffer.count} elements but its ThreeLC state was made for "
-                         f"{state.count}; keep one state per tensor")
-    ctx = context.current()
-    state.steps += 1
-    if algorithm != _AUTO:
-        nbytes = buffer.count * _ITEMSIZE[buffer.dtype_code]
-        if ctx.engine.resolve_algorithm(algorithm, nbytes) == _HIERARCHICAL:
-            # 3LC on the inter-node stage only: residuals cover the slices this rank owns.
-            first, second = ctx.engine.threelc_state_sizes(buffer.count, buffer.dtype_code)
-            residual, owner = state.hierarchical_residuals_for(first, second)
-            return compression.sparsity, residual.ctypes.data, owner.ctypes.data
-    owner = state.owner_residual_for(ctx.size, ctx.rank)
-    return compression.sparsity, state.residual.ctypes.data, owner.ctypes.data
+    A codec describes its own wire: ``compression.wire(state, count, name)`` returns what
+    the core needs (``_core.Wire``: plain, 16-bit, or 3LC with its sparsity and state) and
+    checks the state. A codec whose values travel in a tensor of its own (``Cast``: a 16-bit
+    copy; a Horovod-style compressor) also has ``stage(x, name) -> (work, restore)``: the
+    allreduce reduces ``work`` and ``restore`` writes the result back into ``x``.
+    """
+    describe = getattr(compression, "wire", None)
+    if describe is None:
+        raise TypeError("compression must be ThreeLC, Cast or NoCompression (a codec with wire()), got "
+                        f"{type(compression).__name__}")
+    wire = describe(state, element_count(x, name), name)
+    stage = getattr(compression, "stage", None)
+    if stage is None:
+        return as_buffer(x, name), wire
+    work, restore = stage(x, name)
+    return staged_buffer(x, work, restore, name), wire
+
+
+# Plain allreduces of the same buffer, op, algorithm and name (a training loop's buckets and
+# metrics, every step) reuse one validated arguments object: building it costs more than the
+# rest of the Python path of a 4 KiB allreduce. The engine copies what it needs at submission,
+# so one object can serve calls still in flight.
+_PLAIN_ARGS: dict = {}
+_PLAIN_ARGS_LIMIT = 512
+
+
+def _plain_args(buffer: Buffer, op: str, algorithm: str, name: str | None) -> Any:
+    key = (buffer.address, buffer.count, buffer.dtype, op, algorithm, name)
+    args = _PLAIN_ARGS.get(key)
+    if args is None:
+        args = _native().AllreduceArgs(buffer.address, buffer.count, buffer.dtype,
+                                       _op(op, buffer, name), _algorithm(algorithm), name or "")
+        if len(_PLAIN_ARGS) >= _PLAIN_ARGS_LIMIT:
+            _PLAIN_ARGS.clear()
+        _PLAIN_ARGS[key] = args
+    return args
 
 
 def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
-               timeout_s: float | None, compression: Any = None, state: Any = None,
-               half_wire: bool = False, check_finite: bool = False) -> Any:
+               timeout_s: float | None, wire: Any = None, check_finite: bool = False) -> Any:
     ctx = context.current()
-    op_code = _op_code(op, buffer, name)
-    algorithm_code = _algorithm_code(algorithm)
-    timeout = ctx.timeout_s if timeout_s is None else float(timeout_s)
-    if compression is not None:
-        sparsity, residual, owner = _threelc_args(compression, state, buffer, name, algorithm_code)
-        return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
-                                    algorithm_code, name or "", async_op, timeout, sparsity,
-                                    residual, owner, False, check_finite)
-    # positional arguments: pybind11 parses keywords noticeably slower on this hot path
-    return ctx.engine.allreduce(buffer.address, buffer.count, buffer.dtype_code, op_code,
-                                algorithm_code, name or "", async_op, timeout, 0.0, 0, 0, half_wire,
-                                check_finite)
+    if wire is None and not check_finite:
+        args = _plain_args(buffer, op, algorithm, name)
+    else:
+        args = _native().AllreduceArgs(buffer.address, buffer.count, buffer.dtype,
+                                       _op(op, buffer, name), _algorithm(algorithm), name or "")
+        if wire is not None:
+            args.wire = wire
+        if check_finite:
+            args.check_finite = True
+    if async_op:
+        return ctx.engine.allreduce_async(args)
+    ctx.engine.allreduce(args, ctx.timeout_s if timeout_s is None else float(timeout_s))
+    return None
 
 
-def _split_compression(compression: Any) -> tuple[Any, Any]:
-    """(3LC codec or None, cast dtype or None) for a ``compression=`` argument."""
+def _buffer(x: Any, compression: Any, state: Any, name: str | None) -> tuple[Buffer, Any]:
     if compression is None:
-        return None, None
-    from ..compression.codecs import Cast, NoCompression, ThreeLC
-
-    if isinstance(compression, NoCompression):
-        return None, None
-    if isinstance(compression, ThreeLC):
-        return compression, None
-    if isinstance(compression, Cast):
-        return None, compression.dtype
-    raise TypeError(f"compression must be ThreeLC, Cast or NoCompression, got {type(compression).__name__}")
-
-
-def _cast_copy(x: Any, wire: str) -> Any:
-    """A 16-bit copy of x for a Cast-compressed allreduce (16-bit sums accumulate in float32)."""
-    if isinstance(x, np.ndarray):
-        if wire != "fp16":
-            raise TypeError("numpy arrays can be cast to fp16 only (numpy has no bfloat16); use a torch tensor")
-        return x.astype(np.float16)
-    import torch
-
-    return x.detach().to(torch.bfloat16 if wire == "bf16" else torch.float16)
+        return as_buffer(x, name), None
+    return _compressed_buffer(x, compression, state, name)
 
 
 def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
@@ -214,17 +236,11 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             state holds residuals for the slices this rank owns; with ``"shm"`` (one node)
             nothing is compressed; ``"auto"`` runs the flat compressed allreduce.
     """
-    threelc, wire = _split_compression(compression)
-    if wire is not None:
-        low = _cast_copy(x, wire)
-        _allreduce(as_buffer(low, name), op, algorithm, name, False, timeout_s, half_wire=True)
-        if isinstance(x, np.ndarray):
-            x[...] = low
-        else:
-            x.detach().copy_(low)
-        return x
-    buffer = as_buffer(x, name)
-    _allreduce(buffer, op, algorithm, name, False, timeout_s, threelc, state)
+    if compression is None:  # the common case, without a call more on a microsecond path
+        buffer, wire = as_buffer(x, name), None
+    else:
+        buffer, wire = _compressed_buffer(x, compression, state, name)
+    _allreduce(buffer, op, algorithm, name, False, timeout_s, wire)
     return buffer.finish()
 
 
@@ -250,33 +266,23 @@ def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: 
     a buffer from :func:`pbm.shared_empty`, float32/float64) checks inside its reduce pass at no
     extra memory traffic; every other path reads the result once more.
     """
-    threelc, wire = _split_compression(compression)
-    if wire is not None:
-        low = _cast_copy(x, wire)
-        low_buffer = as_buffer(low, name)
-        handle = Handle(_allreduce(low_buffer, op, algorithm, name, True, None, half_wire=True,
-                                   check_finite=check_finite), low_buffer)
-        handle._cast_back_into = x
-        return handle
-    buffer = as_buffer(x, name)
-    operation = _allreduce(buffer, op, algorithm, name, True, None, threelc, state,
-                           check_finite=check_finite)
-    return Handle(operation, buffer)
+    buffer, wire = _buffer(x, compression, state, name)
+    return Handle(_allreduce(buffer, op, algorithm, name, True, None, wire, check_finite), buffer)
 
 
 def broadcast_(x: Any, root: int = 0, *, name: str | None = None, timeout_s: float | None = None) -> Any:
     """Overwrites ``x`` on every rank with its value on ``root``; returns ``x``."""
     buffer = as_buffer(x, name)
-    context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype_code, _root(root, name),
-                                       name or "", False, _timeout(timeout_s))
+    context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype, _root(root, name),
+                                       name or "", _timeout(timeout_s))
     return buffer.finish()
 
 
 def broadcast_async_(x: Any, root: int = 0, *, name: str | None = None) -> Handle:
     """Starts :func:`broadcast_` on the progress thread and returns its :class:`Handle`."""
     buffer = as_buffer(x, name)
-    operation = context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype_code,
-                                                   _root(root, name), name or "", True, 0.0)
+    operation = context.current().engine.broadcast_async(buffer.address, buffer.count, buffer.dtype,
+                                                         _root(root, name), name or "")
     return Handle(operation, buffer)
 
 

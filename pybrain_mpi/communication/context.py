@@ -99,9 +99,12 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
             emulate several nodes on one machine.
     """
     global _context
+    from .launcher import check_before_mpi_init, check_world  # refuse mis-launches in one line
+
+    check_before_mpi_init()
     from mpi4py import MPI
 
-    from .._native import _core, check_mpi_library
+    from ..core.library import _core, check_mpi_library
 
     if comm is None:
         comm = MPI.COMM_WORLD
@@ -115,6 +118,7 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
     check_mpi_library(MPI.Get_library_version())
+    check_world(MPI.COMM_WORLD.Get_size())
 
     timeout = float(timeout_s) if timeout_s is not None else default_timeout_s()
     thread_level = MPI.Query_thread()

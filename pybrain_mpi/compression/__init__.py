@@ -8,7 +8,7 @@
 
 Every codec produces a self-describing :class:`Payload` (header with format version, codec,
 dtype, element count, scale, body length and checksum) that is validated on decode. The
-codecs run in the native core (csrc/compression/); see REFERENCE.md section 4 for 3LC.
+codecs run in the native core (csrc/compression/); see docs/background.md section 4 for 3LC.
 """
 
 from .codecs import Cast, Compressor, NoCompression, ThreeLC, ThreeLCState

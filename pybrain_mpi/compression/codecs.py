@@ -1,22 +1,29 @@
 """The codecs: :class:`ThreeLC` (with error feedback), :class:`Cast`, :class:`NoCompression`.
 
-Each turns a tensor/array into a :class:`Payload` and back. The arithmetic runs in the native
-core with the GIL released; this module only adapts buffers and holds the per-tensor state.
+Each turns a tensor/array into a :class:`Payload` and back, and describes its own wire for
+the allreduce (``wire(state, count, name)``: what the core needs, handed on unread by
+:mod:`pybrain_mpi.communication`). The arithmetic runs in the native core with the GIL
+released; this module only adapts buffers and holds the per-tensor state, whose residual
+buffers the core lays out and owns (``_core.ThreeLCState``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .._native import _core
-from ..communication.buffers import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_buffer
-from .payload import CAST, CODEC_NAMES, RAW, THREELC, Payload
+from ..core.buffers import as_buffer
+from ..core.library import _core
+from .payload import Payload
 
-__all__ = ["Compressor", "ThreeLC", "ThreeLCState", "Cast", "NoCompression"]
+__all__ = ["Compressor", "ThreeLC", "ThreeLCState", "Cast", "NoCompression", "HorovodCompression"]
 
-_FLOATS = (FLOAT32, FLOAT64, FLOAT16, BFLOAT16)
+_DType = _core.DType
+_Codec = _core.PayloadCodec
+_Residual = _core.ResidualKind
+_FLOATS = (_DType.float32, _DType.float64, _DType.float16, _DType.bfloat16)
+_HALF_AND_FLOAT32 = (_DType.float32, _DType.float16, _DType.bfloat16)
 
 
 def _label(name: str | None) -> str:
@@ -30,6 +37,12 @@ def _finish_payload(out: np.ndarray, used: int, name: str | None) -> Payload:
     return Payload(data, name)
 
 
+def _encode(wire: Any, buffer: Any, name: str | None) -> tuple[np.ndarray, int]:
+    """(output buffer, bytes used) of the payload of ``wire``'s codec for ``buffer``."""
+    out = np.empty(_core.payload_max_bytes(wire, buffer.count, buffer.dtype), dtype=np.uint8)
+    return out, _core.encode_payload(wire, buffer.address, buffer.count, buffer.dtype, out, name or "")
+
+
 class Compressor:
     """Base class: a codec that encodes a tensor into a :class:`Payload` and decodes it.
 
@@ -38,7 +51,7 @@ class Compressor:
     it adds the decoded values to ``out`` instead, the step of a reduction.
     """
 
-    codec_id = RAW
+    codec_id = _Codec.NoCompression
 
     def new_state(self, tensor: Any, name: str | None = None) -> Any:
         """Per-tensor state that must persist across steps (None for stateless codecs)."""
@@ -48,89 +61,97 @@ class Compressor:
         """Encodes ``tensor``; ``state`` comes from :meth:`new_state` for stateful codecs."""
         raise NotImplementedError
 
+    def wire(self, state: Any, count: int, name: str | None = None) -> Any:
+        """What an allreduce under this codec asks of the core (``_core.Wire``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compress an allreduce")
+
     def decode(self, payload: Any, out: Any, *, add: bool = False, name: str | None = None) -> Any:
         """Writes (or with ``add`` adds) the decoded payload into ``out`` and returns ``out``."""
         payload = payload if isinstance(payload, Payload) else Payload(payload, name)
         if payload.codec != self.codec_id:
             raise ValueError(
                 f"{_label(name)}: the payload was made by {payload.codec_name}, not "
-                f"{CODEC_NAMES[self.codec_id]}; decode it with the codec that encoded it"
+                f"{self.codec_id.name}; decode it with the codec that encoded it"
             )
         buffer = as_buffer(out, name)
-        if buffer.dtype_code not in self._decode_dtypes():
+        if buffer.dtype not in self._decode_dtypes():
             raise TypeError(f"{_label(name)}: cannot decode into dtype {out.dtype}; "
                             f"use float32, bfloat16 or float16")
-        data = payload.numpy()
-        _core.decode_payload(data.ctypes.data, data.size, buffer.address, buffer.count,
-                             buffer.dtype_code, bool(add), name or "")
+        _core.decode_payload(payload.numpy(), buffer.address, buffer.count, buffer.dtype, bool(add), name or "")
         return buffer.finish()
 
-    def _decode_dtypes(self) -> tuple[int, ...]:
-        return (FLOAT32, FLOAT16, BFLOAT16)
+    def _decode_dtypes(self) -> tuple:
+        return _HALF_AND_FLOAT32
 
     def _input(self, tensor: Any, name: str | None):
         buffer = as_buffer(tensor, name)
-        if buffer.dtype_code not in (FLOAT32, FLOAT16, BFLOAT16):
+        if buffer.dtype not in _HALF_AND_FLOAT32:
             raise TypeError(f"{_label(name)} has dtype {tensor.dtype}; {type(self).__name__} "
                             "encodes float32, bfloat16 or float16 tensors (convert with .float())")
         return buffer
 
 
 class ThreeLCState:
-    """Error-feedback state of one tensor under 3LC: the float32 residual buffer.
+    """Error-feedback state of one tensor under 3LC.
 
-    The residual holds what was not transmitted yet (accumulated gradient minus what was
-    sent); 3LC adds it to the next gradient, so nothing is lost, only delayed. Keep one
-    state per tensor (or bucket) for the whole training run.
+    ``residual`` holds what was not transmitted yet (accumulated gradient minus what was
+    sent); 3LC adds it to the next gradient, so nothing is lost, only delayed. A compressed
+    allreduce keeps a second residual for the partition this rank owns, and a hierarchical
+    one keeps both for the node slices this rank owns; the core lays those out for the path
+    that runs (``owner_residual``, ``hierarchical_residual``, ``hierarchical_owner_residual``:
+    None until that path has run). Keep one state per tensor (or bucket) for the whole
+    training run; :meth:`state_dict` holds every residual for an exact resume.
     """
+
+    _BUFFERS = tuple(_Residual.__members__)
 
     def __init__(self, count: int, name: str | None = None):
         self.count = int(count)
         self.name = name
-        self.residual = np.zeros(self.count, dtype=np.float32)
         self.steps = 0
+        self._native = _core.ThreeLCState(self.count)
+
+    @property
+    def residual(self) -> np.ndarray:
+        """First-stage residual of the whole tensor (float32; the flat allreduce and encode)."""
+        return self._native.buffer(_Residual.residual)
+
+    @property
+    def owner_residual(self) -> np.ndarray | None:
+        """Second-stage residual of this rank's partition (flat compressed allreduce)."""
+        return self._native.buffer(_Residual.owner_residual)
+
+    @property
+    def hierarchical_residual(self) -> np.ndarray | None:
+        """First-stage residual of the node slices this rank owns (hierarchical 3LC)."""
+        return self._native.buffer(_Residual.hierarchical_residual)
+
+    @property
+    def hierarchical_owner_residual(self) -> np.ndarray | None:
+        """Second-stage residual of this rank's partitions of those slices (hierarchical 3LC)."""
+        return self._native.buffer(_Residual.hierarchical_owner_residual)
 
     def reset(self) -> None:
-        """Drops the accumulated residual (e.g. after loading a checkpoint)."""
-        self.residual[...] = 0
+        """Drops the accumulated residuals (e.g. after loading a checkpoint)."""
+        self._native.reset()
         self.steps = 0
-        self.owner_residual = None
-        self.hierarchical_residual = None
-        self.hierarchical_owner_residual = None
 
-    # The compressed allreduce keeps a second residual for the partition this rank owns
-    # (its size depends on the number of ranks and this rank's index).
-    owner_residual: np.ndarray | None = None
-    owner_layout: tuple[int, int] | None = None
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of every residual that exists, by name (``residual`` always)."""
+        out = {}
+        for key in self._BUFFERS:
+            buffer = self._native.buffer(_Residual.__members__[key])
+            if buffer is not None:
+                out[key] = buffer.copy()
+        return out
 
-    def owner_residual_for(self, world_size: int, rank: int) -> np.ndarray:
-        """The second-stage residual of this rank's partition (created on first use)."""
-        layout = (world_size, rank)
-        if self.owner_residual is None:
-            count = self.count // world_size + (1 if rank < self.count % world_size else 0)
-            self.owner_residual = np.zeros(count, dtype=np.float32)
-            self.owner_layout = layout
-        elif self.owner_layout != layout:
-            raise ValueError(f"{_label(self.name)}: this ThreeLC state belongs to rank "
-                             f"{self.owner_layout[1]} of {self.owner_layout[0]}, not rank {rank} of "
-                             f"{world_size}; make a new state after changing the world")
-        return self.owner_residual
-
-    # A compressed hierarchical allreduce compresses only the slices this rank owns after
-    # the node stage; its two residuals are sized for them (by the engine's layout).
-    hierarchical_residual: np.ndarray | None = None
-    hierarchical_owner_residual: np.ndarray | None = None
-
-    def hierarchical_residuals_for(self, first: int, second: int) -> tuple[np.ndarray, np.ndarray]:
-        """(first-stage, second-stage) residuals of a compressed hierarchical allreduce, made
-        on first use with the element counts the engine computed for this rank's slices."""
-        if self.hierarchical_residual is None:
-            self.hierarchical_residual = np.zeros(int(first), dtype=np.float32)
-            self.hierarchical_owner_residual = np.zeros(int(second), dtype=np.float32)
-        elif (self.hierarchical_residual.size, self.hierarchical_owner_residual.size) != (first, second):
-            raise ValueError(f"{_label(self.name)}: this ThreeLC state was laid out for another "
-                             "topology; make a new state after changing the world")
-        return self.hierarchical_residual, self.hierarchical_owner_residual
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned (same tensor and world); the next
+        allreduce checks each residual's length against its path's layout."""
+        for key, value in state.items():
+            if key not in self._BUFFERS:
+                raise KeyError(f"{_label(self.name)}: {key!r} is not a ThreeLC residual ({', '.join(self._BUFFERS)})")
+            self._native.load(_Residual.__members__[key], np.asarray(value, dtype=np.float32).reshape(-1))
 
     def __repr__(self) -> str:
         return f"ThreeLCState({_label(self.name)}, count={self.count}, steps={self.steps})"
@@ -139,7 +160,7 @@ class ThreeLCState:
 class ThreeLC(Compressor):
     """3LC: 3-value quantization with error feedback, quartic and zero-run encoding.
 
-    Per tensor and step (Lim, Andersen, Kaminsky, SysML 2019; REFERENCE.md section 4):
+    Per tensor and step (Lim, Andersen, Kaminsky, SysML 2019; docs/background.md section 4):
 
     1. acc = residual + gradient (float32 error-accumulation buffer);
     2. M = max|acc| * s; q = round(acc / M) in {-1, 0, 1}; residual = acc - q * M;
@@ -153,7 +174,7 @@ class ThreeLC(Compressor):
     the tensor and leaves the state unchanged.
     """
 
-    codec_id = THREELC
+    codec_id = _Codec.ThreeLC
 
     def __init__(self, sparsity: float = 1.0):
         sparsity = float(sparsity)
@@ -167,6 +188,23 @@ class ThreeLC(Compressor):
         count = int(tensor.numel()) if hasattr(tensor, "numel") and callable(tensor.numel) else int(np.size(tensor))
         return ThreeLCState(count, name)
 
+    def _checked(self, state: Any, count: int, name: str | None, what: str) -> Any:
+        """The core's wire for ``state``, after checking it belongs to a tensor of ``count``."""
+        if not isinstance(state, ThreeLCState):
+            raise TypeError(f"{_label(name)}: {what} needs the tensor's state from codec.new_state(tensor), kept "
+                            "across steps (it holds the error-feedback residuals)")
+        if count != state.count:
+            raise ValueError(f"{_label(name)} has {count} elements but its ThreeLC state was made for "
+                             f"{state.count}; keep one state per tensor")
+        return _core.Wire.threelc(self.sparsity, state._native)
+
+    def wire(self, state: Any, count: int, name: str | None = None) -> Any:
+        """The two-stage 3LC-compressed allreduce with ``state``'s error feedback (one more
+        step of the state)."""
+        wire = self._checked(state, count, name, "a ThreeLC allreduce")
+        state.steps += 1
+        return wire
+
     def encode(self, tensor: Any, state: ThreeLCState | None = None, name: str | None = None) -> Payload:
         """Encodes ``tensor`` + ``state.residual`` and updates the residual in place."""
         name = name or (state.name if state is not None else None)
@@ -174,14 +212,8 @@ class ThreeLC(Compressor):
             raise TypeError(f"{_label(name)}: ThreeLC.encode needs the tensor's state from "
                             "codec.new_state(tensor); it holds the error-feedback residual")
         buffer = self._input(tensor, name)
-        if buffer.count != state.count:
-            raise ValueError(f"{_label(name)} has {buffer.count} elements but its ThreeLC state "
-                             f"was made for {state.count}; use one state per tensor")
-        capacity = _core.payload_max_bytes(THREELC, buffer.count, buffer.dtype_code, 0)
-        out = np.empty(capacity, dtype=np.uint8)
-        used = _core.threelc_encode_payload(buffer.address, buffer.dtype_code, buffer.count,
-                                            state.residual.ctypes.data, self.sparsity,
-                                            out.ctypes.data, capacity, name or "")
+        wire = self._checked(state, buffer.count, name, "ThreeLC.encode")
+        out, used = _encode(wire, buffer, name)
         state.steps += 1
         return _finish_payload(out, used, name)
 
@@ -196,23 +228,43 @@ class Cast(Compressor):
     inputs, raise PbmError naming the tensor instead of sending Inf.
     """
 
-    codec_id = CAST
-    _WIRE = {"bf16": BFLOAT16, "bfloat16": BFLOAT16, "fp16": FLOAT16, "float16": FLOAT16}
+    codec_id = _Codec.Cast
+    _WIRE = {"bf16": _DType.bfloat16, "bfloat16": _DType.bfloat16, "fp16": _DType.float16, "float16": _DType.float16}
 
     def __init__(self, dtype: str = "bf16"):
         try:
-            self.wire_dtype_code = self._WIRE[str(dtype).lower()]
+            self.wire_dtype = self._WIRE[str(dtype).lower()]
         except KeyError:
             raise ValueError(f"Cast dtype must be 'bf16' or 'fp16', got {dtype!r}") from None
-        self.dtype = "bf16" if self.wire_dtype_code == BFLOAT16 else "fp16"
+        self.dtype = "bf16" if self.wire_dtype == _DType.bfloat16 else "fp16"
+
+    def wire(self, state: Any, count: int, name: str | None = None) -> Any:
+        """16-bit values on the wire, summed as 16-bit (accumulating in float32)."""
+        return _core.Wire.half(self.wire_dtype)
+
+    def stage(self, x: Any, name: str | None = None) -> tuple[Any, Callable[[Any], None]]:
+        """(the 16-bit copy of ``x`` the allreduce reduces, how its result returns into ``x``)."""
+        if isinstance(x, np.ndarray):
+            if self.wire_dtype != _DType.float16:
+                raise TypeError("numpy arrays can be cast to fp16 only (numpy has no bfloat16); use a torch tensor")
+            low = np.ascontiguousarray(x, dtype=np.float16)
+            low = low if low is not x else low.copy()
+
+            def restore(result: Any) -> None:
+                x[...] = result
+        else:
+            import torch
+
+            low = x.detach().to(torch.bfloat16 if self.wire_dtype == _DType.bfloat16 else torch.float16)
+
+            def restore(result: Any) -> None:
+                x.detach().copy_(result)
+        return low, restore
 
     def encode(self, tensor: Any, state: Any = None, name: str | None = None) -> Payload:
         """Rounds ``tensor`` to the wire dtype (nearest even)."""
         buffer = self._input(tensor, name)
-        capacity = _core.payload_max_bytes(CAST, buffer.count, buffer.dtype_code, self.wire_dtype_code)
-        out = np.empty(capacity, dtype=np.uint8)
-        used = _core.cast_encode_payload(buffer.address, buffer.dtype_code, buffer.count,
-                                         self.wire_dtype_code, out.ctypes.data, capacity, name or "")
+        out, used = _encode(_core.Wire.half(self.wire_dtype), buffer, name)
         return Payload(out[:used], name)
 
     def __repr__(self) -> str:
@@ -222,22 +274,50 @@ class Cast(Compressor):
 class NoCompression(Compressor):
     """The baseline: the tensor's own bytes behind the same validated header."""
 
-    codec_id = RAW
+    codec_id = _Codec.NoCompression
+
+    def wire(self, state: Any, count: int, name: str | None = None) -> Any:
+        """The buffer's own values (no compression)."""
+        return _core.Wire.plain()
 
     def encode(self, tensor: Any, state: Any = None, name: str | None = None) -> Payload:
         """Copies ``tensor`` (float32, float64, bfloat16 or float16) into a payload."""
         buffer = as_buffer(tensor, name)
-        if buffer.dtype_code not in _FLOATS:
+        if buffer.dtype not in _FLOATS:
             raise TypeError(f"{_label(name)} has dtype {tensor.dtype}; NoCompression takes "
                             "floating-point tensors")
-        capacity = _core.payload_max_bytes(RAW, buffer.count, buffer.dtype_code, buffer.dtype_code)
-        out = np.empty(capacity, dtype=np.uint8)
-        used = _core.raw_encode_payload(buffer.address, buffer.dtype_code, buffer.count,
-                                        out.ctypes.data, capacity, name or "")
+        out, used = _encode(_core.Wire.plain(), buffer, name)
         return Payload(out[:used], name)
 
-    def _decode_dtypes(self) -> tuple[int, ...]:
+    def _decode_dtypes(self) -> tuple:
         return _FLOATS
 
     def __repr__(self) -> str:
         return "NoCompression()"
+
+
+class HorovodCompression:
+    """An object with Horovod's ``compress(tensor) -> (tensor, ctx)`` and
+    ``decompress(tensor, ctx) -> tensor`` (e.g. ``pybrain_mpi.horovod.Compression.fp16``)
+    as an allreduce codec: the compressed tensor is reduced as it is (plain wire) and
+    decompressed into the caller's tensor when the allreduce finishes."""
+
+    def __init__(self, compressor: Any):
+        if not (callable(getattr(compressor, "compress", None)) and callable(getattr(compressor, "decompress", None))):
+            raise TypeError("compression must be a pybrain_mpi.compression codec or have Horovod's "
+                            f"compress()/decompress(), got {type(compressor).__name__}")
+        self.compressor = compressor
+
+    def wire(self, state: Any, count: int, name: str | None = None) -> Any:
+        return _core.Wire.plain()
+
+    def stage(self, x: Any, name: str | None = None) -> tuple[Any, Callable[[Any], None]]:
+        compressed, ctx = self.compressor.compress(x)
+
+        def restore(result: Any) -> None:
+            x.copy_(self.compressor.decompress(result, ctx))
+
+        return compressed, restore
+
+    def __repr__(self) -> str:
+        return f"HorovodCompression({self.compressor!r})"

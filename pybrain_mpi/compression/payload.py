@@ -6,16 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .._native import _core
-from ..communication.buffers import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
+from ..core.library import _core
 
-__all__ = ["Payload", "CODEC_NAMES", "HEADER_BYTES"]
+__all__ = ["Payload", "HEADER_BYTES"]
 
 HEADER_BYTES = _core.PAYLOAD_HEADER_BYTES
-RAW, THREELC, CAST = 0, 1, 2
-CODEC_NAMES = {RAW: "NoCompression", THREELC: "ThreeLC", CAST: "Cast"}
-DTYPE_NAMES = {FLOAT32: "float32", FLOAT64: "float64", FLOAT16: "float16", BFLOAT16: "bfloat16"}
-_ITEMSIZE = {FLOAT32: 4, FLOAT64: 8, FLOAT16: 2, BFLOAT16: 2}
 
 
 def _as_uint8(data: Any) -> np.ndarray:
@@ -39,15 +34,15 @@ class Payload:
     and the checksum, so a truncated or corrupted payload raises :class:`PbmError` here.
     """
 
-    __slots__ = ("_data", "codec", "dtype_code", "wire_dtype_code", "count", "scale", "body_nbytes")
+    __slots__ = ("_data", "codec", "tensor_dtype", "wire_dtype", "count", "scale", "body_nbytes")
 
     def __init__(self, data: Any, name: str | None = None):
         array = _as_uint8(data)
-        header = _core.read_payload_header(array.ctypes.data, array.size, name or "")
+        header = _core.read_payload_header(array, name or "")
         self._data = array
-        self.codec: int = header["codec"]
-        self.dtype_code: int = header["dtype"]
-        self.wire_dtype_code: int = header["wire_dtype"]
+        self.codec = header["codec"]  # the core's PayloadCodec
+        self.tensor_dtype = header["dtype"]  # the core's DType of the encoded tensor
+        self.wire_dtype = header["wire_dtype"]
         self.count: int = header["count"]
         self.scale: float = header["scale"]
         self.body_nbytes: int = header["body_bytes"]
@@ -60,17 +55,17 @@ class Payload:
     @property
     def codec_name(self) -> str:
         """``"ThreeLC"``, ``"Cast"`` or ``"NoCompression"``."""
-        return CODEC_NAMES[self.codec]
+        return self.codec.name
 
     @property
     def dtype(self) -> str:
         """Name of the dtype of the tensor that was encoded."""
-        return DTYPE_NAMES[self.dtype_code]
+        return self.tensor_dtype.name
 
     @property
     def compression_ratio(self) -> float:
         """Size of the original tensor over the payload size (header included)."""
-        return self.count * _ITEMSIZE[self.dtype_code] / self.nbytes
+        return self.count * self.tensor_dtype.itemsize / self.nbytes
 
     def numpy(self) -> np.ndarray:
         """The payload bytes as a read-only-by-convention uint8 array (no copy)."""
@@ -88,6 +83,6 @@ class Payload:
         return NotImplemented
 
     def __repr__(self) -> str:
-        scale = f", scale={self.scale:.6g}" if self.codec == THREELC else ""
+        scale = f", scale={self.scale:.6g}" if self.codec == _core.PayloadCodec.ThreeLC else ""
         return (f"Payload({self.codec_name}, {self.dtype}[{self.count}], {self.nbytes} bytes, "
                 f"{self.compression_ratio:.1f}x{scale})")

@@ -1,17 +1,22 @@
-"""Errors raised by :mod:`pybrain_mpi.data`.
+"""Errors raised by :mod:`pybrain_mpi.data` and the trainer's data adapters.
 
-One class per failure family; each message says what was wrong, where (store, chunk key,
-sample, file) and what to do.
+:class:`DataError` is the family: everything wrong with training data (missing, malformed,
+not fitting the model). The subclasses say which kind; each message says what was wrong,
+where (store, chunk key, sample, file) and what to do.
 """
 
 from __future__ import annotations
 
 from ..errors import PbmError
 
-__all__ = ["ChunkError", "PatchOutOfBounds", "DataMismatch", "SampleError"]
+__all__ = ["DataError", "ChunkError", "PatchOutOfBounds", "DataMismatch", "SampleError"]
 
 
-class ChunkError(PbmError, OSError):
+class DataError(PbmError, ValueError):
+    """The data is missing, malformed or does not fit the model (base of every data error)."""
+
+
+class ChunkError(DataError, OSError):
     """A chunk could not be read: missing from a store that should hold it, or corrupt.
 
     ``store`` is the store's URL and ``key`` the chunk key inside it (``0/c/1/2/0``).
@@ -23,16 +28,16 @@ class ChunkError(PbmError, OSError):
         self.key = key
 
 
-class PatchOutOfBounds(PbmError, IndexError):
+class PatchOutOfBounds(DataError, IndexError):
     """A patch reaches outside the volume and the volume was opened with ``padding="error"``."""
 
 
-class DataMismatch(PbmError, ValueError):
+class DataMismatch(DataError):
     """Inputs that must agree do not: grids of an image and its mask, the dimensionality a
     sampler expects, a patch larger than the volume, or a saved sampler state."""
 
 
-class SampleError(PbmError):
+class SampleError(DataError):
     """A prefetch thread failed while producing a sample.
 
     Raised in the training loop; ``sample_index`` and ``start`` locate the sample, ``chunk_key``

@@ -40,6 +40,9 @@ AUTO_CACHE_BUDGET = 512 * 2**20
 AUTO_CACHE_FLOOR = 8 * 2**20
 #: Bookkeeping charged per cached chunk (a constant chunk holds one element).
 _ENTRY_BYTES = 256
+#: Shard indexes kept per level (a 4^3-chunk shard's index is 1 KiB).
+_MAX_SHARD_INDEXES = 4096
+_EMPTY = np.uint64(2**64 - 1)
 
 
 def chunks_touched(size: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> int:
@@ -147,36 +150,60 @@ class _Level:
     """One resolution level: its zarr array and how to fetch and decode its chunks."""
 
     def __init__(self, array, store_url: str):
-        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+        from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
 
         self.array = array
         self.decoder = None
         self.shape = tuple(int(n) for n in array.shape)
-        self.chunks = tuple(int(c) for c in array.chunks)
+        self.chunks = tuple(int(c) for c in array.chunks)  # inner chunks when sharded
         self.dtype = np.dtype(array.dtype)
         self.store_url = store_url
         self.fill_value = array.metadata.fill_value
         self.chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self.decoder = None
         self.byte_dtype = self.dtype
+        self._init_sharding(None)
         codecs = list(getattr(array.metadata, "codecs", []))
-        fast = (getattr(array, "shards", None) is None and codecs
-                and isinstance(codecs[0], BytesCodec)
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sharding = codecs[0]
+            index = [type(c).__name__ for c in sharding.index_codecs]
+            if index in (["BytesCodec"], ["BytesCodec", "Crc32cCodec"]) and \
+                    getattr(sharding.index_codecs[0].endian, "value", "little") == "little":
+                self._init_sharding({"shards": tuple(int(s) for s in array.shards),
+                                     "crc32c": len(index) == 2,
+                                     "at_end": sharding.index_location.value == "end"})
+                codecs = list(sharding.codecs)
+        fast = ((getattr(array, "shards", None) is None or self.shard_shape is not None)
+                and codecs and isinstance(codecs[0], BytesCodec)
                 and all(isinstance(c, (BloscCodec, ZstdCodec)) for c in codecs[1:])
                 and len(codecs) <= 2)
-        self.fast = bool(fast)
-        if self.fast:
-            endian = codecs[0].endian
-            self._set_decoder(None if endian is None else endian.value,
-                              None if len(codecs) < 2 else
-                              ("blosc" if isinstance(codecs[1], BloscCodec) else "zstd"))
         store = array.store
         self.local_root = None
         root = getattr(store, "root", None)
         if root is not None and type(store).__name__ == "LocalStore":
             self.local_root = str(root)
+        # Inner chunks are fetched by byte range from local shard files only.
+        self.fast = bool(fast) and (self.shard_shape is None or self.local_root is not None)
+        if self.fast:
+            endian = codecs[0].endian
+            self._set_decoder(None if endian is None else endian.value,
+                              None if len(codecs) < 2 else
+                              ("blosc" if isinstance(codecs[1], BloscCodec) else "zstd"))
         self.prefix = array.store_path.path
         self._encode_key = array.metadata.encode_chunk_key
+
+    def _init_sharding(self, sharding: dict | None) -> None:
+        """Zarr v3 sharding (``sharding_indexed``): ``chunks`` are the inner chunks, each shard
+        file ends (or starts) with an index of (offset, nbytes) little-endian uint64 pairs per
+        inner chunk, C order, optionally followed by its CRC32C; 2^64-1 marks an empty chunk."""
+        self.shard_shape = None if sharding is None else sharding["shards"]
+        if sharding is None:
+            return
+        self._per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunks))
+        self._index_bytes = int(np.prod(self._per_shard)) * 16 + (4 if sharding["crc32c"] else 0)
+        self._index_at_end = sharding["at_end"]
+        self._indexes: OrderedDict = OrderedDict()
+        self._index_lock = threading.Lock()
 
     def _set_decoder(self, endian: str | None, compressor: str | None) -> None:
         """Byte order and decoder of the fast path (bytes codec + at most Blosc or zstd)."""
@@ -208,6 +235,19 @@ class _Level:
                 meta = json.load(f)
             grid = meta["chunk_grid"]
             codecs = meta["codecs"]
+            sharding = None
+            if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+                config = codecs[0]["configuration"]
+                index = config.get("index_codecs", [{"name": "bytes"}, {"name": "crc32c"}])
+                index_names = [c["name"] for c in index]
+                if index_names not in (["bytes"], ["bytes", "crc32c"]) or \
+                        (index[0].get("configuration") or {}).get("endian", "little") != "little":
+                    return None
+                sharding = {"shards": tuple(int(c) for c in grid["configuration"]["chunk_shape"]),
+                            "inner": tuple(int(c) for c in config["chunk_shape"]),
+                            "crc32c": len(index_names) == 2,
+                            "at_end": config.get("index_location", "end") == "end"}
+                codecs = config["codecs"]
             names = [c["name"] for c in codecs]
             encoding = meta.get("chunk_key_encoding", {"name": "default"})
             if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array"
@@ -224,7 +264,9 @@ class _Level:
         self = cls.__new__(cls)
         self.array = None
         self.shape = tuple(int(n) for n in meta["shape"])
-        self.chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+        self.chunks = sharding["inner"] if sharding else \
+            tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+        self._init_sharding(sharding)
         self.dtype = dtype
         self.store_url = root
         self.fill_value = fill
@@ -243,9 +285,58 @@ class _Level:
             self._encode_key = lambda coords: sep.join(map(str, coords)) if coords else "0"
         return self
 
-    def key(self, coords: tuple[int, ...]) -> str:
+    def _store_key(self, coords: tuple[int, ...]) -> str:
         key = self._encode_key(coords)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        """Store key of the chunk at grid ``coords`` (for an inner chunk of a shard: the
+        shard's key and the chunk's position in it)."""
+        if self.shard_shape is None:
+            return self._store_key(coords)
+        outer = tuple(c // n for c, n in zip(coords, self._per_shard))
+        inner = tuple(c % n for c, n in zip(coords, self._per_shard))
+        return f"{self._store_key(outer)}[chunk {','.join(map(str, inner))}]"
+
+    def fetch_chunk(self, coords: tuple[int, ...]) -> tuple[bytes | None, bool]:
+        """``(stored bytes of the chunk at grid coords, whether its file exists)``: ``(None,
+        False)`` for a missing chunk file (or shard), ``(None, True)`` for an inner chunk its
+        shard's index marks empty (it holds the fill value)."""
+        if self.shard_shape is None:
+            raw = self.fetch_raw(self._store_key(coords))
+            return raw, raw is not None
+        outer = tuple(c // n for c, n in zip(coords, self._per_shard))
+        path = os.path.join(self.local_root, self._store_key(outer))
+        try:
+            with open(path, "rb") as f:
+                index = self._shard_index(outer, f)
+                offset, nbytes = index[tuple(c % n for c, n in zip(coords, self._per_shard))]
+                if offset == _EMPTY and nbytes == _EMPTY:
+                    return None, True
+                f.seek(int(offset))
+                return f.read(int(nbytes)), True
+        except FileNotFoundError:
+            return None, False
+
+    def _shard_index(self, outer: tuple[int, ...], f) -> np.ndarray:
+        """The (offset, nbytes) index of a shard, read once and kept (16 bytes a chunk)."""
+        with self._index_lock:
+            index = self._indexes.get(outer)
+            if index is not None:
+                self._indexes.move_to_end(outer)
+                return index
+        if self._index_at_end:
+            f.seek(-self._index_bytes, os.SEEK_END)
+        raw = f.read(self._index_bytes)
+        if len(raw) != self._index_bytes:
+            raise ValueError(f"shard index of {len(raw)} bytes, expected {self._index_bytes}")
+        index = np.frombuffer(raw[:int(np.prod(self._per_shard)) * 16], dtype="<u8") \
+            .reshape(self._per_shard + (2,))
+        with self._index_lock:
+            self._indexes[outer] = index
+            if len(self._indexes) > _MAX_SHARD_INDEXES:
+                self._indexes.popitem(last=False)
+        return index
 
     def fetch_raw(self, key: str) -> bytes | None:
         if self.local_root is not None:
@@ -259,6 +350,38 @@ class _Level:
 
         buf = sync(self.array.store.get(key, prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
+
+
+def _multiscales(attrs: dict) -> dict | None:
+    """The first NGFF ``multiscales`` entry: under ``ome`` (NGFF 0.5) or top-level (0.4)."""
+    entries = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+    return entries[0] if entries else None
+
+
+def _ngff_meta(attrs: dict, ndim: int) -> dict:
+    """Axes, spatial axes, voxel size and a diagonal affine from NGFF metadata alone (stores
+    written by other tools): level 0's scale and translation of the axes of type "space"."""
+    multiscales = _multiscales(attrs)
+    if not multiscales or len(multiscales.get("axes", [])) != ndim:
+        return {}
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales["axes"]]
+    kinds = [a.get("type") if isinstance(a, dict) else None for a in multiscales["axes"]]
+    spatial = [i for i, kind in enumerate(kinds) if kind == "space"] or \
+        list(range(max(0, ndim - 3), ndim))
+    scale, translation = [1.0] * ndim, [0.0] * ndim
+    for transform in multiscales["datasets"][0].get("coordinateTransformations", []):
+        if transform.get("type") == "scale":
+            scale = [float(v) for v in transform["scale"]]
+        elif transform.get("type") == "translation":
+            translation = [float(v) for v in transform["translation"]]
+    affine = np.eye(4)
+    for row, ax in enumerate(spatial[-3:]):
+        affine[row, row] = scale[ax]
+        affine[row, 3] = translation[ax]
+    time = [i for i, kind in enumerate(kinds) if kind == "time"]
+    return {"axes": axes, "spatial_axes": spatial, "affine": affine.tolist(),
+            "voxel_size": [scale[ax] for ax in spatial],
+            "time_step_s": scale[time[0]] if time else None}
 
 
 def _open_local_image(path) -> tuple[dict, list[_Level]] | None:
@@ -275,7 +398,7 @@ def _open_local_image(path) -> tuple[dict, list[_Level]] | None:
         if group.get("zarr_format") != 3 or group.get("node_type") != "group":
             return None
         attrs = group.get("attributes") or {}
-        paths = [d["path"] for d in attrs["ome"]["multiscales"][0]["datasets"]]
+        paths = [d["path"] for d in _multiscales(attrs)["datasets"]]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
     levels = [_Level.from_local_json(root, p) for p in paths]
@@ -348,8 +471,9 @@ class Volume:
             node = zarr.open(self.path, mode="r")
         attrs = dict(node.attrs)
         if isinstance(node, zarr.Group):
-            paths = [d["path"] for d in attrs["ome"]["multiscales"][0]["datasets"]] \
-                if "ome" in attrs else (["0"] if "0" in node else [])
+            multiscales = _multiscales(attrs)
+            paths = [d["path"] for d in multiscales["datasets"]] if multiscales \
+                else (["0"] if "0" in node else [])
             if not paths:
                 raise FileNotFoundError(f"{self.path} is a Zarr group without OME multiscales "
                                         "metadata or an array '0'; open the array itself")
@@ -360,7 +484,7 @@ class Volume:
         return attrs
 
     def _init_rest(self, attrs, cache_bytes, threads, cache_patches, cache_budget_bytes) -> None:
-        meta = attrs.get(ATTRS_KEY, {})
+        meta = attrs.get(ATTRS_KEY) or _ngff_meta(attrs, len(self._levels[0].shape))
         self.strict_chunks = bool(meta.get("all_chunks_written", False))
         ndim = len(self._levels[0].shape)
         self.spatial_axes = tuple(meta.get("spatial_axes", range(max(0, ndim - 3), ndim)))
@@ -486,9 +610,13 @@ class Volume:
                 self.bytes_read += block.nbytes
                 self.bytes_fetched += block.nbytes
             return block
-        raw = level.fetch_raw(key)
+        try:
+            raw, exists = level.fetch_chunk(coords)
+        except (OSError, ValueError) as err:
+            raise ChunkError(f"chunk {key} of store {self.path} could not be read: {err}",
+                             self.path, key) from err
         if raw is None:
-            if self.strict_chunks:
+            if self.strict_chunks and not exists:
                 raise ChunkError(
                     f"chunk {key} is missing from store {self.path} although the store was "
                     "written with every chunk present; the copy is incomplete: copy it again "

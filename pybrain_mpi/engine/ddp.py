@@ -1,6 +1,6 @@
 """Data-parallel training: gradients averaged across ranks while backward still runs.
 
-``DistributedDataParallel`` follows the design of PyTorch DDP and Horovod (REFERENCE.md
+``DistributedDataParallel`` follows the design of PyTorch DDP and Horovod (docs/background.md
 section 3, "tensor fusion" and "overlap"):
 
 1. At wrap time every rank checks it holds the same parameters (names, shapes, dtypes),
@@ -49,7 +49,7 @@ class _Bucket:
     offsets: list[int]
     flat: torch.Tensor
     ready: set[int] = field(default_factory=set)  # positions in params that are ready
-    handle: Any = None
+    handle: Any = None  # the bucket's allreduce (a pybrain_mpi.Handle) while a step runs
     state: Any = None  # compression state (3LC residuals), kept across steps
     launched_at: float = 0.0
     finished_at: float = 0.0
@@ -57,6 +57,15 @@ class _Bucket:
     def view(self, position: int) -> torch.Tensor:
         param = self.params[position]
         start = self.offsets[position]
+        if param.is_contiguous():
+            return self.flat[start:start + param.numel()].view_as(param)
+        # A dense parameter in another layout (channels_last_3d): its gradient gets the same
+        # strides, as torch DDP's bucket views do. A gradient laid out unlike its parameter
+        # reaches the optimizer either way, and torch's fused optimizers (fused=True) then
+        # update the wrong elements: they walk parameter and gradient storage in step.
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(param.shape, param.stride()) if n > 0)
+        if span == param.numel() and all(st >= 0 for st in param.stride()):
+            return self.flat.as_strided(param.shape, param.stride(), self.flat.storage_offset() + start)
         return self.flat[start:start + param.numel()].view_as(param)
 
 
@@ -121,6 +130,14 @@ class DistributedDataParallel(torch.nn.Module):
         self.compression = compression
         self.broadcast_buffers = broadcast_buffers
         self.check_finite = bool(check_finite)
+        # The allreduce codec of every bucket: a pybrain_mpi.compression codec as given, a
+        # Horovod-style compress/decompress object through its adapter, or None.
+        from ..compression.codecs import Compressor, HorovodCompression, ThreeLC
+
+        self._codec = compression if compression is None or isinstance(compression, Compressor) \
+            else HorovodCompression(compression)
+        # A Horovod-style compressor's tensor says nothing about the gradient's finiteness.
+        self._check_finite = self.check_finite and not isinstance(self._codec, HorovodCompression)
         # After a synchronized backward with check_finite: whether every averaged gradient is
         # finite (None when unknown: check_finite off, no_sync, or Horovod-style compression).
         self.grads_finite: bool | None = None
@@ -140,9 +157,6 @@ class DistributedDataParallel(torch.nn.Module):
                            root=0, what="initial parameters and buffers")
         self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes,
                                             shared=algorithm in _SHARED_MEMORY_ALGORITHMS)
-        from ..compression.codecs import Compressor, ThreeLC
-
-        self._native_compression = isinstance(compression, Compressor)
         if isinstance(compression, ThreeLC):
             for bucket in self._buckets:
                 bucket.state = compression.new_state(bucket.flat, name=f"bucket {bucket.index}")
@@ -233,18 +247,9 @@ class DistributedDataParallel(torch.nn.Module):
         bucket.launched_at = time.perf_counter()
         label = f"bucket {bucket.index} ({len(bucket.params)} tensors: {bucket.names[0]}"
         label += ", ...)" if len(bucket.params) > 1 else ")"
-        if self._native_compression:
-            bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
-                                                         name=label[:60], compression=self.compression,
-                                                         state=bucket.state,
-                                                         check_finite=self.check_finite)
-        elif self.compression is not None:
-            payload, ctx = self.compression.compress(bucket.flat)
-            bucket.handle = (collectives.allreduce_async_(payload, op="avg", algorithm=self.algorithm,
-                                                          name=label[:60]), payload, ctx)
-        else:
-            bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
-                                                         name=label[:60], check_finite=self.check_finite)
+        bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
+                                                     name=label[:60], compression=self._codec,
+                                                     state=bucket.state, check_finite=self._check_finite)
 
     def _launch_ready_buckets(self) -> None:
         while (self._next_to_launch < len(self._buckets)
@@ -268,7 +273,7 @@ class DistributedDataParallel(torch.nn.Module):
         for bucket in self._buckets:
             self._wait(bucket)
         if self.check_finite:
-            flags = [b.handle.finite if not isinstance(b.handle, tuple) else None for b in self._buckets]
+            flags = [b.handle.finite for b in self._buckets]
             self.grads_finite = None if None in flags else all(flags)
         self.timeline = [
             {"bucket": b.index, "tensors": len(b.params), "bytes": b.flat.numel() * b.flat.element_size(),
@@ -278,10 +283,6 @@ class DistributedDataParallel(torch.nn.Module):
 
     def _wait(self, bucket: _Bucket) -> None:
         handle = bucket.handle
-        if isinstance(handle, tuple):
-            handle, payload, ctx = handle
-        else:
-            payload = ctx = None
         started = time.monotonic()
         limit = context.current().timeout_s
         warned = False
@@ -300,8 +301,6 @@ class DistributedDataParallel(torch.nn.Module):
                     f"{', ...' if len(bucket.names) > 4 else ''}) has waited {self.stall_warn_s:g} s; "
                     f"ranks that have not submitted it: {error.missing_ranks or 'unknown'}",
                     RuntimeWarning, stacklevel=2)
-        if payload is not None:
-            bucket.flat.copy_(self.compression.decompress(payload, ctx))
         bucket.finished_at = time.perf_counter()
 
     def remove_hooks(self) -> None:
@@ -311,16 +310,13 @@ class DistributedDataParallel(torch.nn.Module):
         self._hooks = []
 
     def compression_state_dict(self) -> dict[str, Any]:
-        """The 3LC residuals of every bucket (for exact resume from a checkpoint)."""
-        import numpy as np
-
+        """Every 3LC residual of every bucket, of every path that has run (flat, and both
+        stages of the hierarchical allreduce), for an exact resume from a checkpoint."""
         out: dict[str, Any] = {}
         for bucket in self._buckets:
             if bucket.state is not None:
-                out[f"bucket{bucket.index}.residual"] = torch.from_numpy(np.array(bucket.state.residual))
-                if bucket.state.owner_residual is not None:
-                    out[f"bucket{bucket.index}.owner_residual"] = torch.from_numpy(
-                        np.array(bucket.state.owner_residual))
+                for key, residual in bucket.state.state_dict().items():
+                    out[f"bucket{bucket.index}.{key}"] = torch.from_numpy(residual)
         return out
 
     def load_compression_state_dict(self, state: dict[str, Any]) -> None:
@@ -328,13 +324,11 @@ class DistributedDataParallel(torch.nn.Module):
         for bucket in self._buckets:
             if bucket.state is None:
                 continue
-            key = f"bucket{bucket.index}.residual"
+            prefix = f"bucket{bucket.index}."
+            key = prefix + "residual"
             if key not in state:
                 raise PbmError(f"compression state has no {key}: saved with another model or compression")
-            bucket.state.residual[...] = state[key].numpy()
-            owner = state.get(f"bucket{bucket.index}.owner_residual")
-            if owner is not None:
-                bucket.state.owner_residual_for(context.size(), context.rank())[...] = owner.numpy()
+            bucket.state.load_state_dict({k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)})
 
     @property
     def bucket_sizes_bytes(self) -> list[int]:

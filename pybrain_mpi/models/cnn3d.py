@@ -1,6 +1,6 @@
 """NaiveCNN3D: the plain 3D CNN used for structural-MRI regression.
 
-Architecture (REFERENCE.md section 2, after the ABCD fluid-intelligence 3D CNN): four blocks
+Architecture (docs/background.md section 2, after the ABCD fluid-intelligence 3D CNN): four blocks
 ``Conv3d(k=3, padding=1, no bias) -> BatchNorm3d -> MaxPool3d(2) -> ReLU -> Dropout3d`` with 10, 20,
 40, 80 output channels, then fully connected layers ``flat -> fc1 -> fc2 -> out`` (ReLU and
 dropout between them). MSE loss is the caller's.

@@ -1,6 +1,6 @@
 """DCA: the 1D convolutional autoencoder for fMRI voxel time series.
 
-Architecture (REFERENCE.md section 2, after the distributed convolutional autoencoder for
+Architecture (docs/background.md section 2, after the distributed convolutional autoencoder for
 HCP task fMRI):
 
 - encoder: four ``Conv1d`` layers (filters/kernel 32/21, 64/9, 128/9, 256/9), "same"

@@ -1,6 +1,6 @@
 """EncodingMLP: image features -> per-voxel/vertex fMRI responses.
 
-The Algonauts-style encoding head (REFERENCE.md section 2): frozen backbone features go
+The Algonauts-style encoding head (docs/background.md section 2): frozen backbone features go
 through ``fc1 -> fc2 -> fc3`` (fc3 has one output per voxel or vertex); each hidden layer is
 followed by optional BatchNorm1d, an optional activation (ReLU or Tanh) and dropout.
 

@@ -1,6 +1,6 @@
 """ResNet50_3D: a bottleneck ResNet-50 with 3D convolutions, for volume regression.
 
-The variant the 3D-CNN study compared against (REFERENCE.md section 2, "~47M parameters, did
+The variant the 3D-CNN study compared against (docs/background.md section 2, "~47M parameters, did
 worse"): stem ``Conv3d(7, stride 2) -> BN -> ReLU -> MaxPool3d(3, stride 2)``, then stages of
 [3, 4, 6, 3] bottleneck blocks (1x1x1 reduce, 3x3x3, 1x1x1 expand by 4, BN after each, identity
 or 1x1x1-conv+BN shortcut) with widths ``w, 2w, 4w, 8w`` (strides 1, 2, 2, 2), global average

@@ -6,10 +6,11 @@
 """
 
 from .codecs import build_codec
-from .data import DataError, FMRISeries, ShardedSampler, TrainingData, VolumePatches, build_data
+from ..data.errors import DataError
+from .data import FMRISeries, TrainingData, VolumePatches, build_data
 from .trainer import (Trainer, TrainingDiverged, TrainingSetupError, checkpoint_path,
                       format_summary, train)
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path",
            "format_summary", "build_codec", "DataError", "FMRISeries",
-           "ShardedSampler", "TrainingData", "VolumePatches", "build_data"]
+           "TrainingData", "VolumePatches", "build_data"]

@@ -6,11 +6,17 @@ knows where samples come from:
 - ``size(split)``: number of samples of ``"train"`` (per epoch), ``"val"`` or ``"held_out"``;
 - ``batch(split, epoch, indices) -> (inputs, targets)`` as float numpy arrays;
 - ``input_shape`` (one sample) and ``autoencoder`` (targets are the inputs);
-- ``roi_labels``: one ROI name per output when metrics are also reported per ROI, else None.
+- ``task``: ``"autoencoder"``, ``"regression"`` or ``"segmentation"`` (class-index targets);
+- ``model_defaults``: model sizes the data determines (``input_length``, ``in_channels``,
+  ``out_channels``, ...), used for the model arguments a config leaves out;
+- ``roi_labels``: one ROI name per output when metrics are also reported per ROI, else None;
+- optionally ``evaluate(split, step, rank, size, batch_size) -> report``, when the metrics are
+  not per sample (whole-volume Dice, per-subject regression); the trainer then calls it with
+  ``step(x, y) -> (loss summed over the batch, model output)`` instead of its own loop.
 
-:class:`ShardedSampler` decides which training samples each rank sees: a seeded permutation
-per epoch (the same on every rank), cut into ``size`` equal shards (the remainder dropped, so
-every rank runs the same number of steps), batched in order. Its whole state is
+:class:`pybrain_mpi.data.ShuffledSampler` decides which training samples each rank sees: a
+seeded permutation per epoch (the same on every rank), cut into equal shards (the remainder
+dropped, so every rank runs the same number of steps), batched in order. Its whole state is
 ``(epoch, step in epoch)``, which makes resuming exact.
 
 Adapters:
@@ -18,13 +24,16 @@ Adapters:
 - :class:`FMRISeries` (``kind = "fmri_series"``): one voxel time series per sample. With
   ``source = "nitime_fmri"`` the series come from nitime's real fMRI, converted once by rank 0
   into Zarr stores in a cache and read on demand through :class:`pybrain_mpi.data.Volume`
-  (:class:`~pybrain_mpi.examples_data.NitimeFMRI`); with ``source = "path"`` from a ``.npy``
+  (:class:`~pybrain_mpi.data.examples.NitimeFMRI`); with ``source = "path"`` from a ``.npy``
   file ``(voxels, time points)`` held in memory.
 - :class:`VolumePatches` (``kind = "volume_patches"``): 3D patches of a T1 volume with a
   grey-matter target. ``source = "mni152"``: nilearn's MNI152 template converted once into
   Zarr stores, patches read on demand (only the chunks a patch touches) through
   :class:`pybrain_mpi.data.Volume`, positions drawn by :class:`pybrain_mpi.data.UniformSampler`;
   ``source = "path"``: an ``.npz`` file with 3D arrays ``input`` and ``target`` in memory.
+- Cohorts (``[data] manifest`` / ``bids``, ``source = "mni152_cohort"`` / ``"nitime_runs"``):
+  segmentation, per-subject regression and fMRI series of many subjects, in
+  :mod:`pybrain_mpi.trainer.cohorts`.
 - :class:`LaggedEncoding` (``kind = "encoding"``): an encoding model's data, features ->
   responses of outputs grouped into ROIs (per-ROI metrics). ``source = "nitime_rois"``: real
   ROI signals of nitime's ``fmri_timeseries.csv`` (see :func:`nitime_roi_encoding`);
@@ -42,53 +51,12 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import DataConfig
-from ..errors import PbmError
+from ..data.errors import DataError
 
-__all__ = ["DataError", "ShardedSampler", "TrainingData", "FMRISeries", "VolumePatches",
+__all__ = ["TrainingData", "FMRISeries", "VolumePatches",
            "LaggedEncoding", "nitime_roi_encoding", "build_data", "SPLITS"]
 
 SPLITS = ("train", "val", "held_out")
-
-
-class DataError(PbmError, ValueError):
-    """The training data is missing, malformed or does not fit the model."""
-
-
-class ShardedSampler:
-    """Deterministic per-epoch sharding of ``n_samples`` training samples over ranks.
-
-    Epoch ``e`` uses ``permutation(n_samples)`` drawn from ``default_rng([seed, e])``; rank
-    ``r`` takes positions ``[r * per_rank, (r + 1) * per_rank)`` with
-    ``per_rank = n_samples // size``, in batches of ``batch_size`` (the last may be short,
-    equally on every rank).
-    """
-
-    def __init__(self, n_samples: int, batch_size: int, rank: int, size: int, seed: int):
-        self.n_samples = int(n_samples)
-        self.batch_size = int(batch_size)
-        self.rank, self.size, self.seed = int(rank), int(size), int(seed)
-        self.per_rank = self.n_samples // self.size
-        if self.per_rank < 1:
-            raise DataError(f"{self.n_samples} training samples cannot be shared by {self.size} "
-                            "ranks (each needs at least one); use fewer ranks or more data")
-        self.steps_per_epoch = math.ceil(self.per_rank / self.batch_size)
-        self._cached_epoch: int | None = None
-        self._shard: np.ndarray | None = None
-
-    def shard(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for ``epoch``, in the order they are used."""
-        if self._cached_epoch != epoch:
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_samples)
-            self._shard = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-            self._cached_epoch = epoch
-        return self._shard
-
-    def batch_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
-        """Indices of batch ``step_in_epoch`` of ``epoch`` on this rank."""
-        if not 0 <= step_in_epoch < self.steps_per_epoch:
-            raise IndexError(f"step {step_in_epoch} outside an epoch of {self.steps_per_epoch} steps")
-        start = step_in_epoch * self.batch_size
-        return self.shard(epoch)[start:start + self.batch_size]
 
 
 class TrainingData:
@@ -96,6 +64,8 @@ class TrainingData:
 
     input_shape: tuple = ()
     autoencoder: bool = False
+    task: str = "regression"
+    model_defaults: dict = {}
     description: str = ""
     roi_labels: list | None = None
 
@@ -130,11 +100,12 @@ class FMRISeries(TrainingData):
 
     Either in-memory 2D arrays ``train`` and ``held_out`` (voxels, time points), or
     ``reader`` (an object with ``series(rows) -> float32 (len(rows), T)`` and
-    ``series_length``, e.g. :class:`~pybrain_mpi.examples_data.NitimeFMRI`) with the row
+    ``series_length``, e.g. :class:`~pybrain_mpi.data.examples.NitimeFMRI`) with the row
     indices ``train`` and ``held_out`` into it: then each batch is read on demand.
     """
 
     autoencoder = True
+    task = "autoencoder"
 
     def __init__(self, train: np.ndarray, held_out: np.ndarray, val_fraction: float, seed: int,
                  where: str, reader: Any = None):
@@ -159,6 +130,7 @@ class FMRISeries(TrainingData):
         keep, val = _split_rows(len(train), val_fraction, seed)
         self.arrays = {"train": train[keep], "val": train[val], "held_out": held_out}
         self.input_shape = (length,)
+        self.model_defaults = {"input_length": length}
         self.description = (f"{where}: {len(keep)} train / {len(val)} val / {len(held_out)} "
                             f"held-out voxel series of {length} time points")
 
@@ -393,7 +365,7 @@ def nitime_roi_encoding(lags: int, held_out_fraction: float, val_fraction: float
     one ROI). Every signal is z-scored with the mean and standard deviation of the
     training block only, so nothing of the held-out block leaks into the scaling.
     """
-    from ..examples_data import load_nitime_roi_timeseries
+    from ..data.examples import load_nitime_roi_timeseries
 
     names, values = load_nitime_roi_timeseries()
     globals_ = {"WM", "Vent", "Brain"}
@@ -450,7 +422,7 @@ def _from_rank0_cache(what: str, cache_dir, rank: int, share: Callable, prepare:
     others wait up to ``PBM_CACHE_WAIT_S`` (600 s); then every rank opens the cache with
     ``prepare(build=False)``."""
     from ..errors import CollectiveTimeout
-    from ..examples_data import ExampleCacheError, default_cache_dir
+    from ..data.examples import ExampleCacheError, default_cache_dir
 
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     error = None
@@ -479,17 +451,23 @@ def _from_rank0_cache(what: str, cache_dir, rank: int, share: Callable, prepare:
         raise DataError(f"rank {rank}: {exc}") from None
 
 
-def build_data(config: DataConfig, val_fraction: float, rank: int, share: Callable) -> TrainingData:
+def build_data(config: DataConfig, val_fraction: float, rank: int, share: Callable, *,
+               seed: int = 0, world_size: int = 1) -> TrainingData:
     """The adapter for a config's [data] section.
 
     ``share(value, timeout_s)`` returns rank 0's ``value`` on every rank (a collective; the
     trainer waits at a barrier with ``timeout_s``). For the example data, rank 0 converts
-    it into the cache (once) while the others wait, so ranks never race on the same files.
-    Raises :class:`DataError`.
+    it into the cache (once) while the others wait, so ranks never race on the same files;
+    a cohort's subjects are converted by all ranks, each subject by one. ``seed`` seeds the
+    cohorts' patch draws. Raises :class:`DataError`.
     """
+    from .cohorts import build_cohort_data, is_cohort
+
+    if is_cohort(config):
+        return build_cohort_data(config, val_fraction, seed, rank, world_size, share)
     if config.kind == "fmri_series":
         if config.source == "nitime_fmri":
-            from ..examples_data import ExampleCacheError, prepare_dca_example
+            from ..data.examples import ExampleCacheError, prepare_dca_example
 
             example = _from_rank0_cache(
                 "nitime fMRI example", config.cache_dir, rank, share,
@@ -504,7 +482,7 @@ def build_data(config: DataConfig, val_fraction: float, rank: int, share: Callab
             return FMRISeries(example.train_rows, example.held_out_rows, val_fraction,
                               config.split_seed + 1, f"nitime fMRI (Zarr, {example.root})",
                               reader=reader)
-        from ..examples_data import split_by_voxel
+        from ..data.examples import split_by_voxel
 
         series = _load_series_file(config.path)
         if series.ndim != 2 or len(series) < 2:
@@ -527,7 +505,7 @@ def build_data(config: DataConfig, val_fraction: float, rank: int, share: Callab
 
     if config.source == "mni152":
         from ..data import Volume
-        from ..examples_data import prepare_mni152_example
+        from ..data.examples import prepare_mni152_example
 
         example = _from_rank0_cache(
             "MNI152 example", config.cache_dir, rank, share,

@@ -8,7 +8,7 @@ One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.confi
    learning whether any rank failed (an allgather of error messages), so all ranks stop with
    the same clear message before a single step is run, instead of some waiting forever.
 2. **Steps.** Each rank takes its shard of a seeded per-epoch permutation
-   (:class:`~pybrain_mpi.trainer.data.ShardedSampler`); gradients are averaged by
+   (:class:`~pybrain_mpi.data.ShuffledSampler`); gradients are averaged by
    :class:`~pybrain_mpi.DistributedDataParallel` while backward runs. After the optimizer
    step one tiny float64 allreduce(sum) carries ``[loss * batch, batch, stop requested,
    time budget spent]``: the global loss for the log and the progress bar, and the stop
@@ -38,22 +38,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint as ckpt
+from . import checkpoint as ckpt
+from .. import compute
 from ..communication import collectives, context
 from ..config import Config, config_to_dict
 from ..engine import DistributedDataParallel
 from ..errors import PbmError
 from ..metrics import RegressionStats
-from ..models import DCA, build_model, dca_loss, parameter_count
+from ..optim import LossScaler
+from ..models import DCA, build_model, dca_loss, model_arguments, parameter_count
 from .codecs import build_codec
-from .data import DataError, ShardedSampler, TrainingData, build_data
+from ..data.errors import DataError
+from ..data.ranks import allgather_objects
+from ..data.samplers import ShuffledSampler
+from .data import TrainingData, build_data
 from .signals import StopRequest
 from .timeline import StepLog, Timeline
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}
 
 
 class TrainingSetupError(PbmError):
@@ -103,7 +107,7 @@ def _build_optimizer(config: Config, params) -> torch.optim.Optimizer:
     if train.optimizer == "sgd":
         kwargs["momentum"] = train.momentum
     params = list(params)
-    # fused kernels run at memory bandwidth on CPU (FACTS.md); fall back where unsupported.
+    # fused kernels run at memory bandwidth on CPU (docs/measurements.md); fall back where unsupported.
     try:
         return kinds[train.optimizer](params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -186,8 +190,11 @@ class Trainer:
         self._set_threads()
 
         train = config.train
-        self.dtype = _DTYPES[train.precision]
-        self.autocast = train.precision == "bf16"
+        # The device and number format are resolved once the model exists (they depend on it);
+        # until then the model is built and checked in float32 (fp64 runs: float64).
+        self.dtype = torch.float64 if train.precision == "fp64" else torch.float32
+        self.policy = compute.ComputePolicy("cpu", "fp64" if train.precision == "fp64" else "fp32",
+                                            "contiguous")
         # Phase 1: everything that can be refused without reading data.
         self.codec = self._together("checking the configuration",
                                     lambda: build_codec(train.compression.kind, train.compression.sparsity))
@@ -195,10 +202,16 @@ class Trainer:
         # Phase 2: data, then the model against it.
         self.data: TrainingData = self._together(
             "loading the data", lambda: build_data(config.data, train.val_fraction, self.rank,
-                                                   self._from_rank0))
+                                                   self._from_rank0, seed=train.seed,
+                                                   world_size=self.size))
         self.module = self._together("building the model", self._build_model)
-        self.sampler = self._together("sharding the data", lambda: ShardedSampler(
-            self.data.size("train"), train.batch_size, self.rank, self.size, train.seed))
+        self.policy = self._together("choosing device and precision", lambda: compute.resolve(
+            self.module, train.device, train.precision, train.memory_format))
+        self.module = self.policy.prepare(self.module)
+        self.scaler = LossScaler() if self.policy.needs_loss_scaling else None
+        self.sampler = self._together("sharding the data", lambda: ShuffledSampler(
+            self.data.size("train"), train.batch_size, seed=train.seed, rank=self.rank,
+            world_size=self.size))
         self.total_steps = train.epochs * self.sampler.steps_per_epoch
         # Phase 3: the checkpoint to resume from, checked against this model and run.
         self.resumed_from: dict | None = None
@@ -234,14 +247,11 @@ class Trainer:
             print(f"pybrain-mpi: {message}", flush=True)
 
     def _set_threads(self) -> None:
-        # One thread per rank unless told otherwise: ranks sharing cores with several threads
-        # each are slower and erratic (FACTS.md).
-        if "OMP_NUM_THREADS" in os.environ:
-            threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
-        else:
-            threads = max(1, (os.cpu_count() or 1) // max(1, context.local_size()))
-        torch.set_num_threads(threads)
-        self.threads = threads
+        # OMP_NUM_THREADS, else Slurm's CPUs per task, else the node's cores over its ranks:
+        # ranks sharing cores with several threads each are slower and erratic
+        # (docs/measurements.md).
+        self.threads, self.threads_from = compute.threads_per_rank(context.local_size())
+        torch.set_num_threads(self.threads)
 
     def _together(self, what: str, action: Callable[[], Any]) -> Any:
         """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere."""
@@ -251,7 +261,7 @@ class Trainer:
             result = action()
         except (PbmError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
             error = str(exc) or type(exc).__name__
-        errors = self.comm.allgather(error) if self.size > 1 else [error]
+        errors = allgather_objects(error, name=f"agreeing on {what}", timeout_s=self._setup_wait_s())
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             messages = sorted({e for _, e in failed})
@@ -265,10 +275,16 @@ class Trainer:
             raise TrainingSetupError(f"{text}\nno training step was run")
         return result
 
+    def _setup_wait_s(self) -> float:
+        """Bound on the wait for the other ranks at the end of a set-up phase (one rank may
+        still be converting data): ``PBM_TIMEOUT_S`` or the cache wait, whichever is longer."""
+        from .data import _cache_wait_s
+
+        return max(context.current().timeout_s, _cache_wait_s())
+
     def _from_rank0(self, value: Any, timeout_s: float) -> Any:
-        """Rank 0's ``value`` on every rank, after a barrier bounded by ``timeout_s``."""
-        collectives.barrier(timeout_s)
-        return self.comm.bcast(value, root=0) if self.size > 1 else value
+        """Rank 0's ``value`` on every rank; the wait is bounded by ``timeout_s``."""
+        return allgather_objects(value, name="rank 0's data preparation", timeout_s=timeout_s)[0]
 
     def _check_directories(self) -> None:
         _probe_writable(self.output_dir, "[output] dir", self.rank)
@@ -282,14 +298,33 @@ class Trainer:
         if self.timeline_path is not None and self.rank == 0:
             _probe_writable(self.timeline_path.resolve().parent, "--timeline directory", self.rank)
 
+    def _model_kwargs(self) -> dict:
+        """The config's model arguments plus the sizes the data determines (``input_length``,
+        ``in_channels``, ``out_channels``, ...) for arguments the model takes and the config
+        leaves out."""
+        name, given = self.config.model.name, dict(self.config.model.kwargs)
+        accepted = model_arguments(name)
+        filled = {k: (tuple(v) if isinstance(v, list) else v)
+                  for k, v in getattr(self.data, "model_defaults", {}).items()
+                  if k in accepted and k not in given}
+        self.model_defaults_used = filled
+        return {**filled, **given}
+
     def _build_model(self) -> torch.nn.Module:
         config = self.config
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-        model = build_model(config.model.name, **config.model.kwargs).to(self.dtype)
-        self._check_shapes(model)
+        self.model_kwargs = self._model_kwargs()
+        try:
+            model = build_model(config.model.name, **self.model_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"[model] {config.model.name} with {self.model_kwargs}: {exc}") from None
+        self._check_shapes(model.to(self.dtype))
         return model
 
     def _check_shapes(self, model: torch.nn.Module) -> None:
+        """The model against the data, before any step: known size attributes first, then a
+        dry forward pass on two real training samples whose output must have the shape the
+        task needs; every message names the model's and the data's shapes."""
         data_shape = tuple(self.data.input_shape)
         name = self.config.model.name
         if isinstance(model, DCA) and data_shape != (model.input_length,):
@@ -302,26 +337,49 @@ class Trainer:
                             f"[model] in_features = {in_features}; set in_features = "
                             f"{int(np.prod(data_shape))}")
         expected = getattr(model, "input_shape", None)
-        if expected is not None and tuple(expected) != data_shape:
-            raise DataError(f"the data's patches are {list(data_shape)} but model '{name}' takes "
+        spatial = data_shape[1:] if self.data.task != "autoencoder" and len(data_shape) == 4 \
+            else data_shape
+        if expected is not None and tuple(expected) not in (data_shape, spatial):
+            raise DataError(f"the data's patches are {list(spatial)} but model '{name}' takes "
                             f"input_shape = {list(expected)}; make [model] input_shape equal "
-                            "[data] patch_size")
+                            "[data] patch_size (or leave it out: it is taken from the data)")
+        channels = getattr(model, "in_channels", None)
+        if isinstance(channels, int) and len(data_shape) == 4 and channels != data_shape[0]:
+            raise DataError(f"the data has {data_shape[0]} image channel(s) per sample "
+                            f"({list(data_shape)}) but model '{name}' takes in_channels = "
+                            f"{channels}; set in_channels = {data_shape[0]} (or leave it out)")
         # A dry forward pass on two real samples catches whatever the checks above cannot.
-        x, y = self.data.batch("val" if self.data.size("val") >= 2 else "held_out", 0,
-                               np.arange(min(2, self.data.size("held_out"))))
+        x, y = self.data.batch("train", 0, np.arange(min(2, self.data.size("train"))))
         model.eval()
         try:
             with torch.no_grad():
                 out = model(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype))
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:
             raise DataError(f"model '{name}' cannot take the data's samples of shape "
                             f"{list(x.shape[1:])}: {exc}") from None
         finally:
             model.train()
         pred = out[0] if isinstance(out, tuple) else out
-        if not self.data.autoencoder and tuple(pred.shape) != tuple(y.shape):
+        if not isinstance(pred, torch.Tensor):
+            raise DataError(f"model '{name}' returns {type(pred).__name__}, not a tensor")
+        if self.data.task == "segmentation":
+            classes = self.data.num_classes
+            want = (len(x), classes) + tuple(y.shape[1:])
+            if tuple(pred.shape) != want:
+                raise DataError(f"model '{name}' outputs {list(pred.shape[1:])} per sample but "
+                                f"segmentation of the data's {classes} classes (labels "
+                                f"{self.data.labels}) on patches {list(y.shape[1:])} needs "
+                                f"{list(want[1:])} (logits per class and voxel); set the model's "
+                                f"number of output channels to {classes}")
+        elif self.data.task == "autoencoder":
+            if tuple(pred.shape[1:]) != tuple(x.shape[1:]) and \
+                    tuple(pred.reshape(len(x), -1).shape) != tuple(x.reshape(len(x), -1).shape):
+                raise DataError(f"model '{name}' reconstructs {list(pred.shape[1:])} per sample "
+                                f"but the data's series are {list(x.shape[1:])}")
+        elif tuple(pred.shape) != tuple(y.shape):
             raise DataError(f"model '{name}' predicts shape {list(pred.shape[1:])} per sample but "
-                            f"the target has {list(y.shape[1:])}; set the model's output size")
+                            f"the target has {list(y.shape[1:])}; set the model's output size"
+                            + (" (out_features)" if "out_features" in model_arguments(name) else ""))
 
     def _apply_checkpointing(self) -> str:
         wrapped = self._together("enabling activation checkpointing",
@@ -344,16 +402,19 @@ class Trainer:
                     f"{path} was written by a run with {key} = {sampler.get(key)}, this run has "
                     f"{value}; resume with the same ranks, batch size, data and seed, or move "
                     "the checkpoint away to start fresh")
-        if metadata.get("precision") != self.config.train.precision:
+        if metadata.get("precision") != self.policy.precision:
             raise ckpt.CheckpointMismatch(
                 f"{path} was written in precision {metadata.get('precision')!r}, this run uses "
-                f"{self.config.train.precision!r}; resume with the same [train] precision")
+                f"{self.policy.precision!r} ([train] precision = "
+                f"{self.config.train.precision!r}); resume with the same precision")
         return {"tree": tree, "metadata": metadata}
 
     def _restore(self, saved: dict) -> None:
         tree = saved["tree"]
         self.module.load_state_dict(tree["model"]["state"])
         self.optimizer.load_state_dict(tree["optimizer"])
+        if self.scaler is not None and tree.get("scaler", {}).get("kind") != "none":
+            self.scaler.load_state_dict(tree["scaler"])
         progress = tree["progress"]
         self.step = int(progress["step"])
         self.best_val = float(progress["best_val"])
@@ -372,7 +433,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype)
+        return self.policy.input(torch.from_numpy(np.ascontiguousarray(array)))
+
+    def _target(self, array: np.ndarray) -> torch.Tensor:
+        """Targets as the loss takes them: class indices (int64) for segmentation."""
+        if self.data.task == "segmentation":
+            return self.policy.input(torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)))
+        return self._tensor(array)
 
     def _loss(self, output, x: torch.Tensor, y: torch.Tensor):
         """``(loss, prediction)``; DCA outputs ``(x_hat, (z, z'))``."""
@@ -383,6 +450,12 @@ class Trainer:
             if kind in ("auto", "dca"):
                 return dca_loss(x, x_hat, z, z_prime, lam=self.config.train.dca_lambda), x_hat
             target, pred = x, x_hat
+        elif self.data.task == "segmentation":
+            logits = output.float()
+            loss = F.cross_entropy(logits, y)
+            if kind in ("auto", "dice_ce"):
+                loss = loss + _soft_dice_loss(logits, y)
+            return loss, logits
         else:
             target, pred = (x if self.data.autoencoder else y), output.to(y.dtype)
         if kind == "smooth_l1":
@@ -390,7 +463,7 @@ class Trainer:
         return F.mse_loss(pred, target), pred
 
     def _forward(self, model, x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with self.policy.autocast():
             output = model(x)
         return self._loss(output, x, y)
 
@@ -398,7 +471,7 @@ class Trainer:
         t0 = time.perf_counter()
         indices = self.sampler.batch_indices(epoch, step_in_epoch)
         x_np, y_np = self.data.batch("train", epoch, indices)
-        x, y = self._tensor(x_np), self._tensor(y_np)
+        x, y = self._tensor(x_np), self._target(y_np)
         t1 = time.perf_counter()
         lr = _lr_at(self.config, self.step, epoch, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -406,10 +479,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=False)  # keep .grad as views into DDP's buckets
         loss, _ = self._forward(self.model, x, y)
         t2 = time.perf_counter()
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         t3 = time.perf_counter()
         backward_done = min(max(self.model.backward_finished_at, t2), t3)
-        self.optimizer.step()
+        if self.scaler is not None:  # fp16: every rank skips an overflowing step together
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         t4 = time.perf_counter()
         local_loss = float(loss.detach())
         summed = collectives.allreduce(torch.tensor([local_loss * len(indices), len(indices),
@@ -440,6 +517,13 @@ class Trainer:
         n = self.data.size(split)
         if n == 0:
             return None
+        if hasattr(self.data, "evaluate"):
+            self.module.eval()
+            try:
+                return self.data.evaluate(split, self._evaluation_step, self.rank, self.size,
+                                          max(1, self.config.train.batch_size * 2))
+            finally:
+                self.module.train()
         mine = np.arange(self.rank, n, self.size)
         stats = None
         loss_sum = 0.0
@@ -469,6 +553,19 @@ class Trainer:
         report["loss"] = float(vector[0]) / total.count
         return report
 
+    def _evaluation_step(self, x_np: np.ndarray, y_np: np.ndarray | None):
+        """``(loss summed over the batch or None, model output as float32 numpy)`` for the
+        data adapters' own evaluation (no gradients; the module is in eval mode)."""
+        with torch.no_grad():
+            x = self._tensor(x_np)
+            if y_np is None:
+                with self.policy.autocast():
+                    out = self.module(x)
+                return None, out.float().numpy()
+            y = self._target(y_np)
+            loss, pred = self._forward(self.module, x, y)
+            return float(loss) * len(x_np), pred.float().numpy()
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
         """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
@@ -488,7 +585,9 @@ class Trainer:
             state = {
                 "model": ckpt.model_entry(self.module),
                 "optimizer": self.optimizer.state_dict(),
-                "scaler": {"kind": "none"},  # bf16 autocast needs no loss scaling
+                # fp16 keeps its loss scale; bf16 autocast and fp32 need none.
+                "scaler": (self.scaler.state_dict() if self.scaler is not None
+                           else {"kind": "none"}),
                 "compression": {r: s for r, s in enumerate(residuals)},
                 "sampler": {"ranks": self.size, "batch_size": self.sampler.batch_size,
                             "steps_per_epoch": self.sampler.steps_per_epoch,
@@ -504,8 +603,10 @@ class Trainer:
                 "history": self.history,
                 "step_losses": torch.tensor(self.step_losses, dtype=torch.float64),
             }
-            metadata = {"step": self.step, "reason": reason, "precision": self.config.train.precision,
+            metadata = {"step": self.step, "reason": reason, "precision": self.policy.precision,
                         "model": self.config.model.name, "config": config_to_dict(self.config),
+                        "model_kwargs": _plain(self.model_kwargs),
+                        "data": _plain(getattr(self.data, "prediction_info", lambda: {})()),
                         "time": time.time(), "host": socket.gethostname()}
             return ckpt.save_checkpoint(self.checkpoint_file, state, metadata)
 
@@ -595,7 +696,10 @@ class Trainer:
         val = self.evaluate("val")
         train_losses = self.step_losses[-self.sampler.steps_per_epoch:]
         record = {"epoch": epoch, "step": self.step, "train_loss": float(np.mean(train_losses)),
-                  "val_loss": val["loss"] if val else None, "val_r2": val["r2"] if val else None}
+                  "val_loss": val["loss"] if val else None,
+                  "val_r2": val.get("r2") if val else None}
+        if val and "mean_dice" in val:
+            record["val_mean_dice"] = val["mean_dice"]
         self.history.append(record)
         self.log.write({"event": "epoch", **record})
         if val is None or self.config.train.patience == 0:
@@ -634,9 +738,10 @@ class Trainer:
         return (f"{config.model.name} ({parameter_count(self.module):,} parameters) on "
                 f"{self.data.description}\n  {self.size} rank(s) x {self.threads} thread(s), "
                 f"batch {config.train.batch_size} per rank, {self.sampler.steps_per_epoch} "
-                f"steps/epoch, steps {self.step}..{stop_at} of {self.total_steps}, precision "
-                f"{config.train.precision}, compression {config.train.compression.kind}, "
-                f"output {self.output_dir}")
+                f"steps/epoch, steps {self.step}..{stop_at} of {self.total_steps}, "
+                f"compression {config.train.compression.kind}, output {self.output_dir}\n"
+                f"  compute: {self.policy.describe()}; {self.threads} thread(s) per rank from "
+                f"{self.threads_from}")
 
     def _finish(self, stop_reason: str, samples_this_run: int, run_seconds: float) -> dict:
         held_out = self.evaluate("held_out")
@@ -645,20 +750,27 @@ class Trainer:
         shm_run = torch.tensor([float(int(context.shm_bytes()) - self._shm_bytes_at_start)],
                                dtype=torch.float64)
         shm_run = int(collectives.allreduce(shm_run, op="sum", name="shared-memory bytes")[0])
+        peaks = allgather_objects(_peak_rss_mb(), name="peak memory per rank")
+        held = held_out or {}
         summary = {
-            "model": self.config.model.name, "ranks": self.size, "threads_per_rank": self.threads,
-            "precision": self.config.train.precision, "steps": self.step,
+            "model": self.config.model.name, "task": self.data.task, "ranks": self.size,
+            "threads_per_rank": self.threads,
+            "precision": self.policy.precision, "device": self.policy.device,
+            "memory_format": self.policy.memory_format, "threads_from": self.threads_from,
+            "steps": self.step,
             "epochs_completed": len(self.history), "stopped": stop_reason,
             "final_train_loss": self.step_losses[-1] if self.step_losses else None,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-            "held_out": {k: v for k, v in (held_out or {}).items()
-                         if k not in ("per_output", "per_roi")},
-            "held_out_per_output": ({k: v.tolist() for k, v in held_out["per_output"].items()}
-                                    if held_out else None),
+            "held_out": {k: v for k, v in held.items()
+                         if k not in ("per_output", "per_roi", "per_subject", "per_target")},
+            "held_out_per_output": ({k: v.tolist() for k, v in held["per_output"].items()}
+                                    if "per_output" in held else None),
             # {"pearson_r": {roi: mean over its outputs}, "r2": {...}} for encoding data.
             "held_out_per_roi": ({metric: {str(roi): float(v) for roi, v in values.items()}
-                                  for metric, values in held_out["per_roi"].items()}
-                                 if held_out and "per_roi" in held_out else None),
+                                  for metric, values in held["per_roi"].items()}
+                                 if "per_roi" in held else None),
+            "held_out_per_target": held.get("per_target"),
+            "held_out_per_subject": held.get("per_subject"),
             "samples_per_s": samples_this_run / run_seconds if run_seconds > 0 else None,
             "train_seconds": run_seconds, "samples_this_run": samples_this_run,
             "bytes_communicated": bytes_run,
@@ -667,21 +779,110 @@ class Trainer:
             "bytes_shared_memory_this_run": shm_run,
             "wall_seconds": time.perf_counter() - self.started_at,
             "checkpoint": str(self.checkpoint_file),
+            "data": self.data.description,
+            "seed": self.config.train.seed, "split_seed": self.config.data.split_seed,
+            "peak_rss_mb_per_rank": peaks,
+            "versions": _versions(),
+            # The config as run: every key with its default filled in, and the model's
+            # arguments including the sizes taken from the data.
+            "config": {**config_to_dict(self.config),
+                       "model": {"name": self.config.model.name,
+                                 "kwargs": _plain(self.model_kwargs),
+                                 "from_data": sorted(self.model_defaults_used)}},
         }
+        summary = _json_safe(summary)
         if self.rank == 0:
             from .plots import plot_losses
 
             plot = plot_losses(self.output_dir / "loss_curve.png", self.step_losses, self.history,
                                f"{self.config.model.name}: {self.size} rank(s), "
-                               f"{self.config.train.precision}")
+                               f"{self.policy.precision}")
             summary["loss_curve"] = str(plot)
             path = self.output_dir / "summary.json"
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
             os.replace(tmp, path)
             if self.echo:
                 print(format_summary(summary), flush=True)
         return summary
+
+
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (1 and up) of a batch (smoothed by 1, so
+    a class absent from the batch and predicted absent scores 1)."""
+    probabilities = torch.softmax(logits, dim=1)
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    dims = (0,) + tuple(range(2, logits.dim()))
+    overlap = (probabilities * one_hot).sum(dims)
+    total = probabilities.sum(dims) + one_hot.sum(dims)
+    dice = (2 * overlap + 1.0) / (total + 1.0)
+    return 1.0 - dice[1:].mean() if logits.shape[1] > 1 else 1.0 - dice.mean()
+
+
+def _plain(value):
+    """JSON-able copy: tuples as lists, numpy scalars as numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (undefined metrics carry their
+    reason under an ``undefined`` key; JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return _plain(value)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (getrusage: KiB on Linux)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def _versions() -> dict:
+    """Versions of everything a result depends on."""
+    import platform
+
+    from .. import __version__
+
+    versions = {"pybrain_mpi": __version__, "python": platform.python_version(),
+                "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("mpi4py", "zarr", "numcodecs", "nibabel"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from mpi4py import MPI
+
+        versions["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+    except (ImportError, AttributeError):
+        pass
+    return versions
+
+
+def _shown(summary: dict, key: str, fmt: str) -> str:
+    """A held-out metric, or "undefined (reason)" when it has none."""
+    held = summary.get("held_out") or {}
+    value = held.get(key)
+    if isinstance(value, (int, float)):
+        return format(value, fmt)
+    reason = (held.get("undefined") or {}).get(key)
+    return f"undefined ({reason})" if reason else "-"
 
 
 def format_summary(summary: dict) -> str:
@@ -691,21 +892,43 @@ def format_summary(summary: dict) -> str:
     def num(value, fmt):
         return format(value, fmt) if isinstance(value, (int, float)) and value is not None else "-"
 
+    task = summary.get("task", "regression")
+    if task == "segmentation":
+        metrics = [("held-out mean Dice", _shown(summary, "mean_dice", ".4f")),
+                   ("held-out mean IoU", _shown(summary, "mean_iou", ".4f"))]
+        metrics += [(f"  label {label}", f"Dice {num(dice, '.4f')}  IoU "
+                     f"{num(held.get('iou', {}).get(label), '.4f')}"
+                     + ("" if dice is not None else
+                        f"  ({held.get('undefined', {}).get(f'dice[{label}]', 'undefined')})"))
+                    for label, dice in (held.get("dice") or {}).items()]
+        for subject in summary.get("held_out_per_subject") or []:
+            metrics.append((f"  subject {subject['subject']}",
+                            f"mean Dice {num(subject.get('mean_dice'), '.4f')}"))
+        metrics.append(("held-out subjects", str(held.get("n_samples", "-"))))
+    else:
+        metrics = [("held-out R^2", _shown(summary, "r2", ".4f")),
+                   ("held-out Pearson r", _shown(summary, "pearson_r", ".4f")),
+                   ("held-out MSE / MAE", f"{num(held.get('mse'), '.4g')} / {num(held.get('mae'), '.4g')}")]
+        for target, values in (summary.get("held_out_per_target") or {}).items():
+            metrics.append((f"  target {target}",
+                            f"R^2 {num(values.get('r2'), '.4f')}  r {num(values.get('pearson_r'), '.4f')}"
+                            f"  MAE {num(values.get('mae'), '.4g')}"))
+        metrics.append(("held-out " + ("subjects" if summary.get("held_out_per_subject")
+                                      else "samples"), str(held.get("n_samples", "-"))))
     rows = [
         ("model", f"{summary['model']} ({summary['precision']})"),
         ("ranks x threads", f"{summary['ranks']} x {summary['threads_per_rank']}"),
         ("steps / epochs", f"{summary['steps']} / {summary['epochs_completed']} ({summary['stopped']})"),
         ("final train loss", num(summary["final_train_loss"], ".5g")),
         ("best validation loss", num(summary["best_val_loss"], ".5g")),
-        ("held-out R^2", num(held.get("r2"), ".4f")),
-        ("held-out Pearson r", num(held.get("pearson_r"), ".4f")),
-        ("held-out MSE / MAE", f"{num(held.get('mse'), '.4g')} / {num(held.get('mae'), '.4g')}"),
-        ("held-out samples", str(held.get("n_samples", "-"))),
+        *metrics,
         ("samples/s (all ranks)", num(summary["samples_per_s"], ".1f")),
         ("bytes communicated", f"{summary['bytes_communicated'] / 1e6:.1f} MB (sum over ranks)"),
         ("  via shared memory", f"{summary.get('bytes_shared_memory_this_run', 0) / 1e6:.1f} MB this run "
                                 "(node stage, not counted above)"),
         ("training / wall time", f"{summary['train_seconds']:.1f} s / {summary['wall_seconds']:.1f} s"),
+        ("peak memory per rank", ", ".join(f"{v:.0f}" for v in summary.get("peak_rss_mb_per_rank") or [])
+         + " MB"),
         ("loss curve", summary.get("loss_curve", "-")),
         ("checkpoint", summary["checkpoint"]),
     ]

@@ -1,4 +1,5 @@
-"""Worker for tests/test_slurm.py: allreduce under ``srun --mpi=pmi2`` on the local Slurm cluster.
+"""Worker for tests/test_slurm.py and tests/test_two_node_slurm.py: allreduce under ``srun``
+(slurm/allreduce.sbatch, which picks the --mpi plugin) on a local Slurm cluster.
 
 Checks that the MPI world pbm sees is the one Slurm launched (size == SLURM_NTASKS, rank ==
 SLURM_PROCID, local rank == SLURM_LOCALID), then sums arrays of several sizes (odd ones included,
@@ -34,7 +35,7 @@ def main() -> int:
         failures.append("SLURM_NTASKS is not set: not launched by srun, or --export dropped it")
     elif size != int(slurm["NTASKS"]):
         failures.append(f"pbm.size()={size} but SLURM_NTASKS={slurm['NTASKS']}: the ranks did not "
-                        "join one MPI world (srun --mpi=pmi2 missing?)")
+                        "join one MPI world (srun without the --mpi plugin of this MPI?)")
     if slurm["PROCID"] is not None and rank != int(slurm["PROCID"]):
         failures.append(f"pbm.rank()={rank} but SLURM_PROCID={slurm['PROCID']}")
     if slurm["LOCALID"] is not None and pbm.local_rank() != int(slurm["LOCALID"]):

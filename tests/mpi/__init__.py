@@ -1,0 +1,1 @@
+"""Multi-rank pytest suites (run under mpiexec by tests/test_mpi_suites.py)."""

@@ -1,0 +1,113 @@
+"""pybrain_mpi.horovod follows horovod.torch semantics on real ranks: a Horovod script runs
+with only its import line changed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import pybrain_mpi.horovod as hvd
+
+RANKS = (2, 3)
+
+
+@pytest.fixture(autouse=True)
+def float64_single_thread():
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    hvd.init()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("backward_passes", [1, 2])
+def test_distributed_optimizer_recipe_trains_like_one_process_on_the_global_batch(backward_passes):
+    n, r = hvd.size(), hvd.rank()
+    torch.manual_seed(100 + r)  # different on every rank: broadcast_parameters must fix it
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    torch.manual_seed(100)
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         backward_passes_per_step=backward_passes)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for step in range(6):
+        optimizer.zero_grad()
+        ref_opt.zero_grad()
+        for micro in range(backward_passes):
+            g = torch.Generator().manual_seed(step * 10 + micro)
+            x, y = torch.randn(3 * n, 6, generator=g), torch.randn(3 * n, 2, generator=g)
+            mine = slice(3 * r, 3 * (r + 1))
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            torch.nn.functional.mse_loss(reference(x), y).backward()
+        optimizer.step()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert type(optimizer).__name__ == "SGD" and isinstance(optimizer, torch.optim.SGD)
+
+
+def test_allreduce_averages_by_default_leaves_its_input_and_honours_ops_and_postscale():
+    n, r = hvd.size(), hvd.rank()
+    x = torch.full((4,), float(r))
+    assert torch.allclose(hvd.allreduce(x), torch.full((4,), (n - 1) / 2))
+    assert torch.equal(x, torch.full((4,), float(r)))
+    assert torch.allclose(hvd.allreduce(x, op=hvd.Sum), torch.full((4,), float(sum(range(n)))))
+    assert torch.allclose(hvd.allreduce(x, average=False), torch.full((4,), float(sum(range(n)))))
+    assert torch.equal(hvd.allreduce(x, op=hvd.Max), torch.full((4,), float(n - 1)))
+    y = x.clone()
+    assert hvd.allreduce_(y, op=hvd.Sum, postscale_factor=2.0) is y
+    assert torch.allclose(y, torch.full((4,), 2.0 * sum(range(n))))
+    z = hvd.allreduce(torch.full((3,), 1.5), compression=hvd.Compression.fp16)
+    assert z.dtype == torch.float64 and torch.allclose(z, torch.full((3,), 1.5))
+
+
+def test_async_handles_poll_and_synchronize_return_the_output():
+    n, r = hvd.size(), hvd.rank()
+    handle = hvd.allreduce_async(torch.ones(1000) * r, op=hvd.Sum, name="async.one")
+    while not hvd.poll(handle):
+        pass
+    assert torch.allclose(hvd.synchronize(handle), torch.full((1000,), float(sum(range(n)))))
+    h2 = hvd.allreduce_async_(torch.ones(3), name="async.two")
+    assert torch.allclose(hvd.synchronize(h2), torch.ones(3))
+
+
+def test_broadcast_copies_and_in_place_forms():
+    n, r = hvd.size(), hvd.rank()
+    b = torch.arange(5.0) * (r + 1)
+    assert torch.equal(hvd.broadcast(b, root_rank=n - 1), torch.arange(5.0) * n)
+    assert torch.equal(b, torch.arange(5.0) * (r + 1))
+    hvd.broadcast_(b, root_rank=0)
+    assert torch.equal(b, torch.arange(5.0))
+    assert torch.equal(hvd.synchronize(hvd.broadcast_async(torch.tensor([r]), 0)), torch.tensor([0]))
+
+
+def test_allgather_concatenates_different_first_dimensions_and_objects():
+    n, r = hvd.size(), hvd.rank()
+    gathered = hvd.allgather(torch.full((r + 1, 2), float(r)))
+    assert torch.equal(gathered, torch.cat([torch.full((k + 1, 2), float(k)) for k in range(n)]))
+    assert torch.equal(hvd.allgather(torch.tensor([r], dtype=torch.int32)), torch.arange(n, dtype=torch.int32))
+    assert hvd.broadcast_object({"epoch": r}, root_rank=n - 1) == {"epoch": n - 1}
+    assert hvd.allgather_object(("rank", r)) == [("rank", k) for k in range(n)]
+
+
+def test_adasum_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.allreduce(torch.ones(2), op=hvd.Adasum)
+
+
+def test_topology_and_capability_probes():
+    n = hvd.size()
+    assert hvd.is_initialized() and hvd.mpi_threads_supported() and hvd.mpi_enabled()
+    assert hvd.local_size() == n and hvd.cross_size() == 1 and hvd.cross_rank() == 0
+
+
+def test_join_returns_the_rank_that_arrived_last():
+    if hvd.rank() == hvd.size() - 1:
+        time.sleep(0.5)
+    assert hvd.join() == hvd.size() - 1
