@@ -130,6 +130,7 @@ def test_the_same_cohort_trains_a_per_subject_regression(cohort, tmp_path):
         epochs = 2
         batch_size = 4
         lr = 1e-3
+        precision = "fp32"   # predict runs in fp32: the same arithmetic as this run's evaluation
 
         [output]
         dir = "{tmp_path / 'run'}"
@@ -147,6 +148,20 @@ def test_the_same_cohort_trains_a_per_subject_regression(cohort, tmp_path):
     assert all(t["pearson_r"] is None for t in summary["held_out_per_target"].values())
     assert summary["config"]["model"]["kwargs"]["out_features"] == 2
     assert len(summary["held_out_per_subject"]) == 2
+    # predict on the whole manifest writes one row per subject; the held-out subjects get the
+    # values the training run's own evaluation reported (same evaluation patches and model).
+    table = tmp_path / "pred" / "values.tsv"
+    run_mpi(2, "train_cli.py", "predict", str(config), "--checkpoint",
+            str(tmp_path / "run" / "checkpoints" / "checkpoint.pt"), "--input", str(cohort),
+            "--output", str(table), timeout_s=120)
+    header, *rows = [line.split("\t") for line in table.read_text().splitlines()]
+    assert header == ["subject", "gm_volume_ml_predicted", "brain_volume_ml_predicted"]
+    predicted = {row[0]: [float(v) for v in row[1:]] for row in rows}
+    manifest_ids = [line.split("\t")[0] for line in cohort.read_text().splitlines()[1:]]
+    assert sorted(predicted) == sorted(manifest_ids)
+    for subject in summary["held_out_per_subject"]:
+        expected = [subject["gm_volume_ml_predicted"], subject["brain_volume_ml_predicted"]]
+        np.testing.assert_allclose(predicted[subject["subject"]], expected, rtol=2e-5)  # %.6g
 
 
 def test_dca_trains_on_4d_nifti_runs_from_a_manifest(tmp_path):

@@ -621,6 +621,61 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
     source = _open_source(os.fspath(src), affine)
     staged = None
     try:
+        layout = _Layout.plan(source, chunks, shards, dtype, levels, max_slab_bytes)
+        staged = _staging_dir(dst)
+        if source.prepare is not None:
+            source.prepare(layout.slab_axis, len(layout.slabs), Path(staged))
+        store = os.path.join(staged, "image.zarr")
+        group = zarr.open_group(store, mode="w", zarr_format=3)
+        arrays = layout.create_arrays(group, compressors)
+        total = sum(int(np.prod(s)) * layout.dtype.itemsize for s in layout.level_shapes)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {Path(str(src)).name}",
+                  disable=not progress) as bar:
+            layout.write_full_resolution(source, arrays[0], bar)
+            layout.write_pyramid(arrays, downsample, max_slab_bytes, bar)
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [_ngff_multiscales(
+            Path(str(src)).name, layout.axes, layout.level_shapes, layout.spatial_axes,
+            layout.voxel_size, source.affine, source.time_step_s)]}
+        group.attrs[ATTRS_KEY] = {
+            "affine": source.affine.tolist(),
+            "voxel_size": [float(v) for v in layout.voxel_size],
+            "axes": [a["name"] for a in layout.axes],
+            "spatial_axes": list(layout.spatial_axes),
+            "time_step_s": source.time_step_s,
+            "source": os.path.abspath(str(src).split(":")[0]) if source.kind != "hdf5" else str(src),
+            "source_kind": source.kind,
+            "downsample": downsample,
+            "codec": codec,
+            "shards": None if layout.shards is None else list(layout.shards),
+            "all_chunks_written": True,
+        }
+        source.close()
+        _move_into_place(store, dst)
+        return dst
+    finally:
+        source.close()
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+@dataclass
+class _Layout:
+    """How one conversion stores its image: the stored dtype, chunk and shard grids, the
+    resolution levels and the slabs (along ``slab_axis``) the source is read in."""
+
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    axes: list[dict]
+    spatial_axes: tuple[int, ...]
+    voxel_size: np.ndarray
+    slab_axis: int
+    slabs: list[tuple[int, int]]
+    level_shapes: list[tuple[int, ...]]
+
+    @classmethod
+    def plan(cls, source: _Source, chunks, shards, dtype, levels: int, max_slab_bytes: int) -> "_Layout":
+        """The layout of ``source`` with the requested grids, checked against its shape."""
         out_dtype = np.dtype(dtype) if dtype is not None else source.dtype
         shape = source.shape
         ndim = len(shape)
@@ -634,92 +689,64 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, chunks: tuple[int, .
         axes, spatial_axes = _axes_of(source, ndim)
         voxel_size = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))[-len(spatial_axes):] \
             if spatial_axes else np.zeros(0)
-
         # The slab axis must split into several chunks; fall back to any axis that does.
         slab_axis = source.slab_axis
         if grid[slab_axis] >= shape[slab_axis]:
             split = [ax for ax in range(ndim) if grid[ax] < shape[ax]]
             slab_axis = split[0] if split else slab_axis
         slabs = list(_slab_batches(shape, grid, slab_axis, out_dtype.itemsize, max_slab_bytes))
-
         level_shapes = [shape]
         for _ in range(1, levels):
-            prev = level_shapes[-1]
             level_shapes.append(tuple((n + 1) // 2 if ax in spatial_axes else n
-                                      for ax, n in enumerate(prev)))
+                                      for ax, n in enumerate(level_shapes[-1])))
+        return cls(out_dtype, chunks, shards, axes, spatial_axes, voxel_size, slab_axis, slabs,
+                   level_shapes)
 
-        staged = _staging_dir(dst)
-        if source.prepare is not None:
-            source.prepare(slab_axis, len(slabs), Path(staged))
-        store = os.path.join(staged, "image.zarr")
-        group = zarr.open_group(store, mode="w", zarr_format=3)
+    def create_arrays(self, group, compressors) -> list:
+        """One Zarr array per resolution level in ``group``."""
         arrays = []
-        for level, lshape in enumerate(level_shapes):
-            lchunks = tuple(min(c, n) for c, n in zip(chunks, lshape))
-            lshards = None if shards is None else tuple(
-                max(c, min(s, -(-n // c) * c)) for s, c, n in zip(shards, lchunks, lshape))
+        for level, lshape in enumerate(self.level_shapes):
+            lchunks = tuple(min(c, n) for c, n in zip(self.chunks, lshape))
+            lshards = None if self.shards is None else tuple(
+                max(c, min(s, -(-n // c) * c)) for s, c, n in zip(self.shards, lchunks, lshape))
             arrays.append(group.create_array(
-                str(level), shape=lshape, chunks=lchunks, shards=lshards, dtype=out_dtype,
+                str(level), shape=lshape, chunks=lchunks, shards=lshards, dtype=self.dtype,
                 compressors=compressors,
-                fill_value=0, dimension_names=[a["name"] for a in axes],
+                fill_value=0, dimension_names=[a["name"] for a in self.axes],
                 # Every chunk is written, even all-zero ones, so a missing chunk is an error
                 # a reader can report rather than silently read as zeros.
                 config={"write_empty_chunks": True}))
+        return arrays
 
-        total = sum(int(np.prod(s)) * out_dtype.itemsize for s in level_shapes)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {Path(str(src)).name}",
-                   disable=not progress)
-        itemsize = out_dtype.itemsize
-        for lo, hi in slabs:
-            slab = source.read(slab_axis, lo, hi).astype(out_dtype, copy=False)
-            sl = [slice(None)] * ndim
-            sl[slab_axis] = slice(lo, hi)
-            arrays[0][tuple(sl)] = slab
+    def write_full_resolution(self, source: _Source, array, bar) -> None:
+        """Level 0, slab by slab from the source."""
+        for lo, hi in self.slabs:
+            slab = source.read(self.slab_axis, lo, hi).astype(self.dtype, copy=False)
+            sl = [slice(None)] * len(self.level_shapes[0])
+            sl[self.slab_axis] = slice(lo, hi)
+            array[tuple(sl)] = slab
             bar.update(slab.nbytes)
             del slab
-        # Each level from the previous one, slab by slab; a slab covers an even number of
-        # source rows so the factor-2 blocks never straddle two slabs.
-        for level in range(1, len(level_shapes)):
+
+    def write_pyramid(self, arrays: list, downsample: str, max_slab_bytes: int, bar) -> None:
+        """Each further level from the previous one, slab by slab; a slab covers an even number
+        of source rows so the factor-2 blocks never straddle two slabs."""
+        axis, ndim = self.slab_axis, len(self.level_shapes[0])
+        for level in range(1, len(self.level_shapes)):
             prev, cur = arrays[level - 1], arrays[level]
-            axis = slab_axis
             cur_grid = cur.shards or cur.chunks
-            for lo, hi in _slab_batches(cur.shape, cur_grid, axis, itemsize, max_slab_bytes):
-                if axis in spatial_axes:
+            for lo, hi in _slab_batches(cur.shape, cur_grid, axis, self.dtype.itemsize, max_slab_bytes):
+                if axis in self.spatial_axes:
                     src_lo, src_hi = 2 * lo, min(prev.shape[axis], 2 * hi)
                 else:
                     src_lo, src_hi = lo, hi
                 sl = [slice(None)] * ndim
                 sl[axis] = slice(src_lo, src_hi)
-                block = _downsample(np.asarray(prev[tuple(sl)]), spatial_axes, downsample)
+                block = _downsample(np.asarray(prev[tuple(sl)]), self.spatial_axes, downsample)
                 osl = [slice(None)] * ndim
                 osl[axis] = slice(lo, lo + block.shape[axis])
                 cur[tuple(osl)] = block
                 bar.update(block.nbytes)
-        bar.close()
-
-        name = Path(str(src)).name
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [_ngff_multiscales(
-            name, axes, level_shapes, spatial_axes, voxel_size, source.affine, source.time_step_s)]}
-        group.attrs[ATTRS_KEY] = {
-            "affine": source.affine.tolist(),
-            "voxel_size": [float(v) for v in voxel_size],
-            "axes": [a["name"] for a in axes],
-            "spatial_axes": list(spatial_axes),
-            "time_step_s": source.time_step_s,
-            "source": os.path.abspath(str(src).split(":")[0]) if source.kind != "hdf5" else str(src),
-            "source_kind": source.kind,
-            "downsample": downsample,
-            "codec": codec,
-            "shards": None if shards is None else list(shards),
-            "all_chunks_written": True,
-        }
-        source.close()
-        _move_into_place(store, dst)
-        return dst
-    finally:
-        source.close()
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
 
 
 def write_array(array: np.ndarray, dst: str | os.PathLike, *, affine: np.ndarray,

@@ -203,11 +203,21 @@ class DistributedDataParallel(torch.nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.broadcast_buffers and self._sync and context.size() > 1:
+        if self.broadcast_buffers and self._sync:
+            self.sync_buffers()
+        return self.module(*args, **kwargs)
+
+    def sync_buffers(self) -> None:
+        """Gives every rank rank 0's buffers (batch-norm running statistics and the like).
+
+        ``forward`` does this before each synchronised step; a training forward then updates
+        each rank's statistics from its own batch, so call this before using ``module``
+        directly (evaluation, export) to have every rank hold the model rank 0 checkpoints.
+        Collective; a no-op on one rank or a module without buffers."""
+        if context.size() > 1:
             buffers = [b for b in self.module.buffers()]
             if buffers:
                 _flatten_broadcast(buffers, root=0, what="module buffers")
-        return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -140,6 +140,161 @@ def _label_dtype(labels) -> np.dtype:
         if -2**15 <= low and high < 2**15 else np.dtype(np.int32)
 
 
+def _check_outputs(task: str, output: Path, many: bool, probabilities) -> None:
+    """Refuses output paths the task cannot write, before any work is done."""
+    ending = _ending(output)
+    if task == "segmentation":
+        if many and ending:
+            raise PredictError(f"--input is a manifest: --output {output} must be a directory "
+                               "(one prediction per subject)")
+        if not many and ending not in _IMAGE_OUTPUTS:
+            raise PredictError(f"--output {output}: write a segmentation as .nii, .nii.gz or .zarr")
+        if probabilities is not None and not many and _ending(Path(probabilities)) not in _IMAGE_OUTPUTS:
+            raise PredictError(f"--probabilities {probabilities}: write it as .nii, .nii.gz or .zarr")
+    elif ending not in (".tsv", ".csv"):
+        raise PredictError(f"--output {output}: regression writes one row per subject: give a "
+                           ".tsv or .csv file")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What both tasks' prediction loops share: the model, the data and where outputs go."""
+
+    config: Config
+    info: dict
+    model: torch.nn.Module
+    cohort: object
+    subjects: list
+    many: bool
+    output: Path
+    inputs: str
+    batch: int
+    rank: int
+    size: int
+    probabilities: str | os.PathLike | None = None
+    png: str | os.PathLike | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        dtype = next(self.model.parameters()).dtype
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x)).to(dtype)).float().numpy()
+
+
+def _write_segmentation_extras(run: _Run, index: int, volumes, predicted, probs,
+                               record: dict) -> None:
+    """Rank 0's optional outputs of one subject: class probabilities and a picture."""
+    from .plots import plot_overlay
+
+    probabilities, png, labels = run.probabilities, run.png, np.asarray(run.info["labels"])
+    subject = run.subjects[index]
+    source = next(iter(run.cohort.subjects[index].images.values()))
+    affine = np.asarray(subject.stats["affine"])
+    if probabilities is not None:
+        where = (Path(probabilities) / f"{subject.id}_probabilities.nii.gz" if run.many
+                 else Path(probabilities))
+        _write_volume(where, probs.astype(np.float32), source, affine, channels_first=True)
+        record["probabilities"] = str(where)
+    if png is not None:
+        picture = Path(png) / f"{subject.id}.png" if run.many else Path(png)
+        plot_overlay(picture, volumes.images[0].read(), predicted,
+                     f"{subject.id}: predicted labels {labels[1:].tolist()} over "
+                     f"{run.cohort.image_columns[0]}", voxel_size=subject.stats["voxel_size"])
+        record["png"] = str(picture)
+
+
+def _predict_segmentation(run: _Run) -> list[dict]:
+    """Grid patches over every subject's whole volume, shared across ranks; labels written."""
+    from .cohorts import _SubjectPool, _softmax
+    from .inference import grid_overlap, predict_region
+
+    patch = tuple(run.info["patch"])
+    labels = np.asarray(run.info["labels"])
+    pool = _SubjectPool(run.subjects, limit=2, cache_bytes=run.config.data.cache_mb * 2**20)
+    overlap = grid_overlap(patch, run.info.get("grid_overlap", run.config.data.grid_overlap))
+    records = []
+    try:
+        for index, subject in enumerate(run.subjects):
+            volumes = pool.get(index)
+            shape = tuple(subject.stats["shape"])
+            if any(p > n for p, n in zip(patch, shape)):
+                raise DataError(f"{subject.where}: the volume {list(shape)} is smaller than the "
+                                f"model's patch {list(patch)}")
+            probs = predict_region(lambda x: _softmax(run.forward(x)), volumes.read_input, (0, 0, 0),
+                                   shape, patch, len(labels), overlap=overlap, batch_size=run.batch,
+                                   rank=run.rank, world_size=run.size)
+            predicted = labels[probs.argmax(axis=0)].astype(_label_dtype(labels.tolist()))
+            target = _output_path(run.output, subject.id, run.many, ".nii.gz")
+            record = {"subject": subject.id, "output": str(target),
+                      "voxels_per_label": {str(v): int((predicted == v).sum()) for v in labels}}
+            if run.rank == 0:
+                source = next(iter(run.cohort.subjects[index].images.values()))
+                _write_volume(target, predicted, source, np.asarray(subject.stats["affine"]))
+                _write_segmentation_extras(run, index, volumes, predicted, probs, record)
+                _say(run.rank, f"{subject.id}: wrote {target}")
+            records.append(record)
+    finally:
+        pool.close()
+    return records
+
+
+def _regression_sums(run: _Run, names) -> np.ndarray:
+    """Per subject: the sum of its predicted (scaled) values and the count of patches, summed
+    over the ranks (each rank predicts every size-th evaluation patch)."""
+    from ..communication import collectives
+    from ..data.cohort import CohortSplit
+    from .cohorts import _CohortPatches
+
+    info, config = run.info, run.config
+    patch = tuple(info["patch"])
+    whole = info.get("regression_input") == "volume"
+    data_config = dataclasses.replace(
+        config.data, patch_size=patch, sampling=info.get("sampling", config.data.sampling),
+        foreground_fraction=info.get("foreground_fraction", config.data.foreground_fraction),
+        eval_patches=1 if whole else info["eval_patches"])
+    everyone = tuple(range(len(run.subjects)))
+    reader = _CohortPatches(run.subjects, CohortSplit((), (), everyone), data_config, run.inputs,
+                            info.get("seed", 0), "", patch=patch, level=info.get("level", 0))
+    try:
+        items = [(i, (0, 0, 0)) for i in everyone] if whole else reader._eval_samples("held_out")
+        sums = np.zeros((len(run.subjects), len(names) + 1), dtype=np.float64)
+        mine = list(range(run.rank, len(items), run.size))
+        for lo in range(0, len(mine), run.batch):
+            chunk = [items[k] for k in mine[lo:lo + run.batch]]
+            out = run.forward(reader.read_inputs(chunk)).reshape(len(chunk), len(names))
+            for (subject, _), row in zip(chunk, out):
+                sums[subject, :-1] += row
+                sums[subject, -1] += 1
+    finally:
+        reader.close()
+    if run.size > 1:
+        sums = collectives.allreduce(torch.from_numpy(sums), op="sum",
+                                     name="predicted values").numpy()
+    return sums
+
+
+def _predict_regression(run: _Run) -> list[dict]:
+    """Every subject's value from its evaluation patches (or whole volume), in one table."""
+    names = run.info["targets"]
+    mean, std = np.asarray(run.info["target_mean"]), np.asarray(run.info["target_std"])
+    sums = _regression_sums(run, names)
+    values = sums[:, :-1] / np.maximum(sums[:, -1:], 1.0) * std + mean
+    records = [{"subject": subject.id, **{n: float(v) for n, v in zip(names, row)}}
+               for subject, row in zip(run.subjects, values)]
+    if run.rank == 0:
+        output = run.output
+        delimiter = "," if _ending(output) == ".csv" else "\t"
+        lines = [delimiter.join(["subject"] + [f"{n}_predicted" for n in names])]
+        lines += [delimiter.join([r["subject"]] + [f"{r[n]:.6g}" for n in names]) for r in records]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, output)
+        _say(run.rank, f"wrote {len(records)} subject(s) to {output}")
+        if run.png is not None:
+            _say(run.rank, "--png: regression predicts one value per subject; no picture written")
+    return records
+
+
 def predict(config: Config, checkpoint: str | os.PathLike, inputs: str, output: str | os.PathLike,
             *, probabilities: str | os.PathLike | None = None, png: str | os.PathLike | None = None,
             batch_size: int | None = None) -> list[dict]:
@@ -149,10 +304,7 @@ def predict(config: Config, checkpoint: str | os.PathLike, inputs: str, output: 
     from ..data.ranks import world
     from ..data.subjects import prepare_cohort
     from .checkpoint import load_checkpoint
-    from .cohorts import _CohortPatches, _SubjectPool, _softmax
     from .data import _cache_wait_s
-    from .inference import grid_overlap, predict_region
-    from .plots import plot_overlay
 
     rank, size = world()
     checkpoint = Path(checkpoint)
@@ -164,110 +316,14 @@ def predict(config: Config, checkpoint: str | os.PathLike, inputs: str, output: 
                            f"{task or 'data without prediction metadata'}; predict writes "
                            "segmentations and per-subject regression values of cohort models")
     model = _load_model(checkpoint, metadata, tree)
-    dtype = next(model.parameters()).dtype
     output = Path(output)
     cohort, many = _input_cohort(str(inputs), info, config)
-    ending = _ending(output)
-    if task == "segmentation":
-        if many and ending:
-            raise PredictError(f"--input is a manifest: --output {output} must be a directory "
-                               "(one prediction per subject)")
-        if not many and ending not in _IMAGE_OUTPUTS:
-            raise PredictError(f"--output {output}: write a segmentation as .nii, .nii.gz or .zarr")
-        for extra, what in ((probabilities, "--probabilities"),):
-            if extra is not None and not many and _ending(Path(extra)) not in _IMAGE_OUTPUTS:
-                raise PredictError(f"{what} {extra}: write it as .nii, .nii.gz or .zarr")
-    elif ending not in (".tsv", ".csv"):
-        raise PredictError(f"--output {output}: regression writes one row per subject: give a "
-                           ".tsv or .csv file")
+    _check_outputs(task, output, many, probabilities)
     subjects = prepare_cohort(cohort, kind="volume", cache_dir=config.data.cache_dir,
                               chunks=info.get("chunks", config.data.chunks),
                               levels=info.get("level", 0) + 1, timeout_s=_cache_wait_s())
-    batch = batch_size or max(1, config.train.batch_size * 2)
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x)).to(dtype)).float().numpy()
-
-    patch = tuple(info["patch"])
-    records = []
+    run = _Run(config, info, model, cohort, subjects, many, output, str(inputs),
+               batch_size or max(1, config.train.batch_size * 2), rank, size, probabilities, png)
     if task == "segmentation":
-        labels = np.asarray(info["labels"])
-        pool = _SubjectPool(subjects, limit=2, cache_bytes=config.data.cache_mb * 2**20)
-        overlap = grid_overlap(patch, info.get("grid_overlap", config.data.grid_overlap))
-        for index, subject in enumerate(subjects):
-            volumes = pool.get(index)
-            shape = tuple(subject.stats["shape"])
-            if any(p > n for p, n in zip(patch, shape)):
-                raise DataError(f"{subject.where}: the volume {list(shape)} is smaller than the "
-                                f"model's patch {list(patch)}")
-            probs = predict_region(lambda x: _softmax(forward(x)), volumes.read_input, (0, 0, 0),
-                                   shape, patch, len(labels), overlap=overlap, batch_size=batch,
-                                   rank=rank, world_size=size)
-            predicted = labels[probs.argmax(axis=0)].astype(_label_dtype(labels.tolist()))
-            target = _output_path(output, subject.id, many, ".nii.gz")
-            source = next(iter(cohort.subjects[index].images.values()))
-            affine = np.asarray(subject.stats["affine"])
-            record = {"subject": subject.id, "output": str(target),
-                      "voxels_per_label": {str(v): int((predicted == v).sum()) for v in labels}}
-            if rank == 0:
-                _write_volume(target, predicted, source, affine)
-                if probabilities is not None:
-                    where = (Path(probabilities) / f"{subject.id}_probabilities.nii.gz" if many
-                             else Path(probabilities))
-                    _write_volume(where, probs.astype(np.float32), source, affine,
-                                  channels_first=True)
-                    record["probabilities"] = str(where)
-                if png is not None:
-                    picture = Path(png) / f"{subject.id}.png" if many else Path(png)
-                    image = volumes.images[0].read()
-                    plot_overlay(picture, image, predicted, f"{subject.id}: predicted labels "
-                                 f"{labels[1:].tolist()} over {cohort.image_columns[0]}",
-                                 voxel_size=subject.stats["voxel_size"])
-                    record["png"] = str(picture)
-                _say(rank, f"{subject.id}: wrote {target}")
-            records.append(record)
-        pool.close()
-        return records
-    # Regression: every subject's value from its evaluation patches (or whole volume).
-    from ..communication import collectives
-    from ..data.cohort import CohortSplit
-
-    names = info["targets"]
-    mean, std = np.asarray(info["target_mean"]), np.asarray(info["target_std"])
-    data_config = dataclasses.replace(
-        config.data, patch_size=patch, sampling=info.get("sampling", config.data.sampling),
-        foreground_fraction=info.get("foreground_fraction", config.data.foreground_fraction),
-        eval_patches=1 if info.get("regression_input") == "volume" else info["eval_patches"])
-    everyone = tuple(range(len(subjects)))
-    reader = _CohortPatches(subjects, CohortSplit((), (), everyone), data_config, str(inputs),
-                            info.get("seed", 0), "", patch=patch, level=info.get("level", 0))
-    items = ([(i, (0, 0, 0)) for i in everyone] if info.get("regression_input") == "volume"
-             else reader._eval_samples("held_out"))
-    sums = np.zeros((len(subjects), len(names) + 1), dtype=np.float64)
-    mine = list(range(rank, len(items), size))
-    for lo in range(0, len(mine), batch):
-        chunk = [items[k] for k in mine[lo:lo + batch]]
-        out = forward(reader.read_inputs(chunk)).reshape(len(chunk), len(names))
-        for (subject, _), row in zip(chunk, out):
-            sums[subject, :-1] += row
-            sums[subject, -1] += 1
-    if size > 1:
-        sums = collectives.allreduce(torch.from_numpy(sums), op="sum",
-                                     name="predicted values").numpy()
-    values = sums[:, :-1] / np.maximum(sums[:, -1:], 1.0) * std + mean
-    reader.close()
-    for subject, row in zip(subjects, values):
-        records.append({"subject": subject.id, **{n: float(v) for n, v in zip(names, row)}})
-    if rank == 0:
-        delimiter = "," if ending == ".csv" else "\t"
-        lines = [delimiter.join(["subject"] + [f"{n}_predicted" for n in names])]
-        lines += [delimiter.join([r["subject"]] + [f"{r[n]:.6g}" for n in names]) for r in records]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, output)
-        _say(rank, f"wrote {len(records)} subject(s) to {output}")
-        if png is not None:
-            _say(rank, "--png: regression predicts one value per subject; no picture written")
-    return records
+        return _predict_segmentation(run)
+    return _predict_regression(run)

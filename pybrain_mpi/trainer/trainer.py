@@ -517,6 +517,10 @@ class Trainer:
         n = self.data.size(split)
         if n == 0:
             return None
+        # Every rank evaluates with rank 0's buffers (the model the checkpoint holds): the last
+        # training forward updated each rank's batch-norm statistics from its own batch.
+        if getattr(self.model, "broadcast_buffers", False):
+            self.model.sync_buffers()
         if hasattr(self.data, "evaluate"):
             self.module.eval()
             try:

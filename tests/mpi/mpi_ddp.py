@@ -287,6 +287,25 @@ def test_no_sync_accumulates_gradients_locally(comm):
     _no_sync(comm)
 
 
+@on(2, 3)
+def test_sync_buffers_gives_every_rank_rank_0s_batch_norm_statistics(comm):
+    # A training forward updates each rank's running statistics from its own batch, after
+    # forward broadcast rank 0's: without sync_buffers the ranks evaluate different models.
+    r = comm.Get_rank()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ddp = pbm.DistributedDataParallel(module)
+    torch.manual_seed(10 + r)
+    ddp(torch.randn(8, 4) * (r + 1)).sum().backward()
+    stats = torch.cat([module[1].running_mean, module[1].running_var])
+    gathered = comm.allgather(stats.clone())
+    assert not torch.equal(gathered[0], gathered[1]), "the ranks' batches should differ"
+    ddp.sync_buffers()
+    stats = torch.cat([module[1].running_mean, module[1].running_var])
+    assert torch.equal(stats, gathered[0]), f"rank {r} kept its own statistics"
+    ddp.remove_hooks()
+
+
 @on(2)
 def test_bucket_allreduces_start_before_backward_ends(comm):
     _overlap(comm)
