@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -292,51 +293,72 @@ void bind_kernels(py::module_& m) {
       },
       py::arg("grad"), py::arg("count"), py::arg("dtype"), py::arg("scale"), py::arg("num_threads"),
       "grad *= scale in place; returns True when every element is finite.");
+  // Hyperparameters travel as one object per optimizer (the kernels' own structs), so each
+  // update entry takes its buffers, their length, the hyperparameters and the thread count.
+  py::class_<pbm::SgdParams>(m, "SgdParams", "Hyperparameters of one fused SGD update.")
+      .def(py::init([](double lr, double momentum, double dampening, double weight_decay,
+                       bool nesterov, bool momentum_initialized, double grad_scale) {
+             return pbm::SgdParams{lr, momentum, dampening, weight_decay, nesterov,
+                                   momentum_initialized, static_cast<float>(grad_scale)};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+           py::arg("weight_decay"), py::arg("nesterov"), py::arg("momentum_initialized"),
+           py::arg("grad_scale"))
+      .def_readonly("lr", &pbm::SgdParams::lr)
+      .def_readonly("grad_scale", &pbm::SgdParams::grad_scale);
+  py::class_<pbm::AdamParams>(m, "AdamParams", "Hyperparameters of one fused Adam/AdamW update.")
+      .def(py::init([](double lr, double beta1, double beta2, double eps, double weight_decay,
+                       bool decoupled_weight_decay, bool amsgrad, double step, double grad_scale) {
+             return pbm::AdamParams{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                                    amsgrad, step, static_cast<float>(grad_scale)};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+           py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("amsgrad"),
+           py::arg("step"), py::arg("grad_scale"))
+      .def_readonly("lr", &pbm::AdamParams::lr)
+      .def_readonly("step", &pbm::AdamParams::step);
+  py::class_<pbm::AdagradParams>(m, "AdagradParams", "Hyperparameters of one fused Adagrad update.")
+      .def(py::init([](double lr, double lr_decay, double weight_decay, double eps, double step,
+                       double grad_scale) {
+             return pbm::AdagradParams{lr, lr_decay, weight_decay, eps, step,
+                                       static_cast<float>(grad_scale)};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("lr_decay"), py::arg("weight_decay"),
+           py::arg("eps"), py::arg("step"), py::arg("grad_scale"))
+      .def_readonly("lr", &pbm::AdagradParams::lr)
+      .def_readonly("step", &pbm::AdagradParams::step);
   m.def(
       "sgd_step",
       [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t momentum_buffer, size_t count,
-            double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-            bool momentum_initialized, double grad_scale, int num_threads) {
+            const pbm::SgdParams& p, int num_threads) {
         py::gil_scoped_release release;
-        const pbm::SgdParams p{lr, momentum, dampening, weight_decay, nesterov,
-                               momentum_initialized, static_cast<float>(grad_scale)};
         pbm::sgd_step(f32(param), f32(grad), f32(momentum_buffer), count, p, num_threads);
       },
       py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("count"),
-      py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-      py::arg("nesterov"), py::arg("momentum_initialized"), py::arg("grad_scale"),
-      py::arg("num_threads"), "Fused torch.optim.SGD update over flat float32 buffers.");
+      py::arg("params"), py::arg("num_threads"),
+      "Fused torch.optim.SGD update over flat float32 buffers (momentum_buffer 0 without momentum).");
   m.def(
       "adam_step",
-      [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
-            std::uintptr_t exp_avg_sq, std::uintptr_t max_exp_avg_sq, size_t count, double lr,
-            double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-            bool amsgrad, double step, double grad_scale, int num_threads) {
+      [f32](std::uintptr_t param, std::uintptr_t grad, std::array<std::uintptr_t, 3> moments,
+            size_t count, const pbm::AdamParams& p, int num_threads) {
         py::gil_scoped_release release;
-        const pbm::AdamParams p{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                                amsgrad, step, static_cast<float>(grad_scale)};
-        pbm::adam_step(f32(param), f32(grad), pbm::AdamMoments{f32(exp_avg), f32(exp_avg_sq), f32(max_exp_avg_sq)},
+        pbm::adam_step(f32(param), f32(grad),
+                       pbm::AdamMoments{f32(moments[0]), f32(moments[1]), f32(moments[2])},
                        count, p, num_threads);
       },
-      py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
-      py::arg("max_exp_avg_sq"), py::arg("count"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-      py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("amsgrad"),
-      py::arg("step"), py::arg("grad_scale"), py::arg("num_threads"),
-      "Fused torch.optim.Adam/AdamW update over flat float32 buffers.");
+      py::arg("param"), py::arg("grad"), py::arg("moments"), py::arg("count"), py::arg("params"),
+      py::arg("num_threads"),
+      "Fused torch.optim.Adam/AdamW update over flat float32 buffers; moments are "
+      "(exp_avg, exp_avg_sq, max_exp_avg_sq or 0 without amsgrad).");
   m.def(
       "adagrad_step",
       [f32](std::uintptr_t param, std::uintptr_t grad, std::uintptr_t state_sum, size_t count,
-            double lr, double lr_decay, double weight_decay, double eps, double step,
-            double grad_scale, int num_threads) {
+            const pbm::AdagradParams& p, int num_threads) {
         py::gil_scoped_release release;
-        const pbm::AdagradParams p{lr, lr_decay, weight_decay, eps, step,
-                                   static_cast<float>(grad_scale)};
         pbm::adagrad_step(f32(param), f32(grad), f32(state_sum), count, p, num_threads);
       },
-      py::arg("param"), py::arg("grad"), py::arg("state_sum"), py::arg("count"), py::arg("lr"),
-      py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("step"),
-      py::arg("grad_scale"), py::arg("num_threads"),
-      "Fused torch.optim.Adagrad update over flat float32 buffers.");
+      py::arg("param"), py::arg("grad"), py::arg("state_sum"), py::arg("count"), py::arg("params"),
+      py::arg("num_threads"), "Fused torch.optim.Adagrad update over flat float32 buffers.");
 }
 
 // Shared-memory node stage (csrc/collectives/node_stage.h): methods added to Engine.

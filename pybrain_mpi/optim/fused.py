@@ -387,9 +387,12 @@ class FusedSGD(_FusedOptimizer):
             _core.sgd_step(span(flat.param, begin, n, "parameters"),
                            span(grad, begin - grad_offset, n, "gradients"),
                            span(buffer, begin, n, "momentum_buffer") if buffer is not None else 0, n,
-                           float(group["lr"]), momentum, float(group["dampening"]),
-                           float(group["weight_decay"]), bool(group["nesterov"]), started,
-                           sign * scale, threads)
+                           _core.SgdParams(lr=float(group["lr"]), momentum=momentum,
+                                           dampening=float(group["dampening"]),
+                                           weight_decay=float(group["weight_decay"]),
+                                           nesterov=bool(group["nesterov"]),
+                                           momentum_initialized=started, grad_scale=sign * scale),
+                           threads)
             if buffer is not None and not started:
                 for i in range(a, b):
                     self.state[flat.params[i]]["momentum_buffer"] = flat.view(buffer, i)
@@ -437,13 +440,16 @@ class FusedAdam(_FusedOptimizer):
             n = end - begin
             _core.adam_step(span(flat.param, begin, n, "parameters"),
                             span(grad, begin - grad_offset, n, "gradients"),
-                            span(flat.buffer("exp_avg"), begin, n, "exp_avg"),
-                            span(flat.buffer("exp_avg_sq"), begin, n, "exp_avg_sq"),
-                            span(flat.buffer("max_exp_avg_sq"), begin, n, "max_exp_avg_sq")
-                            if amsgrad else 0, n,
-                            float(group["lr"]), beta1, beta2, float(group["eps"]),
-                            float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
-                            amsgrad, step, sign * scale, threads)
+                            (span(flat.buffer("exp_avg"), begin, n, "exp_avg"),
+                             span(flat.buffer("exp_avg_sq"), begin, n, "exp_avg_sq"),
+                             span(flat.buffer("max_exp_avg_sq"), begin, n, "max_exp_avg_sq")
+                             if amsgrad else 0), n,
+                            _core.AdamParams(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                                             eps=float(group["eps"]),
+                                             weight_decay=float(group["weight_decay"]),
+                                             decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+                                             amsgrad=amsgrad, step=step, grad_scale=sign * scale),
+                            threads)
 
 
 class FusedAdamW(FusedAdam):
@@ -504,9 +510,12 @@ class FusedAdagrad(_FusedOptimizer):
             _core.adagrad_step(span(flat.param, begin, n, "parameters"),
                                span(grad, begin - grad_offset, n, "gradients"),
                                span(flat.buffer("sum"), begin, n, "sum"), n,
-                               float(group["lr"]), float(group["lr_decay"]),
-                               float(group["weight_decay"]), float(group["eps"]), step,
-                               sign * scale, threads)
+                               _core.AdagradParams(lr=float(group["lr"]),
+                                                   lr_decay=float(group["lr_decay"]),
+                                                   weight_decay=float(group["weight_decay"]),
+                                                   eps=float(group["eps"]), step=step,
+                                                   grad_scale=sign * scale),
+                               threads)
 
 
 __all__ = ["FusedSGD", "FusedAdam", "FusedAdamW", "FusedAdagrad", "grad_sq_norm_and_finite"]
