@@ -69,8 +69,9 @@ class _Bucket:
         return self.flat[start:start + param.numel()].view_as(param)
 
 
-def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str, group: Any = None) -> None:
-    """Broadcasts tensors from root with one collective per dtype (packed flat)."""
+def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str, ranks: Any = None) -> None:
+    """Broadcasts tensors from root with one collective per dtype (packed flat), among all
+    ranks or the ranks of ``ranks`` (a pybrain_mpi.parallel.Group)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
@@ -79,7 +80,7 @@ def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str, group:
             group_flat = torch.cat([t.detach().reshape(-1).to(torch.int32) for t in group])
         else:
             group_flat = torch.cat([t.detach().reshape(-1) for t in group])
-        collectives.broadcast_(group_flat, root=root, name=f"{what} ({dtype})", group=group)
+        collectives.broadcast_(group_flat, root=root, name=f"{what} ({dtype})", group=ranks)
         offset = 0
         with torch.no_grad():
             for t in group:
@@ -157,7 +158,7 @@ class DistributedDataParallel(torch.nn.Module):
             raise PbmError("DistributedDataParallel: the module has no parameter that requires grad")
         check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()), group=group)
         _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
-                           root=0, what="initial parameters and buffers", group=group)
+                           root=0, what="initial parameters and buffers", ranks=group)
         self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes,
                                             shared=algorithm in _SHARED_MEMORY_ALGORITHMS)
         if isinstance(compression, ThreeLC):
@@ -210,7 +211,7 @@ class DistributedDataParallel(torch.nn.Module):
         if self.broadcast_buffers and self._sync and ranks > 1:
             buffers = [b for b in self.module.buffers()]
             if buffers:
-                _flatten_broadcast(buffers, root=0, what="module buffers", group=self.group)
+                _flatten_broadcast(buffers, root=0, what="module buffers", ranks=self.group)
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager

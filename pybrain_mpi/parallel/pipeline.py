@@ -141,12 +141,17 @@ class Pipeline(nn.Module):
             :class:`~pybrain_mpi.parallel.Grid` gives one per data-parallel replica).
         sample: an input batch for ``balance="auto"`` (needed on stage 0 only).
         timeout_s: deadline of every wait (default ``PBM_TIMEOUT_S``).
+        data_group: the :class:`~pybrain_mpi.parallel.Group` of the ranks holding this stage in
+            the other replicas (``Grid.data_group``): the stage is wrapped in
+            :class:`~pybrain_mpi.DistributedDataParallel` over it, whose buckets average the
+            gradients during the last micro-batch's backward (the others accumulate locally).
+        ddp_options: further keyword arguments of that DDP (``bucket_bytes``, ``compression``...).
     """
 
     def __init__(self, module: Any, balance: Sequence[int] | str = "auto", micro_batches: int = 1,
                  schedule: str = "gpipe", loss_fn: Callable | None = None, *, comm: Any = None,
                  sample: torch.Tensor | None = None, loss_reduction: str = "mean",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, data_group: Any = None, ddp_options: dict | None = None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"Pipeline: schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -167,6 +172,14 @@ class Pipeline(nn.Module):
         start = sum(self.balance[:self.stage])
         self.layer_range = (start, start + self.balance[self.stage])
         self.stage_module = nn.Sequential(*layers[start:start + self.balance[self.stage]])
+        # Not a registered submodule: the stage's parameters and state_dict keys stay its own.
+        object.__setattr__(self, "ddp", None)
+        if data_group is not None and data_group.size > 1 and any(
+                p.requires_grad for p in self.stage_module.parameters()):
+            from ..engine.ddp import DistributedDataParallel
+
+            object.__setattr__(self, "ddp", DistributedDataParallel(self.stage_module, group=data_group,
+                                                                    **(ddp_options or {})))
         self.stats = StepStats()
         self._step = 0
 
@@ -229,6 +242,16 @@ class Pipeline(nn.Module):
                            f"{what} cannot make {self.micro_batches} micro-batches")
         return list(torch.tensor_split(batch, self.micro_batches, dim=0))
 
+    @property
+    def _run(self) -> nn.Module:
+        return self.ddp if self.ddp is not None else self.stage_module
+
+    def _local(self, local: bool) -> Any:
+        """DDP's no_sync() for all but the synchronising pass (a no-op without DDP)."""
+        import contextlib
+
+        return self.ddp.no_sync() if (self.ddp is not None and local) else contextlib.nullcontext()
+
     def _name(self, what: str, micro: int, src: int, dst: int) -> str:
         return f"{what} step {self._step} mb {micro} stage {src}->{dst}"
 
@@ -262,7 +285,8 @@ class Pipeline(nn.Module):
                     if x.is_floating_point():
                         x.requires_grad_(True)
                 started = time.perf_counter()
-                y = self.stage_module(x)
+                with self._local(i != 0):
+                    y = self._run(x)
                 entry = {"x": x}
                 if last:
                     target = target_chunks[i]
@@ -291,13 +315,15 @@ class Pipeline(nn.Module):
                 x = entry["x"]
                 if last:
                     started = time.perf_counter()
-                    entry["loss"].backward()
+                    with self._local(i != self.micro_batches - 1):
+                        entry["loss"].backward()
                 else:
                     grad_message = entry.get("grad")
                     grad = grad_message.wait() if grad_message is not None else None
                     started = time.perf_counter()
                     if grad is not None and entry["y"].requires_grad:
-                        entry["y"].backward(grad)
+                        with self._local(i != self.micro_batches - 1):
+                            entry["y"].backward(grad)
                 stats.compute_s += time.perf_counter() - started
                 stats.events.append(("B", i, started, time.perf_counter()))
                 if not first and x.is_floating_point():

@@ -72,8 +72,11 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None, None
 
 
-def _uniform(shape, bound: float, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype).uniform_(-bound, bound))
+def _uniform(shape, bound: float, dtype, initialize: bool = True) -> nn.Parameter:
+    # initialize False (from_linear): no draw, so the global RNG stays in step across ranks
+    # whatever the size of each rank's block.
+    tensor = torch.empty(shape, dtype=dtype)
+    return nn.Parameter(tensor.uniform_(-bound, bound) if initialize else tensor)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -86,7 +89,8 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
-                 gather_output: bool = True, dtype: torch.dtype | None = None, name: str = "column linear"):
+                 gather_output: bool = True, dtype: torch.dtype | None = None, name: str = "column linear",
+                 _initialize: bool = True):
         super().__init__()
         self.group, self.gather_output, self.name = group, bool(gather_output), name
         rank, size = _group_of(group)
@@ -94,14 +98,14 @@ class ColumnParallelLinear(nn.Module):
         self.out_start, self.out_end = even_split(out_features, size, rank)
         bound = 1.0 / math.sqrt(in_features)
         dtype = dtype or torch.get_default_dtype()
-        self.weight = _uniform((self.out_end - self.out_start, in_features), bound, dtype)
-        self.bias = _uniform((self.out_end - self.out_start,), bound, dtype) if bias else None
+        self.weight = _uniform((self.out_end - self.out_start, in_features), bound, dtype, _initialize)
+        self.bias = _uniform((self.out_end - self.out_start,), bound, dtype, _initialize) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: Any = None, gather_output: bool = True) -> "ColumnParallelLinear":
         """This rank's block of a full ``nn.Linear`` (the same layer on every rank)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
-                    gather_output=gather_output, dtype=linear.weight.dtype)
+                    gather_output=gather_output, dtype=linear.weight.dtype, _initialize=False)
         with torch.no_grad():
             layer.weight.copy_(linear.weight[layer.out_start:layer.out_end])
             if layer.bias is not None:
@@ -127,7 +131,8 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
-                 input_is_parallel: bool = False, dtype: torch.dtype | None = None, name: str = "row linear"):
+                 input_is_parallel: bool = False, dtype: torch.dtype | None = None, name: str = "row linear",
+                 _initialize: bool = True):
         super().__init__()
         self.group, self.input_is_parallel, self.name = group, bool(input_is_parallel), name
         rank, size = _group_of(group)
@@ -135,14 +140,14 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.in_end = even_split(in_features, size, rank)
         bound = 1.0 / math.sqrt(in_features)
         dtype = dtype or torch.get_default_dtype()
-        self.weight = _uniform((out_features, self.in_end - self.in_start), bound, dtype)
-        self.bias = _uniform((out_features,), bound, dtype) if bias else None
+        self.weight = _uniform((out_features, self.in_end - self.in_start), bound, dtype, _initialize)
+        self.bias = _uniform((out_features,), bound, dtype, _initialize) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: Any = None, input_is_parallel: bool = False) -> "RowParallelLinear":
         """This rank's block of a full ``nn.Linear`` (the same layer on every rank)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
-                    input_is_parallel=input_is_parallel, dtype=linear.weight.dtype)
+                    input_is_parallel=input_is_parallel, dtype=linear.weight.dtype, _initialize=False)
         with torch.no_grad():
             layer.weight.copy_(linear.weight[:, layer.in_start:layer.in_end])
             if layer.bias is not None:
