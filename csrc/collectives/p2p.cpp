@@ -37,6 +37,32 @@ size_t product(const std::vector<int64_t>& shape) {
 }
 }  // namespace
 
+static bool mpi_alive() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  return !finalized;
+}
+
+void P2PRequest::cancel_receives() {
+  if (!is_recv || !mpi_alive()) return;
+  for (MPI_Request& r : requests) {
+    if (r == MPI_REQUEST_NULL) continue;
+    MPI_Cancel(&r);
+    MPI_Wait(&r, MPI_STATUS_IGNORE);
+  }
+}
+
+P2PRequest::~P2PRequest() {
+  cancel_receives();
+  bool pending = false;
+  for (MPI_Request& r : requests) {
+    if (r == MPI_REQUEST_NULL) continue;
+    pending = true;
+    if (mpi_alive()) MPI_Request_free(&r);
+  }
+  if (pending) header.release();  // MPI may still read (or, after finalize, touch) it
+}
+
 std::string P2PRequest::describe(int world_peer) const {
   std::ostringstream text;
   text << (is_recv ? "recv" : "send") << " '" << name << "' " << (is_recv ? "from" : "to") << " rank "
@@ -86,7 +112,7 @@ std::shared_ptr<P2PRequest> PointToPoint::isend(const void* data, size_t count, 
   request->dtype = dtype;
   request->count = count;
   request->shape = std::move(shape);
-  MessageHeader& h = request->header;
+  MessageHeader& h = *request->header;
   h.magic = kMessageMagic;
   h.dtype = static_cast<int32_t>(dtype);
   h.ndim = static_cast<int32_t>(request->shape.size());
@@ -96,7 +122,7 @@ std::shared_ptr<P2PRequest> PointToPoint::isend(const void* data, size_t count, 
   const size_t bytes = count * dtype_size(dtype);
   if (bytes > static_cast<size_t>(INT32_MAX))
     throw PbmError("send '" + request->name + "': messages above 2 GiB are not supported");
-  transport_.check(MPI_Isend(&request->header, sizeof(MessageHeader), MPI_BYTE, dest, mpi_tag(tag, false),
+  transport_.check(MPI_Isend(request->header.get(), sizeof(MessageHeader), MPI_BYTE, dest, mpi_tag(tag, false),
                              transport_.comm(), &request->requests[0]),
                    "MPI_Isend (header)");
   transport_.check(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, dest, mpi_tag(tag, true),
@@ -125,7 +151,7 @@ std::shared_ptr<P2PRequest> PointToPoint::irecv(void* data, size_t count, DType 
   request->count = count;
   request->shape = std::move(shape);
   if (with_header) {
-    transport_.check(MPI_Irecv(&request->header, sizeof(MessageHeader), MPI_BYTE, source, mpi_tag(tag, false),
+    transport_.check(MPI_Irecv(request->header.get(), sizeof(MessageHeader), MPI_BYTE, source, mpi_tag(tag, false),
                                transport_.comm(), &request->requests[0]),
                      "MPI_Irecv (header)");
   }
@@ -164,7 +190,7 @@ void PointToPoint::finish(P2PRequest& request) {
   request.done = true;
   if (request.is_recv && request.with_header) {
     try {
-      validate_header(request, request.header);
+      validate_header(request, *request.header);
     } catch (const PbmError& error) {
       broken_ = error.what();
       throw;
@@ -182,10 +208,10 @@ std::pair<DType, std::vector<int64_t>> PointToPoint::recv_header(int source, int
   request.peer = source;
   request.tag = tag;
   request.name = name;
-  std::vector<MPI_Request> requests(1, MPI_REQUEST_NULL);
-  transport_.check(MPI_Irecv(&request.header, sizeof(MessageHeader), MPI_BYTE, source, mpi_tag(tag, false),
-                             transport_.comm(), &requests[0]),
+  transport_.check(MPI_Irecv(request.header.get(), sizeof(MessageHeader), MPI_BYTE, source, mpi_tag(tag, false),
+                             transport_.comm(), &request.requests[0]),
                    "MPI_Irecv (header)");
+  std::vector<MPI_Request> requests(1, request.requests[0]);
   const Describe what = [&] {
     return "recv header of '" + name + "' from rank " + std::to_string(transport_.world_rank(source));
   };
@@ -193,9 +219,16 @@ std::pair<DType, std::vector<int64_t>> PointToPoint::recv_header(int source, int
   const Progress progress(Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                              std::chrono::duration<double>(limit)),
                           what, nullptr);
-  wait_requests(requests, {source}, {true}, progress);
-  validate_header(request, request.header);
-  const MessageHeader& h = request.header;
+  try {
+    wait_requests(requests, {source}, {true}, progress, limit);
+  } catch (...) {
+    request.requests[0] = requests[0];
+    request.cancel_receives();
+    throw;
+  }
+  request.requests[0] = MPI_REQUEST_NULL;
+  validate_header(request, *request.header);
+  const MessageHeader& h = *request.header;
   if (h.tag != tag) throw CollectiveMismatchError("recv header of '" + name + "': tag mismatch");
   std::vector<int64_t> shape(h.dims, h.dims + h.ndim);
   if (product(shape) != h.count) {
@@ -237,29 +270,31 @@ void PointToPoint::wait(P2PRequest& request, double timeout_s) {
                           what, nullptr);
   std::vector<MPI_Request> requests(request.requests, request.requests + 2);
   try {
-    wait_requests(requests, {request.peer, request.peer}, {request.is_recv, request.is_recv}, progress);
+    wait_requests(requests, {request.peer, request.peer}, {request.is_recv, request.is_recv}, progress, limit);
   } catch (...) {
-    request.requests[0] = request.requests[1] = MPI_REQUEST_NULL;  // cancelled or released
+    // Still pending: receives are cancelled now, sends stay with the request (its destructor).
+    request.requests[0] = requests[0];
+    request.requests[1] = requests[1];
+    request.cancel_receives();
     throw;
   }
   request.requests[0] = request.requests[1] = MPI_REQUEST_NULL;
   finish(request);
 }
 
-double PointToPoint::grace_s() const { return std::min(10.0, std::max(1.0, 0.5 * timeout_s_)); }
-
 void PointToPoint::wait_requests(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
-                                 const std::vector<bool>& is_recv, const Progress& progress) {
+                                 const std::vector<bool>& is_recv, const Progress& progress, double limit_s) {
   try {
-    transport_.wait_all(requests, peers, is_recv, progress);
+    // Not cancellable here: the caller owns the requests and their buffers (see wait).
+    transport_.wait_all(requests, peers, is_recv, progress, /*cancellable=*/false);
   } catch (const CollectiveTimeoutError& error) {
     broken_ = error.what();
     if (transport_.aborted()) throw;
-    blame(error, progress);
+    blame(error, progress, limit_s);
   }
 }
 
-void PointToPoint::blame(const CollectiveTimeoutError& error, const Progress& progress) {
+void PointToPoint::blame(const CollectiveTimeoutError& error, const Progress& progress, double limit_s) {
   const int me = transport_.world_rank(rank());
   const std::vector<int>& waited = error.missing_ranks();  // world ranks
   // Tell every other rank whom this one waits for.
@@ -278,10 +313,12 @@ void PointToPoint::blame(const CollectiveTimeoutError& error, const Progress& pr
                   transport_.comm(), &request) == MPI_SUCCESS)
       MPI_Request_free(&request);
   }
-  // Collect the others' notices for a grace period.
+  // Collect the others' notices for a grace period (half the wait's timeout, 1 to 10 s): the
+  // other waits of a stuck pipeline started within a micro-batch of this one.
+  const double grace_s = std::min(10.0, std::max(1.0, 0.5 * limit_s));
   std::map<int, std::vector<int>> waits_for;  // world rank -> world ranks it waits for
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                        std::chrono::duration<double>(grace_s()));
+                                        std::chrono::duration<double>(grace_s));
   for (uint64_t spin = 0; Clock::now() < until; ++spin) {
     int flag = 0;
     MPI_Status status;
@@ -330,7 +367,9 @@ void PointToPoint::blame(const CollectiveTimeoutError& error, const Progress& pr
     message << "waiting for " << ranks_text(culprits) << " (";
   }
   if (chain.empty()) {
-    message << "no other rank reported waiting)";
+    message << (culprits.size() == 1 ? "it" : "they")
+            << " reported no wait of " << (culprits.size() == 1 ? "its" : "their")
+            << " own: stopped, killed or busy outside pybrain-mpi)";
   } else {
     for (size_t i = 0; i < chain.size(); ++i) message << (i ? "; " : "") << chain[i];
     message << ")";

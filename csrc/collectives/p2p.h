@@ -56,9 +56,21 @@ class P2PRequest {
   DType dtype = DType::kFloat32;
   size_t count = 0;
   std::vector<int64_t> shape;  // sends: what is sent; receives: what is expected
-  MessageHeader header;        // sends: ours; receives: the sender's, once arrived
+  // Sends: ours; receives: the sender's, once arrived. On the heap: a send still pending when
+  // the request is dropped (after a failure) keeps it, as MPI may read it later.
+  std::unique_ptr<MessageHeader> header{new MessageHeader()};
   MPI_Request requests[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // header, payload
   bool done = false;
+
+  P2PRequest() = default;
+  P2PRequest(const P2PRequest&) = delete;
+  P2PRequest& operator=(const P2PRequest&) = delete;
+  // A request dropped before it completed (its wait failed, or was never called): pending
+  // receives are cancelled and completed (MPI guarantees that wait returns), pending sends
+  // released to MPI, and their header left allocated.
+  ~P2PRequest();
+  // Cancels and completes pending receives now (so their buffers may be freed).
+  void cancel_receives();
   // "send 'act mb 3' to rank 2 (float32 [4, 16])"
   std::string describe(int world_peer) const;
 };
@@ -106,9 +118,8 @@ class PointToPoint {
   // Waits for `requests` (talking to comm ranks `peers`); on a deadline resolves who is at
   // fault with the other ranks' notices and rethrows.
   void wait_requests(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
-                     const std::vector<bool>& is_recv, const Progress& progress);
-  [[noreturn]] void blame(const CollectiveTimeoutError& error, const Progress& progress);
-  double grace_s() const;
+                     const std::vector<bool>& is_recv, const Progress& progress, double limit_s);
+  [[noreturn]] void blame(const CollectiveTimeoutError& error, const Progress& progress, double limit_s);
 
   Transport transport_;
   double timeout_s_;

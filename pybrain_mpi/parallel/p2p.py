@@ -52,12 +52,19 @@ class Message:
         tensor. Raises :class:`~pybrain_mpi.CollectiveTimeout` naming the ranks at fault."""
         if not self._finished:
             try:
-                self._channel._core.wait(self._request, -1.0 if timeout_s is None else float(timeout_s))
+                limit = self._channel.timeout_s if timeout_s is None else float(timeout_s)
+                self._channel._core.wait(self._request, limit)
             except Exception:
                 _ABANDONED.append(self.tensor)
                 raise
             self._finished = True
         return self.tensor
+
+    def __del__(self) -> None:
+        # Dropped unfinished (a failed step): a receive is cancelled by the core, a send may
+        # still be read by MPI when its peer resumes: its tensor must outlive this object.
+        if not self._finished:
+            _ABANDONED.append(self.tensor)
 
     def done(self) -> bool:
         """Whether the message completed (never blocks)."""
@@ -70,7 +77,8 @@ class Channel:
     """Tensor messages among the ranks of ``comm`` (mpi4py; default: pybrain-mpi's world).
 
     Collective over ``comm`` (it is duplicated). Peers are ranks of ``comm``; errors speak
-    world ranks (``pbm.rank()``).
+    world ranks (``pbm.rank()``). ``timeout_s`` (default ``PBM_TIMEOUT_S``) bounds every wait
+    that is not given its own; it may be changed between waits.
     """
 
     def __init__(self, comm: Any = None, timeout_s: float | None = None):
@@ -114,7 +122,7 @@ class Channel:
 
     def recv(self, source: int, tag: int, name: str, timeout_s: float | None = None) -> torch.Tensor:
         """Receives the next message on ``tag`` from ``source``, whatever its dtype and shape."""
-        limit = -1.0 if timeout_s is None else float(timeout_s)
+        limit = self.timeout_s if timeout_s is None else float(timeout_s)
         code, shape = self._core.recv_header(int(source), int(tag), name, limit)
         tensor = torch.empty(tuple(shape), dtype=_torch_dtype(code))
         buffer = as_buffer(tensor, name)
