@@ -87,6 +87,22 @@ def partition_balanced(costs: Sequence[float], stages: int) -> list[int]:
     return sizes[::-1]
 
 
+def _first_leaf(layer: nn.Module) -> nn.Module:
+    while True:
+        children = list(layer.children())
+        if not children:
+            return layer
+        layer = children[0]
+
+
+def _entry(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` for ``layer``; a copy when the layer starts in place (``ReLU(inplace=True)``) and ``x``
+    is a leaf that requires grad (autograd refuses in-place writes to those)."""
+    if x.requires_grad and x.is_leaf and getattr(_first_leaf(layer), "inplace", False):
+        return x.clone()
+    return x
+
+
 def _profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 2) -> tuple[list, list]:
     """Per-layer (forward+backward seconds, bytes of parameters + output activation)."""
     times, memory = [0.0] * len(layers), [0] * len(layers)
@@ -95,7 +111,7 @@ def _profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int 
         for index, layer in enumerate(layers):
             x = x.detach().requires_grad_(x.is_floating_point())
             started = time.perf_counter()
-            y = layer(x)
+            y = layer(_entry(layer, x))
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             times[index] += time.perf_counter() - started
@@ -286,7 +302,7 @@ class Pipeline(nn.Module):
                         x.requires_grad_(True)
                 started = time.perf_counter()
                 with self._local(i != 0):
-                    y = self._run(x)
+                    y = self._run(_entry(self.stage_module, x))
                 entry = {"x": x}
                 if last:
                     target = target_chunks[i]
