@@ -9,7 +9,8 @@ For each configuration one launch (``mpiexec -n S``) runs ``--steps`` timed step
   single    the unsplit model, one process, forward+backward over the whole batch
   pipeline  pbm.parallel.Pipeline over S ranks (balance "auto"), micro-batches M, gpipe and 1f1b
 and reports the median step time (slowest rank), the peak resident memory of every rank (ru_maxrss,
-which includes the ~300 MB of the interpreter and torch) and the parameters it holds, and the
+which includes the ~300 MB of the interpreter and torch, and the whole model each rank builds
+before keeping its stage: one launch per configuration) and the parameters it holds, and the
 measured bubble: 1 - (compute time summed over stages) / (S x step time), next to GPipe's
 (S-1)/(M+S-1). The measured value also counts the stages' imbalance and the messages.
 Every process runs one thread (``--threads``), so S ranks use S cores.
@@ -135,13 +136,15 @@ def main() -> None:
         return
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     common = [sys.executable, str(Path(__file__).resolve()), "--worker", "--input", str(args.input),
-              "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
-              "--micro-batches", *map(str, args.micro_batches), "--schedules", *args.schedules]
+              "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PBM_TIMEOUT_S=os.environ.get("PBM_TIMEOUT_S", "600"))
-    launches = [(1, "single")] + [(s, "pipeline") for s in args.stages]
+    # One launch per configuration: ru_maxrss is the peak of the whole process.
+    launches = [(1, "single", [])] + [(s, "pipeline", ["--micro-batches", str(m), "--schedules", schedule])
+                                      for s in args.stages for schedule in args.schedules
+                                      for m in args.micro_batches]
     records = []
-    for ranks, mode in launches:
-        out = subprocess.run([mpiexec, "-n", str(ranks), *common, "--mode", mode], env=env,
+    for ranks, mode, extra in launches:
+        out = subprocess.run([mpiexec, "-n", str(ranks), *common, "--mode", mode, *extra], env=env,
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{mode} on {ranks} ranks failed:\n{out.stdout}\n{out.stderr}")
