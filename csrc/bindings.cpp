@@ -17,6 +17,7 @@
 #include <string>
 
 #include "collectives/engine.h"
+#include "collectives/p2p.h"
 #include "collectives/threelc_state.h"
 #include "common/errors.h"
 #include "compression/payload.h"
@@ -509,6 +510,75 @@ void bind_engine(py::module_& m) {
   bind_node_stage(engine);
 }
 
+// --- point-to-point messages between pipeline stages (collectives/p2p.h) ---------------
+// One contiguous block: pybrain_mpi/parallel/p2p.py is its only user.
+void bind_point_to_point(py::module_& m) {
+  py::class_<pbm::P2PRequest, std::shared_ptr<pbm::P2PRequest>>(m, "P2PRequest",
+                                                                "A posted send or receive (parallel/p2p.py).")
+      .def_readonly("name", &pbm::P2PRequest::name)
+      .def_readonly("peer", &pbm::P2PRequest::peer)
+      .def_readonly("done", &pbm::P2PRequest::done);
+  py::class_<pbm::PointToPoint>(m, "PointToPoint", "Non-blocking messages with deadlines on a duplicated communicator.")
+      .def(py::init([](int64_t fortran_comm, double timeout_s, std::vector<int> world_ranks) {
+             MPI_Comm comm = MPI_Comm_f2c(static_cast<MPI_Fint>(fortran_comm));
+             py::gil_scoped_release release;
+             auto p2p = std::make_unique<pbm::PointToPoint>(comm, timeout_s);
+             if (!world_ranks.empty()) {
+               if (static_cast<int>(world_ranks.size()) != p2p->size())
+                 throw pbm::PbmError("PointToPoint: world_ranks must list one rank per communicator rank");
+               p2p->set_world_ranks(std::move(world_ranks));
+             }
+             return p2p;
+           }),
+           py::arg("fortran_comm"), py::arg("timeout_s"), py::arg("world_ranks") = std::vector<int>{})
+      .def_property_readonly("rank", &pbm::PointToPoint::rank)
+      .def_property_readonly("size", &pbm::PointToPoint::size)
+      .def_property_readonly("timeout_s", &pbm::PointToPoint::timeout_s)
+      .def_property_readonly("bytes_sent", &pbm::PointToPoint::bytes_sent)
+      .def(
+          "isend",
+          [](pbm::PointToPoint& p, std::uintptr_t address, size_t count, pbm::DType dtype, std::vector<int64_t> shape,
+             int dest, int tag, std::string name) {
+            py::gil_scoped_release release;
+            return p.isend(pointer<const void>(address), count, dtype, std::move(shape), dest, tag, std::move(name));
+          },
+          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("shape"), py::arg("dest"), py::arg("tag"),
+          py::arg("name"))
+      .def(
+          "irecv",
+          [](pbm::PointToPoint& p, std::uintptr_t address, size_t count, pbm::DType dtype, std::vector<int64_t> shape,
+             int source, int tag, std::string name, bool with_header) {
+            py::gil_scoped_release release;
+            return p.irecv(pointer<void>(address), count, dtype, std::move(shape), source, tag, std::move(name),
+                           with_header);
+          },
+          py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("shape"), py::arg("source"), py::arg("tag"),
+          py::arg("name"), py::arg("with_header") = true)
+      .def(
+          "recv_header",
+          [](pbm::PointToPoint& p, int source, int tag, const std::string& name, double timeout_s) {
+            py::gil_scoped_release release;
+            return p.recv_header(source, tag, name, timeout_s);
+          },
+          py::arg("source"), py::arg("tag"), py::arg("name"), py::arg("timeout_s"))
+      .def(
+          "wait",
+          [](pbm::PointToPoint& p, pbm::P2PRequest& request, double timeout_s) {
+            py::gil_scoped_release release;
+            p.wait(request, timeout_s);
+          },
+          py::arg("request"), py::arg("timeout_s"))
+      .def(
+          "test",
+          [](pbm::PointToPoint& p, pbm::P2PRequest& request) {
+            py::gil_scoped_release release;
+            return p.test(request);
+          },
+          py::arg("request"))
+      .def("abort", &pbm::PointToPoint::abort);
+}
+// --- end of point-to-point ---------------------------------------------------------------
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pybrain-mpi native core: collectives over MPI (see pybrain_mpi for the API)";
   py::register_exception_translator(&translate_errors);
@@ -526,4 +596,5 @@ PYBIND11_MODULE(_core, m) {
   bind_engine(m);
   bind_payloads(m);
   bind_kernels(m);
+  bind_point_to_point(m);
 }

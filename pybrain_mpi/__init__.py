@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # Submodules that import torch (or zarr, for data) load on first use, so `import pybrain_mpi.data`
 # in a data-only process (conversion, patch reading) never pays torch's ~180 MB.
-_LAZY_MODULES = ("compression", "optim", "data", "models", "engine", "trainer", "horovod")
+_LAZY_MODULES = ("compression", "optim", "data", "models", "engine", "trainer", "horovod", "parallel")
 # Short names kept for scripts written against earlier releases: activation recomputation now
 # lives beside the models, loss scaling beside the optimizers.
 _ALIASES = {"checkpointing": ".models.recompute", "amp": ".optim.loss_scaling"}
@@ -41,6 +41,6 @@ __all__ = [
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
     "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
     "shared_empty", "shared_reset", "shm_bytes", "DistributedDataParallel", "compression",
-    "optim", "data", "models", "CollectiveMismatch", "CollectiveTimeout",
+    "optim", "data", "models", "parallel", "CollectiveMismatch", "CollectiveTimeout",
     "MPILibraryMismatch", "PbmError", "__version__",
 ]

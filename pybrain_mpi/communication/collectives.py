@@ -77,8 +77,8 @@ def _algorithm(algorithm: str) -> Any:
     return code
 
 
-def _root(root: int, name: str | None) -> int:
-    world = context.size()
+def _root(root: int, name: str | None, group: Any = None) -> int:
+    world = context.size() if group is None else group.size
     if not 0 <= int(root) < world:
         label = f"tensor '{name}'" if name else "broadcast"
         raise ValueError(f"{label}: root {root} is not a rank of a world of size {world}")
@@ -184,8 +184,9 @@ def _plain_args(buffer: Buffer, op: str, algorithm: str, name: str | None) -> An
 
 
 def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
-               timeout_s: float | None, wire: Any = None, check_finite: bool = False) -> Any:
-    ctx = context.current()
+               timeout_s: float | None, wire: Any = None, check_finite: bool = False,
+               group: Any = None) -> Any:
+    ctx = context.current() if group is None else group
     if wire is None and not check_finite:
         args = _plain_args(buffer, op, algorithm, name)
     else:
@@ -208,7 +209,8 @@ def _buffer(x: Any, compression: Any, state: Any, name: str | None) -> tuple[Buf
 
 
 def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
-               timeout_s: float | None = None, compression: Any = None, state: Any = None) -> Any:
+               timeout_s: float | None = None, compression: Any = None, state: Any = None,
+               group: Any = None) -> Any:
     """Reduces ``x`` across all ranks in place and returns it.
 
     Args:
@@ -235,12 +237,13 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             nodes 3LC compresses only the inter-node stage (the node stage is exact) and the
             state holds residuals for the slices this rank owns; with ``"shm"`` (one node)
             nothing is compressed; ``"auto"`` runs the flat compressed allreduce.
+        group: a :class:`pybrain_mpi.parallel.Group` to reduce among its ranks only.
     """
     if compression is None:  # the common case, without a call more on a microsecond path
         buffer, wire = as_buffer(x, name), None
     else:
         buffer, wire = _compressed_buffer(x, compression, state, name)
-    _allreduce(buffer, op, algorithm, name, False, timeout_s, wire)
+    _allreduce(buffer, op, algorithm, name, False, timeout_s, wire, group=group)
     return buffer.finish()
 
 
@@ -254,7 +257,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | N
 
 def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | None = None,
                      compression: Any = None, state: Any = None,
-                     check_finite: bool = False) -> Handle:
+                     check_finite: bool = False, group: Any = None) -> Handle:
     """Starts an in-place allreduce on the progress thread and returns its :class:`Handle`.
 
     Takes the arguments of :func:`allreduce_`. Do not read or write ``x`` until
@@ -265,16 +268,23 @@ def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: 
     its own Inf/NaN pass. The zero-copy shared-memory path (``algorithm="shm"``/``"auto"`` on
     a buffer from :func:`pbm.shared_empty`, float32/float64) checks inside its reduce pass at no
     extra memory traffic; every other path reads the result once more.
+
+    ``group``: a :class:`pybrain_mpi.parallel.Group` (a sub-communicator with its own engine,
+    e.g. the data-parallel peers of a pipeline stage) instead of all ranks.
     """
     buffer, wire = _buffer(x, compression, state, name)
-    return Handle(_allreduce(buffer, op, algorithm, name, True, None, wire, check_finite), buffer)
+    return Handle(_allreduce(buffer, op, algorithm, name, True, None, wire, check_finite, group), buffer)
 
 
-def broadcast_(x: Any, root: int = 0, *, name: str | None = None, timeout_s: float | None = None) -> Any:
-    """Overwrites ``x`` on every rank with its value on ``root``; returns ``x``."""
+def broadcast_(x: Any, root: int = 0, *, name: str | None = None, timeout_s: float | None = None,
+               group: Any = None) -> Any:
+    """Overwrites ``x`` on every rank with its value on ``root``; returns ``x``.
+
+    ``group``: a :class:`pybrain_mpi.parallel.Group` (``root`` is then a rank of the group)."""
     buffer = as_buffer(x, name)
-    context.current().engine.broadcast(buffer.address, buffer.count, buffer.dtype, _root(root, name),
-                                       name or "", _timeout(timeout_s))
+    ctx = context.current() if group is None else group
+    ctx.engine.broadcast(buffer.address, buffer.count, buffer.dtype, _root(root, name, group),
+                         name or "", ctx.timeout_s if timeout_s is None else float(timeout_s))
     return buffer.finish()
 
 

@@ -15,14 +15,16 @@ def _signature(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tup
     return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
 
 
-def check_same_parameters(named_tensors: list[tuple[str, torch.Tensor]], what: str = "parameter") -> None:
+def check_same_parameters(named_tensors: list[tuple[str, torch.Tensor]], what: str = "parameter",
+                          group=None) -> None:
     """Raises CollectiveMismatch on every rank unless all ranks hold the same names, shapes and
     dtypes, in the same order.
 
     A cheap 8-byte digest is compared first (one small allreduce); only on a mismatch are the
     full lists gathered to name the first differing entry and the ranks that differ.
+    ``group`` (a :class:`pybrain_mpi.parallel.Group`): compare among its ranks only.
     """
-    ctx = context.current()
+    ctx = context.current() if group is None else group
     if ctx.size == 1:
         return
     signature = _signature(named_tensors)

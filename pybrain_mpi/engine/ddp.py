@@ -69,8 +69,9 @@ class _Bucket:
         return self.flat[start:start + param.numel()].view_as(param)
 
 
-def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str) -> None:
-    """Broadcasts tensors from root with one collective per dtype (packed flat)."""
+def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str, ranks: Any = None) -> None:
+    """Broadcasts tensors from root with one collective per dtype (packed flat), among all
+    ranks or the ranks of ``ranks`` (a pybrain_mpi.parallel.Group)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
@@ -79,7 +80,7 @@ def _flatten_broadcast(tensors: list[torch.Tensor], root: int, what: str) -> Non
             group_flat = torch.cat([t.detach().reshape(-1).to(torch.int32) for t in group])
         else:
             group_flat = torch.cat([t.detach().reshape(-1) for t in group])
-        collectives.broadcast_(group_flat, root=root, name=f"{what} ({dtype})")
+        collectives.broadcast_(group_flat, root=root, name=f"{what} ({dtype})", group=ranks)
         offset = 0
         with torch.no_grad():
             for t in group:
@@ -111,6 +112,8 @@ class DistributedDataParallel(torch.nn.Module):
             rank) for ``optimizer.step(grads_finite=model.grads_finite)`` of the fused
             optimizers, which then skip their own Inf/NaN pass. With ``algorithm="shm"``/
             ``"auto"`` on one node the check rides inside the reduce at no memory cost.
+        group: a :class:`pybrain_mpi.parallel.Group`: average among its ranks only (the
+            data-parallel peers of a pipeline stage, :class:`pybrain_mpi.parallel.Grid`).
 
     Use like ``torch.nn.parallel.DistributedDataParallel``; :meth:`no_sync` accumulates
     gradients locally for gradient accumulation.
@@ -119,10 +122,11 @@ class DistributedDataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, bucket_bytes: int = 25 * MiB,
                  first_bucket_bytes: int = 1 * MiB, algorithm: str = "ring",
                  compression: Any = None, broadcast_buffers: bool = True,
-                 stall_warn_s: float | None = None, check_finite: bool = False):
+                 stall_warn_s: float | None = None, check_finite: bool = False, group: Any = None):
         super().__init__()
         if not context.is_initialized():
             context.init()
+        self.group = group
         if algorithm not in collectives.ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(collectives.ALGORITHMS)}")
         self.module = module
@@ -152,9 +156,9 @@ class DistributedDataParallel(torch.nn.Module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise PbmError("DistributedDataParallel: the module has no parameter that requires grad")
-        check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()))
+        check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()), group=group)
         _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
-                           root=0, what="initial parameters and buffers")
+                           root=0, what="initial parameters and buffers", ranks=group)
         self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes,
                                             shared=algorithm in _SHARED_MEMORY_ALGORITHMS)
         if isinstance(compression, ThreeLC):
@@ -213,11 +217,13 @@ class DistributedDataParallel(torch.nn.Module):
         ``forward`` does this before each synchronised step; a training forward then updates
         each rank's statistics from its own batch, so call this before using ``module``
         directly (evaluation, export) to have every rank hold the model rank 0 checkpoints.
-        Collective; a no-op on one rank or a module without buffers."""
-        if context.size() > 1:
+        Collective over the wrapper's ranks (its ``group``, else the world); a no-op on one
+        rank or a module without buffers."""
+        ranks = context.size() if self.group is None else self.group.size
+        if ranks > 1:
             buffers = [b for b in self.module.buffers()]
             if buffers:
-                _flatten_broadcast(buffers, root=0, what="module buffers")
+                _flatten_broadcast(buffers, root=0, what="module buffers", ranks=self.group)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -259,7 +265,8 @@ class DistributedDataParallel(torch.nn.Module):
         label += ", ...)" if len(bucket.params) > 1 else ")"
         bucket.handle = collectives.allreduce_async_(bucket.flat, op="avg", algorithm=self.algorithm,
                                                      name=label[:60], compression=self._codec,
-                                                     state=bucket.state, check_finite=self._check_finite)
+                                                     state=bucket.state, check_finite=self._check_finite,
+                                                     group=self.group)
 
     def _launch_ready_buckets(self) -> None:
         while (self._next_to_launch < len(self._buckets)
@@ -294,7 +301,7 @@ class DistributedDataParallel(torch.nn.Module):
     def _wait(self, bucket: _Bucket) -> None:
         handle = bucket.handle
         started = time.monotonic()
-        limit = context.current().timeout_s
+        limit = (context.current() if self.group is None else self.group).timeout_s
         warned = False
         while True:
             remaining = limit - (time.monotonic() - started)

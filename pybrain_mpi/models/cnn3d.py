@@ -107,6 +107,12 @@ class NaiveCNN3D(nn.Module):
             nn.Linear(fc1, fc2), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc2, int(out_features)))
 
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The model as consecutive layers for :class:`pybrain_mpi.parallel.Pipeline`: the four
+        conv blocks, then the head's layers. They take ``(N, C, D, H, W)`` inputs (no
+        shape check or channel insertion, which ``forward`` does)."""
+        return [*self.features, *self.head]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict ``(N, out_features)`` from a batch of volumes."""
         if x.dim() == 4 and self.in_channels == 1:
