@@ -22,7 +22,13 @@ namespace pbm {
 // Message tags. Each collective's messages use their own tag so a header of the next
 // collective can arrive early without being mistaken for data (MPI matches by tag and
 // keeps order per sender and tag, which the chunked ring relies on).
-enum Tag : int { kTagHeader = 17001, kTagRing = 17002, kTagBroadcast = 17003, kTagThreeLC = 17010 };
+enum Tag : int {
+  kTagHeader = 17001,
+  kTagRing = 17002,
+  kTagBroadcast = 17003,
+  kTagNegotiate = 17004,  // negotiation.cpp: a round's lists of pending collectives
+  kTagThreeLC = 17010,
+};
 
 // Persistent scratch slots of a transport, one per user, so no two phases of a collective
 // hand out the same memory.
@@ -35,6 +41,8 @@ enum ScratchSlot : size_t {
   kScratchThreeLCSend = 5,  // compressed_allreduce.cpp: encoded partitions
   kScratchThreeLCRecv = 6,
   kScratchThreeLCSum = 7,   // compressed_allreduce.cpp: the owned partition's float32 sum
+  kScratchNegotiateSend = 8,  // negotiation.cpp: our list of pending collectives
+  kScratchNegotiateRecv = 9,  // negotiation.cpp: every peer's
 };
 
 class Transport {
