@@ -86,7 +86,7 @@ bool Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
     if (peer == me) continue;
     requests.emplace_back();
     transport_.check(MPI_Irecv(recv + kSlotBytes * peer, static_cast<int>(kSlotBytes), MPI_BYTE,
-                               peer, kTagHeader, transport_.comm(), &requests.back()),
+                               peer, transport_.header_tag(), transport_.comm(), &requests.back()),
                      "MPI_Irecv (join)");
     peers.push_back(peer);
     is_recv.push_back(true);
@@ -94,7 +94,7 @@ bool Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
   for (int peer = 0; peer < n; ++peer) {
     if (peer == me) continue;
     requests.emplace_back();
-    transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, kTagHeader,
+    transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, transport_.header_tag(),
                                transport_.comm(), &requests.back()),
                      "MPI_Isend (join)");
     transport_.bytes_sent += message_bytes;

@@ -35,7 +35,7 @@ void Negotiator::exchange(const std::vector<CollectiveHeader>& mine, const Progr
       if (peer == me) continue;
       requests.emplace_back();
       transport_.check(MPI_Irecv(recv + kListSlotBytes * peer, static_cast<int>(kListSlotBytes), MPI_BYTE, peer,
-                                 kTagNegotiate, transport_.comm(), &requests.back()),
+                                 transport_.negotiate_tag(), transport_.comm(), &requests.back()),
                        "MPI_Irecv (negotiation)");
       peers.push_back(peer);
       is_recv.push_back(true);
@@ -43,7 +43,7 @@ void Negotiator::exchange(const std::vector<CollectiveHeader>& mine, const Progr
     for (int peer = 0; peer < n; ++peer) {
       if (peer == me) continue;
       requests.emplace_back();
-      transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, kTagNegotiate,
+      transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, transport_.negotiate_tag(),
                                  transport_.comm(), &requests.back()),
                        "MPI_Isend (negotiation)");
       transport_.bytes_sent += message_bytes;
