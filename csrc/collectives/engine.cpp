@@ -301,7 +301,10 @@ bool Engine::negotiate() {
     return "rank " + std::to_string(rank()) + ": " +
            (listed.empty() ? std::string("negotiation (nothing pending here)") : listed.front()->describe());
   };
-  const Progress progress(deadline_after(timeout_s_), what, listed.empty() ? nullptr : &listed.front()->status());
+  // The round reports to no operation: each one's status keeps the ranks that, at the last
+  // round, had not submitted it (what a timed-out waiter is told). A peer that does not
+  // answer the round itself is named by the round's own timeout.
+  const Progress progress(deadline_after(timeout_s_), what, nullptr);
   bool broken = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -310,6 +313,7 @@ bool Engine::negotiate() {
   if (!broken) {
     try {
       negotiator_.exchange(headers, progress);
+      ++negotiation_rounds_;
     } catch (const std::exception& error) {
       // A peer that does not answer a round (stopped, dead) or a malformed list: the rounds
       // are out of step, nothing later can be matched.

@@ -126,6 +126,8 @@ class Engine {
   NodeStage* node() { return node_.get(); }
   uint64_t shm_bytes() const { return node_ ? node_->shm_bytes() : 0; }
   double timeout_s() const { return timeout_s_; }
+  // Negotiation rounds run so far (0 while every rank submits in the same order).
+  uint64_t negotiation_rounds() const { return negotiation_rounds_.load(); }
 
  private:
   void validate(const CollectiveSpec& spec) const;
@@ -165,6 +167,7 @@ class Engine {
   bool stopping_ = false;
   uint64_t next_seq_ = 0;
   uint64_t next_unnamed_ = 0;
+  std::atomic<uint64_t> negotiation_rounds_{0};
   std::string broken_reason_;
   std::thread progress_thread_;
 };
