@@ -416,7 +416,7 @@ bool Engine::execute(Operation& op, Clock::time_point deadline) {
     }
     op.finish(nullptr);
   } catch (const CollectiveMismatchError& error) {
-    // Headers agreed on the order but not the shape: every rank raised the same error
+    // Headers agreed on the name but not the shape: every rank raised the same error
     // and no data moved, so later collectives can still match.
     if (handshake_.order_broken()) mark_broken(error.what());
     op.finish(std::current_exception());
