@@ -61,6 +61,7 @@ void Operation::rethrow_if_failed() const {
 void Operation::finish(std::exception_ptr error) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;  // the first outcome stands (a shutdown racing a failed round)
     finished_ = true;
     error_ = error;
   }
@@ -292,7 +293,8 @@ bool Engine::negotiate() {
     for (size_t i = 0; i < queue_.size() && i < kMaxProposals; ++i) listed.push_back(queue_[i]);
   }
   auto remove = [&](const std::shared_ptr<Operation>& op) {  // with mu_ held
-    queue_.erase(std::find(queue_.begin(), queue_.end(), op));
+    const auto it = std::find(queue_.begin(), queue_.end(), op);
+    if (it != queue_.end()) queue_.erase(it);  // (shutdown may have taken it meanwhile)
   };
   std::vector<CollectiveHeader> headers;
   headers.reserve(listed.size());
@@ -310,6 +312,7 @@ bool Engine::negotiate() {
     std::lock_guard<std::mutex> lock(mu_);
     broken = !broken_reason_.empty();
   }
+  std::exception_ptr round_error;
   if (!broken) {
     try {
       negotiator_.exchange(headers, progress);
@@ -318,18 +321,25 @@ bool Engine::negotiate() {
       // A peer that does not answer a round (stopped, dead) or a malformed list: the rounds
       // are out of step, nothing later can be matched.
       mark_broken(error.what());
+      round_error = std::current_exception();
       broken = true;
     }
   }
   if (broken) {
-    // Everything pending fails, with the error that broke the engine.
+    // What this round listed fails with the round's error (a timeout names the peers that
+    // did not answer); everything else pending with the error that broke the engine.
     std::deque<std::shared_ptr<Operation>> failed;
     {
       std::lock_guard<std::mutex> lock(mu_);
       failed.swap(queue_);
       negotiating_ = false;
     }
-    for (auto& op : failed) execute(*op, Clock::now());
+    if (round_error) {
+      for (auto& op : listed) op->finish(round_error);
+    }
+    for (auto& op : failed) {
+      if (!op->done()) execute(*op, Clock::now());
+    }
     return true;
   }
   const NegotiationDecision decision = negotiator_.decide();
