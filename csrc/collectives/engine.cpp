@@ -300,8 +300,8 @@ bool Engine::negotiate() {
   headers.reserve(listed.size());
   for (const auto& op : listed) headers.push_back(op->header());
   const Describe what = [&] {
-    return "rank " + std::to_string(rank()) + ": " +
-           (listed.empty() ? std::string("negotiation (nothing pending here)") : listed.front()->describe());
+    return listed.empty() ? std::string("negotiation (nothing pending on this rank)")
+                          : "negotiation for " + listed.front()->describe();
   };
   // The round reports to no operation: each one's status keeps the ranks that, at the last
   // round, had not submitted it (what a timed-out waiter is told). A peer that does not

@@ -301,3 +301,38 @@ def test_ddp_with_rank_dependent_unused_parameters_matches_a_float64_reference()
                 if ref.grad is not None:
                     ref -= lr * ref.grad
     ddp.remove_hooks()
+
+
+def test_engine_without_progress_thread_refuses_different_names_on_every_rank():
+    """Without a progress thread (MPI lacking MPI_THREAD_MULTIPLE) a call runs as it is made,
+    so calls of different names cannot wait for each other: they raise CollectiveMismatch on
+    every rank instead of pairing."""
+    from mpi4py import MPI
+
+    from pybrain_mpi.communication.collectives import ALGORITHMS, OPS, _native
+    from pybrain_mpi.core.buffers import as_buffer
+
+    n, r = pbm.size(), pbm.rank()
+    core = _native()
+    engine = core.Engine(MPI.COMM_WORLD.py2f(), 30.0, False)
+    try:
+        arrays = {name: np.full(1000, _value(i, r), dtype=np.float32) for i, name in enumerate("ab")}
+        buffers = {name: as_buffer(a) for name, a in arrays.items()}  # kept alive while in use
+        order = "ab" if r % 2 == 0 else "ba"
+        for name in order:
+            b = buffers[name]
+            args = core.AllreduceArgs(b.address, b.count, b.dtype, OPS["sum"], ALGORITHMS["ring"], name)
+            operation = engine.allreduce_async(args)
+            assert operation.wait(30.0)
+            with pytest.raises(pbm.CollectiveMismatch, match="different names"):
+                operation.check()
+        assert all(np.all(a == _value(i, r)) for i, a in enumerate(arrays.values())), "data moved"
+        # the same order still works there
+        b = buffers["a"]
+        operation = engine.allreduce_async(core.AllreduceArgs(b.address, b.count, b.dtype, OPS["sum"],
+                                                              ALGORITHMS["ring"], "a"))
+        assert operation.wait(30.0)
+        operation.check()
+        assert np.all(arrays["a"] == _expected(0, n))
+    finally:
+        engine.shutdown()
