@@ -462,6 +462,8 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("size", &pbm::Engine::size)
       .def_property_readonly("bytes_sent", &pbm::Engine::bytes_sent)
       .def_property_readonly("timeout_s", &pbm::Engine::timeout_s)
+      .def_property_readonly("negotiation_rounds", &pbm::Engine::negotiation_rounds,
+                             "Rounds in which the ranks negotiated the order of collectives.")
       .def_property(
           "ring_chunk_bytes", [](pbm::Engine& e) { return e.algorithms().ring().chunk_bytes; },
           [](pbm::Engine& e, size_t bytes) { e.algorithms().ring().chunk_bytes = bytes; })

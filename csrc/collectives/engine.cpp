@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -10,10 +11,12 @@
 namespace pbm {
 
 namespace {
-CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq) {
+CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq, uint64_t unnamed) {
   const AllreduceArgs& args = spec.args;
   CollectiveHeader header;
   header.seq = seq;
+  header.unnamed = args.name.empty() ? unnamed : 0;
+  header.name_hash = args.name.empty() ? unnamed_hash(unnamed) : name_hash(args.name);
   header.kind = static_cast<int32_t>(spec.kind);
   header.algorithm = static_cast<int32_t>(args.algorithm);
   header.op = static_cast<int32_t>(args.op);
@@ -26,8 +29,8 @@ CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq) {
 }
 }  // namespace
 
-Operation::Operation(CollectiveSpec spec, uint64_t seq)
-    : spec_(std::move(spec)), seq_(seq), header_(header_for(spec_, seq)) {}
+Operation::Operation(CollectiveSpec spec, uint64_t seq, uint64_t unnamed, Clock::time_point expires_at)
+    : spec_(std::move(spec)), seq_(seq), expires_at_(expires_at), header_(header_for(spec_, seq, unnamed)) {}
 
 std::string Operation::describe() const { return describe_header(header_); }
 
@@ -58,6 +61,7 @@ void Operation::rethrow_if_failed() const {
 void Operation::finish(std::exception_ptr error) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;  // the first outcome stands (a shutdown racing a failed round)
     finished_ = true;
     error_ = error;
   }
@@ -65,7 +69,7 @@ void Operation::finish(std::exception_ptr error) {
 }
 
 Engine::Engine(MPI_Comm comm, double timeout_s, bool progress_thread)
-    : transport_(comm), handshake_(transport_), algorithms_(transport_, handshake_), timeout_s_(timeout_s) {
+    : transport_(comm), handshake_(transport_), negotiator_(transport_), algorithms_(transport_, handshake_), timeout_s_(timeout_s) {
   if (progress_thread) progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
@@ -129,24 +133,36 @@ AllreduceAlgorithm* Engine::plan(AllreduceArgs& args) const {
   return &algorithm;
 }
 
-std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec) {
-  // Called with mu_ held: sequence numbers follow submission order.
+std::shared_ptr<Operation> Engine::make_operation(CollectiveSpec spec, double timeout_s) {
+  // Called with mu_ held: sequence numbers (and the places that name unnamed calls) follow
+  // submission order.
   validate(spec);
   if (stopping_) throw PbmError("rank " + std::to_string(rank()) + ": pybrain-mpi was shut down");
   throw_if_broken();
   // The operation's header describes the call as asked for, before plan() resolves it. A
-  // call plan() refuses (a 3LC state of another layout) takes no sequence number.
-  auto op = std::make_shared<Operation>(std::move(spec), next_seq_);
+  // call plan() refuses (a 3LC state of another layout) takes no sequence number or place.
+  const bool unnamed = spec.args.name.empty();
+  auto op = std::make_shared<Operation>(std::move(spec), next_seq_, unnamed ? next_unnamed_ + 1 : 0,
+                                        deadline_after(timeout_s));
   if (op->spec().kind == CollectiveKind::kAllreduce) op->set_algorithm(plan(op->args()));
   ++next_seq_;
+  if (unnamed) ++next_unnamed_;
   return op;
+}
+
+void Engine::fail_unordered(Operation& op, const char* why) {
+  std::ostringstream message;
+  message << "rank " << rank() << ": " << op.describe() << ": ranks called collectives of different names "
+          << why << ":";
+  for (int r = 0; r < size(); ++r) message << "\n  rank " << r << ": " << describe_header(handshake_.header(r));
+  op.finish(std::make_exception_ptr(CollectiveMismatchError(message.str())));
 }
 
 std::shared_ptr<Operation> Engine::submit(CollectiveSpec spec) {
   std::shared_ptr<Operation> op;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    op = make_operation(std::move(spec));
+    op = make_operation(std::move(spec), timeout_s_);
     if (progress_thread_.joinable()) {
       queue_.push_back(op);
       queue_cv_.notify_all();
@@ -154,8 +170,11 @@ std::shared_ptr<Operation> Engine::submit(CollectiveSpec spec) {
     }
     executing_ = true;
   }
-  // No progress thread: execute now, on this thread.
-  execute(*op, deadline_after(timeout_s_));
+  // No progress thread: execute now, on this thread. Nothing can be reordered then: every
+  // rank runs its call at once, so a peer's other call cannot wait for this one.
+  if (!execute(*op, deadline_after(timeout_s_)))
+    fail_unordered(*op, "and this engine has no progress thread (the MPI library lacks MPI_THREAD_MULTIPLE), "
+                        "so calls cannot be reordered: submit them in the same order on every rank");
   {
     std::lock_guard<std::mutex> lock(mu_);
     executing_ = false;
@@ -167,10 +186,11 @@ void Engine::run(CollectiveSpec spec, double timeout_s) {
   if (timeout_s < 0) timeout_s = timeout_s_;
   std::shared_ptr<Operation> op;
   bool run_here = false;
+  bool handed_off = false;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    op = make_operation(std::move(spec));
-    if (queue_.empty() && !executing_) {
+    op = make_operation(std::move(spec), timeout_s);
+    if (queue_.empty() && agreed_.empty() && !executing_ && !negotiating_) {
       executing_ = true;
       run_here = true;
     } else {
@@ -179,13 +199,26 @@ void Engine::run(CollectiveSpec spec, double timeout_s) {
     }
   }
   if (run_here) {
-    execute(*op, deadline_after(timeout_s));
+    const bool ran = execute(*op, deadline_after(timeout_s));
     std::lock_guard<std::mutex> lock(mu_);
     executing_ = false;
-    // Wake the progress thread only if async work was queued meanwhile: waking it for
-    // nothing costs two context switches per call, on a core another rank may need.
-    if (!queue_.empty()) queue_cv_.notify_all();
-  } else if (!op->wait(timeout_s > 0 ? timeout_s : -1.0)) {
+    if (!ran && progress_thread_.joinable()) {
+      // The ranks proposed different collectives: the progress thread negotiates. Nothing
+      // was queued before this call (it ran here), so it is the oldest pending one.
+      queue_.push_front(op);
+      negotiating_ = true;
+      handed_off = true;
+      queue_cv_.notify_all();
+    } else if (!ran) {
+      fail_unordered(*op, "and this engine has no progress thread (the MPI library lacks MPI_THREAD_MULTIPLE), "
+                          "so calls cannot be reordered: submit them in the same order on every rank");
+    } else if (!queue_.empty()) {
+      // Wake the progress thread only if async work was queued meanwhile: waking it for
+      // nothing costs two context switches per call, on a core another rank may need.
+      queue_cv_.notify_all();
+    }
+  }
+  if ((!run_here || handed_off) && !op->wait(timeout_s > 0 ? timeout_s : -1.0)) {
     const std::vector<int> waiting = op->status().waiting_for();
     std::ostringstream message;
     message << "rank " << rank() << ": " << op->describe() << " timed out after " << timeout_s
@@ -197,23 +230,155 @@ void Engine::run(CollectiveSpec spec, double timeout_s) {
 
 void Engine::progress_loop() {
   Transport::set_polite_polling_for_this_thread(true);
+  // Between negotiation rounds that decided nothing (a rank has not submitted its share
+  // yet), wait for a submission here, or this long, doubling up to a cap.
+  constexpr auto kFirstBackOff = std::chrono::microseconds(100);
+  constexpr auto kMaxBackOff = std::chrono::microseconds(10000);
+  auto back_off = kFirstBackOff;
   for (;;) {
     std::shared_ptr<Operation> op;
+    bool from_agreed = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      queue_cv_.wait(lock, [&] { return stopping_ || (!queue_.empty() && !executing_); });
+      queue_cv_.wait(lock, [&] {
+        return stopping_ || (!executing_ && (!agreed_.empty() || !queue_.empty() || negotiating_));
+      });
       if (stopping_) break;
-      op = queue_.front();
-      queue_.pop_front();
       executing_ = true;
+      if (!agreed_.empty()) {
+        op = agreed_.front();
+        agreed_.pop_front();
+        from_agreed = true;
+      } else if (!negotiating_) {
+        op = queue_.front();
+        queue_.pop_front();
+      }
     }
-    execute(*op, deadline_after(timeout_s_));
+    if (!op) {
+      const uint64_t submitted = [&] {
+        std::lock_guard<std::mutex> lock(mu_);
+        return next_seq_;
+      }();
+      const bool decided = negotiate();
+      std::unique_lock<std::mutex> lock(mu_);
+      if (decided) {
+        back_off = kFirstBackOff;
+      } else {
+        queue_cv_.wait_for(lock, back_off, [&] { return stopping_ || next_seq_ != submitted; });
+        back_off = std::min(back_off * 2, kMaxBackOff);
+      }
+    } else if (!execute(*op, deadline_after(timeout_s_))) {
+      if (from_agreed) {
+        // Cannot happen while every rank takes the same decision; never pair it regardless.
+        fail_unordered(*op, "after the ranks had agreed on its place");
+        mark_broken("the ranks ran a negotiated order differently");
+      } else {
+        std::lock_guard<std::mutex> lock(mu_);
+        queue_.push_front(op);  // it was the oldest pending: submission order is kept
+        negotiating_ = true;
+      }
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       executing_ = false;
     }
     queue_cv_.notify_all();
   }
+}
+
+bool Engine::negotiate() {
+  std::vector<std::shared_ptr<Operation>> listed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < queue_.size() && i < kMaxProposals; ++i) listed.push_back(queue_[i]);
+  }
+  auto remove = [&](const std::shared_ptr<Operation>& op) {  // with mu_ held
+    const auto it = std::find(queue_.begin(), queue_.end(), op);
+    if (it != queue_.end()) queue_.erase(it);  // (shutdown may have taken it meanwhile)
+  };
+  std::vector<CollectiveHeader> headers;
+  headers.reserve(listed.size());
+  for (const auto& op : listed) headers.push_back(op->header());
+  const Describe what = [&] {
+    return listed.empty() ? std::string("negotiation (nothing pending on this rank)")
+                          : "negotiation for " + listed.front()->describe();
+  };
+  // The round reports to no operation: each one's status keeps the ranks that, at the last
+  // round, had not submitted it (what a timed-out waiter is told). A peer that does not
+  // answer the round itself is named by the round's own timeout.
+  const Progress progress(deadline_after(timeout_s_), what, nullptr);
+  bool broken = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    broken = !broken_reason_.empty();
+  }
+  std::exception_ptr round_error;
+  if (!broken) {
+    try {
+      negotiator_.exchange(headers, progress);
+      ++negotiation_rounds_;
+    } catch (const std::exception& error) {
+      // A peer that does not answer a round (stopped, dead) or a malformed list: the rounds
+      // are out of step, nothing later can be matched.
+      mark_broken(error.what());
+      round_error = std::current_exception();
+      broken = true;
+    }
+  }
+  if (broken) {
+    // What this round listed fails with the round's error (a timeout names the peers that
+    // did not answer); everything else pending with the error that broke the engine.
+    std::deque<std::shared_ptr<Operation>> failed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed.swap(queue_);
+      negotiating_ = false;
+    }
+    if (round_error) {
+      for (auto& op : listed) op->finish(round_error);
+    }
+    for (auto& op : failed) {
+      if (!op->done()) execute(*op, Clock::now());
+    }
+    return true;
+  }
+  const NegotiationDecision decision = negotiator_.decide();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& mismatch : decision.mismatched) {
+    remove(listed[mismatch.index]);
+    listed[mismatch.index]->finish(std::make_exception_ptr(CollectiveMismatchError(mismatch.message)));
+  }
+  for (const size_t index : decision.run) {
+    remove(listed[index]);
+    agreed_.push_back(listed[index]);
+  }
+  if (!decision.run.empty() || !decision.mismatched.empty() || decision.all_empty) {
+    negotiating_ = false;
+    return true;
+  }
+  // Nothing every rank has: tell each waiter who is missing; fail what is past its time.
+  const Clock::time_point now = Clock::now();
+  for (size_t i = 0; i < listed.size(); ++i) {
+    const std::vector<int> missing = negotiator_.missing(i);
+    std::ostringstream who;
+    for (size_t k = 0; k < missing.size(); ++k) who << (k ? ", " : "") << missing[k];
+    const std::string ranks = (missing.size() == 1 ? "rank " : "ranks ") + who.str();
+    if (now < listed[i]->expires_at()) {
+      listed[i]->status().set("waiting for " + ranks + " to submit it", missing);
+      continue;
+    }
+    std::ostringstream message;
+    message << "rank " << rank() << ": " << listed[i]->describe() << " timed out: " << ranks
+            << (missing.size() == 1 ? " has" : " have")
+            << " not submitted a collective of this name (the ranks may submit in any order, but each "
+               "must submit every name)";
+    remove(listed[i]);
+    // A rank that gave up on a name cannot pair it later: a late peer's call would meet
+    // this rank's next one of that name.
+    if (broken_reason_.empty()) broken_reason_ = message.str();
+    listed[i]->finish(std::make_exception_ptr(CollectiveTimeoutError(message.str(), missing)));
+  }
+  return false;
 }
 
 void Engine::mark_broken(const std::string& reason) {
@@ -230,7 +395,7 @@ void Engine::throw_if_broken() const {
   }
 }
 
-void Engine::execute(Operation& op, Clock::time_point deadline) {
+bool Engine::execute(Operation& op, Clock::time_point deadline) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!broken_reason_.empty()) {
@@ -238,7 +403,7 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
         throw_if_broken();
       } catch (...) {
         op.finish(std::current_exception());
-        return;
+        return true;
       }
     }
   }
@@ -246,18 +411,22 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
   const Progress progress(deadline, what, &op.status());
   try {
     switch (op.spec().kind) {
-      case CollectiveKind::kAllreduce: execute_allreduce(op, progress); break;
+      case CollectiveKind::kAllreduce:
+        if (!execute_allreduce(op, progress)) return false;
+        break;
       case CollectiveKind::kBroadcast: {
         const AllreduceArgs& args = op.spec().args;
-        handshake_.exchange(op.header(), nullptr, progress);
+        if (!handshake_.exchange(op.header(), nullptr, progress)) return false;
         mpi_broadcast(transport_, args.data, args.bytes(), op.spec().root, progress);
         break;
       }
-      case CollectiveKind::kBarrier: handshake_.exchange(op.header(), nullptr, progress); break;
+      case CollectiveKind::kBarrier:
+        if (!handshake_.exchange(op.header(), nullptr, progress)) return false;
+        break;
     }
     op.finish(nullptr);
   } catch (const CollectiveMismatchError& error) {
-    // Headers agreed on the order but not the shape: every rank raised the same error
+    // Headers agreed on the name but not the shape: every rank raised the same error
     // and no data moved, so later collectives can still match.
     if (handshake_.order_broken()) mark_broken(error.what());
     op.finish(std::current_exception());
@@ -267,9 +436,10 @@ void Engine::execute(Operation& op, Clock::time_point deadline) {
     mark_broken(error.what());
     op.finish(std::current_exception());
   }
+  return true;
 }
 
-void Engine::execute_allreduce(Operation& op, const Progress& progress) {
+bool Engine::execute_allreduce(Operation& op, const Progress& progress) {
   AllreduceArgs& args = op.args();
   AllreduceAlgorithm& algorithm = *op.algorithm();
   void* const user = args.data;
@@ -283,7 +453,11 @@ void Engine::execute_allreduce(Operation& op, const Progress& progress) {
     args.data = work;
     args.dtype = DType::kFloat32;
   }
-  join_allreduce(op, algorithm.join(args), !widen, progress);
+  if (!join_allreduce(op, algorithm.join(args), !widen, progress)) {
+    args.data = user;  // not run: the ranks negotiate first
+    args.dtype = user_dtype;
+    return false;
+  }
   const AllreduceResult result = algorithm.run(args, progress);
   if (widen) {
     narrow_from_float32(static_cast<const float*>(args.data), static_cast<uint16_t*>(user), args.count, user_dtype);
@@ -297,9 +471,10 @@ void Engine::execute_allreduce(Operation& op, const Progress& progress) {
   } else if (args.check_finite) {
     op.set_finite(all_finite(user, args.count, user_dtype));
   }
+  return true;
 }
 
-void Engine::join_allreduce(Operation& op, const JoinRequest& request, bool in_place, const Progress& progress) {
+bool Engine::join_allreduce(Operation& op, const JoinRequest& request, bool in_place, const Progress& progress) {
   AllreduceArgs& args = op.args();
   CollectiveHeader header = op.header();
   // Tiny allreduces travel inside the join message itself (join_allreduce.h).
@@ -312,8 +487,9 @@ void Engine::join_allreduce(Operation& op, const JoinRequest& request, bool in_p
     header.shm_window = here.window;
     header.shm_offset = here.offset;
   }
-  handshake_.exchange(header, request.payload ? args.data : nullptr, progress);
+  if (!handshake_.exchange(header, request.payload ? args.data : nullptr, progress)) return false;
   args.placement = zero_copy ? agreed_placement(args.bytes()) : ZeroCopyPlacement{};
+  return true;
 }
 
 ZeroCopyPlacement Engine::agreed_placement(size_t bytes) const {
@@ -343,7 +519,9 @@ void Engine::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return;
     stopping_ = true;
-    abandoned.swap(queue_);
+    abandoned.swap(agreed_);
+    for (auto& op : queue_) abandoned.push_back(op);
+    queue_.clear();
     // A collective stuck waiting for a peer that will never come gives up now.
     if (executing_) {
       transport_.abort();

@@ -1,9 +1,14 @@
 // The engine owns pybrain-mpi's communicator and its one background progress thread.
 //
-// Collectives execute one at a time, in submission order, on every rank. Asynchronous
-// calls are queued for the progress thread; a blocking call made while nothing is queued
-// runs directly on the calling thread (GIL released by the bindings), which keeps small
-// allreduces at MPI latency instead of paying a thread hand-off.
+// Collectives execute one at a time, in an order every rank agrees on, matched by name:
+// every collective has one (given, or its place among this rank's unnamed calls), and the
+// k-th pending call of a name on one rank runs with the k-th pending call of that name on the
+// others. While the ranks submit in the same order, the join each collective starts with
+// (handshake.h) confirms the name and that is all; when the join shows different names, the
+// ranks negotiate the order (negotiation.h) on the progress thread. Asynchronous calls are
+// queued for the progress thread; a blocking call made while nothing is queued runs directly
+// on the calling thread (GIL released by the bindings), which keeps small allreduces at MPI
+// latency instead of paying a thread hand-off.
 //
 // An allreduce is resolved once, at submission: the algorithm table (algorithm_table.h)
 // resolves the requested algorithm for this topology and picks its implementation, and a
@@ -28,6 +33,7 @@
 #include "allreduce.h"
 #include "collective.h"
 #include "handshake.h"
+#include "negotiation.h"
 #include "node_stage.h"
 #include "transport.h"
 
@@ -43,7 +49,10 @@ struct CollectiveSpec {
 // One submitted collective; shared by the engine and the Python handle that waits on it.
 class Operation {
  public:
-  Operation(CollectiveSpec spec, uint64_t seq);
+  // `unnamed`: for a call without a name, its place among this rank's unnamed calls (1, 2,
+  // ...), which names it; 0 for a named call. `expires_at`: when it fails if the ranks have
+  // not all submitted it (negotiation).
+  Operation(CollectiveSpec spec, uint64_t seq, uint64_t unnamed, Clock::time_point expires_at);
 
   const CollectiveSpec& spec() const { return spec_; }
   // The allreduce as the engine runs it (resolved fields filled in at submission).
@@ -52,6 +61,7 @@ class Operation {
   AllreduceAlgorithm* algorithm() const { return algorithm_; }
   void set_algorithm(AllreduceAlgorithm* algorithm) { algorithm_ = algorithm; }
   uint64_t seq() const { return seq_; }
+  Clock::time_point expires_at() const { return expires_at_; }
   // The join header: what every rank must agree on, as the caller asked for it.
   const CollectiveHeader& header() const { return header_; }
   // "#12 allreduce 'fc1.weight' (float32 x 1000, op=sum, algorithm=ring)"
@@ -75,6 +85,7 @@ class Operation {
  private:
   CollectiveSpec spec_;
   uint64_t seq_;
+  Clock::time_point expires_at_;
   AllreduceAlgorithm* algorithm_ = nullptr;
   CollectiveHeader header_;
   ProgressStatus status_;
@@ -115,16 +126,25 @@ class Engine {
   NodeStage* node() { return node_.get(); }
   uint64_t shm_bytes() const { return node_ ? node_->shm_bytes() : 0; }
   double timeout_s() const { return timeout_s_; }
+  // Negotiation rounds run so far (0 while every rank submits in the same order).
+  uint64_t negotiation_rounds() const { return negotiation_rounds_.load(); }
 
  private:
   void validate(const CollectiveSpec& spec) const;
   void validate_allreduce(const AllreduceArgs& args, const std::string& where) const;
   AllreduceAlgorithm* plan(AllreduceArgs& args) const;
-  std::shared_ptr<Operation> make_operation(CollectiveSpec spec);
+  std::shared_ptr<Operation> make_operation(CollectiveSpec spec, double timeout_s);
   void progress_loop();
-  void execute(Operation& op, Clock::time_point deadline);
-  void execute_allreduce(Operation& op, const Progress& progress);
-  void join_allreduce(Operation& op, const JoinRequest& request, bool in_place, const Progress& progress);
+  // Runs `op` and finishes it (successfully or not); returns false, leaving it unfinished,
+  // when the join showed that the ranks proposed collectives of different names.
+  bool execute(Operation& op, Clock::time_point deadline);
+  bool execute_allreduce(Operation& op, const Progress& progress);
+  bool join_allreduce(Operation& op, const JoinRequest& request, bool in_place, const Progress& progress);
+  // One negotiation round over the oldest pending collectives (progress thread, with
+  // executing_ set); returns whether it decided anything.
+  bool negotiate();
+  // Fails `op`, whose join showed other names, where it cannot be reordered.
+  void fail_unordered(Operation& op, const char* why);
   // Zero-copy: where the buffer lies in the pool, if every node rank's lies at the same place.
   ZeroCopyPlacement agreed_placement(size_t bytes) const;
   void mark_broken(const std::string& reason);
@@ -133,16 +153,21 @@ class Engine {
 
   Transport transport_;
   Handshake handshake_;
+  Negotiator negotiator_;
   std::unique_ptr<NodeStage> node_;  // before the table, whose node algorithms refer to it
   AlgorithmTable algorithms_;
   double timeout_s_;
 
   mutable std::mutex mu_;
   std::condition_variable queue_cv_;
-  std::deque<std::shared_ptr<Operation>> queue_;
+  std::deque<std::shared_ptr<Operation>> queue_;   // pending, in submission order
+  std::deque<std::shared_ptr<Operation>> agreed_;  // negotiated: run next, in this order
+  bool negotiating_ = false;  // the last join showed different names: negotiate before running more
   bool executing_ = false;
   bool stopping_ = false;
   uint64_t next_seq_ = 0;
+  uint64_t next_unnamed_ = 0;
+  std::atomic<uint64_t> negotiation_rounds_{0};
   std::string broken_reason_;
   std::thread progress_thread_;
 };

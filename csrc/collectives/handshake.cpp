@@ -12,11 +12,44 @@ namespace {
 constexpr size_t kSlotBytes = sizeof(CollectiveHeader) + kMaxInlinePayloadBytes;
 }  // namespace
 
+uint64_t name_hash(const std::string& name) {
+  uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a, 64 bit
+  for (const unsigned char c : name) {
+    hash ^= c;
+    hash *= 0x100000001b3ull;
+  }
+  return hash;
+}
+
+uint64_t unnamed_hash(uint64_t place) {
+  // Another starting point than any name's, then the place's bytes.
+  uint64_t hash = 0x84222325cbf29ce4ull;
+  for (int i = 0; i < 8; ++i) {
+    hash ^= (place >> (8 * i)) & 0xff;
+    hash *= 0x100000001b3ull;
+  }
+  return hash;
+}
+
+bool same_collective(const CollectiveHeader& a, const CollectiveHeader& b, std::string* what) {
+  const char* difference = nullptr;
+  if (a.kind != b.kind) difference = "kind";
+  else if (a.dtype != b.dtype) difference = "dtype";
+  else if (a.count != b.count) difference = "element count";
+  else if (a.op != b.op) difference = "op";
+  else if (a.algorithm != b.algorithm) difference = "algorithm";
+  else if (a.root != b.root) difference = "root";
+  else if (a.sparsity != b.sparsity) difference = "compression";
+  if (difference && what) *what = difference;
+  return difference == nullptr;
+}
+
 std::string describe_header(const CollectiveHeader& header) {
   std::ostringstream out;
   const auto kind = static_cast<CollectiveKind>(header.kind);
   out << "#" << header.seq << " " << collective_kind_name(kind);
   if (header.name[0]) out << " '" << std::string(header.name, strnlen(header.name, 64)) << "'";
+  else if (header.unnamed) out << " (unnamed call " << header.unnamed << ")";
   out << " (" << dtype_name(static_cast<DType>(header.dtype)) << " x " << header.count;
   if (kind == CollectiveKind::kAllreduce) {
     out << ", op=" << reduce_op_name(static_cast<ReduceOp>(header.op))
@@ -28,7 +61,7 @@ std::string describe_header(const CollectiveHeader& header) {
   return out.str();
 }
 
-void Handshake::exchange(const CollectiveHeader& mine, const void* payload, const Progress& progress) {
+bool Handshake::exchange(const CollectiveHeader& mine, const void* payload, const Progress& progress) {
   const int n = transport_.size();
   const int me = transport_.rank();
   headers_.assign(n, CollectiveHeader{});
@@ -36,7 +69,7 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
   headers_[me] = mine;
   payloads_[me] = static_cast<const char*>(payload);
   order_broken_ = false;
-  if (n == 1) return;
+  if (n == 1) return true;
 
   const size_t message_bytes = sizeof(CollectiveHeader) + mine.payload_bytes;
   char* send = transport_.scratch(kScratchJoinSend, message_bytes);
@@ -53,7 +86,7 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
     if (peer == me) continue;
     requests.emplace_back();
     transport_.check(MPI_Irecv(recv + kSlotBytes * peer, static_cast<int>(kSlotBytes), MPI_BYTE,
-                               peer, kTagHeader, transport_.comm(), &requests.back()),
+                               peer, transport_.header_tag(), transport_.comm(), &requests.back()),
                      "MPI_Irecv (join)");
     peers.push_back(peer);
     is_recv.push_back(true);
@@ -61,7 +94,7 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
   for (int peer = 0; peer < n; ++peer) {
     if (peer == me) continue;
     requests.emplace_back();
-    transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, kTagHeader,
+    transport_.check(MPI_Isend(send, static_cast<int>(message_bytes), MPI_BYTE, peer, transport_.header_tag(),
                                transport_.comm(), &requests.back()),
                      "MPI_Isend (join)");
     transport_.bytes_sent += message_bytes;
@@ -74,13 +107,11 @@ void Handshake::exchange(const CollectiveHeader& mine, const void* payload, cons
     std::memcpy(&headers_[peer], recv + kSlotBytes * peer, sizeof(CollectiveHeader));
     payloads_[peer] = recv + kSlotBytes * peer + sizeof(CollectiveHeader);
   }
-  check_agreement(progress);
+  return check_agreement(progress);
 }
 
-void Handshake::check_agreement(const Progress& progress) {
+bool Handshake::check_agreement(const Progress& progress) {
   const int n = transport_.size();
-  const CollectiveHeader& first = headers_[0];
-  bool agree = true;
   for (int r = 0; r < n; ++r) {
     const CollectiveHeader& h = headers_[r];
     if (h.magic != kHeaderMagic || h.version != kHeaderVersion) {
@@ -91,21 +122,25 @@ void Handshake::check_agreement(const Progress& progress) {
       order_broken_ = true;
       throw CollectiveMismatchError(message.str());
     }
-    if (h.seq != first.seq) order_broken_ = true;
-    if (h.seq != first.seq || h.kind != first.kind || h.algorithm != first.algorithm ||
-        h.op != first.op || h.dtype != first.dtype || h.count != first.count ||
-        h.root != first.root || h.sparsity != first.sparsity) {
-      agree = false;
-    }
   }
-  if (agree) return;
+  // Different names: different collectives, never paired; the engine negotiates.
+  const CollectiveHeader& first = headers_[0];
+  for (int r = 1; r < n; ++r) {
+    if (headers_[r].name_hash != first.name_hash) return false;
+  }
+  std::string difference;
+  int differing = -1;
+  for (int r = 1; r < n && differing < 0; ++r) {
+    if (!same_collective(first, headers_[r], &difference)) differing = r;
+  }
+  if (differing < 0) return true;
   std::ostringstream message;
-  message << "rank " << transport_.rank() << ": ranks called different collectives";
-  if (order_broken_) message << " (they disagree on the order of collectives)";
-  message << ":";
+  message << "rank " << transport_.rank() << ": ranks called the same collective with a different "
+          << difference << ": rank " << differing << " called " << describe_header(headers_[differing])
+          << ", rank 0 called " << describe_header(first) << ":";
   for (int r = 0; r < n; ++r) message << "\n  rank " << r << ": " << describe_header(headers_[r]);
-  message << "\nEvery rank must issue the same collectives, in the same order, with the same "
-             "dtype, element count and options.";
+  message << "\nEvery rank must call a collective of a given name with the same dtype, element "
+             "count and options.";
   throw CollectiveMismatchError(message.str());
 }
 

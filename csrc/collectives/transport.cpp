@@ -8,6 +8,8 @@ namespace pbm {
 
 namespace {
 thread_local bool polite_polling = false;
+// Transports this process made; the ranks agree on the largest count at each construction.
+std::atomic<uint64_t> transports_made{0};
 
 // Called every 64 unsuccessful polls. Every waiting thread spins briefly, then yields the
 // core: with more processes than cores (oversubscribed test runs, hyperthreads shared with
@@ -37,6 +39,11 @@ Transport::Transport(MPI_Comm comm) {
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &size_);
+  uint64_t mine = transports_made.fetch_add(1) + 1;
+  check(MPI_Allreduce(&mine, &epoch_, 1, MPI_UINT64_T, MPI_MAX, comm_), "MPI_Allreduce (transport epoch)");
+  uint64_t seen = transports_made.load();
+  while (seen < epoch_ && !transports_made.compare_exchange_weak(seen, epoch_)) {
+  }
 }
 
 Transport::~Transport() {

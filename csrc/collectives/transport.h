@@ -22,7 +22,13 @@ namespace pbm {
 // Message tags. Each collective's messages use their own tag so a header of the next
 // collective can arrive early without being mistaken for data (MPI matches by tag and
 // keeps order per sender and tag, which the chunked ring relies on).
-enum Tag : int { kTagHeader = 17001, kTagRing = 17002, kTagBroadcast = 17003, kTagThreeLC = 17010 };
+// The join headers and negotiation lists use tags of their own transport's lifetime
+// (Transport::header_tag): MPICH reuses a freed communicator's context for the next one, so
+// a header an aborted engine sent a peer (still unreceived there) could otherwise be taken
+// for the first header of the engine that pybrain_mpi.init() makes next.
+enum Tag : int { kTagRing = 17002, kTagBroadcast = 17003, kTagThreeLC = 17010 };
+constexpr int kTagControlBase = 20000;  // header and negotiation tags: 20000 .. 27999
+constexpr int kControlEpochs = 4000;
 
 // Persistent scratch slots of a transport, one per user, so no two phases of a collective
 // hand out the same memory.
@@ -35,6 +41,8 @@ enum ScratchSlot : size_t {
   kScratchThreeLCSend = 5,  // compressed_allreduce.cpp: encoded partitions
   kScratchThreeLCRecv = 6,
   kScratchThreeLCSum = 7,   // compressed_allreduce.cpp: the owned partition's float32 sum
+  kScratchNegotiateSend = 8,  // negotiation.cpp: our list of pending collectives
+  kScratchNegotiateRecv = 9,  // negotiation.cpp: every peer's
 };
 
 class Transport {
@@ -47,6 +55,10 @@ class Transport {
   Transport& operator=(const Transport&) = delete;
 
   MPI_Comm comm() const { return comm_; }
+  // Tags of the join headers and of the negotiation lists: distinct for each transport made
+  // over the same ranks (their number, agreed at construction, modulo kControlEpochs).
+  int header_tag() const { return kTagControlBase + 2 * static_cast<int>(epoch_ % kControlEpochs); }
+  int negotiate_tag() const { return header_tag() + 1; }
   int rank() const { return rank_; }
   int size() const { return size_; }
 
@@ -98,6 +110,7 @@ class Transport {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
+  uint64_t epoch_ = 0;
   std::vector<int> world_of_;
   std::atomic<bool> aborted_{false};
   std::vector<std::unique_ptr<char[]>> scratch_;

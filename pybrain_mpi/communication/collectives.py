@@ -1,9 +1,14 @@
 """Collective operations on torch tensors and numpy arrays.
 
-Each call is executed by the native engine (csrc/collectives/engine.cpp): in submission
-order on every rank, on the background progress thread for ``*_async_`` calls, with the
-GIL released. Every wait is bounded by a timeout, and calling the same collective with a
-different shape, dtype or op on some rank raises :class:`CollectiveMismatch` on all ranks.
+Each call is executed by the native engine (csrc/collectives/engine.cpp), on the background
+progress thread for ``*_async_`` calls, with the GIL released. Collectives are matched across
+ranks by name (``name=``, or an unnamed call's place among this rank's unnamed calls): ranks
+may submit named calls in different orders, and the engine runs each once every rank has
+submitted it, in an order all ranks agree on (csrc/collectives/negotiation.h,
+docs/negotiation.md). Calls of different names are never paired. Every wait is bounded by a
+timeout that names the ranks that have not submitted the call, and calling a collective of
+one name with a different shape, dtype or op on some rank raises :class:`CollectiveMismatch`
+on all ranks.
 """
 
 from __future__ import annotations
@@ -226,7 +231,10 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             ``PBM_SHM_MIN_BYTES`` (default 64 KiB; such messages travel inside the join
             message) or with one rank per node, else ``"shm"`` on one node and
             ``"hierarchical"`` on several.
-        name: tensor name used in error messages.
+        name: what the call is matched by across ranks (and named by in errors): the k-th
+            pending call of a name pairs with the k-th on every rank, in whatever order the
+            ranks submitted them. Default: the call's place among this rank's unnamed calls,
+            so unnamed calls pair in call order.
         timeout_s: raise :class:`CollectiveTimeout` after this long (default PBM_TIMEOUT_S).
         compression: ``None``; ``pbm.compression.Cast("bf16"|"fp16")`` (values travel and
             are summed as 16-bit, accumulating in float32); or

@@ -12,8 +12,10 @@ section 3, "tensor fusion" and "overlap"):
    gets reduced (no packing copy in the common case).
 3. A hook after each gradient's accumulation marks the parameter ready. When all of a
    bucket's parameters are ready, and all earlier buckets were launched, the bucket's
-   allreduce starts on the progress thread. Launching strictly in bucket order keeps the
-   sequence of collectives identical on every rank.
+   allreduce starts on the progress thread, named after the bucket. The engine matches
+   collectives by name, so ranks that launched in different orders would still pair the
+   right buckets; launching strictly in bucket order keeps the sequence identical on every
+   rank, which is the engine's fast path (no negotiation, docs/negotiation.md).
 4. When backward ends, buckets not yet launched (parameters without a gradient in this
    pass) are launched with zeros for the missing gradients, and everything is waited for;
    a wait past ``PBM_STALL_WARN_S`` warns naming the bucket's tensors and the ranks that
