@@ -51,8 +51,8 @@ dir = "{output}"
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resize")
     rng = np.random.default_rng(7)
-    # 73 voxel series: 58 for training after the held-out and validation splits (checked below).
-    np.save(root / "series.npy", rng.standard_normal((73, 24)).astype(np.float32))
+    # 80 voxel series: 58 for training after the held-out and validation splits (checked below).
+    np.save(root / "series.npy", rng.standard_normal((80, 24)).astype(np.float32))
     return root
 
 
@@ -78,13 +78,13 @@ def test_four_rank_checkpoint_resumes_on_two_ranks_each_sample_once(root):
                     timeout_s=240)
     second = run_mpi(2, "resize_resume.py", str(config), str(records), "b", "--resume",
                      timeout_s=240)
-    assert "written by 4 rank(s)" in second.stdout and "dealt over 2 ranks" in second.stdout, \
-        second.stdout
     n = _n_samples(root / "r42")
     assert n % 4 != 0, n  # the 4-rank epoch leaves samples out: the resumed rest covers them
     seen = [r for r in _records(records) if r["epoch"] == 0]
     counts = Counter(i for r in seen for i in r["indices"])
     assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, counts
+    assert "written by 4 rank(s)" in second.stdout and "dealt over 2 ranks" in second.stdout, \
+        second.stdout
     assert {r["run"] for r in seen} == {"a", "b"}
     # Epoch 1 is an ordinary 2-rank epoch: n // 2 distinct samples, half on each rank.
     later = [r for r in _records(records) if r["epoch"] == 1]
@@ -99,7 +99,7 @@ def test_three_two_three_with_uneven_sizes_each_sample_once(root):
     records = root / "rec323"
     records.mkdir()
     config = _config(root, "r323", batch=3, epochs=1, extra='allreduce = "ring"\n'
-                     '[train.compression]\nkind = "threelc"')
+                     '[train.compression]\nkind = "3lc"')
     run_mpi(3, "resize_resume.py", str(config), str(records), "a", "--steps", "2", timeout_s=240)
     run_mpi(2, "resize_resume.py", str(config), str(records), "b", "--resume", "--steps", "4",
             timeout_s=240)
@@ -113,8 +113,9 @@ def test_three_two_three_with_uneven_sizes_each_sample_once(root):
     seen = _records(records)
     counts = Counter(i for r in seen for i in r["indices"])
     assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, counts
-    # Uneven steps: the weights of a step's ranks average to 1 (the gradient is the mean over
-    # the step's samples), and some step really was uneven.
+    # Uneven steps: each rank's loss weight is proportional to its batch and the weights
+    # average to 1 (the averaged gradient is the mean over the step's samples); some step
+    # really was uneven.
     by_step = {}
     for r in seen:
         by_step.setdefault((r["run"], r["step"]), []).append(r)
@@ -122,6 +123,8 @@ def test_three_two_three_with_uneven_sizes_each_sample_once(root):
         sizes = [len(r["indices"]) for r in rows]
         assert max(sizes) - min(sizes) <= 1, (run, step, sizes)
         assert abs(np.mean([r["weight"] for r in rows]) - 1.0) < 1e-12, (run, step, rows)
+        per_sample = [r["weight"] / len(r["indices"]) for r in rows]
+        assert max(per_sample) - min(per_sample) < 1e-12, (run, step, rows)
     assert any(len({len(r["indices"]) for r in rows}) > 1 for rows in by_step.values())
     summary = json.loads((root / "r323" / "summary.json").read_text())
     assert summary["ranks"] == 3 and summary["epochs_completed"] == 1, summary
