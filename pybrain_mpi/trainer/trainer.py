@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .. import compute
+from .. import compute, logs
 from ..communication import collectives, context
 from ..config import Config, config_to_dict
 from ..engine import DistributedDataParallel
@@ -54,11 +54,12 @@ from ..data.samplers import ShuffledSampler
 from ..data.samplers.shuffled import EpochRemainder, pack_mask, unpack_mask
 from .data import TrainingData, build_data
 from .signals import StopRequest
-from .timeline import StepLog, Timeline
+from .timeline import TENSORBOARD_MISSING, StepLog, TensorBoardScalars, Timeline
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+log = logs.get_logger("trainer")
 
 
 class TrainingSetupError(PbmError):
@@ -248,11 +249,25 @@ class Trainer:
 
         self.log = StepLog(self.output_dir / "logs", self.rank)
         self.timeline = Timeline(self.rank, self.timeline_path is not None)
+        self.tensorboard = (self._together("opening TensorBoard", self._open_tensorboard)
+                            if config.output.tensorboard else None)
+
+    def _open_tensorboard(self) -> TensorBoardScalars | None:
+        """Rank 0's TensorBoard writer (the other ranks write none); a missing package is
+        refused on every rank, in one line naming the extra to install."""
+        from importlib.util import find_spec
+
+        if find_spec("tensorboard") is None:
+            raise TrainingSetupError(TENSORBOARD_MISSING)
+        return TensorBoardScalars(self.output_dir / "tensorboard") if self.rank == 0 else None
 
     # ------------------------------------------------------------------ set-up helpers
     def _say(self, message: str) -> None:
+        """An INFO message (rank 0 prints it by default; see :mod:`pybrain_mpi.logs`)."""
         if self.echo:
-            print(f"pybrain-mpi: {message}", flush=True)
+            log.info(message)
+        else:
+            log.debug(message)
 
     def _set_threads(self) -> None:
         # OMP_NUM_THREADS, else Slurm's CPUs per task, else the node's cores over its ranks:
@@ -750,6 +765,10 @@ class Trainer:
                     self.log.write({"step": self.step, "epoch": epoch, "loss": loss,
                                     "local_loss": local_loss, "lr": lr, "samples": samples,
                                     **timings})
+                    if self.tensorboard is not None:
+                        seconds = time.perf_counter() - run_started
+                        self.tensorboard.step(self.step, loss, lr, samples_this_run / seconds
+                                              if seconds > 0 else None)
                 if bar is not None:
                     rate = samples_this_run / max(1e-9, time.perf_counter() - run_started)
                     bar.update(1)
@@ -776,6 +795,8 @@ class Trainer:
                 self.finished = stop_reason
             path = self.save_checkpoint(stop_reason)
         self.log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self._write_timeline()
         run_seconds = self._run_training_seconds
         if stop_reason == "preempted":
@@ -798,6 +819,8 @@ class Trainer:
             record["val_mean_dice"] = val["mean_dice"]
         self.history.append(record)
         self.log.write({"event": "epoch", **record})
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(self.step, record)
         if val is None or self.config.train.patience == 0:
             return None
         if val["loss"] < self.best_val:
@@ -879,6 +902,7 @@ class Trainer:
             "seed": self.config.train.seed, "split_seed": self.config.data.split_seed,
             "peak_rss_mb_per_rank": peaks,
             "versions": _versions(),
+            "git_commit": _git_commit() if self.rank == 0 else None,
             # The config as run: every key with its default filled in, and the model's
             # arguments including the sizes taken from the data.
             "config": {**config_to_dict(self.config),
@@ -947,6 +971,30 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def _git_commit() -> str | None:
+    """The commit of the pybrain-mpi source the run used, when known: ``PBM_GIT_COMMIT``, else
+    the git checkout the package is imported from (an editable install), else the checkout
+    the working directory is in (``git rev-parse HEAD``; ``-dirty`` when it has changes);
+    None when there is no git or no checkout."""
+    import subprocess
+
+    given = os.environ.get("PBM_GIT_COMMIT")
+    if given:
+        return given
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                  text=True, timeout=5)
+            if head.returncode != 0:
+                continue
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=where, capture_output=True, text=True, timeout=5)
+            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
 
 
 def _versions() -> dict:
