@@ -91,7 +91,9 @@ class _RankFormatter(logging.Formatter):
             text = text.strip().splitlines()[0]
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return f"[rank {rank}/{size}] {when}pybrain-mpi: {level}{text}"
+        prefix = f"[rank {rank}/{size}] "
+        lines = f"{when}pybrain-mpi: {level}{text}".splitlines() or [""]
+        return "\n".join(prefix + line for line in lines)  # every line greppable by rank
 
 
 class _RankFilter(logging.Filter):
