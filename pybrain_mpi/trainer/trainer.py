@@ -902,7 +902,7 @@ class Trainer:
             "seed": self.config.train.seed, "split_seed": self.config.data.split_seed,
             "peak_rss_mb_per_rank": peaks,
             "versions": _versions(),
-            "git_commit": _git_commit() if self.rank == 0 else None,
+            **(_git_commits() if self.rank == 0 else {}),
             # The config as run: every key with its default filled in, and the model's
             # arguments including the sizes taken from the data.
             "config": {**config_to_dict(self.config),
@@ -973,28 +973,27 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
-def _git_commit() -> str | None:
-    """The commit of the pybrain-mpi source the run used, when known: ``PBM_GIT_COMMIT``, else
-    the git checkout the package is imported from (an editable install), else the checkout
-    the working directory is in (``git rev-parse HEAD``; ``-dirty`` when it has changes);
-    None when there is no git or no checkout."""
+def _git_commits() -> dict:
+    """Git commits a result depends on, where known: ``git_commit``, the pybrain-mpi source
+    the installed package was built from (recorded by the build; ``PBM_GIT_COMMIT``
+    overrides), and ``run_git_commit``, the checkout the run's working directory is in (the
+    user's experiment code); ``-dirty`` marks uncommitted changes to tracked files."""
     import subprocess
 
-    given = os.environ.get("PBM_GIT_COMMIT")
-    if given:
-        return given
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                                  text=True, timeout=5)
-            if head.returncode != 0:
-                continue
+    from ..cli import build_info
+
+    built = os.environ.get("PBM_GIT_COMMIT") or build_info().get("git_commit") or None
+    here = None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=where, capture_output=True, text=True, timeout=5)
-            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return None
+                                   capture_output=True, text=True, timeout=5)
+            here = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": built, "run_git_commit": here}
 
 
 def _versions() -> dict:
