@@ -28,5 +28,5 @@ else
   "${pip[@]}" mpich mpi4py
   export MPICC="$PWD/.venv/bin/mpicc"
 fi
-"${pip[@]}" ".[data,examples,test]"
+"${pip[@]}" ".[data,examples,test,tensorboard]"
 echo "pybrain-mpi installed in $(pwd)/.venv"
