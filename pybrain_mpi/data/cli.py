@@ -83,5 +83,7 @@ def add_convert_subcommand(subparsers, parents=()) -> argparse.ArgumentParser:
                    help="largest slab read at once in MiB (default %(default)g; at least one "
                         "chunk or shard row); peak memory is about three slabs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    if not parents:  # used on its own: its own -q (no progress bar); the CLI's parents add -v/-q
+        p.add_argument("-q", "--quiet", action="count", default=0, help="no progress bar")
     p.set_defaults(func=_convert)
     return p

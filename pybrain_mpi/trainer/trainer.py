@@ -20,7 +20,10 @@ One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.confi
    writes model, optimizer, scaler and codec state, step/epoch, loss history and every rank's
    RNG state (gathered) atomically; a model with NaN/Inf weights is never written.
    ``--resume`` restores all of it, so the loss curve continues exactly (the sampler's state
-   is the step counter itself).
+   is the epoch and the steps done in it). On another number of ranks the rest of the
+   interrupted epoch is re-dealt so no sample is skipped or used twice, RNG states are
+   derived per rank and 3LC residuals folded (``_restore_schedule``, README "Resuming on
+   another number of ranks").
 5. **Finish.** Held-out metrics, a loss-curve PNG, ``summary.json`` and a printed summary.
 """
 

@@ -35,7 +35,8 @@ class ShuffledSampler(Sampler):
     on every rank); rank ``r`` takes positions ``[r * per_rank, (r + 1) * per_rank)`` with
     ``per_rank = n_samples // world_size`` (the remainder is dropped, so every rank runs the
     same number of steps), used in batches of ``batch_size`` (the last may be short, equally on
-    every rank). Its state is ``(epoch, step in epoch)``, which makes resuming exact.
+    every rank). Its state is ``(epoch, step in epoch)``, which makes resuming exact; on another
+    world size the rest of the epoch is an :class:`EpochRemainder` (:meth:`remainder`).
 
     ``sampler[k]`` is the sample index at position ``k`` of this rank's shard for the current
     epoch; :meth:`shard` and :meth:`batch_indices` take the epoch explicitly.
