@@ -12,11 +12,21 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # The CPU wheel of torch first: with no torch present, a dependency asking for plain
 # "torch" would pull a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
+# The build picks its MPI by one rule (README "Which MPI the build uses"); naming it with
+# MPICC makes mpi4py and the core use the same one.
 if [ "${PBM_SYSTEM_MPI:-0}" = 1 ]; then
+  MPICC=${MPICC:-$(command -v mpicc || true)}
+  if [ -z "$MPICC" ]; then
+    echo "setup.sh: PBM_SYSTEM_MPI=1 but no mpicc on PATH: load your MPI (module load openmpi)" \
+         "or set MPICC=/path/to/mpicc" >&2
+    exit 1
+  fi
+  export MPICC
   # mpi4py compiled against the same MPI the core will link to.
   "${pip[@]}" --no-binary=mpi4py mpi4py
 else
   "${pip[@]}" mpich mpi4py
+  export MPICC="$PWD/.venv/bin/mpicc"
 fi
-"${pip[@]}" ".[data,examples,test]"
+"${pip[@]}" ".[data,examples,test,tensorboard]"
 echo "pybrain-mpi installed in $(pwd)/.venv"

@@ -51,6 +51,10 @@ DEFAULT_IMPLS = ",".join(BASE_IMPLS + tuple(i for i in HIERARCHICAL_IMPLS if i i
 
 def cluster(*args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess:
     """Runs slurm/emulated_cluster.sh with args (its probe uses this Python)."""
+    if not SCRIPT.exists():
+        sys.exit(f"cluster_allreduce.py drives {SCRIPT.relative_to(HERE.parent)}, which only the "
+                 "source checkout has: run it there (pybrain-mpi bench --dir "
+                 "CHECKOUT/benchmarks cluster_allreduce)")
     return subprocess.run(["bash", str(SCRIPT), *args], check=check, text=True,
                           capture_output=capture, env=dict(os.environ, PYTHON=sys.executable))
 

@@ -39,7 +39,12 @@ import pybrain_mpi  # noqa: F401
 from pybrain_mpi.compression import ThreeLC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "native"))
-from build_native_tests import build  # noqa: E402
+try:
+    from build_native_tests import build  # noqa: E402
+except ImportError:
+    sys.exit("compression.py builds the native C++ benchmark of tests/native, which only the "
+             "source checkout has: run it there (pybrain-mpi bench --dir CHECKOUT/benchmarks "
+             "compression)")
 
 SIZES = [64 << 10, 1 << 20, 16 << 20, 256 << 20]
 SPARSITIES = [1.0, 1.5, 1.9]

@@ -8,6 +8,10 @@
     pybrain-mpi bench [NAME [ARGS...]]       list the benchmarks, or run one
     pybrain-mpi <command> --help
 
+Every command takes -v (more: DEBUG on rank 0, the time on each line, tracebacks of errors;
+-vv: every rank) and -q (warnings and errors only). Messages are prefixed ``[rank R/W]``
+(:mod:`pybrain_mpi.logs`); an error is one line saying what failed and what to do.
+
 Run ``train`` (and ``info``, to see the topology) under ``mpiexec -n N`` or ``srun``.
 """
 
@@ -19,6 +23,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import traceback
 from pathlib import Path
 
 
@@ -58,10 +63,13 @@ def _info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()}, numpy {numpy.__version__}, torch {torch.__version__}")
     print(f"native core: {_core.__file__}")
     print(f"native core compiled against: {_core.compiled_mpi_vendor()}")
-    build_info = getattr(_core, "build_info", None)  # compiler and flags, where the core reports them
-    if build_info is not None:
-        for key, value in dict(build_info()).items():
-            print(f"  build {key}: {value}")
+    info = build_info()
+    if info:
+        print(f"  MPI chosen at build time: {info.get('mpi_home', '?')} (by "
+              f"{info.get('mpi_rule', '?')}; rule: README 'Which MPI the build uses')")
+        for key in ("mpi_cxx_compiler", "mpi_libraries", "build_type", "native"):
+            if info.get(key) not in (None, ""):
+                print(f"  build {key}: {info[key]}")
     # Open MPI pads its version string with NULs
     print(f"MPI library loaded: {_core.mpi_library_version().replace(chr(0), '').strip().splitlines()[0]}")
     try:
@@ -91,6 +99,18 @@ def _info(args: argparse.Namespace) -> int:
     print(f"torch threads per rank: {torch.get_num_threads()}, cores: {os.cpu_count()}")
     pbm.shutdown()
     return 0
+
+
+def build_info() -> dict:
+    """What the build recorded (pybrain_mpi/build_info.json): the MPI it chose and the rule
+    that chose it, the compiler wrapper, libraries, build type; {} for an older build."""
+    import json
+
+    path = Path(__file__).resolve().parent / "build_info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _ranges(values: list[int]) -> str:
@@ -165,6 +185,7 @@ def _start(command: str, args: argparse.Namespace):
 
     def fail(message: str, code: int) -> int:
         if rank == 0:
+            _traceback_if_verbose()
             print(f"pybrain-mpi {command}: error: {message}", file=sys.stderr, flush=True)
         pbm.shutdown()
         return code
@@ -184,6 +205,14 @@ def _start(command: str, args: argparse.Namespace):
         return None, lambda: fail(message, 2)
 
 
+def _traceback_if_verbose() -> None:
+    """With -v, the traceback of the exception being handled (if any), before its one line."""
+    from . import logs
+
+    if logs.verbosity() >= 1 and sys.exc_info()[0] is not None:
+        traceback.print_exc(file=sys.stderr)
+
+
 def _train(args: argparse.Namespace) -> int:
     import pybrain_mpi as pbm
 
@@ -201,7 +230,8 @@ def _train(args: argparse.Namespace) -> int:
         return fail(str(exc), 2)
     try:
         trainer = Trainer(config, resume=args.resume, timeline_path=args.timeline,
-                          max_steps=args.steps, progress=not args.no_progress)
+                          max_steps=args.steps, progress=not args.no_progress and args.quiet == 0,
+                          echo=args.quiet == 0)
         trainer.fit()
     except TrainingSetupError as exc:
         return fail(str(exc), 2)
@@ -250,6 +280,7 @@ def _config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        _traceback_if_verbose()
         print(f"pybrain-mpi config: error: {exc}", file=sys.stderr)
         return 2
     import json
@@ -262,21 +293,24 @@ def _config(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ bench
 def _benchmarks_dir(given: str | None) -> Path:
-    """--dir, else ./benchmarks (run from the checkout), else the checkout the package sits in."""
+    """--dir, else ./benchmarks (run from the source checkout), else the benchmarks installed
+    with the package (pybrain_mpi/benchmarks), else the checkout an editable install sits in."""
     if given:
         return Path(given)
-    here = Path.cwd() / "benchmarks"
-    if (here / "allreduce.py").exists():
-        return here
-    return Path(__file__).resolve().parent.parent / "benchmarks"
+    here = Path(__file__).resolve().parent
+    for candidate in (Path.cwd() / "benchmarks", here / "benchmarks", here.parent / "benchmarks"):
+        if (candidate / "allreduce.py").exists():
+            return candidate
+    return here / "benchmarks"
 
 
 def _bench(args: argparse.Namespace) -> int:
     directory = _benchmarks_dir(args.dir)
     scripts = sorted(p for p in directory.glob("*.py") if p.stem != "common" and not p.stem.startswith("_"))
     if not scripts:
-        print(f"pybrain-mpi bench: no benchmarks in {directory}; pass --dir to the source "
-              "checkout's benchmarks/ directory", file=sys.stderr)
+        print(f"pybrain-mpi bench: error: no benchmarks in {directory}\nfix: reinstall "
+              "pybrain-mpi (the wheel ships them) or pass --dir CHECKOUT/benchmarks",
+              file=sys.stderr)
         return 2
     if not args.name:
         print(f"benchmarks in {directory} (run: pybrain-mpi bench NAME [--ranks N] [ARGS...]):")
@@ -316,9 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (each has --help)."""
     parser = argparse.ArgumentParser(prog="pybrain-mpi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more messages: DEBUG on rank 0, times, tracebacks of errors "
+                             "(-vv: every rank's messages)")
+    common.add_argument("-q", "--quiet", action="count", default=0,
+                        help="warnings and errors only (no progress bar, no summary table)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="versions, MPI library and thread level, ranks/nodes, build",
+    info = sub.add_parser("info", parents=[common], help="versions, MPI library and thread level, ranks/nodes, build",
                           description="Print versions, the MPI library and its thread level, the "
                                       "ranks/nodes topology (run under mpiexec/srun to see a "
                                       "launched world) and how the native core was built.")
@@ -329,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .config import describe_schema
 
-    train = sub.add_parser("train", help="train a model from a TOML config",
+    train = sub.add_parser("train", parents=[common], help="train a model from a TOML config",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train the config's model on its data on every rank, e.g.\n"
                                        "  mpiexec -n 2 pybrain-mpi train examples/dca_fmri.toml\n"
@@ -350,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     predict = sub.add_parser(
-        "predict", help="apply a trained segmentation or regression model to new images",
+        "predict", parents=[common], help="apply a trained segmentation or regression model to new images",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Predict with a checkpoint on every rank (grid patches shared across ranks), "
                     "e.g.\n  mpiexec -n 2 pybrain-mpi predict examples/unet3d_mni_cohort.toml "
@@ -373,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config value (e.g. data.cache_dir=...)")
     predict.set_defaults(func=_predict)
 
-    config = sub.add_parser("config", help="list every config key, or show a config resolved",
+    config = sub.add_parser("config", parents=[common], help="list every config key, or show a config resolved",
                             description="With --keys (or no CONFIG): every config key with its "
                                         "type, default and meaning. With CONFIG: the config with "
                                         "every default filled in, as JSON.")
@@ -381,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--keys", action="store_true", help="list every key")
     config.set_defaults(func=_config)
 
-    bench = sub.add_parser("bench", help="list or run the benchmarks (benchmarks/*.py)",
+    bench = sub.add_parser("bench", parents=[common], help="list or run the benchmarks (benchmarks/*.py)",
                            description="Without NAME, list the benchmarks; with NAME (or 'all'), "
                                        "run it, under mpiexec with --ranks > 1. Arguments after "
                                        "NAME go to the benchmark (try NAME --help).")
@@ -393,22 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import add_convert_subcommand
 
-    add_convert_subcommand(sub)
+    add_convert_subcommand(sub, parents=[common])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pybrain-mpi`` console script."""
+    from . import logs
     from .communication.launcher import LaunchMismatch, check_before_mpi_init, detect
+    from .errors import MPILibraryMismatch
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    logs.configure(args.verbose - args.quiet)
     try:
         if args.command in ("info", "train") and not getattr(args, "pmi", False):
             check_before_mpi_init()  # before anything imports mpi4py.MPI (which runs MPI_Init)
         return args.func(args)
     except LaunchMismatch as exc:  # mis-launched (torchrun, srun --mpi=none): one line, no traceback
         if detect().rank in (None, 0):  # every process has the same reason; one says it
+            _traceback_if_verbose()
+            print(f"pybrain-mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except MPILibraryMismatch as exc:  # the core and mpi4py (or the MPI now loaded) disagree
+        if detect().rank in (None, 0):
+            _traceback_if_verbose()
             print(f"pybrain-mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
 

@@ -421,6 +421,9 @@ class OutputConfig:
     """[output]: where logs, plots and summaries go."""
 
     dir: Path = key(str, "runs/pbm", path=True, doc="directory for logs, plots, summary")
+    tensorboard: bool = key(bool, False,
+                            doc="also write TensorBoard scalars (loss, lr, samples/s, validation) "
+                                "to <dir>/tensorboard (rank 0; needs pybrain-mpi[tensorboard])")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

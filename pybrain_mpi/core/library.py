@@ -23,9 +23,9 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
         ) from error
     raise MPILibraryMismatch(
         "pybrain_mpi's native core (pybrain_mpi._core) failed to load: "
-        f"{error}.\nThis usually means the MPI library it was compiled against is not the "
-        "one available now (another `module load`, a removed `mpich` wheel, or a build made "
-        "for another environment). Rebuild in this environment: `pip install --force-reinstall "
+        f"{error} (usually the MPI library it was compiled against is not the one available "
+        "now: another `module load`, a removed `mpich` wheel, or a build made for another "
+        "environment)\nfix: rebuild in this environment: `pip install --force-reinstall "
         "--no-deps --no-build-isolation .` (see README, 'On a cluster')."
     ) from error
 
@@ -48,11 +48,10 @@ def check_mpi_library(mpi4py_library_version: str) -> None:
     linked = _core.mpi_library_version()
     if linked.strip() != mpi4py_library_version.strip() or _family(compiled) != _family(linked):
         raise MPILibraryMismatch(
-            "pybrain_mpi's native core and mpi4py use different MPI libraries:\n"
-            f"  core compiled against: {compiled}\n"
-            f"  core linked to:        {linked.strip().splitlines()[0]}\n"
-            f"  mpi4py uses:           {mpi4py_library_version.strip().splitlines()[0]}\n"
-            "Build both against the same MPI: with PyPI's mpich use `pip install mpich mpi4py` "
+            "pybrain_mpi's native core and mpi4py use different MPI libraries (core compiled "
+            f"against {compiled.strip()}, linked to {linked.strip().splitlines()[0]}; mpi4py uses "
+            f"{mpi4py_library_version.strip().splitlines()[0]})\n"
+            "fix: build both against the same MPI: with PyPI's mpich use `pip install mpich mpi4py` "
             "then reinstall pybrain-mpi; on a cluster build mpi4py and pybrain-mpi with the "
             "system MPI loaded (README, 'On a cluster')."
         )

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -152,11 +151,13 @@ def ensure_cache(name: str, build: Callable[[Path], dict], sources: list[Path],
     problem = _stamp_problem(root, sources, verify)
     if problem is None:
         return root
-    say = echo or (lambda text: print(f"pybrain-mpi: {text}", file=sys.stderr, flush=True))
-    if root.exists():
-        say(f"rebuilding the {what} cache {root}: {problem}")
+    from .. import logs
+
+    log = logs.get_logger("data")
+    if root.exists():  # a stale or damaged cache: worth a warning
+        (echo or log.warning)(f"rebuilding the {what} cache {root}: {problem}")
     else:
-        say(f"converting the {name} {what} data to Zarr in {root} (first run)")
+        (echo or log.info)(f"converting the {name} {what} data to Zarr in {root} (first run)")
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))

@@ -38,9 +38,13 @@ def _convert(args: argparse.Namespace) -> int:
                 downsample=args.downsample, dtype=args.dtype, affine=affine, codec=args.codec,
                 clevel=args.clevel, shards=args.shard,
                 max_slab_bytes=int(args.max_slab_mb * 2**20), overwrite=args.overwrite,
-                progress=not args.quiet)
+                progress=not getattr(args, "quiet", 0))
     except (DataError, OSError, ValueError, TypeError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if getattr(args, "verbose", 0) >= 1:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"pybrain-mpi convert: error: {message}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
@@ -49,10 +53,11 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_convert_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Adds ``convert`` to an argparse sub-parser set (``pybrain-mpi convert IN OUT.zarr``)."""
+def add_convert_subcommand(subparsers, parents=()) -> argparse.ArgumentParser:
+    """Adds ``convert`` to an argparse sub-parser set (``pybrain-mpi convert IN OUT.zarr``);
+    ``parents`` add shared options (the CLI's -v/-q: -q also hides the progress bar)."""
     p = subparsers.add_parser(
-        "convert", help="convert NIfTI / MGH / GIFTI / HDF5 / .npy / Zarr into OME-Zarr (Zarr v3)",
+        "convert", parents=list(parents), help="convert NIfTI / MGH / GIFTI / HDF5 / .npy / Zarr into OME-Zarr (Zarr v3)",
         description="Convert a NIfTI (.nii/.nii.gz, 3D or 4D), FreeSurfer .mgz/.mgh, GIFTI (.gii "
                     "surface series), an HDF5 dataset (file.h5:/path), a .npy file or a Zarr store "
                     "into a chunked, compressed OME-Zarr image, slab by slab with bounded memory. "
@@ -78,6 +83,7 @@ def add_convert_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="largest slab read at once in MiB (default %(default)g; at least one "
                         "chunk or shard row); peak memory is about three slabs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not parents:  # used on its own: its own -q (no progress bar); the CLI's parents add -v/-q
+        p.add_argument("-q", "--quiet", action="count", default=0, help="no progress bar")
     p.set_defaults(func=_convert)
     return p

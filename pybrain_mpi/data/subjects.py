@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -375,7 +374,9 @@ def prepare_cohort(cohort: Cohort, *, kind: str, cache_dir=None, chunks=(32, 32,
     order = sorted(range(len(cohort.subjects)), key=lambda i: (-weight(i), i))
     mine = order[rank::size]
     rounds = -(-len(order) // size)
-    say = echo or (lambda text: print(f"pybrain-mpi: {text}", file=sys.stderr, flush=True))
+    from .. import logs
+
+    say = echo or logs.get_logger("data").info
     failures: list[tuple[str, str]] = []
     for step in range(rounds):
         failure = None

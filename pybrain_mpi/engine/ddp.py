@@ -349,6 +349,47 @@ class DistributedDataParallel(torch.nn.Module):
                 raise PbmError(f"compression state has no {key}: saved with another model or compression")
             bucket.state.load_state_dict({k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)})
 
+    @staticmethod
+    def fold_compression_states(states: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+        """The 3LC state one rank of a new world carries, from every old rank's
+        :meth:`compression_state_dict` (a checkpoint resumed on another world size).
+
+        What the old world had not transmitted yet, in units of the averaged gradient, is
+        ``U = mean over old ranks of residual + the owners' residuals laid end to end`` (the
+        first stage's residuals are summed, then divided by the world size; each owner's
+        second-stage residual is its even partition of the already averaged tensor). Every new
+        rank's first-stage ``residual`` is set to ``U``, so the new world's average delivers
+        exactly ``U``, and the second stage starts from zero (nothing is lost: it was folded).
+        The hierarchical path's residuals are laid out by the old run's node placement, which
+        the checkpoint does not record: they are zeroed, and returned in the notes by key.
+        Returns ``(state, notes)``.
+        """
+        world = len(states)
+        folded: dict[str, Any] = {}
+        notes: list[str] = []
+        keys = sorted({k for state in states for k in state})
+        buckets = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".residual")})
+        for bucket in buckets:
+            firsts = [state.get(f"{bucket}.residual") for state in states]
+            if any(f is None for f in firsts):
+                raise PbmError(f"compression state of {bucket} is missing on some old ranks")
+            count = firsts[0].numel()
+            total = sum(f.double().reshape(-1) for f in firsts) / world
+            owners = [state.get(f"{bucket}.owner_residual") for state in states]
+            if any(o is not None for o in owners):
+                per, extra = divmod(count, world)
+                for r, owner in enumerate(owners):
+                    begin, length = r * per + min(r, extra), per + (1 if r < extra else 0)
+                    if owner is None or owner.numel() != length:
+                        notes.append(f"{bucket}.owner_residual of old rank {r} (unexpected layout)")
+                        continue
+                    total[begin:begin + length] += owner.double().reshape(-1)
+            folded[f"{bucket}.residual"] = total.to(torch.float32)
+            for kind in ("hierarchical_residual", "hierarchical_owner_residual"):
+                if any(f"{bucket}.{kind}" in state for state in states):
+                    notes.append(f"{bucket}.{kind}")
+        return folded, notes
+
     @property
     def bucket_sizes_bytes(self) -> list[int]:
         """Sizes of the gradient buckets, in launch order."""

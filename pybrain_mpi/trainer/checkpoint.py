@@ -58,7 +58,7 @@ from ..errors import PbmError
 
 __all__ = ["CheckpointError", "CheckpointMismatch", "CheckpointDiskFull", "content_checksum", "FORMAT", "VERSION", "save_checkpoint",
            "load_checkpoint", "model_entry", "check_model_matches", "rng_state",
-           "set_rng_state", "previous_path", "remove_stale_temporaries"]
+           "set_rng_state", "derive_rng_state", "previous_path", "remove_stale_temporaries"]
 
 FORMAT = "pybrain-mpi-checkpoint"
 VERSION = 2  # 2 added the content checksum; version 1 files still load (unchecked)
@@ -396,3 +396,13 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()),
                      py["gauss_next"]))
+
+
+def derive_rng_state(*entropy: int) -> None:
+    """Seeds torch (CPU), numpy's global generator and Python's ``random`` from ``entropy``
+    (e.g. seed, step, rank, world size): for a resume on another world size, where no saved
+    state belongs to a rank (each rank then draws its own, reproducible numbers)."""
+    words = np.random.SeedSequence([int(e) for e in entropy]).generate_state(4, dtype=np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(int(words[2]))
+    random.seed(int(words[3]))

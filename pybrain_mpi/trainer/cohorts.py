@@ -34,7 +34,6 @@ patch overlaps it.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -533,7 +532,9 @@ def build_cohort_data(config: DataConfig, val_fraction: float, seed: int, rank: 
     series = config.kind == "fmri_series"
     levels = config.level + 1 if config.kind == "regression" and \
         config.regression_input == "volume" else 1
-    echo = (lambda text: print(f"pybrain-mpi: {text}", file=sys.stderr, flush=True))
+    from .. import logs
+
+    echo = logs.get_logger("data").info
     subjects = prepare_cohort(cohort, kind="series" if series else "volume",
                               cache_dir=config.cache_dir, chunks=config.chunks, levels=levels,
                               verify=config.verify_cache, timeout_s=_cache_wait_s(), echo=echo)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,10 @@ class PredictError(PbmError):
 
 
 def _say(rank: int, text: str) -> None:
+    from .. import logs
+
     if rank == 0:
-        print(f"pybrain-mpi: {text}", file=sys.stderr, flush=True)
+        logs.get_logger("predict").info(text)
 
 
 def _load_model(checkpoint: Path, metadata: dict, tree: dict) -> torch.nn.Module:

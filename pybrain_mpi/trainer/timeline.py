@@ -13,6 +13,12 @@ gradient allreduces still in flight plus the per-step agreement allreduce.
 wall-clock time, ``pid`` = rank, ``tid`` 0 for compute (data, forward, backward, optimizer)
 and 1 for communication (each gradient bucket's allreduce from launch to completion).
 Rank 0 gathers every rank's events and writes one file that Perfetto / chrome://tracing opens.
+
+**TensorBoard** (``[output] tensorboard = true``): rank 0 also writes the step log's global
+loss, learning rate and samples/s, and each epoch's train/validation loss, as scalars through
+``torch.utils.tensorboard.SummaryWriter`` into ``<output>/tensorboard`` (``tensorboard
+--logdir <output>/tensorboard``). The ``tensorboard`` package is optional
+(``pip install 'pybrain-mpi[tensorboard]'``); without it the run is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["StepLog", "Timeline"]
+__all__ = ["StepLog", "Timeline", "TensorBoardScalars", "TensorBoardMissing", "TENSORBOARD_MISSING"]
 
 
 class StepLog:
@@ -112,3 +118,42 @@ class Timeline:
         tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
         os.replace(tmp, path)
         return sum(len(e) for e in per_rank_events)
+
+
+TENSORBOARD_MISSING = ("[output] tensorboard = true needs the tensorboard package, which is not "
+                       "installed: pip install 'pybrain-mpi[tensorboard]' (or set [output] "
+                       "tensorboard = false)")
+
+
+class TensorBoardMissing(ImportError):
+    """``[output] tensorboard = true`` but the ``tensorboard`` package is not installed."""
+
+
+class TensorBoardScalars:
+    """Scalars for TensorBoard, written by rank 0 beside the JSON lines (see the module doc)."""
+
+    def __init__(self, directory: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise TensorBoardMissing(f"{TENSORBOARD_MISSING} ({exc})") from None
+        self.directory = Path(directory)
+        self._writer = SummaryWriter(log_dir=str(self.directory))
+
+    def step(self, step: int, loss: float, lr: float, samples_per_s: float | None) -> None:
+        """One logged step: global training loss, learning rate, samples/s of all ranks."""
+        self._writer.add_scalar("train/loss", loss, step)
+        self._writer.add_scalar("train/lr", lr, step)
+        if samples_per_s is not None:
+            self._writer.add_scalar("train/samples_per_s", samples_per_s, step)
+
+    def epoch(self, step: int, record: dict) -> None:
+        """One finished epoch: its mean training loss and validation metrics (where defined)."""
+        for key in ("train_loss", "val_loss", "val_r2", "val_mean_dice"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and value == value:
+                self._writer.add_scalar(f"epoch/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()

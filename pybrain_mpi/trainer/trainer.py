@@ -20,7 +20,10 @@ One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.confi
    writes model, optimizer, scaler and codec state, step/epoch, loss history and every rank's
    RNG state (gathered) atomically; a model with NaN/Inf weights is never written.
    ``--resume`` restores all of it, so the loss curve continues exactly (the sampler's state
-   is the step counter itself).
+   is the epoch and the steps done in it). On another number of ranks the rest of the
+   interrupted epoch is re-dealt so no sample is skipped or used twice, RNG states are
+   derived per rank and 3LC residuals folded (``_restore_schedule``, README "Resuming on
+   another number of ranks").
 5. **Finish.** Held-out metrics, a loss-curve PNG, ``summary.json`` and a printed summary.
 """
 
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .. import compute
+from .. import compute, logs
 from ..communication import collectives, context
 from ..config import Config, config_to_dict
 from ..engine import DistributedDataParallel
@@ -51,13 +54,15 @@ from .codecs import build_codec
 from ..data.errors import DataError
 from ..data.ranks import allgather_objects
 from ..data.samplers import ShuffledSampler
+from ..data.samplers.shuffled import EpochRemainder, pack_mask, unpack_mask
 from .data import TrainingData, build_data
 from .signals import StopRequest
-from .timeline import StepLog, Timeline
+from .timeline import TENSORBOARD_MISSING, StepLog, TensorBoardScalars, Timeline
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+log = logs.get_logger("trainer")
 
 
 class TrainingSetupError(PbmError):
@@ -212,6 +217,13 @@ class Trainer:
         self.sampler = self._together("sharding the data", lambda: ShuffledSampler(
             self.data.size("train"), train.batch_size, seed=train.seed, rank=self.rank,
             world_size=self.size))
+        # Epoch schedule: ordinary epochs of this world start at global step epoch_anchor[0]
+        # with epoch epoch_anchor[1]; a resume on another world size first runs the rest of
+        # the interrupted epoch (self.remainder, from global step remainder_start).
+        self.remainder: EpochRemainder | None = None
+        self.remainder_start = 0
+        self.remainder_epoch_began = 0
+        self.epoch_anchor = (0, 0)
         self.total_steps = train.epochs * self.sampler.steps_per_epoch
         # Phase 3: the checkpoint to resume from, checked against this model and run.
         self.resumed_from: dict | None = None
@@ -240,11 +252,25 @@ class Trainer:
 
         self.log = StepLog(self.output_dir / "logs", self.rank)
         self.timeline = Timeline(self.rank, self.timeline_path is not None)
+        self.tensorboard = (self._together("opening TensorBoard", self._open_tensorboard)
+                            if config.output.tensorboard else None)
+
+    def _open_tensorboard(self) -> TensorBoardScalars | None:
+        """Rank 0's TensorBoard writer (the other ranks write none); a missing package is
+        refused on every rank, in one line naming the extra to install."""
+        from importlib.util import find_spec
+
+        if find_spec("tensorboard") is None:
+            raise TrainingSetupError(TENSORBOARD_MISSING)
+        return TensorBoardScalars(self.output_dir / "tensorboard") if self.rank == 0 else None
 
     # ------------------------------------------------------------------ set-up helpers
     def _say(self, message: str) -> None:
+        """An INFO message (rank 0 prints it by default; see :mod:`pybrain_mpi.logs`)."""
         if self.echo:
-            print(f"pybrain-mpi: {message}", flush=True)
+            log.info(message)
+        else:
+            log.debug(message)
 
     def _set_threads(self) -> None:
         # OMP_NUM_THREADS, else Slurm's CPUs per task, else the node's cores over its ranks:
@@ -394,14 +420,19 @@ class Trainer:
         tree, metadata = ckpt.load_checkpoint(path)
         ckpt.check_model_matches(tree, self.module, path)
         sampler = tree.get("sampler", {})
-        ours = {"ranks": self.size, "batch_size": self.sampler.batch_size,
-                "steps_per_epoch": self.sampler.steps_per_epoch, "seed": self.sampler.seed}
+        ours = {"batch_size": self.sampler.batch_size, "seed": self.sampler.seed}
+        if "n_samples" in sampler:
+            ours["n_samples"] = self.sampler.global_length
+        if sampler.get("ranks") == self.size or "n_samples" not in sampler:
+            # Same world (or a checkpoint too old to say its data size): the same shards.
+            ours.update(ranks=self.size, steps_per_epoch=self.sampler.steps_per_epoch)
         for key, value in ours.items():
             if sampler.get(key) != value:
                 raise ckpt.CheckpointMismatch(
                     f"{path} was written by a run with {key} = {sampler.get(key)}, this run has "
-                    f"{value}; resume with the same ranks, batch size, data and seed, or move "
-                    "the checkpoint away to start fresh")
+                    f"{value}; resume with the same batch size, data and seed (and, for a "
+                    "checkpoint written before resuming on another world size was possible, the "
+                    "same ranks), or move the checkpoint away to start fresh")
         if metadata.get("precision") != self.policy.precision:
             raise ckpt.CheckpointMismatch(
                 f"{path} was written in precision {metadata.get('precision')!r}, this run uses "
@@ -425,11 +456,86 @@ class Trainer:
         self.finished = progress["finished"] or None
         self.history = [dict(h) for h in tree["history"]]
         self.step_losses = tree["step_losses"].tolist()
-        ckpt.set_rng_state(tree["rng"][self.rank])
-        self.model.load_compression_state_dict(tree.get("compression", {}).get(self.rank, {}))
+        sampler = tree["sampler"]
+        old_ranks = int(sampler["ranks"])
+        self._restore_schedule(sampler)
+        if old_ranks == self.size:
+            ckpt.set_rng_state(tree["rng"][self.rank])
+            self.model.load_compression_state_dict(tree.get("compression", {}).get(self.rank, {}))
+        else:
+            # Another world: no saved generator belongs to this rank, so each rank's is derived
+            # from (seed, step, rank, world); the old ranks' 3LC residuals are folded into one
+            # state every new rank carries (DistributedDataParallel.fold_compression_states).
+            ckpt.derive_rng_state(self.config.train.seed, self.step, self.rank, self.size)
+            states = tree.get("compression", {})
+            folded, zeroed = DistributedDataParallel.fold_compression_states(
+                [states.get(r, {}) for r in range(old_ranks)])
+            if folded:
+                self.model.load_compression_state_dict(folded)
+            if zeroed:
+                self._say(f"3LC residuals laid out by the old run's node placement start from zero: "
+                          f"{', '.join(zeroed[:4])}{' ...' if len(zeroed) > 4 else ''}")
         self.resumed_from = saved["metadata"]
+        epoch = self._position(self.step)[0]
+        where = (f"; the rest of epoch {epoch} ({self.remainder.steps} steps, "
+                 f"{len(self.remainder.pool)} samples) is dealt over {self.size} ranks"
+                 if self._in_remainder(self.step) else "")
         self._say(f"resumed from {self.checkpoint_file} at step {self.step} "
-                  f"(epoch {self.step // self.sampler.steps_per_epoch})")
+                  f"(epoch {epoch}), written by {old_ranks} rank(s){where}")
+
+    def _restore_schedule(self, sampler: dict) -> None:
+        """The epoch schedule from a checkpoint's sampler state (see ``ShuffledSampler``):
+        the same world continues its epoch; another world deals the rest of the interrupted
+        epoch over its ranks, then runs ordinary epochs."""
+        epoch, done = int(sampler["epoch"]), int(sampler["step_in_epoch"])
+        n = self.sampler.global_length
+        used = None
+        if "used" in sampler:  # written inside a remainder: its used samples, bit per sample
+            used = unpack_mask(sampler["used"].numpy(), n)
+        elif int(sampler["ranks"]) != self.size and done > 0:
+            used = self.sampler.used_mask(epoch, done, world_size=int(sampler["ranks"]))
+        if used is None:
+            self.epoch_anchor = (self.step - done, epoch)
+        else:
+            self.remainder = self.sampler.remainder(epoch, used)
+            self.remainder_start = self.step
+            self.remainder_epoch_began = int(sampler.get("epoch_first_step", self.step - done))
+            self.epoch_anchor = (self.step + self.remainder.steps, epoch + 1)
+        anchor_step, anchor_epoch = self.epoch_anchor
+        self.total_steps = anchor_step + max(0, self.config.train.epochs - anchor_epoch) * \
+            self.sampler.steps_per_epoch
+
+    def _in_remainder(self, step: int) -> bool:
+        return (self.remainder is not None
+                and self.remainder_start <= step < self.remainder_start + self.remainder.steps)
+
+    def _position(self, step: int) -> tuple[int, int, int, int]:
+        """``(epoch, step within the epoch's plan, steps of that plan, global step where the
+        epoch began)`` of global step ``step``."""
+        if self._in_remainder(step):
+            return (self.remainder.epoch, step - self.remainder_start, self.remainder.steps,
+                    self.remainder_epoch_began)
+        spe = self.sampler.steps_per_epoch
+        anchor_step, anchor_epoch = self.epoch_anchor
+        epoch, in_epoch = divmod(step - anchor_step, spe)
+        return anchor_epoch + epoch, in_epoch, spe, step - in_epoch
+
+    def _batch_for(self, epoch: int, in_epoch: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(indices to read, indices used, loss weight)`` of this rank's next batch. In an
+        ordinary epoch every rank's batch has the same size (weight 1); in the rest of an
+        epoch dealt over another world they may differ by one, and the weight (this rank's
+        share of the step's samples times the world size) makes the averaged gradient the
+        mean over the step's samples. A rank with no sample left (fewer than ranks remain)
+        runs one stand-in sample with weight 0, so it still takes part in the allreduce."""
+        if not self._in_remainder(self.step):
+            indices = self.sampler.batch_indices(epoch, in_epoch)
+            return indices, indices, 1.0
+        rest = self.remainder
+        indices = rest.batch(in_epoch)
+        weight = len(indices) * self.size / rest.step_samples(in_epoch)
+        if len(indices) == 0:
+            return rest.pool[:1], indices, 0.0
+        return indices, indices, weight
 
     # ------------------------------------------------------------------ one step
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -469,8 +575,8 @@ class Trainer:
 
     def _train_step(self, epoch: int, step_in_epoch: int, stop_flags: tuple[float, float]):
         t0 = time.perf_counter()
-        indices = self.sampler.batch_indices(epoch, step_in_epoch)
-        x_np, y_np = self.data.batch("train", epoch, indices)
+        read, indices, weight = self._batch_for(epoch, step_in_epoch)
+        x_np, y_np = self.data.batch("train", epoch, read)
         x, y = self._tensor(x_np), self._target(y_np)
         t1 = time.perf_counter()
         lr = _lr_at(self.config, self.step, epoch, self.total_steps)
@@ -479,7 +585,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=False)  # keep .grad as views into DDP's buckets
         loss, _ = self._forward(self.model, x, y)
         t2 = time.perf_counter()
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        weighted = loss if weight == 1.0 else loss * weight
+        (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
         t3 = time.perf_counter()
         backward_done = min(max(self.model.backward_finished_at, t2), t3)
         if self.scaler is not None:  # fp16: every rank skips an overflowing step together
@@ -488,7 +595,7 @@ class Trainer:
         else:
             self.optimizer.step()
         t4 = time.perf_counter()
-        local_loss = float(loss.detach())
+        local_loss = float(loss.detach()) if len(indices) else 0.0
         summed = collectives.allreduce(torch.tensor([local_loss * len(indices), len(indices),
                                                      *stop_flags], dtype=torch.float64),
                                        op="sum", name="step statistics")
@@ -593,11 +700,7 @@ class Trainer:
                 "scaler": (self.scaler.state_dict() if self.scaler is not None
                            else {"kind": "none"}),
                 "compression": {r: s for r, s in enumerate(residuals)},
-                "sampler": {"ranks": self.size, "batch_size": self.sampler.batch_size,
-                            "steps_per_epoch": self.sampler.steps_per_epoch,
-                            "seed": self.sampler.seed,
-                            "epoch": self.step // self.sampler.steps_per_epoch,
-                            "step_in_epoch": self.step % self.sampler.steps_per_epoch},
+                "sampler": self._sampler_state(),
                 "rng": {r: s for r, s in enumerate(rng_states)},
                 "progress": {"step": self.step, "best_val": self.best_val,
                              "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
@@ -616,6 +719,18 @@ class Trainer:
 
         return self._together(f"writing the checkpoint ({reason})", write)
 
+    def _sampler_state(self) -> dict:
+        """Where the run is in its epoch: enough for a resume on this or another world size."""
+        epoch, in_epoch, _, first = self._position(self.step)
+        state = {"ranks": self.size, "batch_size": self.sampler.batch_size,
+                 "steps_per_epoch": self.sampler.steps_per_epoch, "seed": self.sampler.seed,
+                 "n_samples": self.sampler.global_length, "epoch": epoch,
+                 "step_in_epoch": self.step - first, "epoch_first_step": first}
+        if self._in_remainder(self.step):
+            used = self.remainder.used_after(in_epoch, self.sampler.global_length)
+            state["used"] = torch.from_numpy(pack_mask(used))
+        return state
+
     def _bytes_now(self) -> int:
         return int(context.bytes_sent()) - self._bytes_at_start
 
@@ -623,7 +738,6 @@ class Trainer:
     def fit(self) -> dict:
         """Train until done, early-stopped, out of time budget or preempted; return the summary."""
         train = self.config.train
-        spe = self.sampler.steps_per_epoch
         stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
         self._bytes_at_start = int(context.bytes_sent())
         self._shm_bytes_at_start = int(context.shm_bytes())
@@ -640,7 +754,7 @@ class Trainer:
             stop_reason = "steps" if stop_at < self.total_steps else "completed"
         with self.stop_request as stop:
             while stop_reason is None:
-                epoch, in_epoch = divmod(self.step, spe)
+                epoch, in_epoch, plan_steps, epoch_began = self._position(self.step)
                 elapsed = self.train_seconds + (time.perf_counter() - loop_started)
                 over_budget = train.time_budget_s > 0 and elapsed >= train.time_budget_s
                 loss, local_loss, samples, stop_now, budget_now, lr, timings = self._train_step(
@@ -658,12 +772,16 @@ class Trainer:
                     self.log.write({"step": self.step, "epoch": epoch, "loss": loss,
                                     "local_loss": local_loss, "lr": lr, "samples": samples,
                                     **timings})
+                    if self.tensorboard is not None:
+                        seconds = time.perf_counter() - run_started
+                        self.tensorboard.step(self.step, loss, lr, samples_this_run / seconds
+                                              if seconds > 0 else None)
                 if bar is not None:
                     rate = samples_this_run / max(1e-9, time.perf_counter() - run_started)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.0f}", refresh=False)
-                if in_epoch == spe - 1:
-                    stop_reason = self._end_epoch(epoch)
+                if in_epoch == plan_steps - 1:
+                    stop_reason = self._end_epoch(epoch, epoch_began)
                 if stop_reason is None and self.step >= stop_at:
                     stop_reason = "steps" if stop_at < self.total_steps else "completed"
                 if stop_now:
@@ -684,6 +802,8 @@ class Trainer:
                 self.finished = stop_reason
             path = self.save_checkpoint(stop_reason)
         self.log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self._write_timeline()
         run_seconds = self._run_training_seconds
         if stop_reason == "preempted":
@@ -696,9 +816,9 @@ class Trainer:
     def _run_training_seconds(self) -> float:
         return self.train_seconds - self._train_seconds_at_start
 
-    def _end_epoch(self, epoch: int) -> str | None:
+    def _end_epoch(self, epoch: int, began: int) -> str | None:
         val = self.evaluate("val")
-        train_losses = self.step_losses[-self.sampler.steps_per_epoch:]
+        train_losses = self.step_losses[began:]
         record = {"epoch": epoch, "step": self.step, "train_loss": float(np.mean(train_losses)),
                   "val_loss": val["loss"] if val else None,
                   "val_r2": val.get("r2") if val else None}
@@ -706,6 +826,8 @@ class Trainer:
             record["val_mean_dice"] = val["mean_dice"]
         self.history.append(record)
         self.log.write({"event": "epoch", **record})
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(self.step, record)
         if val is None or self.config.train.patience == 0:
             return None
         if val["loss"] < self.best_val:
@@ -787,6 +909,7 @@ class Trainer:
             "seed": self.config.train.seed, "split_seed": self.config.data.split_seed,
             "peak_rss_mb_per_rank": peaks,
             "versions": _versions(),
+            **(_git_commits() if self.rank == 0 else {}),
             # The config as run: every key with its default filled in, and the model's
             # arguments including the sizes taken from the data.
             "config": {**config_to_dict(self.config),
@@ -855,6 +978,29 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def _git_commits() -> dict:
+    """Git commits a result depends on, where known: ``git_commit``, the pybrain-mpi source
+    the installed package was built from (recorded by the build; ``PBM_GIT_COMMIT``
+    overrides), and ``run_git_commit``, the checkout the run's working directory is in (the
+    user's experiment code); ``-dirty`` marks uncommitted changes to tracked files."""
+    import subprocess
+
+    from ..cli import build_info
+
+    built = os.environ.get("PBM_GIT_COMMIT") or build_info().get("git_commit") or None
+    here = None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            here = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": built, "run_git_commit": here}
 
 
 def _versions() -> dict:
