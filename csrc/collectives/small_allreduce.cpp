@@ -55,6 +55,7 @@ SmallAllreduce::SmallAllreduce(NodeStage& node)
   // Peers read our flags only once they are constructed.
   node.world().check(MPI_Barrier(node.node_comm()), "MPI_Barrier (small-message allreduce set-up)");
   inputs_.resize(local_size_);
+  headers_.resize(local_size_);
 }
 
 char* SmallAllreduce::slot(int local_rank, int parity) const {
@@ -159,13 +160,13 @@ void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& 
   }
 }
 
-void SmallAllreduce::check_headers(int parity, const Progress& progress) const {
-  CollectiveHeader first;
-  std::memcpy(&first, slot(0, parity) + kHeaderOffset, sizeof(first));
+void SmallAllreduce::check_headers(int parity, const Progress& progress) {
+  std::vector<CollectiveHeader>& headers = headers_;
+  std::memcpy(&headers[0], slot(0, parity) + kHeaderOffset, sizeof(CollectiveHeader));
+  const CollectiveHeader& first = headers[0];
   int differs = -1;
   bool order = false;
-  std::vector<CollectiveHeader> headers(local_size_);
-  for (int q = 0; q < local_size_; ++q) {
+  for (int q = 1; q < local_size_; ++q) {
     std::memcpy(&headers[q], slot(q, parity) + kHeaderOffset, sizeof(CollectiveHeader));
     if (headers[q].seq != first.seq) order = true;
     if (differs < 0 && !same_call(headers[q], first)) differs = q;

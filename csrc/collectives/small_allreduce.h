@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "allreduce.h"
+#include "handshake.h"
 #include "node_stage.h"
 
 namespace pbm {
@@ -63,7 +64,7 @@ class SmallAllreduce : public AllreduceAlgorithm {
   char* slot(int local_rank, int parity) const;
   std::atomic<uint64_t>* flag(int local_rank, int parity) const;
   void wait_for_peers(uint64_t epoch, int parity, const Progress& progress);
-  void check_headers(int parity, const Progress& progress) const;
+  void check_headers(int parity, const Progress& progress);
   [[noreturn]] void peer_in_other_collective(int local_rank, const Progress& progress) const;
 
   NodeStage& node_;
@@ -74,6 +75,7 @@ class SmallAllreduce : public AllreduceAlgorithm {
   SharedWindow window_;  // never freed (see shared_pool.h)
   uint64_t epoch_ = 0;   // small allreduces so far (the same on every node rank)
   std::vector<const void*> inputs_;
+  std::vector<CollectiveHeader> headers_;  // check_headers' copies, by local rank
   std::atomic<bool> aborted_{false};
 };
 
