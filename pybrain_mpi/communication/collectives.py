@@ -241,7 +241,10 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             shared memory; zero-copy for tensors from :func:`pybrain_mpi.shared_empty`),
             ``"hierarchical"`` (shared-memory node stage, then a ring between nodes for each
             node slice, then a shared-memory allgather; it is ``"shm"`` on one node and
-            ``"ring"`` with one rank per node), or ``"auto"``: ``"ring"`` below
+            ``"ring"`` with one rank per node), ``"small"`` (all ranks on one node, at most
+            64 KiB: every rank writes its input into its own flagged shared-memory slot and
+            reduces all slots itself, in rank order; no MPI message), or ``"auto"``:
+            ``"small"`` on one node up to ``PBM_SMALL_MAX_BYTES`` (64 KiB), else ``"ring"`` below
             ``PBM_SHM_MIN_BYTES`` (default 64 KiB; such messages travel inside the join
             message) or with one rank per node, else ``"shm"`` on one node and
             ``"hierarchical"`` on several.

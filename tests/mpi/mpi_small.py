@@ -173,3 +173,35 @@ def test_many_calls_in_a_row_reuse_the_two_slots_without_reading_stale_data(comm
         pbm.allreduce_(x, algorithm="small")
         expected = float(k * n * n + n * (n - 1) // 2)
         assert torch.all(x == expected), (k, float(x[0]), expected)
+
+
+def test_ddp_small_first_bucket_goes_through_the_slots_and_matches_the_average(comm):
+    """DDP with algorithm="auto": a first bucket under 64 KiB is reduced on the small path (no
+    MPI bytes, shared-memory bytes counted), and every gradient is the ranks' average."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ddp = pbm.DistributedDataParallel(model, algorithm="auto", first_bucket_bytes=4096, bucket_bytes=4096)
+    inputs = torch.randn(5, 16, generator=torch.Generator().manual_seed(r))
+    sent, shm = pbm.bytes_sent(), context.shm_bytes()
+    ddp(inputs).pow(2).sum().backward()
+    assert pbm.bytes_sent() == sent, "a small bucket sent MPI messages"
+    params = sum(p.numel() for p in model.parameters())
+    assert context.shm_bytes() - shm == 4 * params, (context.shm_bytes() - shm, params)
+    # reference: each rank's own gradient, averaged with MPI in float64
+    reference = copy_model_grads(model, inputs)
+    for p, g in zip(model.parameters(), reference):
+        total = np.empty_like(g)
+        comm.Allreduce(g, total, op=MPI.SUM)
+        np.testing.assert_allclose(p.grad.double().numpy(), total / n, rtol=1e-5, atol=1e-6)
+
+
+def copy_model_grads(model: torch.nn.Module, inputs: torch.Tensor) -> list[np.ndarray]:
+    """This rank's own (unreduced) gradients of the same loss, from a plain copy of the model."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for p in plain.parameters():
+        p.grad = None
+    plain(inputs).pow(2).sum().backward()
+    return [p.grad.double().numpy() for p in plain.parameters()]
