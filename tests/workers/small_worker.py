@@ -23,6 +23,8 @@ def mode_stopped(comm) -> None:
     x = torch.full((1024,), float(r + 1))
     comm.Barrier()
     if r == 0:
+        # Not at once: the last rank may still owe the others its part of the barrier.
+        time.sleep(0.5)
         os.kill(pids[n - 1], signal.SIGSTOP)
         started = time.monotonic()
         try:
@@ -50,7 +52,7 @@ def mode_stopped(comm) -> None:
     else:
         # Stopped during this nap, before it enters the call; resumed after rank 0 gave up:
         # every peer's slot is there, so the call completes.
-        time.sleep(1.0)
+        time.sleep(3.0)
         pbm.allreduce_(x, algorithm="auto", name="grad.small", timeout_s=30)
         print("stopped rank resumed and finished", flush=True)
     comm.Barrier()
