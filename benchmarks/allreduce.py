@@ -54,7 +54,7 @@ from common import (human_bytes, median, parse_size, print_table, time_collectiv
                     write_json_lines)
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
-IMPLS = ("pbm_ring", "pbm_mpi", "mpi", "gloo", "pbm_3lc", "pbm_bf16", "pbm_shm", "pbm_shm_zc",
+IMPLS = ("pbm_ring", "pbm_mpi", "pbm_small", "pbm_auto", "mpi", "gloo", "pbm_3lc", "pbm_bf16", "pbm_shm", "pbm_shm_zc",
          "pbm_shm_zc_finite", "pbm_hier", "pbm_hier_3lc", "pbm_hier_zc", "pbm_hier_3lc_zc")
 DEFAULT_IMPLS = "pbm_ring,pbm_mpi,mpi,gloo"
 LINK_10G_BYTES_PER_S = 10e9 / 8
@@ -239,6 +239,9 @@ def main() -> None:
             "pbm_ring": lambda: pbm.allreduce_(buffer, algorithm="ring"),
             "pbm_mpi": lambda: pbm.allreduce_(buffer, algorithm="mpi"),
             "pbm_shm": lambda: pbm.allreduce_(buffer, algorithm="shm"),
+            # the small-message path (one node, at most 64 KiB) and what "auto" picks
+            "pbm_small": lambda: pbm.allreduce_(buffer, algorithm="small"),
+            "pbm_auto": lambda: pbm.allreduce_(buffer, algorithm="auto"),
             "pbm_shm_zc": lambda: pbm.allreduce_(shared, algorithm="shm"),
             # the same, also reporting whether the result is finite (checked inside the reduce)
             "pbm_shm_zc_finite": lambda: pbm.allreduce_async_(shared, algorithm="shm",

@@ -140,7 +140,8 @@ void bind_enums(py::module_& m) {
       .value("mpi", pbm::Algorithm::kMpi)
       .value("shm", pbm::Algorithm::kShm)
       .value("hierarchical", pbm::Algorithm::kHierarchical)
-      .value("auto", pbm::Algorithm::kAuto);
+      .value("auto", pbm::Algorithm::kAuto)
+      .value("small", pbm::Algorithm::kSmall);
   py::enum_<pbm::PayloadCodec>(m, "PayloadCodec", "Codec ids of self-describing payloads (payload.h).")
       .value("NoCompression", pbm::PayloadCodec::kRaw)
       .value("ThreeLC", pbm::PayloadCodec::kThreeLC)
@@ -391,6 +392,9 @@ void bind_node_stage(py::class_<pbm::Engine>& engine) {
       .def_property(
           "shm_min_bytes", [](pbm::Engine& e) { return e.algorithms().shm_min_bytes; },
           [](pbm::Engine& e, size_t bytes) { e.algorithms().shm_min_bytes = bytes; })
+      .def_property(
+          "small_max_bytes", [](pbm::Engine& e) { return e.algorithms().small_max_bytes; },
+          [](pbm::Engine& e, size_t bytes) { e.algorithms().small_max_bytes = bytes; })
       .def_property(
           "shm_chunk_bytes", [node](pbm::Engine& e) { return node(e).chunk_bytes; },
           [node](pbm::Engine& e, size_t bytes) { node(e).chunk_bytes = std::max<size_t>(bytes, 4096); })

@@ -1,10 +1,13 @@
 #include "algorithm_table.h"
 
+#include <algorithm>
+
 #include "compressed_allreduce.h"
 #include "hierarchical_allreduce.h"
 #include "join_allreduce.h"
 #include "mpi_allreduce.h"
 #include "shm_allreduce.h"
+#include "small_allreduce.h"
 
 namespace pbm {
 
@@ -22,6 +25,14 @@ AlgorithmTable::~AlgorithmTable() = default;
 
 void AlgorithmTable::add_node_algorithms(NodeStage& node) {
   node_ = &node;
+  // The small-message slots (a window collective over the node) exist where they can run.
+  if (node.single_node() && node.local_size() > 1) {
+    auto small = std::make_unique<SmallAllreduce>(node);
+    small_ = small.get();
+    table_.push_back(std::move(small));
+  }
+  // More ranks than CPUs: every wait yields its core at once (transport.h).
+  Transport::set_oversubscribed(node_oversubscribed(node.local_size()));
   table_.push_back(std::make_unique<ShmAllreduce>(node));
   // Resolution never picks the hierarchical algorithm on one node.
   if (!node.single_node()) table_.push_back(std::make_unique<HierarchicalAllreduce>(node));
@@ -35,6 +46,9 @@ Algorithm AlgorithmTable::resolve(const AllreduceArgs& args) const {
   const bool several_local = node_->slices() > 1;
   switch (requested) {
     case Algorithm::kAuto:
+      // One node: small messages through the flagged slots (no join message).
+      if (small_ && args.bytes() <= std::min(small_max_bytes, SmallAllreduce::kCapacityBytes))
+        return Algorithm::kSmall;
       if (args.bytes() < shm_min_bytes || !several_local) return Algorithm::kRing;
       return node_->single_node() ? Algorithm::kShm : Algorithm::kHierarchical;
     case Algorithm::kHierarchical:

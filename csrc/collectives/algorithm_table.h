@@ -12,6 +12,7 @@
 //   ring          the pipelined ring                         ring_allreduce.h
 //   shm           one node, shared memory                    shm_allreduce.h
 //   hierarchical  shm node stage + rings between nodes       hierarchical_allreduce.h
+//   small         one node, small messages in flagged slots  small_allreduce.h
 //
 // The engine resolves and selects once per call, at submission (Engine::make_operation).
 #pragma once
@@ -46,12 +47,16 @@ class AlgorithmTable {
   // "auto" uses the node stage from this many bytes on (PBM_SHM_MIN_BYTES); smaller
   // messages go to the ring (which carries them inside the join message).
   size_t shm_min_bytes = 64 * 1024;
+  // On one node, "auto" sends messages of at most this many bytes through the small-message
+  // slots (PBM_SMALL_MAX_BYTES; 0 turns it off; at most SmallAllreduce::kCapacityBytes).
+  size_t small_max_bytes = 64 * 1024;
 
   void abort();
   uint64_t bytes_sent() const;
 
  private:
   const NodeStage* node_ = nullptr;
+  const AllreduceAlgorithm* small_ = nullptr;  // one node with several ranks only
   RingAllreduce* ring_ = nullptr;
   std::vector<std::unique_ptr<AllreduceAlgorithm>> table_;
 };

@@ -43,6 +43,8 @@ struct Wire {
   bool threelc() const { return kind == WireKind::kThreeLC; }
 };
 
+struct CollectiveHeader;  // handshake.h
+
 struct AllreduceArgs {
   // --- what the caller asks for ---
   void* data = nullptr;  // in place: input on entry, result on exit
@@ -59,6 +61,7 @@ struct AllreduceArgs {
   double divisor = 1.0;         // avg: the world size (each algorithm divides where it is cheapest)
   ZeroCopyPlacement placement;  // node-stage algorithms that asked for it in their JoinRequest
   ThreeLCResiduals residuals;   // 3LC: the state's buffers for the resolved path's layout
+  const CollectiveHeader* header = nullptr;  // the call's join header (algorithms that join by themselves)
 
   size_t bytes() const { return count * dtype_size(dtype); }
   bool half_wire() const { return wire.kind == WireKind::kHalf; }
@@ -68,11 +71,15 @@ struct AllreduceArgs {
 struct JoinRequest {
   bool payload = false;    // the whole buffer rides in the join message (tiny allreduces)
   bool zero_copy = false;  // agree on a zero-copy placement of the node's buffers
+  bool self_joined = false;  // no join message: run() agrees on args.header itself (small_allreduce.h)
 };
 
 struct AllreduceResult {
   bool finite_known = false;  // run() checked finiteness itself, inside its reduce
   bool finite = true;
+  // A self-joining algorithm (JoinRequest::self_joined) found that the ranks proposed
+  // collectives of different names; nothing moved, on every rank alike: negotiate first.
+  bool negotiate = false;
 };
 
 class AllreduceAlgorithm {

@@ -16,6 +16,7 @@ enum class Algorithm : int32_t {
   kShm = 2,           // shm_allreduce.cpp: one node, reduce-scatter + allgather in shared memory
   kHierarchical = 3,  // hierarchical_allreduce.cpp: shm node stage + per-slice rings between nodes
   kAuto = 4,          // algorithm_table.cpp resolve(): by message size and topology
+  kSmall = 5,         // small_allreduce.cpp: one node, small messages through flagged shared slots
 };
 
 inline const char* collective_kind_name(CollectiveKind kind) {
@@ -34,6 +35,7 @@ inline const char* algorithm_name(Algorithm algorithm) {
     case Algorithm::kShm: return "shm";
     case Algorithm::kHierarchical: return "hierarchical";
     case Algorithm::kAuto: return "auto";
+    case Algorithm::kSmall: return "small";
   }
   return "unknown";
 }

@@ -7,6 +7,7 @@
 
 #include "../kernels/reduce.h"
 #include "mpi_allreduce.h"
+#include "small_allreduce.h"
 
 namespace pbm {
 
@@ -106,6 +107,9 @@ void Engine::validate_allreduce(const AllreduceArgs& args, const std::string& wh
       fail("algorithm 'shm' reduces within one node, but the ranks span " + std::to_string(node_->node_count()) +
            " nodes; use algorithm='hierarchical' (or 'auto')");
   }
+  if (args.algorithm == Algorithm::kSmall && (!node_ || !node_->single_node() || args.bytes() > SmallAllreduce::kCapacityBytes))
+    fail("algorithm 'small' takes messages of at most " + std::to_string(SmallAllreduce::kCapacityBytes) +
+         " bytes with every rank on one node (pybrain_mpi.init()); use 'auto'");
   if (args.wire.kind == WireKind::kHalf && !is_half_precision(args.dtype))
     fail(std::string("a 16-bit wire takes bfloat16/float16 buffers, not ") + dtype_name(args.dtype));
   if (!args.wire.threelc()) return;
@@ -428,7 +432,7 @@ bool Engine::execute(Operation& op, Clock::time_point deadline) {
   } catch (const CollectiveMismatchError& error) {
     // Headers agreed on the name but not the shape: every rank raised the same error
     // and no data moved, so later collectives can still match.
-    if (handshake_.order_broken()) mark_broken(error.what());
+    if (handshake_.order_broken() || error.order_broken()) mark_broken(error.what());
     op.finish(std::current_exception());
   } catch (const AgreedFailureError&) {
     op.finish(std::current_exception());
@@ -453,12 +457,19 @@ bool Engine::execute_allreduce(Operation& op, const Progress& progress) {
     args.data = work;
     args.dtype = DType::kFloat32;
   }
-  if (!join_allreduce(op, algorithm.join(args), !widen, progress)) {
+  const JoinRequest join = algorithm.join(args);
+  args.header = &op.header();
+  if (!join.self_joined && !join_allreduce(op, join, !widen, progress)) {
     args.data = user;  // not run: the ranks negotiate first
     args.dtype = user_dtype;
     return false;
   }
   const AllreduceResult result = algorithm.run(args, progress);
+  if (result.negotiate) {  // a self-joining algorithm saw other names: nothing moved
+    args.data = user;
+    args.dtype = user_dtype;
+    return false;
+  }
   if (widen) {
     narrow_from_float32(static_cast<const float*>(args.data), static_cast<uint16_t*>(user), args.count, user_dtype);
     args.data = user;

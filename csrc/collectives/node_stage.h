@@ -49,6 +49,8 @@ class NodeStage {
   int slices() const { return slices_; }  // P: the largest node's rank count
   bool single_node() const { return node_count_ == 1; }
   const std::vector<int>& node_world_ranks() const { return world_of_local_; }
+  // The node's communicator (collective thread; windows of the node algorithms).
+  MPI_Comm node_comm() const { return node_comm_; }
 
   SharedPool& pool() { return *pool_; }
   const SharedPool& pool() const { return *pool_; }

@@ -89,6 +89,9 @@ class Transport {
   // process, a busy-polling progress thread would steal the cycles of the backward pass it
   // is meant to overlap.
   static void set_polite_polling_for_this_thread(bool polite);
+  // More ranks on the node than CPUs (small_allreduce.h: node_oversubscribed): every wait
+  // yields its core from its first back-off on, since the peer it waits for may need it.
+  static void set_oversubscribed(bool oversubscribed);
   // Spin-then-yield back-off for waits outside MPI (the shared-memory flags); called every
   // 64 polls like the MPI waits' own.
   static void back_off_for_this_thread(uint64_t spin);

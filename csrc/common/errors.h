@@ -45,9 +45,16 @@ class AgreedFailureError : public PbmError {
 };
 
 // Ranks called the same collective with different sizes, dtypes, ops or order.
+// `order_broken`: the ranks disagree on the order of collectives (later ones cannot match
+// either), when the algorithm found it without the handshake (the small-message path).
 class CollectiveMismatchError : public PbmError {
  public:
-  using PbmError::PbmError;
+  explicit CollectiveMismatchError(const std::string& message, bool order_broken = false)
+      : PbmError(message), order_broken_(order_broken) {}
+  bool order_broken() const { return order_broken_; }
+
+ private:
+  bool order_broken_ = false;
 };
 
 }  // namespace pbm

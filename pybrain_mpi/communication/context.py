@@ -152,6 +152,9 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     shm_min = _env_int("PBM_SHM_MIN_BYTES")
     if shm_min is not None:
         engine.shm_min_bytes = shm_min
+    small_max = _env_int("PBM_SMALL_MAX_BYTES")
+    if small_max is not None:
+        engine.small_max_bytes = small_max
     shm_chunk = _env_int("PBM_SHM_CHUNK_BYTES")
     if shm_chunk:
         engine.shm_chunk_bytes = shm_chunk

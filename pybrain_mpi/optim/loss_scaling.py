@@ -127,7 +127,7 @@ class LossScaler:
         if self.allreduce_fn is not None:
             flag = self.allreduce_fn(flag)
         elif communication.is_initialized() and communication.size() > 1:
-            flag = communication.allreduce(flag, op="max", name="pbm.amp.found_inf")
+            flag = communication.allreduce(flag, op="max", name="pbm.amp.found_inf", algorithm="auto")
         return bool(flag.reshape(-1)[0].item() > 0)
 
     # ---- step and update -------------------------------------------------------------------

@@ -326,7 +326,7 @@ class SegmentationData(_CohortPatches):
             vector = torch.cat([torch.tensor([loss_sum, float(len(mine))], dtype=torch.float64),
                                 stats.as_tensor()])
             if size > 1:
-                vector = collectives.allreduce(vector, op="sum", name="val segmentation metrics")
+                vector = collectives.allreduce(vector, op="sum", name="val segmentation metrics", algorithm="auto")
             total = SegmentationStats.from_tensor(vector[2:], self.num_classes)
             report = total.compute(self.labels)
             report["loss"] = float(vector[0]) / max(1.0, float(vector[1]))
@@ -468,7 +468,7 @@ class SubjectRegression(_CohortPatches):
                 sums[s, k] += 1
         vector = torch.from_numpy(np.concatenate([[loss_sum], sums.reshape(-1)]))
         if size > 1:
-            vector = collectives.allreduce(vector, op="sum", name=f"{split} regression metrics")
+            vector = collectives.allreduce(vector, op="sum", name=f"{split} regression metrics", algorithm="auto")
         vector = vector.numpy()
         sums = vector[1:].reshape(len(subjects), k + 1)
         predicted = sums[:, :k] / np.maximum(sums[:, k:], 1.0) * self.target_std + self.target_mean

@@ -598,7 +598,7 @@ class Trainer:
         local_loss = float(loss.detach()) if len(indices) else 0.0
         summed = collectives.allreduce(torch.tensor([local_loss * len(indices), len(indices),
                                                      *stop_flags], dtype=torch.float64),
-                                       op="sum", name="step statistics")
+                                       op="sum", name="step statistics", algorithm="auto")
         t5 = time.perf_counter()
         timings = {"data_s": t1 - t0, "forward_s": t2 - t1, "backward_s": backward_done - t2,
                    "comm_wait_s": (t3 - backward_done) + (t5 - t4), "optimizer_s": t4 - t3}
@@ -658,7 +658,7 @@ class Trainer:
         outputs = int(np.prod(self.data.input_shape)) if self.data.autoencoder else 1
         stats = stats or RegressionStats(outputs)
         vector = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), stats.as_tensor()])
-        vector = collectives.allreduce(vector, op="sum", name=f"{split} metrics")
+        vector = collectives.allreduce(vector, op="sum", name=f"{split} metrics", algorithm="auto")
         total = RegressionStats.from_tensor(vector[1:], stats.n_outputs)
         report = total.compute(self.data.roi_labels)
         report["loss"] = float(vector[0]) / total.count
@@ -872,10 +872,10 @@ class Trainer:
     def _finish(self, stop_reason: str, samples_this_run: int, run_seconds: float) -> dict:
         held_out = self.evaluate("held_out")
         bytes_run = torch.tensor([float(self._bytes_now())], dtype=torch.float64)
-        bytes_run = int(collectives.allreduce(bytes_run, op="sum", name="bytes sent")[0])
+        bytes_run = int(collectives.allreduce(bytes_run, op="sum", name="bytes sent", algorithm="auto")[0])
         shm_run = torch.tensor([float(int(context.shm_bytes()) - self._shm_bytes_at_start)],
                                dtype=torch.float64)
-        shm_run = int(collectives.allreduce(shm_run, op="sum", name="shared-memory bytes")[0])
+        shm_run = int(collectives.allreduce(shm_run, op="sum", name="shared-memory bytes", algorithm="auto")[0])
         peaks = allgather_objects(_peak_rss_mb(), name="peak memory per rank")
         held = held_out or {}
         summary = {
