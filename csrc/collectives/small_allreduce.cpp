@@ -145,7 +145,7 @@ void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& 
           if (flag(q, parity)->load(std::memory_order_acquire) >= epoch) continue;
           int pending = 0;
           MPI_Status status;
-          node_.world().check(MPI_Iprobe(node_.node_world_ranks()[q], kTagHeader, node_.world().comm(),
+          node_.world().check(MPI_Iprobe(node_.node_world_ranks()[q], node_.world().header_tag(), node_.world().comm(),
                                          &pending, &status),
                               "MPI_Iprobe (small-message allreduce)");
           if (pending) peer_in_other_collective(q, progress);
@@ -203,11 +203,11 @@ void SmallAllreduce::peer_in_other_collective(int local_rank, const Progress& pr
   // Read its header to say which (the engine is out of step with it now anyway).
   MPI_Status status;
   int pending = 0;
-  MPI_Iprobe(peer, kTagHeader, node_.world().comm(), &pending, &status);
+  MPI_Iprobe(peer, node_.world().header_tag(), node_.world().comm(), &pending, &status);
   int bytes = 0;
   if (pending && MPI_Get_count(&status, MPI_BYTE, &bytes) == MPI_SUCCESS && bytes >= static_cast<int>(sizeof(CollectiveHeader))) {
     std::vector<char> buffer(bytes);
-    if (MPI_Recv(buffer.data(), bytes, MPI_BYTE, peer, kTagHeader, node_.world().comm(), MPI_STATUS_IGNORE) ==
+    if (MPI_Recv(buffer.data(), bytes, MPI_BYTE, peer, node_.world().header_tag(), node_.world().comm(), MPI_STATUS_IGNORE) ==
         MPI_SUCCESS) {
       CollectiveHeader theirs;
       std::memcpy(&theirs, buffer.data(), sizeof(theirs));
