@@ -80,6 +80,10 @@ struct AllreduceResult {
   // A self-joining algorithm (JoinRequest::self_joined) found that the ranks proposed
   // collectives of different names; nothing moved, on every rank alike: negotiate first.
   bool negotiate = false;
+  // A self-joining algorithm found a peer in a collective that joins by message (a different
+  // call, submitted in another order): it withdrew its own share, nothing moved; the engine
+  // joins by message instead, so the ranks see each other's names and negotiate.
+  bool join_instead = false;
 };
 
 class AllreduceAlgorithm {

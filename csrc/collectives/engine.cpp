@@ -465,6 +465,23 @@ bool Engine::execute_allreduce(Operation& op, const Progress& progress) {
     return false;
   }
   const AllreduceResult result = algorithm.run(args, progress);
+  if (result.join_instead) {
+    // A peer joined by message (another call, submitted in another order): join the same
+    // way, so every rank sees every name. The names differ (false: negotiate), or one name
+    // has two descriptions (the handshake raises the mismatch on every rank).
+    JoinRequest by_message = join;
+    by_message.self_joined = false;
+    by_message.payload = false;
+    by_message.zero_copy = false;
+    if (!join_allreduce(op, by_message, !widen, progress)) {
+      args.data = user;
+      args.dtype = user_dtype;
+      return false;
+    }
+    throw CollectiveMismatchError("rank " + std::to_string(rank()) + ": " + op.describe() +
+                                      ": the ranks agreed on its name but chose different algorithms for it",
+                                  true);
+  }
   if (result.negotiate) {  // a self-joining algorithm saw other names: nothing moved
     args.data = user;
     args.dtype = user_dtype;

@@ -85,8 +85,15 @@ AllreduceResult SmallAllreduce::run(const AllreduceArgs& args, const Progress& p
   if (bytes) std::memcpy(mine + kDataOffset, args.data, bytes);
   flag(me_, parity)->store(epoch, std::memory_order_release);
 
-  wait_for_peers(epoch, parity, progress);
   AllreduceResult result;
+  if (!wait_for_peers(epoch, parity, progress)) {
+    // Withdraw: no peer can have completed this epoch (the one in a join never publishes
+    // it), so restoring the flag and the epoch leaves the slots as they were before.
+    flag(me_, parity)->store(epoch >= 2 ? epoch - 2 : 0, std::memory_order_release);
+    --epoch_;
+    result.join_instead = true;
+    return result;
+  }
   if (!check_headers(parity, progress)) {
     result.negotiate = true;  // every rank read the same headers: all negotiate
     return result;
@@ -110,7 +117,7 @@ AllreduceResult SmallAllreduce::run(const AllreduceArgs& args, const Progress& p
   return result;
 }
 
-void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& progress) {
+bool SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& progress) {
   // Spin for at most this long before yielding (none when the node is oversubscribed), and
   // nap between polls once the wait has lasted this long.
   const auto spin_for = std::chrono::microseconds(oversubscribed_ ? 0 : 20);
@@ -120,7 +127,7 @@ void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& 
   int next = 0;  // peers below `next` (in local-rank order) have arrived
   for (uint64_t poll = 0;; ++poll) {
     while (next < local_size_ && flag(next, parity)->load(std::memory_order_acquire) >= epoch) ++next;
-    if (next == local_size_) return;
+    if (next == local_size_) return true;
     if (!oversubscribed_ && (poll & 15) != 15) {
       cpu_relax();
       continue;
@@ -138,7 +145,7 @@ void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& 
         if (first_missing < 0) first_missing = q;
         missing.push_back(node_.node_world_ranks()[q]);
       }
-      if (missing.empty()) return;
+      if (missing.empty()) return true;
       // A late peer that sent a join header is in a collective of another kind or size.
       if (!reported || (poll & 255) == 255) {
         for (int q = 0; q < local_size_; ++q) {
@@ -148,7 +155,7 @@ void SmallAllreduce::wait_for_peers(uint64_t epoch, int parity, const Progress& 
           node_.world().check(MPI_Iprobe(node_.node_world_ranks()[q], node_.world().header_tag(), node_.world().comm(),
                                          &pending, &status),
                               "MPI_Iprobe (small-message allreduce)");
-          if (pending) peer_in_other_collective(q, progress);
+          if (pending) return false;  // it joins by message: withdraw and join the same way
         }
       }
       if (!reported) progress.report(progress.describe() + ": small-message allreduce", missing);
@@ -192,31 +199,6 @@ bool SmallAllreduce::check_headers(int parity, const Progress& progress) {
   message << "\nEvery rank must issue the same collectives, in the same order, with the same name, "
              "dtype, element count and options.";
   throw CollectiveMismatchError(message.str(), order);
-}
-
-void SmallAllreduce::peer_in_other_collective(int local_rank, const Progress& progress) const {
-  const int peer = node_.node_world_ranks()[local_rank];
-  std::ostringstream message;
-  message << "rank " << node_.world().rank() << ": " << progress.describe() << ": rank " << peer
-          << " is running a different collective (it sent a join header instead of entering this "
-             "small-message allreduce)";
-  // Read its header to say which (the engine is out of step with it now anyway).
-  MPI_Status status;
-  int pending = 0;
-  MPI_Iprobe(peer, node_.world().header_tag(), node_.world().comm(), &pending, &status);
-  int bytes = 0;
-  if (pending && MPI_Get_count(&status, MPI_BYTE, &bytes) == MPI_SUCCESS && bytes >= static_cast<int>(sizeof(CollectiveHeader))) {
-    std::vector<char> buffer(bytes);
-    if (MPI_Recv(buffer.data(), bytes, MPI_BYTE, peer, node_.world().header_tag(), node_.world().comm(), MPI_STATUS_IGNORE) ==
-        MPI_SUCCESS) {
-      CollectiveHeader theirs;
-      std::memcpy(&theirs, buffer.data(), sizeof(theirs));
-      message << ": " << describe_header(theirs);
-    }
-  }
-  message << ". Every rank must issue the same collectives, in the same order, with the same name, "
-             "dtype, element count and options.";
-  throw CollectiveMismatchError(message.str(), true);
 }
 
 }  // namespace pbm

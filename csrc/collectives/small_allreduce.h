@@ -63,11 +63,12 @@ class SmallAllreduce : public AllreduceAlgorithm {
  private:
   char* slot(int local_rank, int parity) const;
   std::atomic<uint64_t>* flag(int local_rank, int parity) const;
-  void wait_for_peers(uint64_t epoch, int parity, const Progress& progress);
+  // True once every node rank has published this epoch; false when a missing peer sent a
+  // join header instead (it is in another collective: the caller withdraws).
+  bool wait_for_peers(uint64_t epoch, int parity, const Progress& progress);
   // True when every rank proposed the same call; false when the names differ (the engine
   // negotiates); throws CollectiveMismatchError for one name with different descriptions.
   bool check_headers(int parity, const Progress& progress);
-  [[noreturn]] void peer_in_other_collective(int local_rank, const Progress& progress) const;
 
   NodeStage& node_;
   int me_;
