@@ -6,7 +6,18 @@ one was given) and, for multi-rank failures, the ranks at fault.
 
 from __future__ import annotations
 
-__all__ = ["PbmError", "CollectiveTimeout", "CollectiveMismatch", "MPILibraryMismatch"]
+__all__ = ["PbmError", "CollectiveTimeout", "CollectiveMismatch", "PeerFailure", "MPILibraryMismatch"]
+
+# Failures that left this rank's world unable to finish together (a timeout, a lost peer):
+# the first few errors raised (their ranks are read later: the native core sets them after
+# construction). Read at interpreter exit by communication/context.py, which then bounds
+# MPI_Finalize (it would wait for the stopped or lost rank).
+WORLD_FAILURES: list["PbmError"] = []
+
+
+def _record_world_failure(error: "PbmError") -> None:
+    if len(WORLD_FAILURES) < 8:
+        WORLD_FAILURES.append(error)
 
 
 class PbmError(RuntimeError):
@@ -26,6 +37,24 @@ class CollectiveTimeout(PbmError, TimeoutError):
     def __init__(self, message: str, missing_ranks: list[int] | None = None):
         super().__init__(message)
         self.missing_ranks = list(missing_ranks or [])
+        _record_world_failure(self)
+
+
+class PeerFailure(PbmError):
+    """The MPI library failed a transfer with other ranks, most likely because a peer
+    process died (e.g. SIGKILL under ``mpiexec -disable-auto-cleanup``).
+
+    ``failed_ranks`` lists the peers the wait was still waiting for (on the 2-rank ring: the
+    other rank); the message names them and carries MPI's own error text. Like a timeout,
+    it leaves the ranks out of step: end the job.
+    """
+
+    failed_ranks: list[int]
+
+    def __init__(self, message: str, failed_ranks: list[int] | None = None):
+        super().__init__(message)
+        self.failed_ranks = list(failed_ranks or [])
+        _record_world_failure(self)
 
 
 class CollectiveMismatch(PbmError, ValueError):

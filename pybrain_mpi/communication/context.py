@@ -169,8 +169,52 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
         thread_level=thread_level,
     )
     atexit.register(shutdown)
+    _guard_exit(rank_, size_, timeout)
     if size_ > 1 and os.environ.get("PBM_ABORT_ON_ERROR", "1") != "0":
         _abort_on_uncaught_exception(MPI, rank_)
+
+
+_exit_guard: dict = {}
+
+
+def _guard_exit(rank_: int, size_: int, timeout: float) -> None:
+    """Registers (once per process) :func:`_bound_exit_after_failure` to run at interpreter
+    exit before :func:`shutdown` (atexit runs last-registered first)."""
+    first = not _exit_guard
+    _exit_guard.update(rank=rank_, size=size_, timeout_s=timeout)
+    if first:
+        atexit.register(_bound_exit_after_failure)
+
+
+def _bound_exit_after_failure() -> None:
+    """After a collective failed on this rank, exiting cannot wait on the peers forever.
+
+    MPI_Finalize (mpi4py calls it once the interpreter is gone) waits for every rank; with a
+    peer stopped (SIGSTOP) or lost, a rank that already reported the failure and called
+    ``sys.exit`` would stay alive until the peer resumes. So when a
+    :class:`~pybrain_mpi.CollectiveTimeout` or :class:`~pybrain_mpi.PeerFailure` was raised
+    in this process, exiting is bounded by ``PBM_TIMEOUT_S``: a rank still alive after that
+    long says so on stderr and ends with status 1 without finalizing MPI (mpiexec and srun
+    then end the job). A rank whose peers are merely late finalizes normally.
+    """
+    from .. import errors
+
+    if not errors.WORLD_FAILURES or _exit_guard.get("size", 1) <= 1:
+        return
+    ranks = sorted({r for e in errors.WORLD_FAILURES
+                    for r in (getattr(e, "missing_ranks", None) or getattr(e, "failed_ranks", None) or [])})
+    timeout = float(_exit_guard["timeout_s"])
+    waiting = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}" if ranks \
+        else "the other ranks"
+    message = (f"pybrain-mpi: rank {_exit_guard['rank']}: still exiting {timeout:g} s after a failed "
+               f"collective (MPI_Finalize waits for {waiting}); ending with status 1 without "
+               "finalizing MPI\n")
+    try:
+        from ..core.library import _core
+
+        _core.watch_exit(timeout, message, 1)
+    except Exception:  # noqa: BLE001 - never let exit handling raise
+        pass
 
 
 def _abort_on_uncaught_exception(MPI: Any, rank_: int) -> None:

@@ -49,10 +49,10 @@ from ..optim import LossScaler
 from ..models import DCA, build_model, dca_loss, model_arguments, parameter_count
 from .codecs import build_codec
 from ..data.errors import DataError
-from ..data.ranks import allgather_objects
+from ..communication.objects import allgather_objects, gather_objects
 from ..data.samplers import ShuffledSampler
 from .data import TrainingData, build_data
-from .signals import StopRequest
+from .signals import StopRequest, process_identity
 from .timeline import StepLog, Timeline
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
@@ -180,6 +180,10 @@ class Trainer:
         # rank: it is recorded now and honoured at the first step boundary.
         self.stop_request = StopRequest(self.rank).__enter__()
         try:
+            # Every rank's process, so MPICH's SIGUSR1 about a dead rank is not read as a
+            # preemption request (signals.py).
+            self.stop_request.watch_peers(allgather_objects(process_identity(),
+                                                            name="process identities"))
             self._set_up(resume, max_steps)
         except BaseException:
             self.stop_request.__exit__(None, None, None)
@@ -569,10 +573,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
         """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
-        rng_states = self.comm.gather(ckpt.rng_state(), root=0) if self.size > 1 else [ckpt.rng_state()]
+        # Bounded gathers (PBM_TIMEOUT_S): a rank that stopped answering is named in a
+        # CollectiveTimeout instead of freezing rank 0 here.
+        rng_states = gather_objects(ckpt.rng_state(), 0, name=f"RNG states for the checkpoint ({reason})")
         # 3LC error-feedback residuals differ per rank: gathered like the RNG states.
-        residuals = self.model.compression_state_dict()
-        residuals = self.comm.gather(residuals, root=0) if self.size > 1 else [residuals]
+        residuals = gather_objects(self.model.compression_state_dict(), 0,
+                                   name=f"3LC residuals for the checkpoint ({reason})")
 
         def write():
             if self.rank != 0:
@@ -636,6 +642,7 @@ class Trainer:
             stop_reason = "steps" if stop_at < self.total_steps else "completed"
         with self.stop_request as stop:
             while stop_reason is None:
+                stop.check_peers()  # MPICH announced a dead rank: stop, naming it
                 epoch, in_epoch = divmod(self.step, spe)
                 elapsed = self.train_seconds + (time.perf_counter() - loop_started)
                 over_budget = train.time_budget_s > 0 and elapsed >= train.time_budget_s
@@ -725,8 +732,7 @@ class Trainer:
     def _write_timeline(self) -> None:
         if self.timeline_path is None:
             return
-        events = self.comm.gather(self.timeline.events, root=0) if self.size > 1 \
-            else [self.timeline.events]
+        events = gather_objects(self.timeline.events, 0, name="timeline events")
         if self.rank == 0:
             count = Timeline.write_merged(self.timeline_path, events)
             self._say(f"timeline: {count} events of {self.size} rank(s) in {self.timeline_path}")

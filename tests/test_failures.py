@@ -1,0 +1,228 @@
+"""No cross-rank wait outlives PBM_TIMEOUT_S, with real ranks really stopped (SIGSTOP) or
+killed (SIGKILL): the bounded object collectives, the model check, the exit after a failed
+collective, a dead peer on the 2-rank ring, a rank stopped while rank 0 writes a checkpoint,
+and MPICH's SIGUSR1 about a dead rank (not a preemption request)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS, mpiexec_path
+from train_fixtures import step_lines, write_config
+
+TIMEOUT_S = 4  # PBM_TIMEOUT_S of these runs
+
+
+def _pids(pid_dir: Path) -> list[int]:
+    pids = []
+    for path in pid_dir.glob("*.pid"):
+        try:
+            pids.append(int(path.read_text()))
+        except ValueError:
+            pass
+    return pids
+
+
+def _end(pids: list[int]) -> None:
+    """Ends the rank processes this test started (stopped ones too)."""
+    for pid in pids:
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def launch(ranks: int, args: list[str], pid_dir: Path, *, limit_s: float, env: dict | None = None,
+           mpiexec_args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs ``python ARGS`` on ``ranks`` ranks; fails the test if the launch is still alive
+    after ``limit_s`` (then ends every rank it started, stopped ones included)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                    PBM_TIMEOUT_S=str(TIMEOUT_S), **(env or {}))
+    command = [mpiexec_path(), *mpiexec_args, "-n", str(ranks), sys.executable, *args]
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=full_env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        _end(_pids(pid_dir))
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args[:3])} on {ranks} ranks still running after {limit_s} s "
+                    f"(PBM_TIMEOUT_S={TIMEOUT_S})\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    finally:
+        _end(_pids(pid_dir))
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), \
+        time.monotonic() - started
+
+
+def caught(stdout: str) -> list[dict]:
+    found = []
+    for match in re.finditer(r"^CAUGHT (\w+) ranks=\[([\d, ]*)\] rank=(\d+): (.*)$", stdout, re.M):
+        found.append({"type": match[1], "ranks": [int(r) for r in match[2].split(",") if r.strip()],
+                      "rank": int(match[3]), "message": match[4]})
+    return found
+
+
+# --------------------------------------------------------------- a stopped peer, each wait
+@pytest.mark.parametrize("mode,ranks,what", [
+    ("gather", 2, "RNG states"),
+    ("gather", 3, "RNG states"),
+    ("allgather", 3, "host names"),
+    ("broadcast", 2, "the config"),
+    ("barrier", 4, "before the epoch"),
+    ("consistency", 2, "parameter check (digest)"),
+    ("allreduce", 3, "grad"),
+])
+def test_a_stopped_rank_is_named_and_the_others_exit_while_it_stays_stopped(tmp_path, mode, ranks,
+                                                                            what):
+    # Each waiting rank: a timeout after PBM_TIMEOUT_S, then at most PBM_TIMEOUT_S more to exit.
+    result, elapsed = launch(ranks, [str(WORKERS / "failure_worker.py"), mode, str(tmp_path)],
+                             tmp_path, limit_s=4 * TIMEOUT_S + 40)
+    out = result.stdout + result.stderr
+    stopped = ranks - 1
+    reports = caught(result.stdout)
+    assert sorted(r["rank"] for r in reports) == list(range(ranks - 1)), out
+    for report in reports:
+        assert report["type"] == "CollectiveTimeout", out
+        assert report["ranks"] == [stopped], out
+        assert str(stopped) in report["message"] and what in report["message"], out
+    for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
+        assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
+    assert "RESUMED" not in out  # nobody waited for the stopped rank to continue
+    assert result.returncode != 0, out
+
+
+# --------------------------------------------------------------- a dead peer on the ring
+def test_a_peer_killed_mid_allreduce_on_the_two_rank_ring_is_named(tmp_path):
+    result, _ = launch(2, [str(WORKERS / "failure_worker.py"), "ring_peer_killed", str(tmp_path)],
+                       tmp_path, limit_s=3 * TIMEOUT_S + 40, mpiexec_args=("-disable-auto-cleanup",))
+    out = result.stdout + result.stderr
+    reports = caught(result.stdout)
+    assert [r["rank"] for r in reports] == [0], out
+    report = reports[0]
+    # MPICH either fails the transfer (PeerFailure) or never completes it (the deadline).
+    assert report["type"] in ("PeerFailure", "CollectiveTimeout"), out
+    assert report["ranks"] == [1], out
+    assert re.search(r"(waiting for|not joined:) rank 1\b", report["message"]), out
+    assert "grad.big" in report["message"], out
+
+
+# --------------------------------------------------------------- the trainer
+def _start_pid(output: Path, rank: int) -> int:
+    lines = (output / "logs" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"event": "start"' in line][-1]["pid"]
+
+
+def _train(tmp_path: Path, env: dict, mpiexec_args: tuple[str, ...] = ()):
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.toml", output, tmp_path / "cache", precision="fp32",
+                          extra_train="checkpoint_every = 1")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                    PBM_TIMEOUT_S=str(TIMEOUT_S), **env)
+    command = [mpiexec_path(), *mpiexec_args, "-n", "2", sys.executable,
+               str(WORKERS / "train_cli.py"), "train", str(config), "--steps", "400",
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=full_env, start_new_session=True)
+    return process, output
+
+
+def _wait_for(condition, process, what: str, pids, limit_s: float = 150) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"training exited ({process.returncode}) before {what}:\n"
+                        + "\n".join(process.communicate()))
+        if time.monotonic() > deadline:
+            _end(pids())
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(process.communicate()))
+        time.sleep(0.02)
+
+
+def _finish(process, pids: list[int], limit_s: float) -> tuple[str, str, float]:
+    started = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        _end(pids)
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"training still running {limit_s} s after the fault\nstdout:\n{stdout}\n"
+                    f"stderr:\n{stderr}")
+    finally:
+        _end(pids)
+    return stdout, stderr, time.monotonic() - started
+
+
+def test_rank_stopped_while_rank0_writes_a_checkpoint_gives_a_timeout_naming_it(tmp_path):
+    # Every checkpoint write pauses 2 s half-way through its temporary file.
+    process, output = _train(tmp_path, {"PBM_CHECKPOINT_WRITE_DELAY_S": "2"})
+    checkpoints = output / "checkpoints"
+    logs = output / "logs"
+    pids = lambda: [_start_pid(output, r) for r in (0, 1)  # noqa: E731
+                    if (logs / f"rank{r}.jsonl").exists()]
+    _wait_for(lambda: len(pids()) == 2 and step_lines(output, 0)
+              and any(checkpoints.glob(".checkpoint.pt.*.tmp")), process,
+              "rank 0 writing a checkpoint", pids)
+    rank1 = _start_pid(output, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    stdout, stderr, elapsed = _finish(process, pids(), limit_s=4 * TIMEOUT_S + 40)
+    assert process.returncode != 0, stdout + stderr
+    message = re.search(r"pybrain-mpi train: error: (rank 0: .*)", stderr)
+    assert message, stderr
+    text = message[1]
+    assert "checkpoint" in text and re.search(r"(waiting for|not joined:) rank 1\b", text), stderr
+    assert elapsed <= 3 * TIMEOUT_S + 30, (elapsed, stderr)
+
+
+def test_mpich_sigusr1_about_a_dead_rank_is_not_a_preemption_request(tmp_path):
+    process, output = _train(tmp_path, {"PBM_TRAIN_STEP_DELAY_S": "0.2"},
+                             mpiexec_args=("-disable-auto-cleanup",))
+    logs = output / "logs"
+    pids = lambda: [_start_pid(output, r) for r in (0, 1)  # noqa: E731
+                    if (logs / f"rank{r}.jsonl").exists()]
+    _wait_for(lambda: len(pids()) == 2 and len(step_lines(output, 1)) >= 2, process,
+              "rank 1 logging 2 steps", pids)
+    os.kill(_start_pid(output, 1), signal.SIGKILL)  # mpiexec then sends SIGUSR1 to rank 0
+    stdout, stderr, _ = _finish(process, pids(), limit_s=4 * TIMEOUT_S + 40)
+    assert "not a preemption request" in stderr and "rank 1" in stderr, stderr
+    assert "checkpointing at the next step" not in stderr, stderr
+    assert "stop requested" not in stdout, stdout
+    error = re.search(r"pybrain-mpi train: error: (rank 0: .*)", stderr)
+    assert error and "rank 1" in error[1], stderr
+    assert process.returncode != 0
+
+
+def test_process_ended_tells_a_live_process_from_a_dead_one(tmp_path):
+    from pybrain_mpi.trainer.signals import process_ended, process_identity
+
+    assert not process_ended(process_identity())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = (process_identity()[0], child.pid, _ticks(child.pid))
+        assert not process_ended(identity)
+        assert process_ended((identity[0], child.pid, identity[2] + 1))  # pid reused later
+        child.kill()
+        child.wait()
+        assert process_ended(identity)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def _ticks(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rfind(")") + 2:].split()[19])
