@@ -257,15 +257,18 @@ class Trainer:
         self.threads, self.threads_from = compute.threads_per_rank(context.local_size())
         torch.set_num_threads(self.threads)
 
-    def _together(self, what: str, action: Callable[[], Any]) -> Any:
-        """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere."""
+    def _together(self, what: str, action: Callable[[], Any], wait_s: float | None = None) -> Any:
+        """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere.
+
+        The wait for the other ranks is bounded by ``wait_s`` (default: the set-up wait)."""
         error = None
         result = None
         try:
             result = action()
         except (PbmError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
             error = str(exc) or type(exc).__name__
-        errors = allgather_objects(error, name=f"agreeing on {what}", timeout_s=self._setup_wait_s())
+        errors = allgather_objects(error, name=f"agreeing on {what}",
+                                   timeout_s=self._setup_wait_s() if wait_s is None else wait_s)
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             messages = sorted({e for _, e in failed})
@@ -616,7 +619,9 @@ class Trainer:
                         "time": time.time(), "host": socket.gethostname()}
             return ckpt.save_checkpoint(self.checkpoint_file, state, metadata)
 
-        return self._together(f"writing the checkpoint ({reason})", write)
+        # PBM_TIMEOUT_S, not the set-up wait: the write must not hide a stopped rank for long.
+        return self._together(f"writing the checkpoint ({reason})", write,
+                              wait_s=context.current().timeout_s)
 
     def _bytes_now(self) -> int:
         return int(context.bytes_sent()) - self._bytes_at_start

@@ -29,18 +29,24 @@ def _stop_last_rank(comm: MPI.Comm) -> None:
     pbm.allreduce(np.ones(4, dtype=np.float32), name="warm-up")
     if comm.Get_rank() == comm.Get_size() - 1:
         os.kill(os.getpid(), signal.SIGSTOP)
-        print(f"RESUMED rank {comm.Get_rank()}", flush=True)
+        _say(f"RESUMED rank {comm.Get_rank()}")
         time.sleep(1)
         os._exit(0)
     time.sleep(0.5)  # the stop has landed
+
+
+def _say(line: str) -> None:
+    """One write per line: ranks' lines then never interleave in mpiexec's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _report(error: BaseException) -> None:
     ranks = getattr(error, "missing_ranks", None)
     if ranks is None:
         ranks = getattr(error, "failed_ranks", None)
-    print(f"CAUGHT {type(error).__name__} ranks={ranks} rank={pbm.rank()}: "
-          + " ".join(str(error).split()), flush=True)
+    _say(f"CAUGHT {type(error).__name__} ranks={ranks} rank={pbm.rank()}: "
+         + " ".join(str(error).split()))
 
 
 def _stopped_peer(call) -> None:
@@ -51,9 +57,9 @@ def _stopped_peer(call) -> None:
         call(comm)
     except (pbm.CollectiveTimeout, pbm.PeerFailure) as error:
         _report(error)
-        print(f"ELAPSED {time.monotonic() - started:.2f}", flush=True)
+        _say(f"ELAPSED {time.monotonic() - started:.2f}")
         sys.exit(3)
-    print("NO ERROR", flush=True)
+    _say("NO ERROR")
     sys.exit(4)
 
 
@@ -101,7 +107,7 @@ def ring_peer_killed() -> None:
     except (pbm.CollectiveTimeout, pbm.PeerFailure) as error:
         _report(error)
         sys.exit(3)
-    print("NO ERROR", flush=True)
+    _say("NO ERROR")
     sys.exit(4)
 
 
