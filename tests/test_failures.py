@@ -187,22 +187,38 @@ def test_rank_stopped_while_rank0_writes_a_checkpoint_gives_a_timeout_naming_it(
     assert elapsed <= 3 * TIMEOUT_S + 30, (elapsed, stderr)
 
 
-def test_mpich_sigusr1_about_a_dead_rank_is_not_a_preemption_request(tmp_path):
-    process, output = _train(tmp_path, {"PBM_TRAIN_STEP_DELAY_S": "0.2"},
-                             mpiexec_args=("-disable-auto-cleanup",))
-    logs = output / "logs"
-    pids = lambda: [_start_pid(output, r) for r in (0, 1)  # noqa: E731
-                    if (logs / f"rank{r}.jsonl").exists()]
-    _wait_for(lambda: len(pids()) == 2 and len(step_lines(output, 1)) >= 2, process,
-              "rank 1 logging 2 steps", pids)
-    os.kill(_start_pid(output, 1), signal.SIGKILL)  # mpiexec then sends SIGUSR1 to rank 0
-    stdout, stderr, _ = _finish(process, pids(), limit_s=4 * TIMEOUT_S + 40)
-    assert "not a preemption request" in stderr and "rank 1" in stderr, stderr
-    assert "checkpointing at the next step" not in stderr, stderr
-    assert "stop requested" not in stdout, stdout
-    error = re.search(r"pybrain-mpi train: error: (rank 0: .*)", stderr)
-    assert error and "rank 1" in error[1], stderr
-    assert process.returncode != 0
+def test_sigusr1_while_a_peer_process_has_ended_is_a_failure_notice_not_a_stop_request(capfd):
+    """What mpiexec -disable-auto-cleanup does to survivors (SIGUSR1 after a rank's process
+    ended), with a real SIGKILLed peer process and a real SIGUSR1; a SIGUSR1 while every peer
+    lives stays a preemption request."""
+    import pybrain_mpi as pbm
+    from pybrain_mpi.trainer.signals import StopRequest, process_identity
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = process_identity()
+        identities = [me, (me[0], peer.pid, _ticks(peer.pid))]
+        with StopRequest(0) as alive:
+            alive.watch_peers(identities)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert alive.requested == signal.SIGUSR1 and alive.lost_ranks == []
+            alive.check_peers()  # nothing lost: no error
+        peer.kill()
+        peer.wait()
+        with StopRequest(0) as notice:
+            notice.watch_peers(identities)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert notice.requested == 0 and notice.lost_ranks == [1]
+            with pytest.raises(pbm.PeerFailure, match=r"rank 1 ended .*MPICH") as error:
+                notice.check_peers()
+            assert error.value.failed_ranks == [1]
+        assert "not a preemption request" in capfd.readouterr().err
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
 
 
 def test_process_ended_tells_a_live_process_from_a_dead_one(tmp_path):

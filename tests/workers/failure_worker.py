@@ -117,6 +117,7 @@ if __name__ == "__main__":
     (pid_dir / f"rank{pbm.rank()}.pid").write_text(str(os.getpid()))
     if mode == "ring_peer_killed":
         ring_peer_killed()
+
     elif mode in STOPPED:
         _stopped_peer(globals()[f"mode_{mode}"])
     else:
