@@ -104,18 +104,50 @@ def test_a_stopped_rank_is_named_and_the_others_exit_while_it_stays_stopped(tmp_
 
 
 # --------------------------------------------------------------- a dead peer on the ring
-def test_a_peer_killed_mid_allreduce_on_the_two_rank_ring_is_named(tmp_path):
-    result, _ = launch(2, [str(WORKERS / "failure_worker.py"), "ring_peer_killed", str(tmp_path)],
-                       tmp_path, limit_s=3 * TIMEOUT_S + 40, mpiexec_args=("-disable-auto-cleanup",))
-    out = result.stdout + result.stderr
-    reports = caught(result.stdout)
-    assert [r["rank"] for r in reports] == [0], out
-    report = reports[0]
-    # MPICH either fails the transfer (PeerFailure) or never completes it (the deadline).
-    assert report["type"] in ("PeerFailure", "CollectiveTimeout"), out
-    assert report["ranks"] == [1], out
-    assert re.search(r"(waiting for|not joined:) rank 1\b", report["message"]), out
-    assert "grad.big" in report["message"], out
+def _ring_reports(tmp_path: Path, mode: str, launches: int, env: dict | None = None) -> list[dict]:
+    """Reports of rank 0 over up to ``launches`` launches of ``mode`` (stopping at the first
+    PeerFailure). Under -disable-auto-cleanup MPICH's hydra still SIGKILLs the survivors now
+    and then, sometimes before rank 0 has seen the failure (observed with MPICH 5.0.2): such
+    a launch says nothing about pybrain-mpi and leaves no report."""
+    reports = []
+    for attempt in range(launches):
+        run_dir = tmp_path / f"{mode}{attempt}"
+        run_dir.mkdir()
+        result, _ = launch(2, [str(WORKERS / "failure_worker.py"), mode, str(run_dir)], run_dir,
+                           limit_s=3 * TIMEOUT_S + 40, env=env,
+                           mpiexec_args=("-disable-auto-cleanup",))
+        assert "NO ERROR" not in result.stdout, result.stdout + result.stderr
+        report = run_dir / "report0.txt"
+        if report.exists():
+            reports += caught(report.read_text())
+            if reports[-1]["type"] == "PeerFailure":
+                break
+        else:
+            print(f"{mode} launch {attempt + 1}: rank 0 was killed by the launcher before it "
+                  "reported")
+    assert reports, f"rank 0 never reported in {launches} launches"
+    for found in reports:
+        assert found["rank"] == 0, found
+        # MPICH fails the transfer (PeerFailure), or never completes it (the deadline); a raw
+        # MPI error (PbmError) naming no peer is what must not happen.
+        assert found["type"] in ("PeerFailure", "CollectiveTimeout"), found
+        assert found["ranks"] == [1], found
+        assert re.search(r"(waiting for|not joined:) rank 1\b", found["message"]), found
+        assert "grad.big" in found["message"], found
+    return reports
+
+
+def test_a_peer_killed_after_joining_an_allreduce_on_the_two_rank_ring_is_named(tmp_path):
+    _ring_reports(tmp_path, "ring_peer_killed", launches=4)
+
+
+def test_a_peer_killed_mid_transfer_on_the_two_rank_ring_is_named_not_a_raw_mpi_error(tmp_path):
+    reports = _ring_reports(tmp_path, "ring_peer_killed_mid_transfer", launches=5,
+                            env={"PBM_RING_CHUNK_BYTES": "262144"})
+    print("rank 0 reported:", [r["type"] for r in reports])
+    failures = [r for r in reports if r["type"] == "PeerFailure"]
+    for found in failures:
+        assert "the MPI library reported an error" in found["message"], found
 
 
 # --------------------------------------------------------------- the trainer
