@@ -29,7 +29,9 @@ class CollectiveTimeout(PbmError, TimeoutError):
 
     ``missing_ranks`` lists the ranks that had not joined it (or, once the data phase had
     started, the peer that was being waited for). After a timeout the ranks are out of
-    step: end the job (``mpiexec``/``srun`` then stops the other ranks).
+    step: end the job (``mpiexec``/``srun`` then stops the other ranks). Exiting is bounded
+    as well: ``MPI_Finalize`` would wait for the missing rank, so a rank still exiting
+    ``PBM_TIMEOUT_S`` later ends with status 1 without finalizing (communication/context.py).
     """
 
     missing_ranks: list[int]
