@@ -31,7 +31,8 @@ class CollectiveTimeout(PbmError, TimeoutError):
     started, the peer that was being waited for). After a timeout the ranks are out of
     step: end the job (``mpiexec``/``srun`` then stops the other ranks). Exiting is bounded
     as well: ``MPI_Finalize`` would wait for the missing rank, so a rank still exiting
-    ``PBM_TIMEOUT_S`` later ends with status 1 without finalizing (communication/context.py).
+    ``PBM_EXIT_TIMEOUT_S`` later (default: ``PBM_TIMEOUT_S``, at least 30 s) ends with status 1
+    without finalizing (communication/context.py).
     """
 
     missing_ranks: list[int]

@@ -19,7 +19,7 @@ import pytest
 from conftest import WORKERS, mpiexec_path
 from train_fixtures import step_lines, write_config
 
-TIMEOUT_S = 4  # PBM_TIMEOUT_S of these runs
+TIMEOUT_S = 4  # PBM_TIMEOUT_S of these runs, and their PBM_EXIT_TIMEOUT_S
 
 
 def _pids(pid_dir: Path) -> list[int]:
@@ -47,7 +47,7 @@ def launch(ranks: int, args: list[str], pid_dir: Path, *, limit_s: float, env: d
     """Runs ``python ARGS`` on ``ranks`` ranks; fails the test if the launch is still alive
     after ``limit_s`` (then ends every rank it started, stopped ones included)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                    PBM_TIMEOUT_S=str(TIMEOUT_S), **(env or {}))
+                    PBM_TIMEOUT_S=str(TIMEOUT_S), PBM_EXIT_TIMEOUT_S=str(TIMEOUT_S), **(env or {}))
     command = [mpiexec_path(), *mpiexec_args, "-n", str(ranks), sys.executable, *args]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -161,7 +161,7 @@ def _train(tmp_path: Path, env: dict, mpiexec_args: tuple[str, ...] = ()):
     config = write_config(tmp_path / "cfg.toml", output, tmp_path / "cache", precision="fp32",
                           extra_train="checkpoint_every = 1")
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                    PBM_TIMEOUT_S=str(TIMEOUT_S), **env)
+                    PBM_TIMEOUT_S=str(TIMEOUT_S), PBM_EXIT_TIMEOUT_S=str(TIMEOUT_S), **env)
     command = [mpiexec_path(), *mpiexec_args, "-n", "2", sys.executable,
                str(WORKERS / "train_cli.py"), "train", str(config), "--steps", "400",
                "--no-progress"]

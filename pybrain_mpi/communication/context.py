@@ -31,6 +31,7 @@ __all__ = [
     "bytes_sent",
     "shm_bytes",
     "default_timeout_s",
+    "exit_timeout_s",
 ]
 
 
@@ -177,6 +178,21 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
 _exit_guard: dict = {}
 
 
+EXIT_TIMEOUT_MIN_S = 30.0
+
+
+def exit_timeout_s(timeout_s: float | None = None) -> float:
+    """How long a rank may take to exit after a collective failed on it:
+    ``PBM_EXIT_TIMEOUT_S``, else the larger of the collectives' timeout (``timeout_s``,
+    default ``PBM_TIMEOUT_S``) and 30 s (peers that are merely late, and the interpreter's own
+    teardown, need a moment; a short ``PBM_TIMEOUT_S`` must not cut a healthy exit)."""
+    explicit = os.environ.get("PBM_EXIT_TIMEOUT_S")
+    if explicit:
+        return _env_float("PBM_EXIT_TIMEOUT_S", EXIT_TIMEOUT_MIN_S)
+    base = default_timeout_s() if timeout_s is None else float(timeout_s)
+    return max(base, EXIT_TIMEOUT_MIN_S)
+
+
 def _guard_exit(rank_: int, size_: int, timeout: float) -> None:
     """Registers (once per process) :func:`_bound_exit_after_failure` to run at interpreter
     exit before :func:`shutdown` (atexit runs last-registered first)."""
@@ -193,9 +209,9 @@ def _bound_exit_after_failure() -> None:
     peer stopped (SIGSTOP) or lost, a rank that already reported the failure and called
     ``sys.exit`` would stay alive until the peer resumes. So when a
     :class:`~pybrain_mpi.CollectiveTimeout` or :class:`~pybrain_mpi.PeerFailure` was raised
-    in this process, exiting is bounded by ``PBM_TIMEOUT_S``: a rank still alive after that
-    long says so on stderr and ends with status 1 without finalizing MPI (mpiexec and srun
-    then end the job). A rank whose peers are merely late finalizes normally.
+    in this process, exiting is bounded by :func:`exit_timeout_s`: a rank still alive after
+    that long says so on stderr and ends with status 1 without finalizing MPI (mpiexec and
+    srun then end the job). A rank whose peers are merely late finalizes normally.
     """
     from .. import errors
 
@@ -203,7 +219,7 @@ def _bound_exit_after_failure() -> None:
         return
     ranks = sorted({r for e in errors.WORLD_FAILURES
                     for r in (getattr(e, "missing_ranks", None) or getattr(e, "failed_ranks", None) or [])})
-    timeout = float(_exit_guard["timeout_s"])
+    timeout = exit_timeout_s(float(_exit_guard["timeout_s"]))
     waiting = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}" if ranks \
         else "the other ranks"
     message = (f"pybrain-mpi: rank {_exit_guard['rank']}: still exiting {timeout:g} s after a failed "
