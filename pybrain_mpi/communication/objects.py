@@ -21,7 +21,9 @@ bulk data. Only ever unpickle what your own ranks sent (these are not for untrus
 - :func:`barrier` -- :func:`pybrain_mpi.barrier` under a name.
 
 In a single process (or before :func:`pybrain_mpi.init`) they return at once without
-communicating.
+communicating. They are public so that every layer (the trainer, the consistency checks, the
+Horovod shim's ``broadcast_object``/``allgather_object``) can leave mpi4py's unbounded object
+collectives behind.
 """
 
 from __future__ import annotations

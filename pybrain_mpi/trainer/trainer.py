@@ -182,8 +182,8 @@ class Trainer:
         try:
             # Every rank's process, so MPICH's SIGUSR1 about a dead rank is not read as a
             # preemption request (signals.py).
-            self.stop_request.watch_peers(allgather_objects(process_identity(),
-                                                            name="process identities"))
+            self.stop_request.watch_peers(allgather_objects(
+                process_identity(), name="process identities", timeout_s=self._setup_wait_s()))
             self._set_up(resume, max_steps)
         except BaseException:
             self.stop_request.__exit__(None, None, None)
