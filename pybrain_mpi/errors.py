@@ -9,15 +9,38 @@ from __future__ import annotations
 __all__ = ["PbmError", "CollectiveTimeout", "CollectiveMismatch", "PeerFailure", "MPILibraryMismatch"]
 
 # Failures that left this rank's world unable to finish together (a timeout, a lost peer):
-# the first few errors raised (their ranks are read later: the native core sets them after
-# construction). Read at interpreter exit by communication/context.py, which then bounds
+# the ranks at fault of each (kept in step with the error's attribute, which the native core
+# sets after construction), not the errors themselves, whose tracebacks would keep frames
+# alive. Read at interpreter exit by communication/context.py, which then bounds
 # MPI_Finalize (it would wait for the stopped or lost rank).
-WORLD_FAILURES: list["PbmError"] = []
+WORLD_FAILURES: list[list[int]] = []
 
 
-def _record_world_failure(error: "PbmError") -> None:
-    if len(WORLD_FAILURES) < 8:
-        WORLD_FAILURES.append(error)
+def _record_world_failure() -> list[int]:
+    """A new record of a failure (its ranks, filled in by the error)."""
+    record: list[int] = []
+    if len(WORLD_FAILURES) < 64:  # the first ones are enough to name the ranks at exit
+        WORLD_FAILURES.append(record)
+    return record
+
+
+class _RanksAttribute:
+    """A list attribute of an error whose value is mirrored into its WORLD_FAILURES record."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return instance.__dict__.get(self.slot, [])
+
+    def __set__(self, instance, value):
+        ranks = list(value or [])
+        instance.__dict__[self.slot] = ranks
+        record = instance.__dict__.get("_world_record")
+        if record is not None:
+            record[:] = ranks
 
 
 class PbmError(RuntimeError):
@@ -35,12 +58,12 @@ class CollectiveTimeout(PbmError, TimeoutError):
     without finalizing (communication/context.py).
     """
 
-    missing_ranks: list[int]
+    missing_ranks = _RanksAttribute()
 
     def __init__(self, message: str, missing_ranks: list[int] | None = None):
         super().__init__(message)
-        self.missing_ranks = list(missing_ranks or [])
-        _record_world_failure(self)
+        self._world_record = _record_world_failure()
+        self.missing_ranks = missing_ranks
 
 
 class PeerFailure(PbmError):
@@ -52,12 +75,12 @@ class PeerFailure(PbmError):
     it leaves the ranks out of step: end the job.
     """
 
-    failed_ranks: list[int]
+    failed_ranks = _RanksAttribute()
 
     def __init__(self, message: str, failed_ranks: list[int] | None = None):
         super().__init__(message)
-        self.failed_ranks = list(failed_ranks or [])
-        _record_world_failure(self)
+        self._world_record = _record_world_failure()
+        self.failed_ranks = failed_ranks
 
 
 class CollectiveMismatch(PbmError, ValueError):

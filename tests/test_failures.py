@@ -100,6 +100,10 @@ def test_a_stopped_rank_is_named_and_the_others_exit_while_it_stays_stopped(tmp_
     for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
         assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
     assert "RESUMED" not in out  # nobody waited for the stopped rank to continue
+    # MPI_Finalize would have waited for it: each waiting rank said so and ended itself.
+    for rank in range(ranks - 1):
+        assert (f"rank {rank}: still exiting {TIMEOUT_S} s after a failed collective "
+                f"(MPI_Finalize waits for rank {stopped})") in result.stderr, out
     assert result.returncode != 0, out
 
 

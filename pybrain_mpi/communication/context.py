@@ -217,8 +217,7 @@ def _bound_exit_after_failure() -> None:
 
     if not errors.WORLD_FAILURES or _exit_guard.get("size", 1) <= 1:
         return
-    ranks = sorted({r for e in errors.WORLD_FAILURES
-                    for r in (getattr(e, "missing_ranks", None) or getattr(e, "failed_ranks", None) or [])})
+    ranks = sorted({r for record in errors.WORLD_FAILURES for r in record})
     timeout = exit_timeout_s(float(_exit_guard["timeout_s"]))
     waiting = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}" if ranks \
         else "the other ranks"
