@@ -18,6 +18,7 @@
 
 #include "collectives/engine.h"
 #include "collectives/p2p.h"
+#include "collectives/exit_watch.h"
 #include "collectives/threelc_state.h"
 #include "common/errors.h"
 #include "compression/payload.h"
@@ -72,6 +73,8 @@ void translate_errors(std::exception_ptr pointer) {
     raise_python("CollectiveTimeout", error, &error.missing_ranks(), "missing_ranks");
   } catch (const pbm::CollectiveMismatchError& error) {
     raise_python("CollectiveMismatch", error, nullptr, nullptr);
+  } catch (const pbm::PeerFailureError& error) {
+    raise_python("PeerFailure", error, &error.ranks(), "failed_ranks");
   } catch (const pbm::AgreedFailureError& error) {
     raise_python("PbmError", error, &error.ranks(), "failed_ranks");
   } catch (const pbm::PbmError& error) {
@@ -594,6 +597,9 @@ PYBIND11_MODULE(_core, m) {
         "MPI_Get_library_version() of the MPI library loaded in this process.");
   m.def("query_thread_level", &query_thread_level,
         "MPI_Query_thread(): the thread support level MPI was initialized with.");
+  m.def("watch_exit", &pbm::watch_exit, py::arg("seconds"), py::arg("message"), py::arg("status"),
+        "Ends the process with _exit(status), after writing message to stderr, if it is still "
+        "alive `seconds` from now (bounds MPI_Finalize after a failed collective).");
   m.attr("MPI_THREAD_MULTIPLE") = static_cast<int>(MPI_THREAD_MULTIPLE);
   m.attr("MAX_INLINE_PAYLOAD_BYTES") = pbm::kMaxInlinePayloadBytes;
   bind_enums(m);

@@ -11,7 +11,7 @@ from .communication import (ALGORITHMS, OPS, Handle, allreduce, allreduce_, allr
                             barrier, broadcast_, broadcast_async_, bytes_sent, comm, cross_rank,
                             cross_size, init, is_initialized, local_rank, local_size, rank,
                             shared_empty, shared_reset, shm_bytes, shutdown, size)
-from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError
+from .errors import CollectiveMismatch, CollectiveTimeout, MPILibraryMismatch, PbmError, PeerFailure
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,6 @@ __all__ = [
     "broadcast_", "broadcast_async_", "bytes_sent", "comm", "cross_rank", "cross_size", "init",
     "is_initialized", "local_rank", "local_size", "rank", "shutdown", "size",
     "shared_empty", "shared_reset", "shm_bytes", "DistributedDataParallel", "compression",
-    "optim", "data", "models", "parallel", "CollectiveMismatch", "CollectiveTimeout",
+    "optim", "data", "models", "parallel", "CollectiveMismatch", "CollectiveTimeout", "PeerFailure",
     "MPILibraryMismatch", "PbmError", "__version__",
 ]

@@ -55,7 +55,9 @@ def _info(args: argparse.Namespace) -> int:
     from .core.library import _core
 
     pbm.init()
-    hosts = pbm.comm().allgather(socket.gethostname())
+    from .communication.objects import allgather_objects
+
+    hosts = allgather_objects(socket.gethostname(), name="host names")
     if pbm.rank() != 0:
         pbm.shutdown()
         return 0
@@ -237,6 +239,12 @@ def _train(args: argparse.Namespace) -> int:
         return fail(str(exc), 2)
     except (TrainingDiverged, CheckpointError) as exc:
         return fail(str(exc), 1)
+    except (pbm.CollectiveTimeout, pbm.PeerFailure) as exc:
+        # Said by every rank that saw it (the rank at fault may be rank 0); exiting is then
+        # bounded by PBM_TIMEOUT_S even with a stopped peer (communication/context.py).
+        print(f"pybrain-mpi train: error: {exc}", file=sys.stderr, flush=True)
+        pbm.shutdown()
+        return 1
     pbm.shutdown()
     return 0
 

@@ -97,6 +97,34 @@ void Transport::cancel_pending(std::vector<MPI_Request>& requests,
   }
 }
 
+void Transport::throw_peer_failure(int rc, const char* call, const std::vector<MPI_Request>& pending,
+                                   const std::vector<int>& peers, const Progress& progress) const {
+  // After a failed test MPI may already have released the failing request; every request
+  // not known complete counts as pending (with one peer, as on the 2-rank ring, that peer).
+  std::vector<int> failed;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    if (pending[i] != MPI_REQUEST_NULL) failed.push_back(world_rank(peers[i]));
+  }
+  if (failed.empty()) {
+    for (int peer : peers) failed.push_back(world_rank(peer));
+  }
+  std::sort(failed.begin(), failed.end());
+  failed.erase(std::unique(failed.begin(), failed.end()), failed.end());
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(rc, text, &length);
+  std::string detail(text, length);
+  // MPICH's error stacks span lines; one line keeps the message readable.
+  for (char& c : detail) if (c == '\n') c = ' ';
+  std::ostringstream message;
+  message << "rank " << world_rank(rank_) << ": " << progress.describe() << " failed while waiting for rank"
+          << (failed.size() == 1 ? " " : "s ");
+  for (size_t i = 0; i < failed.size(); ++i) message << (i ? ", " : "") << failed[i];
+  message << ": the MPI library reported an error (" << call << ": " << detail
+          << "); the peer process has most likely died";
+  throw PeerFailureError(message.str(), failed);
+}
+
 void Transport::throw_timeout(const std::vector<MPI_Request>& requests,
                               const std::vector<int>& peers, const Progress& progress,
                               bool aborted) {
@@ -126,9 +154,9 @@ void Transport::wait_all(std::vector<MPI_Request>& requests, const std::vector<i
   for (uint64_t spin = 0;; ++spin) {
     if (pending == 0) return;
     int count = 0;
-    check(MPI_Testsome(static_cast<int>(requests.size()), requests.data(), &count,
-                       completed.data(), MPI_STATUSES_IGNORE),
-          "MPI_Testsome");
+    const int rc = MPI_Testsome(static_cast<int>(requests.size()), requests.data(), &count,
+                                completed.data(), MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS) throw_peer_failure(rc, "MPI_Testsome", requests, peers, progress);
     if (count == MPI_UNDEFINED) return;  // no active request left
     pending -= static_cast<size_t>(count);
     if (pending == 0) return;
@@ -161,7 +189,8 @@ MPI_Status Transport::wait_one(MPI_Request& request, int peer, bool is_recv,
   MPI_Status result;
   for (uint64_t spin = 0;; ++spin) {
     int done = 0;
-    check(MPI_Test(&request, &done, &result), "MPI_Test");
+    const int rc = MPI_Test(&request, &done, &result);
+    if (rc != MPI_SUCCESS) throw_peer_failure(rc, "MPI_Test", {}, {peer}, progress);
     if (done) return result;
     if ((spin & 63) == 63) {
       if (spin == 63) progress.report({world_rank(peer)});

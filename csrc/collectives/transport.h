@@ -67,7 +67,8 @@ class Transport {
 
   // Polls `requests` until all complete. `peers[i]` is the rank request i talks to and
   // `is_recv[i]` whether it is a receive (receives are cancelled on failure). Throws
-  // CollectiveTimeoutError at the progress's deadline or when abort() was called.
+  // CollectiveTimeoutError at the progress's deadline or when abort() was called, and
+  // PeerFailureError naming the pending peers when MPI fails the wait (a peer died).
   // `cancellable` false leaves requests untouched on failure: MPI forbids freeing or
   // cancelling the request of a non-blocking collective.
   void wait_all(std::vector<MPI_Request>& requests, const std::vector<int>& peers,
@@ -106,6 +107,9 @@ class Transport {
 
  private:
   void cancel_pending(std::vector<MPI_Request>& requests, const std::vector<bool>& is_recv);
+  // An MPI call of a wait failed: PeerFailureError naming the peers still pending.
+  [[noreturn]] void throw_peer_failure(int rc, const char* call, const std::vector<MPI_Request>& pending,
+                                       const std::vector<int>& peers, const Progress& progress) const;
   [[noreturn]] void throw_timeout(const std::vector<MPI_Request>& requests,
                                   const std::vector<int>& peers, const Progress& progress,
                                   bool aborted);

@@ -44,6 +44,19 @@ class AgreedFailureError : public PbmError {
   std::vector<int> ranks_;
 };
 
+// The MPI library failed a wait on other ranks (typically: a peer process died, so a
+// transfer from or to it can never complete). `ranks` (world ranks) are the peers the wait
+// was still waiting for; the message names them and carries MPI's own error text.
+class PeerFailureError : public PbmError {
+ public:
+  PeerFailureError(const std::string& message, std::vector<int> ranks)
+      : PbmError(message), ranks_(std::move(ranks)) {}
+  const std::vector<int>& ranks() const { return ranks_; }
+
+ private:
+  std::vector<int> ranks_;
+};
+
 // Ranks called the same collective with different sizes, dtypes, ops or order.
 // `order_broken`: the ranks disagree on the order of collectives (later ones cannot match
 // either), when the algorithm found it without the handshake (the small-message path).

@@ -31,6 +31,7 @@ __all__ = [
     "bytes_sent",
     "shm_bytes",
     "default_timeout_s",
+    "exit_timeout_s",
 ]
 
 
@@ -172,8 +173,66 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
         thread_level=thread_level,
     )
     atexit.register(shutdown)
+    _guard_exit(rank_, size_, timeout)
     if size_ > 1 and os.environ.get("PBM_ABORT_ON_ERROR", "1") != "0":
         _abort_on_uncaught_exception(MPI, rank_)
+
+
+_exit_guard: dict = {}
+
+
+EXIT_TIMEOUT_MIN_S = 30.0
+
+
+def exit_timeout_s(timeout_s: float | None = None) -> float:
+    """How long a rank may take to exit after a collective failed on it:
+    ``PBM_EXIT_TIMEOUT_S``, else the larger of the collectives' timeout (``timeout_s``,
+    default ``PBM_TIMEOUT_S``) and 30 s (peers that are merely late, and the interpreter's own
+    teardown, need a moment; a short ``PBM_TIMEOUT_S`` must not cut a healthy exit)."""
+    explicit = os.environ.get("PBM_EXIT_TIMEOUT_S")
+    if explicit:
+        return _env_float("PBM_EXIT_TIMEOUT_S", EXIT_TIMEOUT_MIN_S)
+    base = default_timeout_s() if timeout_s is None else float(timeout_s)
+    return max(base, EXIT_TIMEOUT_MIN_S)
+
+
+def _guard_exit(rank_: int, size_: int, timeout: float) -> None:
+    """Registers (once per process) :func:`_bound_exit_after_failure` to run at interpreter
+    exit before :func:`shutdown` (atexit runs last-registered first)."""
+    first = not _exit_guard
+    _exit_guard.update(rank=rank_, size=size_, timeout_s=timeout)
+    if first:
+        atexit.register(_bound_exit_after_failure)
+
+
+def _bound_exit_after_failure() -> None:
+    """After a collective failed on this rank, exiting cannot wait on the peers forever.
+
+    MPI_Finalize (mpi4py calls it once the interpreter is gone) waits for every rank; with a
+    peer stopped (SIGSTOP) or lost, a rank that already reported the failure and called
+    ``sys.exit`` would stay alive until the peer resumes. So when a
+    :class:`~pybrain_mpi.CollectiveTimeout` or :class:`~pybrain_mpi.PeerFailure` was raised
+    in this process, exiting is bounded by :func:`exit_timeout_s`: a rank still alive after
+    that long says so on stderr and ends with status 1 without finalizing MPI (mpiexec and
+    srun then end the job). A rank whose peers are merely late finalizes normally.
+    """
+    from .. import errors
+
+    if not errors.WORLD_FAILURES or _exit_guard.get("size", 1) <= 1:
+        return
+    ranks = sorted({r for record in errors.WORLD_FAILURES for r in record})
+    timeout = exit_timeout_s(float(_exit_guard["timeout_s"]))
+    waiting = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}" if ranks \
+        else "the other ranks"
+    message = (f"pybrain-mpi: rank {_exit_guard['rank']}: still exiting {timeout:g} s after a failed "
+               f"collective (MPI_Finalize waits for {waiting}); ending with status 1 without "
+               "finalizing MPI\n")
+    try:
+        from ..core.library import _core
+
+        _core.watch_exit(timeout, message, 1)
+    except Exception:  # noqa: BLE001 - never let exit handling raise
+        pass
 
 
 def _abort_on_uncaught_exception(MPI: Any, rank_: int) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from ..communication import context
+from ..communication.collectives import allreduce_
+from ..communication.objects import allgather_objects
 from ..errors import CollectiveMismatch
 
 
@@ -29,13 +32,14 @@ def check_same_parameters(named_tensors: list[tuple[str, torch.Tensor]], what: s
         return
     signature = _signature(named_tensors)
     digest = int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=7).digest(), "little")
-    from mpi4py import MPI
-
-    low = ctx.comm.allreduce(digest, op=MPI.MIN)
-    high = ctx.comm.allreduce(digest, op=MPI.MAX)
+    # Through the engine, so a rank that never wraps its model (or is stopped) is named in a
+    # CollectiveTimeout after PBM_TIMEOUT_S instead of freezing the others.
+    bounds = np.array([digest, -digest], dtype=np.int64)
+    allreduce_(bounds, op="min", name=f"{what} check (digest)")
+    low, high = int(bounds[0]), -int(bounds[1])
     if low == high:
         return
-    signatures = ctx.comm.allgather(signature)
+    signatures = allgather_objects(signature, name=f"{what} check (signatures)")
     reference = signatures[0]
     differing = [r for r, s in enumerate(signatures) if s != reference]
     first_index = None

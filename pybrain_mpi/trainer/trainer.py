@@ -52,11 +52,11 @@ from ..optim import LossScaler
 from ..models import DCA, build_model, dca_loss, model_arguments, parameter_count
 from .codecs import build_codec
 from ..data.errors import DataError
-from ..data.ranks import allgather_objects
+from ..communication.objects import allgather_objects, gather_objects
 from ..data.samplers import ShuffledSampler
 from ..data.samplers.shuffled import EpochRemainder, pack_mask, unpack_mask
 from .data import TrainingData, build_data
-from .signals import StopRequest
+from .signals import StopRequest, process_identity
 from .timeline import TENSORBOARD_MISSING, StepLog, TensorBoardScalars, Timeline
 
 __all__ = ["Trainer", "TrainingSetupError", "TrainingDiverged", "train", "checkpoint_path"]
@@ -185,6 +185,10 @@ class Trainer:
         # rank: it is recorded now and honoured at the first step boundary.
         self.stop_request = StopRequest(self.rank).__enter__()
         try:
+            # Every rank's process, so MPICH's SIGUSR1 about a dead rank is not read as a
+            # preemption request (signals.py).
+            self.stop_request.watch_peers(allgather_objects(
+                process_identity(), name="process identities", timeout_s=self._setup_wait_s()))
             self._set_up(resume, max_steps)
         except BaseException:
             self.stop_request.__exit__(None, None, None)
@@ -279,15 +283,18 @@ class Trainer:
         self.threads, self.threads_from = compute.threads_per_rank(context.local_size())
         torch.set_num_threads(self.threads)
 
-    def _together(self, what: str, action: Callable[[], Any]) -> Any:
-        """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere."""
+    def _together(self, what: str, action: Callable[[], Any], wait_s: float | None = None) -> Any:
+        """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere.
+
+        The wait for the other ranks is bounded by ``wait_s`` (default: the set-up wait)."""
         error = None
         result = None
         try:
             result = action()
         except (PbmError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
             error = str(exc) or type(exc).__name__
-        errors = allgather_objects(error, name=f"agreeing on {what}", timeout_s=self._setup_wait_s())
+        errors = allgather_objects(error, name=f"agreeing on {what}",
+                                   timeout_s=self._setup_wait_s() if wait_s is None else wait_s)
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             messages = sorted({e for _, e in failed})
@@ -680,10 +687,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
         """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
-        rng_states = self.comm.gather(ckpt.rng_state(), root=0) if self.size > 1 else [ckpt.rng_state()]
+        # Bounded gathers (PBM_TIMEOUT_S): a rank that stopped answering is named in a
+        # CollectiveTimeout instead of freezing rank 0 here.
+        rng_states = gather_objects(ckpt.rng_state(), 0, name=f"RNG states for the checkpoint ({reason})")
         # 3LC error-feedback residuals differ per rank: gathered like the RNG states.
-        residuals = self.model.compression_state_dict()
-        residuals = self.comm.gather(residuals, root=0) if self.size > 1 else [residuals]
+        residuals = gather_objects(self.model.compression_state_dict(), 0,
+                                   name=f"3LC residuals for the checkpoint ({reason})")
 
         def write():
             if self.rank != 0:
@@ -717,7 +726,9 @@ class Trainer:
                         "time": time.time(), "host": socket.gethostname()}
             return ckpt.save_checkpoint(self.checkpoint_file, state, metadata)
 
-        return self._together(f"writing the checkpoint ({reason})", write)
+        # PBM_TIMEOUT_S, not the set-up wait: the write must not hide a stopped rank for long.
+        return self._together(f"writing the checkpoint ({reason})", write,
+                              wait_s=context.current().timeout_s)
 
     def _sampler_state(self) -> dict:
         """Where the run is in its epoch: enough for a resume on this or another world size."""
@@ -754,6 +765,7 @@ class Trainer:
             stop_reason = "steps" if stop_at < self.total_steps else "completed"
         with self.stop_request as stop:
             while stop_reason is None:
+                stop.check_peers()  # MPICH announced a dead rank: stop, naming it
                 epoch, in_epoch, plan_steps, epoch_began = self._position(self.step)
                 elapsed = self.train_seconds + (time.perf_counter() - loop_started)
                 over_budget = train.time_budget_s > 0 and elapsed >= train.time_budget_s
@@ -851,8 +863,7 @@ class Trainer:
     def _write_timeline(self) -> None:
         if self.timeline_path is None:
             return
-        events = self.comm.gather(self.timeline.events, root=0) if self.size > 1 \
-            else [self.timeline.events]
+        events = gather_objects(self.timeline.events, 0, name="timeline events")
         if self.rank == 0:
             count = Timeline.write_merged(self.timeline_path, events)
             self._say(f"timeline: {count} events of {self.size} rank(s) in {self.timeline_path}")
