@@ -122,6 +122,8 @@ def test_horovod_test_torch_passes_on_two_ranks(tmp_path: Path):
     outcomes = tally(reports)
     counts = {k: sum(1 for o, _ in outcomes.values() if o == k) for k in ("passed", "skipped", "failed")}
     print(f"Horovod test_torch.py on {RANKS} ranks: {counts} of {len(outcomes)}")
+    for name, (outcome, message) in sorted(outcomes.items()):
+        print(f"  {outcome:8s} {name}" + (f": {message[:160]}" if outcome != "passed" else ""))
     failed = {n: m for n, (o, m) in outcomes.items() if o == "failed"}
     bad_skips = {n: m for n, (o, m) in outcomes.items()
                  if o == "skipped" and (n not in ALLOWED_SKIPS or ALLOWED_SKIPS[n][0] not in m)}

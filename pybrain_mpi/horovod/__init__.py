@@ -693,7 +693,7 @@ class _BroadcastFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        reduced = synchronize(allreduce_async(grad_output.contiguous(), None, None, Sum, 1.0, 1.0, ctx.ps))
+        reduced = synchronize(allreduce_async(grad_output.contiguous(), None, None, Average, 1.0, 1.0, ctx.ps))
         if rank() != ctx.root:
             reduced = reduced * 0
         return reduced, None, None, None
@@ -708,7 +708,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
               process_set: Any = global_process_set) -> torch.Tensor:
     """Returns ``root_rank``'s value of ``tensor``; the input is unchanged. Differentiable:
-    the root receives the sum of every rank's gradient, the others zero."""
+    the root receives the average of every rank's gradient, the others zero (Horovod's rule)."""
     _check_tensor(tensor, "broadcast")
     if _wants_grad(tensor):
         return _BroadcastFn.apply(tensor, root_rank, name, process_set)
@@ -824,7 +824,9 @@ class _ReducescatterFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad = synchronize(allgather_async(grad_output.contiguous(), None, ctx.ps))
-        factor = ctx.pre * ctx.post * (1.0 / len(_set_of(ctx.ps).ranks) if ctx.op == Average else 1.0)
+        # Horovod's rule: the gathered gradient, times the set size for Sum (as the gradient of
+        # an allreduce-sum of identical gradients), unscaled for Average.
+        factor = ctx.pre * ctx.post * (len(_set_of(ctx.ps).ranks) if ctx.op == Sum else 1.0)
         return grad * factor if factor != 1.0 else grad, None, None, None, None, None
 
 

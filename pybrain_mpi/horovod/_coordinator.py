@@ -63,10 +63,11 @@ class Request:
     """One submitted collective: what the caller gave and, once done, the result or error."""
 
     __slots__ = ("name", "kind", "set_id", "desc", "tensor", "extra", "event", "result", "error",
-                 "submitted", "on_done")
+                 "submitted", "on_done", "key")
 
     def __init__(self, name: str, kind: str, set_id: int, desc: dict, tensor: Any, extra: Any = None):
         self.name, self.kind, self.set_id, self.desc = name, kind, set_id, desc
+        self.key = f"{set_id}/{name}"  # names are per process set, as in Horovod
         self.tensor, self.extra = tensor, extra
         self.event = threading.Event()
         self.result: Any = None
@@ -154,10 +155,10 @@ class Coordinator:
         with self.lock:
             if self.failure is not None:
                 raise HorovodInternalError(f"rank {self.rank}: the Horovod coordinator stopped: {self.failure}")
-            if request.name in self.mine:
+            if request.key in self.mine:
                 raise ValueError(f"rank {self.rank}: a collective named '{request.name}' is already in "
                                  "flight on this rank; names of concurrent collectives must be unique")
-            self.mine[request.name] = request
+            self.mine[request.key] = request
             self.outbox.append(request)
             if self.timeline is not None:
                 self.timeline.begin(request.name, "NEGOTIATE_" + request.kind.upper())
@@ -170,13 +171,13 @@ class Coordinator:
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not request.event.wait(max(0.0, request.submitted + limit - time.monotonic())):
             with self.lock:
-                seen = set(self.table.get(request.name, {}))
+                seen = set(self.table.get(request.key, {}))
                 members = self.sets[request.set_id].ranks if request.set_id in self.sets else []
                 missing = sorted(r for r in members if r not in seen and r != self.rank and r not in self.joined)
                 missing = sorted(set(missing) | set(self.unanswered)) or sorted(self.unanswered)
-                if request.name in self.mine and request in self.outbox:
+                if request.key in self.mine and request in self.outbox:
                     self.outbox.remove(request)
-                    self.mine.pop(request.name, None)
+                    self.mine.pop(request.key, None)
             if not request.event.is_set():
                 raise HorovodTimeout(
                     f"rank {self.rank}: {request.kind} '{request.name}' did not complete within {limit:g} s; "
@@ -269,7 +270,7 @@ class Coordinator:
                 with self.lock:
                     self.unanswered = list(pending)
                 time.sleep(pause)
-                pause = min(pause * 2, 0.002 if time.monotonic() - started < 1 else 0.02)
+                pause = min(pause * 2, 0.0005 if time.monotonic() - started < 1 else 0.01)
         with self.lock:
             self.unanswered = []
         MPI.Request.Waitall(sends)
@@ -281,7 +282,7 @@ class Coordinator:
         self.round += 1
         for rank in range(self.size):
             for name, set_id, desc in received[rank]["r"]:
-                self.table.setdefault(name, {})[rank] = dict(desc, set_id=set_id)
+                self.table.setdefault(f"{set_id}/{name}", {})[rank] = dict(desc, set_id=set_id)
         joined = {r for r in range(self.size) if received[r]["j"]}
         exiting = {r for r in range(self.size) if received[r]["x"]}
         ready: list[tuple[str, dict[int, dict]]] = []
@@ -314,11 +315,12 @@ class Coordinator:
 
     def _execute(self, ready: list[tuple[str, dict[int, dict]]], joined: set[int]) -> None:
         fusable: list[tuple[Request | None, dict]] = []
-        for name, descs in ready:
+        for key, descs in ready:
             first = descs[min(descs)]
+            name = first.get("name", key)
             kind, set_id = first["kind"], first["set_id"]
             info = self.sets.get(set_id)
-            mine = self.mine.get(name) if self.rank in descs else None
+            mine = self.mine.get(key) if self.rank in descs else None
             if info is None or (self.rank not in info.ranks):
                 if mine is not None:
                     self._done(mine, error=PbmError(f"rank {self.rank}: process set {set_id} of '{name}' "
@@ -356,7 +358,7 @@ class Coordinator:
 
     def _done(self, request: Request, result: Any = None, error: BaseException | None = None) -> None:
         with self.lock:
-            self.mine.pop(request.name, None)
+            self.mine.pop(request.key, None)
         if self.timeline is not None:
             self.timeline.end(request.name)
         if error is None and request.on_done is not None:
@@ -435,7 +437,7 @@ class Coordinator:
             tensor = request.tensor
         if comm.Get_size() == 1:
             if kind == "alltoall":
-                return tensor, request.extra
+                return tensor, torch.tensor(request.extra, dtype=torch.int32)
             if kind == "allgather":
                 request.extra = [tensor.shape[0]]
                 return tensor.clone()
