@@ -988,6 +988,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._predivide = gradient_predivide_factor
         self._sparse_as_dense = sparse_as_dense
         self._process_set = process_set
+        # A rank outside the optimizer's process set trains alone (Horovod: no allreduce there).
+        self._active = (process_set or global_process_set).included()
         all_params = [p for group in self.param_groups for p in group["params"]]
         if named_parameters is not None:
             named = list(named_parameters)
@@ -1019,6 +1021,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _make_hook(self):
         def hook(param: torch.nn.Parameter) -> None:
+            if not self._active:
+                return
             key = id(param)
             if key in self._pending and self._delay[key] <= 0:
                 raise AssertionError("Gradients were computed more than backward_passes_per_step times "
@@ -1047,7 +1051,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Waits for every gradient allreduce (starting those of parameters without a gradient
         on this rank, with zeros: ranks may use different parameters; names match them)."""
-        if self._synchronized and not self._pending:
+        if not self._active or (self._synchronized and not self._pending):
             return
         for group in self.param_groups:
             for p in group["params"]:
