@@ -422,9 +422,12 @@ def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_fac
     post = float(postscale_factor) * (1.0 / len(ps.ranks) if op == Average else 1.0)
 
     def finish(result: torch.Tensor) -> torch.Tensor:
-        _scale(result, post) if post != 1.0 else None
-        if target is not None and target is not result:
-            target.copy_(result)
+        if post != 1.0:
+            _scale(result, post)
+        if target is not None:
+            if target.data_ptr() != result.data_ptr():
+                with torch.no_grad():
+                    target.copy_(result)
             return target
         return result
 
@@ -435,8 +438,8 @@ def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_fac
 def _contiguous_work(tensor: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not inplace:
         return tensor.detach().clone(memory_format=torch.contiguous_format), None
-    if tensor.is_contiguous():
-        return tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor.detach(), None
+    if tensor.is_contiguous():  # the collective writes through a detached view of the same memory
+        return tensor.detach(), tensor
     return tensor.detach().contiguous(), tensor
 
 
@@ -672,7 +675,9 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = No
 
     def finish(result: torch.Tensor) -> torch.Tensor:
         if target is not None:
-            target.copy_(result)
+            if target.data_ptr() != result.data_ptr():
+                with torch.no_grad():
+                    target.copy_(result)
             return target
         return result
 

@@ -445,9 +445,10 @@ class Coordinator:
         if kind == "allreduce":
             work = _widened(tensor)
             array = work.numpy()
-            op = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[desc["op"]]
-            if work.dtype == torch.bool:
-                op = {MPI.SUM: MPI.LOR, MPI.MIN: MPI.LAND, MPI.MAX: MPI.LOR, MPI.PROD: MPI.LAND}[op]
+            if work.dtype == torch.bool:  # sum/max: any rank true; min/product: every rank true
+                op = {"sum": MPI.LOR, "min": MPI.LAND, "max": MPI.LOR, "prod": MPI.LAND}[desc["op"]]
+            else:
+                op = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}[desc["op"]]
             self._wait_mpi([comm.Iallreduce(MPI.IN_PLACE, array, op=op)], f"allreduce '{name}'")
             if work.data_ptr() != tensor.data_ptr():
                 tensor.copy_(work.to(tensor.dtype).view(tensor.shape))
