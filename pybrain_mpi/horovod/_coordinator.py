@@ -258,6 +258,7 @@ class Coordinator:
         pending = [p for p in range(self.size) if p != self.rank]
         started = time.monotonic()
         pause = 0.00002
+        spins = 0
         while pending:
             for peer in list(pending):
                 status = MPI.Status()
@@ -269,6 +270,10 @@ class Coordinator:
             if pending:
                 with self.lock:
                     self.unanswered = list(pending)
+                spins += 1
+                if spins < 200:  # a peer usually answers within microseconds: yield, do not sleep
+                    time.sleep(0)
+                    continue
                 time.sleep(pause)
                 pause = min(pause * 2, 0.0005 if time.monotonic() - started < 1 else 0.01)
         with self.lock:
