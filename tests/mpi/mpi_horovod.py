@@ -111,3 +111,108 @@ def test_join_returns_the_rank_that_arrived_last():
     if hvd.rank() == hvd.size() - 1:
         time.sleep(0.5)
     assert hvd.join() == hvd.size() - 1
+
+
+def test_collectives_are_matched_by_name_whatever_the_submission_order():
+    n, r = hvd.size(), hvd.rank()
+    names = [f"t{i}" for i in range(4)]
+    order = names if r % 2 == 0 else list(reversed(names))
+    handles = {name: hvd.allreduce_async(torch.full((8,), float(r + 1) * (10 ** i)), name=name, op=hvd.Sum)
+               for i, name in [(names.index(m), m) for m in order]}
+    total = n * (n + 1) / 2
+    for i, name in enumerate(names):
+        assert torch.equal(hvd.synchronize(handles[name]), torch.full((8,), total * 10 ** i))
+
+
+def test_same_name_with_a_different_shape_raises_on_every_rank():
+    shape = [6, 4] if hvd.rank() == 0 else [4, 6]  # same element count
+    with pytest.raises(hvd.HorovodInternalError, match="shape"):
+        hvd.allreduce(torch.ones(shape), name="reshaped")
+    dtype = torch.int32 if hvd.rank() == 0 else torch.float32
+    with pytest.raises(RuntimeError, match="dtype"):
+        hvd.allgather(torch.ones(3, dtype=dtype), name="mixed_dtypes")
+
+
+def test_joined_ranks_contribute_zeros_and_other_collectives_raise():
+    n, r = hvd.size(), hvd.rank()
+    if r == n - 1:
+        last = hvd.join()
+    else:
+        summed = hvd.allreduce(torch.full((5,), float(r + 1)), name="with_joined", op=hvd.Sum)
+        assert torch.equal(summed, torch.full((5,), sum(range(1, n)) * 1.0))  # the joined rank added zeros
+        with pytest.raises(RuntimeError, match="joined"):
+            hvd.allgather(torch.ones(2), name="gather_after_join")
+        last = hvd.join()
+    assert last != n - 1
+    assert hvd.allgather_object(last) == [last] * n
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.bool, torch.bfloat16])
+def test_every_horovod_dtype_is_reduced_broadcast_and_gathered_exactly(dtype):
+    n, r = hvd.size(), hvd.rank()
+    base = torch.tensor([0, 1, 2, 3, 4, 5])
+    mine = (base + r).to(dtype) if dtype != torch.bool else (base % 2 == r % 2)
+    summed = hvd.allreduce(mine, op=hvd.Sum, name=f"sum_{dtype}")
+    expected = sum(((base + k).to(dtype) if dtype != torch.bool else (base % 2 == k % 2)).to(torch.float64)
+                   for k in range(n))
+    if dtype == torch.bool:
+        assert torch.equal(summed, expected > 0)
+    else:
+        assert torch.equal(summed.to(torch.float64), expected.to(dtype).to(torch.float64))
+    root = n - 1
+    assert torch.equal(hvd.broadcast(mine, root, name=f"bcast_{dtype}"),
+                       (base + root).to(dtype) if dtype != torch.bool else (base % 2 == root % 2))
+    gathered = hvd.allgather(mine.reshape(2, 3), name=f"gather_{dtype}")
+    assert gathered.dtype == dtype and gathered.shape == (2 * n, 3)
+    assert torch.equal(gathered[2 * r:2 * r + 2].reshape(-1), mine)
+
+
+def test_elastic_run_rolls_back_to_the_last_commit_after_a_failed_collective():
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = hvd.elastic.TorchState(model, optimizer, step=0)
+    attempts = []
+
+    @hvd.elastic.run
+    def train(state):
+        attempts.append(state.step)
+        while state.step < 4:
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            state.step += 1
+            if state.step == 2:
+                state.commit()
+            if state.step == 3 and len(attempts) == 1:
+                # A failed collective on every rank: the same name with different shapes.
+                hvd.allreduce(torch.ones(2 + hvd.rank()), name="elastic_failure")
+        return state.step
+
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        start = hvd.broadcast(start, 0)
+    assert train(state) == 4
+    assert attempts == [0, 2]  # retried from the commit at step 2
+    assert torch.equal(model.weight.detach(), start + 4.0)  # two steps before the commit, two after
+
+
+def test_sync_batch_norm_matches_batch_norm_on_the_global_batch():
+    n, r = hvd.size(), hvd.rank()
+    torch.manual_seed(7)
+    rows = [3 + k for k in range(n)]  # a different batch size on every rank
+    full = torch.randn(sum(rows), 4, 5)
+    mine = full[sum(rows[:r]):sum(rows[:r + 1])].clone().requires_grad_()
+    sync = hvd.SyncBatchNorm(4)
+    out = sync(mine)
+    (out * torch.arange(5.0)).sum().backward()
+
+    reference = torch.nn.BatchNorm1d(4)
+    whole = full.clone().requires_grad_()
+    ref_out = reference(whole)
+    # The global loss is the sum of every rank's loss: its gradient on this rank's rows.
+    (ref_out * torch.arange(5.0)).sum().backward()
+    rows_mine = slice(sum(rows[:r]), sum(rows[:r + 1]))
+    tol = 1e-10
+    assert torch.allclose(out, ref_out[rows_mine], atol=tol, rtol=tol)
+    assert torch.allclose(mine.grad, whole.grad[rows_mine], atol=1e-9, rtol=1e-9)
+    assert torch.allclose(sync.running_mean, reference.running_mean, atol=tol)
+    assert torch.allclose(sync.running_var, reference.running_var, atol=tol)
