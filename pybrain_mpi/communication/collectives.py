@@ -271,12 +271,13 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
             nothing is compressed; ``"auto"`` runs the flat compressed allreduce.
         group: a :class:`pybrain_mpi.parallel.Group` to reduce among its ranks only.
     """
-    if compression is None:  # the common case, without a call more on a microsecond path
-        args = _contiguous_tensor_args(x, op, algorithm, name)
-        if args is not None:
-            ctx = context.current()
-            ctx.engine.allreduce(args, ctx.timeout_s if timeout_s is None else float(timeout_s))
-            return x
+    if compression is None:
+        if group is None:  # the common case, without a call more on a microsecond path
+            args = _contiguous_tensor_args(x, op, algorithm, name)
+            if args is not None:
+                ctx = context.current()
+                ctx.engine.allreduce(args, ctx.timeout_s if timeout_s is None else float(timeout_s))
+                return x
         buffer, wire = as_buffer(x, name), None
     else:
         buffer, wire = _compressed_buffer(x, compression, state, name)
