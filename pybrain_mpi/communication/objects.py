@@ -58,15 +58,17 @@ def _check_root(root: int, size: int, name: str) -> int:
     return int(root)
 
 
-def allgather_objects(value: Any, *, name: str, timeout_s: float | None = None) -> list:
+def allgather_objects(value: Any, *, name: str, timeout_s: float | None = None,
+                      group: Any = None) -> list:
     """Every rank's ``value`` (picklable), in rank order, on every rank.
 
     ``name`` says what is exchanged in a timeout's message; ``timeout_s`` bounds each wait
-    (default ``PBM_TIMEOUT_S``). Two allreduces: the pickled sizes (each rank fills its
+    (default ``PBM_TIMEOUT_S``); ``group`` (a :class:`pybrain_mpi.parallel.Group`): among its
+    ranks only, in group-rank order. Two allreduces: the pickled sizes (each rank fills its
     own slot), then a ``(ranks, width)`` int64 matrix in which each rank fills its own row
     and leaves the others zero, so the sum is every rank's bytes exactly.
     """
-    rank, size = world()
+    rank, size = world() if group is None else (group.rank, group.size)
     if size == 1:
         return [value]
     from .collectives import allreduce_
@@ -74,11 +76,11 @@ def allgather_objects(value: Any, *, name: str, timeout_s: float | None = None) 
     payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     lengths = np.zeros(size, dtype=np.int64)
     lengths[rank] = len(payload)
-    allreduce_(lengths, op="sum", name=f"{name} (sizes)", timeout_s=timeout_s)
+    allreduce_(lengths, op="sum", name=f"{name} (sizes)", timeout_s=timeout_s, group=group)
     width = max(1, -(-int(lengths.max()) // 8))
     rows = np.zeros((size, width), dtype=np.int64)
     rows[rank].view(np.uint8)[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-    allreduce_(rows, op="sum", name=name, timeout_s=timeout_s)
+    allreduce_(rows, op="sum", name=name, timeout_s=timeout_s, group=group)
     return [pickle.loads(rows[r].view(np.uint8)[:int(lengths[r])].tobytes()) for r in range(size)]
 
 

@@ -35,11 +35,11 @@ def check_same_parameters(named_tensors: list[tuple[str, torch.Tensor]], what: s
     # Through the engine, so a rank that never wraps its model (or is stopped) is named in a
     # CollectiveTimeout after PBM_TIMEOUT_S instead of freezing the others.
     bounds = np.array([digest, -digest], dtype=np.int64)
-    allreduce_(bounds, op="min", name=f"{what} check (digest)")
+    allreduce_(bounds, op="min", name=f"{what} check (digest)", group=group)
     low, high = int(bounds[0]), -int(bounds[1])
     if low == high:
         return
-    signatures = allgather_objects(signature, name=f"{what} check (signatures)")
+    signatures = allgather_objects(signature, name=f"{what} check (signatures)", group=group)
     reference = signatures[0]
     differing = [r for r, s in enumerate(signatures) if s != reference]
     first_index = None
