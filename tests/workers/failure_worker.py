@@ -99,11 +99,13 @@ def ring_peer_killed_mid_transfer() -> None:
     """2-rank ring: rank 1 dies (SIGKILL) while the ranks exchange a large tensor's chunks."""
     comm = MPI.COMM_WORLD
     signal.signal(signal.SIGUSR1, lambda *_: None)
-    data = np.ones(32_000_000, dtype=np.float32)
+    # 256 MiB: the ring takes 60 ms or more here (2-4 GB/s), so the kill 10 ms in lands
+    # mid-transfer; with a shorter transfer it could finish first and prove nothing.
+    data = np.ones(64_000_000, dtype=np.float32)
     pbm.allreduce(np.ones(4, dtype=np.float32), name="warm-up")
     if comm.Get_rank() == 1:
         pbm.allreduce_async_(data, name="grad.big", algorithm="ring")
-        time.sleep(0.03)
+        time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     try:
         pbm.allreduce_(data, name="grad.big", algorithm="ring")
