@@ -53,7 +53,8 @@ COVERED_ELSEWHERE = [
      "reinstall the package under test while the suite runs"),
 ]
 # Longer bounds for blocks that train the README example as shown.
-TIMEOUTS_S = {r"pybrain-mpi train examples/dca_fmri\.toml\s*$": 600}
+TIMEOUTS_S = {r"pybrain-mpi train examples/dca_fmri\.toml\s*$": 600,
+              r"sbatch --wait -N 2 --ntasks-per-node=4 slurm/allreduce\.sbatch": 150}
 
 
 @dataclass(frozen=True)
@@ -180,29 +181,49 @@ def checkout_copy(destination: Path) -> Path:
     return destination
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
-def test_readme_shell_block_runs(block: Block, block_env: dict, tmp_path: Path):
-    reason = not_run_reason(block)
-    if reason:
-        pytest.skip(reason)
-    cwd = checkout_copy(tmp_path / "checkout")
-    for pattern, make in INPUTS.items():
-        if re.search(pattern, block.text):
-            make(cwd)
-    timeout_s = next((t for p, t in TIMEOUTS_S.items() if re.search(p, block.text, re.M)), DEFAULT_TIMEOUT_S)
-    script = runnable_text(block)
+def _run_block(script: str, cwd: Path, block_env: dict, timeout_s: float):
+    """Runs a block's script in ``cwd``; returns (process, output, timed out). Clusters the
+    block starts are torn down in any case."""
     process = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=block_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    timed_out = False
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"{block.name} did not finish in {timeout_s} s:\n{script}\n--- output:\n{output[-6000:]}")
+        timed_out = True
     finally:
         for marker, command in TEARDOWN.items():
             if marker in script:
                 subprocess.run(command, cwd=cwd, env=block_env, capture_output=True, timeout=120)
+    return process, output, timed_out
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
+def test_readme_shell_block_runs(block: Block, block_env: dict, tmp_path: Path):
+    reason = not_run_reason(block)
+    if reason:
+        pytest.skip(reason)
+    timeout_s = next((t for p, t in TIMEOUTS_S.items() if re.search(p, block.text, re.M)), DEFAULT_TIMEOUT_S)
+    script = runnable_text(block)
+    for attempt in range(2):
+        cwd = checkout_copy(tmp_path / f"checkout{attempt}")
+        for pattern, make in INPUTS.items():
+            if re.search(pattern, block.text):
+                make(cwd)
+        process, output, timed_out = _run_block(script, cwd, block_env, timeout_s)
+        # Slurm 22.05's pmi2 plugin now and then misreads MPICH's PMI requests during MPI_Init
+        # ("mpi/pmi2: invalid client request" in the job's output) and the step never starts:
+        # a fault below pybrain-mpi (seen with MPICH 5.0.2 on the two-namespace cluster).
+        # Such a launch is run once more, in a fresh copy; any other outcome counts as it is.
+        garbled = timed_out and any("mpi/pmi2: invalid client request" in f.read_text(errors="replace")
+                                    for f in cwd.glob("pbm-*.out"))
+        if not garbled:
+            break
+        print(f"{block.name}: Slurm's pmi2 plugin garbled a PMI request (attempt {attempt + 1}); running again")
+    if timed_out:
+        pytest.fail(f"{block.name} did not finish in {timeout_s} s:\n{script}\n--- output:\n{output[-6000:]}")
     assert process.returncode == 0, f"{block.name} exited with {process.returncode}:\n{script}\n--- output:\n{output[-6000:]}"
     for pattern, check in EXPECT.items():
         if re.search(pattern, script, re.M):
