@@ -206,7 +206,12 @@ write_hosts() {
 # namespaces as one machine and move inter-node messages through shared memory; these keep them
 # on TCP over the node's link (Open MPI: ob1 PML, shared memory inside a node, TCP between).
 write_task_prolog() {
-    local settings="UCX_TLS=tcp UCX_NET_DEVICES=$NODE_IF OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp"
+    # MPICH: the OFI netmod over TCP. Its UCX netmod (the PyPI wheel's default) pads each
+    # rank's address to a common length with uninitialised bytes, so the PMI-1 "put" lines
+    # MPI_Init sends can exceed the 1024 bytes Slurm 22.05's pmi2 plugin reads per request:
+    # the plugin then reports "invalid client request" and MPI_Init never returns (slurm/README.md).
+    local settings="MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=$NODE_IF"
+    settings+=" UCX_TLS=tcp UCX_NET_DEVICES=$NODE_IF OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp"
     settings+=" OMPI_MCA_btl_tcp_if_include=$NODE_IF OMPI_MCA_oob_tcp_if_include=$NODE_IF"
     {
         echo '#!/bin/sh'

@@ -35,13 +35,6 @@ DEFAULT_TIMEOUT_S = 300
 
 # (pattern searched in the block, why it does not run here)
 NOT_RUN = [
-    # KNOWN BREAKAGE (open, in the session note): inside the full suite, and only there, every
-    # launch of this 8-task block hangs in MPI_Init with Slurm 22.05's pmi2 plugin reporting
-    # "invalid client request" for MPICH's PMI puts; run alone it passes in about 11 s. The
-    # same two-node allreduce with 2 tasks per node is tested by test_two_node_slurm.py.
-    (r"sbatch --wait -N 2 --ntasks-per-node=4 slurm/allreduce\.sbatch",
-     "known breakage: hangs in MPI_Init (Slurm pmi2 plugin garbles MPICH's PMI puts) when run "
-     "inside the full suite; passes alone; the two-node allreduce is covered by test_two_node_slurm.py"),
     (r"^\.venv/bin/pytest -q\s*$",
      "the test suite itself, which this test is part of (CI runs it: the last line of .ci/run, "
      "checked by test_ci_runs_the_readme_setup_and_test_commands)"),
@@ -114,7 +107,8 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [line.strip() for line in ci if line.strip() and not line.lstrip().startswith("#")]
     assert "./setup.sh" in commands, ".ci/run no longer runs ./setup.sh, which the README's first block assumes"
-    test_blocks = [b for b in BLOCKS if re.search(NOT_RUN[0][0], b.text, re.M)]
+    suite = next(pattern for pattern, _ in NOT_RUN if "pytest" in pattern)
+    test_blocks = [b for b in BLOCKS if re.search(suite, b.text, re.M)]
     assert test_blocks and commands[-1] == test_blocks[0].text.strip(), (commands[-1], test_blocks)
 
 
@@ -214,21 +208,11 @@ def test_readme_shell_block_runs(block: Block, block_env: dict, tmp_path: Path):
         pytest.skip(reason)
     timeout_s = next((t for p, t in TIMEOUTS_S.items() if re.search(p, block.text, re.M)), DEFAULT_TIMEOUT_S)
     script = runnable_text(block)
-    for attempt in range(2):
-        cwd = checkout_copy(tmp_path / f"checkout{attempt}")
-        for pattern, make in INPUTS.items():
-            if re.search(pattern, block.text):
-                make(cwd)
-        process, output, timed_out = _run_block(script, cwd, block_env, timeout_s)
-        # Slurm 22.05's pmi2 plugin now and then misreads MPICH's PMI requests during MPI_Init
-        # ("mpi/pmi2: invalid client request" in the job's output) and the step never starts:
-        # a fault below pybrain-mpi (seen with MPICH 5.0.2 on the two-namespace cluster).
-        # Such a launch is run once more, in a fresh copy; any other outcome counts as it is.
-        garbled = timed_out and any("mpi/pmi2: invalid client request" in f.read_text(errors="replace")
-                                    for f in cwd.glob("pbm-*.out"))
-        if not garbled:
-            break
-        print(f"{block.name}: Slurm's pmi2 plugin garbled a PMI request (attempt {attempt + 1}); running again")
+    cwd = checkout_copy(tmp_path / "checkout")
+    for pattern, make in INPUTS.items():
+        if re.search(pattern, block.text):
+            make(cwd)
+    process, output, timed_out = _run_block(script, cwd, block_env, timeout_s)
     if timed_out:
         pytest.fail(f"{block.name} did not finish in {timeout_s} s:\n{script}\n--- output:\n{output[-6000:]}")
     assert process.returncode == 0, f"{block.name} exited with {process.returncode}:\n{script}\n--- output:\n{output[-6000:]}"

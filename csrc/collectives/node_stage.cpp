@@ -36,13 +36,14 @@ NodeStage::NodeStage(Transport& world, int node_color) : world_(world) {
 }
 
 NodeStage::~NodeStage() {
-  // Windows are not freed (shared_pool.h); their pages are handed back, so
-  // pybrain_mpi.shutdown() followed by init() again does not keep the old buffers resident.
+  // The pool's windows stay mapped (tensors from pbm.shared_empty may still point into them)
+  // but their pages are handed back, so pybrain_mpi.shutdown() followed by init() again does
+  // not keep the old buffers resident; the arena is internal and is unmapped.
   // Only while MPI is live: after MPI_Finalize the addresses may belong to other mappings.
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
-  release_own_pages(arena_, local_rank_);
+  free_shared_window(world_, arena_);
   pool_->release_pages();
   if (pool_comm_ != MPI_COMM_NULL) MPI_Comm_free(&pool_comm_);
 }

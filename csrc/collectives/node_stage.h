@@ -2,7 +2,7 @@
 // shm_allreduce.h, and "hierarchical", hierarchical_allreduce.h; issue 6).
 //
 // Ranks of one node (MPI_COMM_TYPE_SHARED, or blocks of PBM_RANKS_PER_NODE ranks) map each
-// other's memory through MPI-3 shared windows, so the node-local reduce and broadcast are
+// other's memory through shared-memory windows (shared_pool.h), so the node-local reduce and broadcast are
 // plain loads and stores: every rank reduces the slices it owns directly from all peers'
 // memory in one pass, then copies the other slices from their owners.
 //

@@ -61,7 +61,7 @@ class NodeSync {
   int local_rank_;
   int local_size_;
   std::vector<int> world_of_local_;
-  SharedWindow control_;  // never freed (see shared_pool.h)
+  SharedWindow control_;  // mapped for the engine's life (see shared_pool.h)
   std::vector<std::atomic<uint64_t>*> counter_;    // by local rank
   std::vector<std::atomic<uint64_t>*> failed_;     // by local rank: sync number of a failure
   std::vector<std::atomic<uint64_t>*> nonfinite_;  // by local rank: sync number of a non-finite slice

@@ -1,6 +1,12 @@
 #include "shared_pool.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include <fcntl.h>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -14,40 +20,109 @@ constexpr size_t kPoolAlign = 256;  // pool allocations start on 256-byte bounda
 constexpr size_t kMinPoolBytes = 1 << 20;
 }  // namespace
 
+namespace {
+// Names are unique per process and call; the node's ranks open each other's by name.
+std::string segment_name(int pid, uint64_t serial) {
+  return "/pbm-" + std::to_string(pid) + "-" + std::to_string(serial);
+}
+
+std::atomic<uint64_t> segments_made{0};
+
+// This rank's segment: a POSIX shared-memory object of `bytes`, reserved up front (so a full
+// /dev/shm is an error here, not a SIGBUS on first touch) and mapped. Returns an error text, or
+// "" on success.
+std::string create_segment(const std::string& name, size_t bytes, char** base) {
+  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) return "shm_open(" + name + "): " + std::strerror(errno);
+  std::string error;
+  const int reserved = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+  if (reserved != 0) {
+    error = "reserving " + std::to_string(bytes) + " bytes in " + name + " (/dev/shm): " + std::strerror(reserved);
+  } else {
+    void* mapped = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (mapped == MAP_FAILED) error = "mmap(" + name + "): " + std::strerror(errno);
+    else *base = static_cast<char*>(mapped);
+  }
+  close(fd);
+  if (!error.empty()) shm_unlink(name.c_str());
+  return error;
+}
+}  // namespace
+
 SharedWindow allocate_shared_window(const Transport& world, MPI_Comm comm, size_t bytes) {
-  SharedWindow window;
-  MPI_Info info;
-  MPI_Info_create(&info);
-  // Each rank's segment on its own pages (and its own NUMA node where that applies).
-  MPI_Info_set(info, "alloc_shared_noncontig", "true");
-  char* base = nullptr;
-  const int rc = MPI_Win_allocate_shared(static_cast<MPI_Aint>(std::max<size_t>(bytes, 64)), 1, info,
-                                         comm, &base, &window.win);
-  MPI_Info_free(&info);
-  world.check(rc, "MPI_Win_allocate_shared (node stage)");
-  MPI_Win_set_errhandler(window.win, MPI_ERRORS_RETURN);
-  int n = 0;
+  // Each rank's segment is its own shared-memory object, created (and its pages first
+  // touched) by the rank itself, so it lies on that rank's NUMA node. Not an MPI window: an
+  // MPI window must be freed collectively (a peer lost after a failure never would) and some
+  // netmods (OFI) refuse to finalize while one is alive; a mapping is released locally.
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t mine_bytes = round_up(std::max<size_t>(bytes, 64), page);
+  const uint64_t serial = segments_made.fetch_add(1);
+  const std::string name = segment_name(static_cast<int>(getpid()), serial);
+  char* own = nullptr;
+  const std::string error = create_segment(name, mine_bytes, &own);
+
+  // Every rank learns every peer's segment (pid, serial, size) and whether it was made.
+  int n = 0, me = 0;
   MPI_Comm_size(comm, &n);
-  window.base.resize(n);
-  window.bytes.resize(n);
-  for (int q = 0; q < n; ++q) {
-    MPI_Aint size = 0;
-    int disp = 0;
-    char* pointer = nullptr;
-    world.check(MPI_Win_shared_query(window.win, q, &size, &disp, &pointer), "MPI_Win_shared_query");
-    window.base[q] = pointer;
-    window.bytes[q] = static_cast<size_t>(size);
+  MPI_Comm_rank(comm, &me);
+  const uint64_t record[4] = {static_cast<uint64_t>(getpid()), serial, mine_bytes, error.empty() ? 1u : 0u};
+  std::vector<uint64_t> records(4 * static_cast<size_t>(n));
+  world.check(MPI_Allgather(record, 4, MPI_UINT64_T, records.data(), 4, MPI_UINT64_T, comm),
+              "MPI_Allgather (shared segments)");
+  std::string failed;
+  for (int q = 0; q < n; ++q)
+    if (records[4 * q + 3] == 0) failed += (failed.empty() ? "" : ", ") + std::to_string(q);
+
+  SharedWindow window;
+  window.base.assign(n, nullptr);
+  window.bytes.assign(n, 0);
+  std::string map_error;
+  if (failed.empty()) {
+    for (int q = 0; q < n; ++q) {
+      window.bytes[q] = records[4 * q + 2];
+      if (q == me) {
+        window.base[q] = own;
+        continue;
+      }
+      const std::string peer = segment_name(static_cast<int>(records[4 * q]), records[4 * q + 1]);
+      const int fd = shm_open(peer.c_str(), O_RDWR, 0600);
+      void* mapped = fd < 0 ? MAP_FAILED : mmap(nullptr, window.bytes[q], PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (fd >= 0) close(fd);
+      if (mapped == MAP_FAILED) {
+        if (map_error.empty()) map_error = "mapping node rank " + std::to_string(q) + "'s " + peer + ": " + std::strerror(errno);
+        continue;
+      }
+      window.base[q] = static_cast<char*>(mapped);
+    }
+  }
+  // Once every rank has mapped every segment the names can go: the memory lives as long as
+  // a mapping does, and nothing is left in /dev/shm if a rank dies later.
+  int mapped_all = map_error.empty() ? 1 : 0, everyone = 0;
+  world.check(MPI_Allreduce(&mapped_all, &everyone, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce (shared segments)");
+  if (error.empty()) shm_unlink(name.c_str());
+  if (!failed.empty() || !everyone) {
+    const bool own_in_window = failed.empty();  // else only `own` was mapped
+    free_shared_window(world, window);
+    if (own != nullptr && !own_in_window) munmap(own, mine_bytes);
+    std::string why = !error.empty()     ? error
+                      : !map_error.empty() ? map_error
+                      : !failed.empty()    ? "node rank(s) " + failed + " could not create their shared memory"
+                                           : "a node peer could not map this node's shared memory";
+    throw PbmError("rank " + std::to_string(world.world_rank(world.rank())) + ": shared memory of " +
+                   std::to_string(mine_bytes) + " bytes per rank for the node stage: " + why);
   }
   return window;
 }
 
-void free_shared_window(const Transport& world, SharedWindow& window) {
-  if (window.win != MPI_WIN_NULL) world.check(MPI_Win_free(&window.win), "MPI_Win_free (node stage)");
+void free_shared_window(const Transport&, SharedWindow& window) {
+  // Local: each rank drops its own mappings; the memory goes when the last one does.
+  for (size_t q = 0; q < window.base.size(); ++q)
+    if (window.base[q] != nullptr) munmap(window.base[q], window.bytes[q]);
   window = SharedWindow{};
 }
 
 void release_own_pages(const SharedWindow& window, int local_rank) {
-  if (window.win == MPI_WIN_NULL || window.base.size() <= static_cast<size_t>(local_rank)) return;
+  if (window.base.size() <= static_cast<size_t>(local_rank) || window.base[local_rank] == nullptr) return;
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   uintptr_t begin = reinterpret_cast<uintptr_t>(window.base[local_rank]);
   uintptr_t end = begin + window.bytes[local_rank];

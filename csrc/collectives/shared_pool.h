@@ -1,15 +1,20 @@
-// MPI-3 shared windows, and the pool of them behind pbm.shared_empty (zero-copy buffers).
+// Node shared memory ("windows"), and the pool of them behind pbm.shared_empty (zero-copy buffers).
 //
-// Ranks of one node map each other's memory through MPI_Win_allocate_shared, so the node
-// stage's reduce and copies are plain loads and stores. The pool hands out pieces of this
-// rank's segment of a window with a bump allocator over windows that double in size: every
-// node rank makes the same calls with the same sizes in the same order, so equal buffers
-// land at equal offsets on every rank, and an allreduce of them can agree (through the join
-// headers) to read and write the node's buffers in place.
+// Ranks of one node map each other's memory, so the node stage's reduce and copies are plain
+// loads and stores. Each rank's segment is a POSIX shared-memory object it creates and maps
+// itself; the node's ranks exchange the names over the node communicator and map each other's
+// (allocate_shared_window is collective, like MPI_Win_allocate_shared, which it replaces).
+// Unlike an MPI window, a mapping is released locally: no collective is needed (a peer lost
+// after a failure would never join one) and no MPI object is left for MPI_Finalize (MPICH's
+// OFI netmod refuses to close its fabric while a shared window is alive). The names are
+// unlinked as soon as every rank has mapped them, so nothing is left in /dev/shm.
 //
-// Windows are never freed once in use: MPI_Win_free is a blocking collective and a peer
-// that left after a failure would never join it (no timeout can make that agreement safe).
-// Their pages are handed back instead (release_own_pages), which is local.
+// The pool hands out pieces of this rank's segment of a window with a bump allocator over
+// windows that double in size: every node rank makes the same calls with the same sizes in
+// the same order, so equal buffers land at equal offsets on every rank, and an allreduce of
+// them can agree (through the join headers) to read and write the node's buffers in place.
+// Pool windows stay mapped while pybrain-mpi runs (user tensors may point into them); their
+// pages are handed back at shutdown (release_own_pages).
 #pragma once
 
 #include <mpi.h>
@@ -23,17 +28,17 @@
 
 namespace pbm {
 
-// One MPI shared-memory window: this rank's segment and every node peer's, mapped here.
+// One shared-memory window: this rank's segment and every node peer's, mapped here.
 struct SharedWindow {
-  MPI_Win win = MPI_WIN_NULL;
-  std::vector<char*> base;    // by local rank
+  std::vector<char*> base;    // by local rank (empty: no window)
   std::vector<size_t> bytes;  // segment size by local rank
 };
 
-// Collective over `comm` (the ranks of one node): a window with `bytes` per rank, each
-// rank's segment on its own pages (and its own NUMA node where that applies).
+// Collective over `comm` (the ranks of one node): a window with `bytes` (rounded up to
+// pages) per rank, each rank's segment created and first touched by that rank (its own NUMA
+// node where that applies). Throws on every rank, naming the cause, if any rank fails.
 SharedWindow allocate_shared_window(const Transport& world, MPI_Comm comm, size_t bytes);
-// Collective over the window's ranks (only while every peer is known to be alive).
+// Unmaps the window here (local: peers keep their mappings until they free theirs).
 void free_shared_window(const Transport& world, SharedWindow& window);
 // Hands this rank's pages of `window` back to the system; a later touch reads zeros. Local.
 void release_own_pages(const SharedWindow& window, int local_rank);

@@ -1,5 +1,5 @@
 // The single-node shared-memory allreduce (algorithm "shm"): node reduce-scatter + node
-// allgather through MPI-3 shared windows (node_stage.h), exact, for every dtype and op.
+// allgather through shared-memory windows (node_stage.h), exact, for every dtype and op.
 //
 // Zero-copy (every node rank's buffer at the same place of the pool, pbm.shared_empty):
 // each owner reduces its slices straight from the peers' buffers and stores the result

@@ -75,7 +75,7 @@ class SmallAllreduce : public AllreduceAlgorithm {
   int local_size_;
   bool oversubscribed_;
   size_t slot_bytes_;
-  SharedWindow window_;  // never freed (see shared_pool.h)
+  SharedWindow window_;  // mapped for the engine's life (see shared_pool.h)
   uint64_t epoch_ = 0;   // small allreduces so far (the same on every node rank)
   std::vector<const void*> inputs_;
   std::vector<CollectiveHeader> headers_;  // check_headers' copies, by local rank

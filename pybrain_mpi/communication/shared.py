@@ -2,7 +2,7 @@
 
 An allreduce with ``algorithm="shm"`` (or ``"hierarchical"``/``"auto"``) on an ordinary
 tensor copies the slices its node peers reduce into a shared arena first. A tensor made by
-:func:`shared_empty` already lives in this rank's segment of an MPI-3 shared window that
+:func:`shared_empty` already lives in this rank's segment of a node shared-memory window that
 every rank of the node has mapped, so the node stage reads peers' buffers in place: each
 rank reduces its slice straight from all node ranks' tensors and copies the other slices
 from their owners, one pass over memory each.
