@@ -120,7 +120,7 @@ def test_a_faster_link_never_lowers_efficiency(algorithm):
 
 
 def test_hierarchical_sends_fewer_link_bytes_than_the_flat_ring_and_3lc_fewer_still():
-    no_latency = replace(TRUE, a_net=0.0, a_loc=0.0, a_shm=0.0, b_shm=0.0, e=0.0, d=0.0, d_add=0.0)
+    no_latency = replace(TRUE, a_net=0.0, a_loc=0.0, a_shm=0.0, b_shm=0.0, h=0.0, e=0.0, d=0.0, d_add=0.0)
     layout = sm.Layout(nodes=64, ppn=2, rate_bps=10e9)
     size = 64 << 20
     ring, hier, tlc = (sm.ALLREDUCE[a](no_latency, size, layout) for a in sm.ALGORITHMS)
