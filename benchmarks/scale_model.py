@@ -669,6 +669,9 @@ def main(argv=None) -> int:
                         help="fixed costs in projections: the probe's round trip, or as fitted here")
     parser.add_argument("--compute-speedup", type=float, default=1.0,
                         help="projected ranks compute this many times faster than one core here")
+    parser.add_argument("--compare", default=None,
+                        help="another measurement directory: predict its records with this fit "
+                             "(run-to-run check; nothing of it enters the fit)")
     parser.add_argument("--tolerance", type=float, default=0.15, help="validation band (relative)")
     args = parser.parse_args(argv)
     data_dir, out_dir = Path(args.data or "results/scale"), Path(args.out)
@@ -698,6 +701,15 @@ def main(argv=None) -> int:
                 good = sum(abs(r["ratio"] - 1) <= args.tolerance for r in group)
                 print(f"  {regime}, {kind}: {good} of {len(group)} within {100 * args.tolerance:.0f}% "
                       f"(pred/meas median {np.median([r['ratio'] for r in group]):.2f})")
+    if args.compare:
+        other = validation_rows(load_data(Path(args.compare)), params, fit_rates)
+        for row in other:
+            row.update(where=f"{args.compare}: {row['where']}", fitted=False)
+        good = sum(abs(r["ratio"] - 1) <= args.tolerance for r in other)
+        print(f"\n{args.compare}, predicted with the fit above (pred/meas):")
+        print(markdown_validation(other))
+        print(f"within {100 * args.tolerance:.0f}%: {good} of {len(other)}")
+        rows += other
     speedups = sorted({args.compute_speedup, 16.0}) if args.compute_speedup == 1.0 else [args.compute_speedup]
     projections = [project(params, example_models(), args.ppn, args.host_cost, args.latency, x) for x in speedups]
     tables = []
