@@ -617,7 +617,7 @@ def load_data(data_dir: Path) -> dict:
             "training": lines("training.jsonl"), "cluster": lines("cluster_allreduce.jsonl")}
     comp = data_dir / "compression.json"
     data["compression"] = json.loads(comp.read_text()) if comp.exists() else None
-    if not data["allreduce"]:
+    if not data["allreduce"] and not data["cluster"]:
         sys.exit(f"no allreduce measurements in {data_dir}: run with --measure first")
     return data
 
