@@ -50,28 +50,37 @@ The model (per rank, one allreduce of S bytes; N nodes, p ranks per node, n = N 
                     buckets as pbm's DDP: first 1 MiB, then 25 MiB each
 
 Fitted parameters and where from: a_loc, b_loc (pbm_ring, 2 ranks); a_shm, b_shm (pbm_shm,
-2 ranks); e, d, d_add (encode / decode / decode-add, thread CPU time per float32 byte at the
-largest measured size, real fMRI gradients); r (3LC ratio at s = 1.0 on nitime fMRI gradients
-for projections; for validation the ratio seen on the emulated links in the same run); a_net,
-h (flat ring, block placement, emulated cluster, the ``--fit-rates`` rates); eta (TCP throughput
-the emulator's probe measured / nominal rate); t_sample (pbm_nosync step time / batch, 2 ranks
-on this 2-core machine, i.e. a full node).
+2 ranks); e, d, d_add (encode / decode / decode-add per float32 byte at the largest measured
+size, real fMRI gradients: thread CPU time for projections, wall time on this shared machine
+for validation); r (3LC ratio at s = 1.0 on nitime fMRI gradients for projections; for
+validation on the emulated cluster the ratio its links showed in the same run); a_net, h (flat
+ring, block placement, emulated cluster, the ``--fit-rates`` rates); eta (TCP throughput the
+emulator's probe measured at the lowest rate / that rate); t_sample (pbm_nosync step time /
+batch, 2 ranks on this 2-core machine, i.e. a full node). ``--compare DIR`` predicts another
+measurement set with the same fit (run-to-run and size leave-one-out checks).
 
 Assumptions (say them with every figure)
 ----------------------------------------
 - No overlap of communication with backward (pbm's DDP can overlap; the model is an upper
   bound on exposed communication), no stragglers, no I/O, identical nodes.
 - A projected node is like this machine: 2 cores, one rank per core (--ppn, default 2),
-  compute per rank as measured here with both cores busy. Bigger nodes do more compute per
-  node per step, so communication weighs relatively *more* on them.
+  compute per rank as measured here with both cores busy. Faster or bigger nodes compute
+  more per step, so communication weighs relatively *more* on them: --compute-speedup X
+  divides compute by X (the default run adds a row with X = 16).
 - Links: full-duplex, non-blocking switch (no oversubscription of the fabric, no congestion),
-  payload efficiency eta as measured on the emulated links; latency per inter-node hop a_net as
-  measured here (about 20 us, the low end of real 10/25 GbE; the emulator has no netem, so
-  this is not varied with the rate). Projections use h = 0 by default (the emulated cluster
-  runs both nodes' TCP stacks on the same 2 cores, which a real cluster does not; RDMA-style
-  NICs cost almost no host CPU); --host-cost measured keeps the fitted h.
+  payload efficiency eta as measured on the emulated links. Fixed costs in projections
+  (--latency probe, default): a_loc = a_shm = a_net = the 1-byte TCP round trip between
+  emulated nodes (about 10-20 us, the low end of real 10/25 GbE; the emulator has no netem).
+  The fitted ones are scheduler time slices of a shared 2-core machine (0.2-0.9 ms);
+  --latency fitted keeps them. Projections use h = 0 by default (the emulated cluster runs both
+  nodes' TCP stacks on the same 2 cores, which a real cluster does not; RDMA-style NICs cost
+  almost no host CPU); --host-cost measured keeps the fitted h.
+- Local per-byte costs (b_loc, b_shm) are as measured, i.e. under the machine's load at the
+  time: several times the quiet-machine figures, so fast-link projections are pessimistic.
 - 3LC's ratio is that of real fMRI gradients at s = 1.0 (it depends on the data), constant
   across nodes; codec time per byte is the single-core one measured here.
+- NaiveCNN3D at full resolution (176^3, 527M parameters): compute is the 64^3 measurement
+  scaled by the voxel count, an extrapolation.
 - Weak scaling: batch per rank fixed, so T_step(1 node) is compute + node stage of one node.
 
 Published figures shown beside the projection (docs/scale_model.md, ../shared/REFERENCE.md):
