@@ -278,3 +278,29 @@ def test_process_ended_tells_a_live_process_from_a_dead_one(tmp_path):
 def _ticks(pid: int) -> int:
     text = Path(f"/proc/{pid}/stat").read_text()
     return int(text[text.rfind(")") + 2:].split()[19])
+
+
+# --------------------------------------------------------------- a rank absent from set-up
+@pytest.mark.parametrize("mode,ranks,what", [
+    ("init", 2, "pybrain_mpi.init waits for every rank"),
+    ("init", 3, "pybrain_mpi.init waits for every rank"),
+    ("group", 2, "pybrain_mpi.parallel.Group set-up"),
+    ("p2p", 2, "pybrain_mpi.parallel.Channel set-up"),
+])
+def test_a_rank_absent_from_set_up_is_named_and_the_others_exit_without_it(tmp_path, mode, ranks, what):
+    """pbm.init, Group and Channel meet every rank in a rendezvous bounded by PBM_TIMEOUT_S
+    before their blocking MPI set-up; the last rank sleeps through it (6x the timeout)."""
+    result, elapsed = launch(ranks, [str(WORKERS / "init_failure_worker.py"), mode, str(tmp_path)],
+                             tmp_path, limit_s=4 * TIMEOUT_S + 40)
+    out = result.stdout + result.stderr
+    absent = ranks - 1
+    reports = caught(result.stdout)
+    assert sorted(r["rank"] for r in reports) == list(range(ranks - 1)), out
+    for report in reports:
+        assert report["type"] == "CollectiveTimeout", out
+        assert report["ranks"] == [absent], out
+        assert f"rank {absent} did not arrive" in report["message"] and what in report["message"], out
+    for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
+        assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
+    assert "LATE RANK EXITS" not in out and "NO ERROR" not in out  # nobody waited for it
+    assert result.returncode != 0, out

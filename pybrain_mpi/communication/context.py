@@ -13,7 +13,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PbmError
+from ..errors import CollectiveTimeout, PbmError
+from .setup_wait import bounded_allgather_ints, node_leader
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -131,12 +132,21 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
             RuntimeWarning,
             stacklevel=2,
         )
+    rank_, size_ = comm.Get_rank(), comm.Get_size()
+    # Every rank must be here before the blocking set-up collectives below (the engine's
+    # communicator duplicates, Split/Split_type): a bounded rendezvous names the ranks that
+    # never call init (setup_wait.py) instead of waiting for them with no message.
+    try:
+        bounded_allgather_ints(comm, [rank_], timeout_s=timeout,
+                               what="pybrain_mpi.init waits for every rank of its communicator")
+    except CollectiveTimeout:
+        _guard_exit(rank_, size_, timeout)  # MPI_Finalize would wait for the missing rank too
+        raise
     engine = _core.Engine(comm.py2f(), timeout, progress_thread)
     chunk = _env_int("PBM_RING_CHUNK_BYTES")
     if chunk:
         engine.ring_chunk_bytes = chunk
 
-    rank_, size_ = comm.Get_rank(), comm.Get_size()
     forced = ranks_per_node if ranks_per_node is not None else _env_int("PBM_RANKS_PER_NODE")
     if forced is not None:
         if forced <= 0:
@@ -145,8 +155,14 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     else:
         local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank_)
     # Nodes are numbered by their lowest world rank, so every rank derives the same order.
-    leader = local_comm.allreduce(rank_, op=MPI.MIN)
-    leaders = sorted(set(comm.allgather(leader)))
+    leader = node_leader(local_comm, comm)
+    try:
+        leaders = sorted({entry[0] for entry in bounded_allgather_ints(
+            comm, [leader], timeout_s=timeout, what="pybrain_mpi.init (node leaders)")})
+    except CollectiveTimeout:
+        engine.shutdown()
+        _guard_exit(rank_, size_, timeout)
+        raise
     # The shared-memory node stage (algorithms "shm", "hierarchical", "auto") uses the same
     # grouping: its node communicator is split by the node's lowest rank.
     engine.configure_nodes(leader)

@@ -15,6 +15,7 @@ import weakref
 from typing import Any
 
 from ..communication import context
+from ..communication.setup_wait import bounded_allgather_ints, node_leader
 from ..errors import PbmError
 
 __all__ = ["Group", "Grid"]
@@ -41,11 +42,14 @@ class Group:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self.world_ranks = comm.allgather(ctx.rank)
         self.timeout_s = ctx.timeout_s if timeout_s is None else float(timeout_s)
+        # Bounded (names the ranks that never build the group) before the blocking
+        # communicator calls of the engine and Split_type.
+        self.world_ranks = [entry[0] for entry in bounded_allgather_ints(
+            comm, [ctx.rank], timeout_s=self.timeout_s, what="pybrain_mpi.parallel.Group set-up")]
         self.engine = _core.Engine(comm.py2f(), self.timeout_s, ctx.thread_level == MPI.THREAD_MULTIPLE)
         local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.engine.configure_nodes(local.allreduce(self.rank, op=MPI.MIN))
+        self.engine.configure_nodes(node_leader(local, comm))
         local.Free()
         atexit.register(_close, weakref.ref(self))
 
@@ -84,6 +88,14 @@ class Grid:
         self.data_parallel = world // stages
         self.stage = rank % stages
         self.replica = rank // stages
+        # Every rank here, with the same layout, before the blocking Splits (bounded: names
+        # the ranks that never build the grid).
+        wait_s = context.current().timeout_s if timeout_s is None else float(timeout_s)
+        asked = bounded_allgather_ints(comm, [stages], timeout_s=wait_s, what="pybrain_mpi.parallel.Grid set-up")
+        differing = [r for r, (s,) in enumerate(asked) if s != stages]
+        if differing:
+            raise PbmError(f"rank {rank}: Grid(pipeline_stages={stages}) but rank(s) {differing} asked for "
+                           f"{sorted({asked[r][0] for r in differing})} stages; every rank must ask for the same")
         self.pipeline_comm = comm.Split(color=self.replica, key=self.stage)
         self.data_comm = comm.Split(color=self.stage, key=self.replica)
         self.data_group = Group(self.data_comm, timeout_s) if self.data_parallel > 1 else None

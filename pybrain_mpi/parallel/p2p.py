@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..communication import context
+from ..communication.setup_wait import bounded_allgather_ints
 from ..core.buffers import as_buffer, dtype_of
 from ..errors import PbmError
 
@@ -90,8 +91,10 @@ class Channel:
 
         ctx = context.current()
         self.comm = ctx.comm if comm is None else comm
-        world = self.comm.allgather(ctx.rank)
         self.timeout_s = ctx.timeout_s if timeout_s is None else float(timeout_s)
+        # Bounded (names the ranks that never build it) before the core's blocking Dup.
+        world = [entry[0] for entry in bounded_allgather_ints(
+            self.comm, [ctx.rank], timeout_s=self.timeout_s, what="pybrain_mpi.parallel.Channel set-up")]
         self._core = _core.PointToPoint(self.comm.py2f(), self.timeout_s, world)
         self.world_ranks = world
         self.rank = self.comm.Get_rank()
