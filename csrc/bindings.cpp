@@ -586,6 +586,13 @@ void bind_point_to_point(py::module_& m) {
             return p.test(request);
           },
           py::arg("request"))
+      .def(
+          "probe_any",
+          [](pbm::PointToPoint& p, int tag, double timeout_s) {
+            py::gil_scoped_release release;
+            return p.probe_any(tag, timeout_s);
+          },
+          py::arg("tag"), py::arg("timeout_s"))
       .def("abort", &pbm::PointToPoint::abort);
 }
 // --- end of point-to-point ---------------------------------------------------------------

@@ -201,6 +201,9 @@ class Section:
 # which fills every key.
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+TRAIN_MODES = ("sync", "downpour")
+DOWNPOUR_KEYS = ("servers", "server_optimizer", "fetch_every", "push_every", "warm_start_steps",
+                 "max_staleness")
 PRECISIONS = ("auto", "fp32", "fp64", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -414,6 +417,20 @@ class TrainConfig:
     time_budget_s: float = key(float, 0.0, minimum=0.0,
                                doc="stop after this many seconds of training (0: no limit)")
     log_every: int = key(int, 10, minimum=1, doc="steps between JSON log lines")
+    mode: str = key(str, "sync", choices=TRAIN_MODES,
+                    doc="sync: gradient allreduce every step; downpour: asynchronous, the first "
+                        "[train] servers ranks hold the parameters (docs/parameter_server.md)")
+    servers: int = key(int, 1, minimum=1, doc="downpour: parameter-server ranks (the others train)")
+    server_optimizer: str = key(str, "adagrad", choices=OPTIMIZERS,
+                                doc="downpour: the servers' optimizer (with [train] lr)")
+    fetch_every: int = key(int, 1, minimum=1, doc="downpour: worker steps between parameter fetches")
+    push_every: int = key(int, 1, minimum=1,
+                          doc="downpour: worker steps between gradient pushes (summed in between)")
+    warm_start_steps: int = key(int, 0, minimum=0,
+                                doc="downpour: steps worker 0 trains alone before the others join")
+    max_staleness: int | None = key(int, None, minimum=0,
+                                    doc="downpour: bound on server versions between a worker's "
+                                        "fetch and its push (default: unbounded)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -659,6 +676,24 @@ def _check_model_matches_data(v: _Validator, model: dict, data: dict):
                       f"signals; set out_features = {NITIME_ROI_OUTPUTS}")
 
 
+def _check_mode(v: _Validator, train: dict) -> None:
+    """[train] mode and the downpour keys: given only with mode = "downpour", and what that mode
+    does not do yet refused by name."""
+    if train["mode"] != "downpour":
+        for name in DOWNPOUR_KEYS:
+            if ("train", name) in v.lines:
+                v.problem(("train", name), f'[train] {name} applies to mode = "downpour" only '
+                          f'(this run is mode = "{train["mode"]}"); remove it or set mode = "downpour"')
+        return
+    if train["compression"]["kind"] != "none":
+        v.problem(("train", "compression", "kind"), f'[train.compression] kind = '
+                  f'"{train["compression"]["kind"]}": downpour pushes uncompressed gradients; set '
+                  'kind = "none"')
+    if train["activation_checkpointing"] != "none":
+        v.problem(("train", "activation_checkpointing"), '[train] activation_checkpointing is not '
+                  'supported with mode = "downpour"; set it to "none"')
+
+
 def _check_data(v: _Validator, data: dict, train: dict) -> None:
     """Combinations of [data] keys that cannot work, reported before anything is read."""
     given = [k for k in ("path", "manifest", "bids") if data[k] is not None]
@@ -697,6 +732,7 @@ def _check_data(v: _Validator, data: dict, train: dict) -> None:
     if kind == "regression" and source == "path" and cohort and not data["targets"]:
         v.problem(("data", "targets"), "[data] kind = \"regression\" needs [data] targets, the "
                   "per-subject target columns", line=v.line_of(("data", "kind")))
+    _check_mode(v, train)
     loss = train["loss"]
     if kind == "segmentation" and loss not in ("auto", "cross_entropy", "dice_ce"):
         v.problem(("train", "loss"), f'[train] loss = "{loss}": segmentation trains with '

@@ -247,6 +247,27 @@ std::pair<DType, std::vector<int64_t>> PointToPoint::recv_header(int source, int
   return {static_cast<DType>(h.dtype), std::move(shape)};
 }
 
+int PointToPoint::probe_any(int tag, double timeout_s) {
+  check_not_broken();
+  const int mpi_header_tag = mpi_tag(tag, false);
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                        std::chrono::duration<double>(std::max(0.0, timeout_s)));
+  // Short sleeps first (a busy server answers within microseconds), then up to 1 ms so an idle
+  // server does not spin a core that oversubscribed workers need.
+  auto pause = std::chrono::microseconds(20);
+  while (!transport_.aborted()) {
+    int flag = 0;
+    MPI_Status status;
+    transport_.check(MPI_Iprobe(MPI_ANY_SOURCE, mpi_header_tag, transport_.comm(), &flag, &status),
+                     "MPI_Iprobe");
+    if (flag) return status.MPI_SOURCE;
+    if (Clock::now() >= until) break;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(1000));
+  }
+  return -1;
+}
+
 bool PointToPoint::test(P2PRequest& request) {
   if (request.done) return true;
   for (MPI_Request& r : request.requests) {

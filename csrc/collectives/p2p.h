@@ -106,6 +106,12 @@ class PointToPoint {
   // Whether the request completed (never blocks; validates like wait on completion).
   bool test(P2PRequest& request);
 
+  // Waits (polling, up to timeout_s) for the next header on `tag` from any other rank; returns
+  // that rank (then take the message with recv_header(source, tag) and irecv), or -1 when
+  // nothing came in time or the messaging was aborted. A server's loop: no peer is at fault
+  // when none writes, so a timeout here neither blames nor breaks the messaging.
+  int probe_any(int tag, double timeout_s);
+
   // Makes every wait give up promptly (shutdown).
   void abort() { transport_.abort(); }
 

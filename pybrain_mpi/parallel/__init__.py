@@ -10,8 +10,10 @@ See docs/architecture.md ("Model parallelism") for where each piece lives.
 
 from .grid import Grid, Group
 from .p2p import Channel, Message
+from .parameter_server import ParameterServer, ServerReport, shard_ranges
 from .pipeline import SCHEDULES, Pipeline, partition_balanced, pipeline_layers
 from .tensor import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["Pipeline", "Grid", "Group", "Channel", "Message", "ColumnParallelLinear",
-           "RowParallelLinear", "partition_balanced", "pipeline_layers", "SCHEDULES"]
+           "RowParallelLinear", "partition_balanced", "pipeline_layers", "SCHEDULES",
+           "ParameterServer", "ServerReport", "shard_ranges"]

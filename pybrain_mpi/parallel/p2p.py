@@ -133,6 +133,12 @@ class Channel:
                                    int(tag), name, False)
         return Message(self, request, tensor).wait(timeout_s)
 
+    def probe_any(self, tag: int, timeout_s: float) -> int:
+        """Waits up to ``timeout_s`` (GIL released) for a message on ``tag`` from any other
+        rank; returns that rank (take it with :meth:`recv`), or -1 when none came. A timeout
+        here is no failure: nothing is blamed and the channel stays usable."""
+        return int(self._core.probe_any(int(tag), float(timeout_s)))
+
     def abort(self) -> None:
         """Makes every wait of this channel give up promptly."""
         self._core.abort()

@@ -177,6 +177,7 @@ class Trainer:
         self.echo = echo and self.rank == 0
         self.progress = progress
         self.max_steps = max_steps
+        self.resume_requested = resume
         self.timeline_path = Path(timeline_path) if timeline_path else None
         self.output_dir = Path(config.output.dir)
         self.checkpoint_file = checkpoint_path(config)
@@ -237,8 +238,9 @@ class Trainer:
 
         self.checkpointing = (self._apply_checkpointing() if train.activation_checkpointing == "sqrt"
                               else "none")
-        self.model = DistributedDataParallel(self.module, compression=self.codec,
-                                             algorithm=train.allreduce)
+        # Downpour exchanges gradients with parameter servers (downpour.py): no allreduce hooks.
+        self.model = (self.module if train.mode == "downpour" else
+                      DistributedDataParallel(self.module, compression=self.codec, algorithm=train.allreduce))
         self.optimizer = _build_optimizer(config, self.module.parameters())
 
         # Training state (all of it is in the checkpoint).
@@ -749,6 +751,11 @@ class Trainer:
     def fit(self) -> dict:
         """Train until done, early-stopped, out of time budget or preempted; return the summary."""
         train = self.config.train
+        if train.mode == "downpour":  # asynchronous, on parameter-server ranks
+            from .downpour import fit as fit_downpour
+
+            with self.stop_request:
+                return fit_downpour(self)
         stop_at = self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
         self._bytes_at_start = int(context.bytes_sent())
         self._shm_bytes_at_start = int(context.shm_bytes())
