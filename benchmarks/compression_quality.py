@@ -26,6 +26,8 @@ Held-out R^2 (pybrain_mpi.metrics.r2_score over time points) is measured every
     emu_tensor     one scale per parameter tensor
     emu_noef1 / emu_noef2   no error feedback at stage 1 / stage 2
     emu_1stage     stage 2 sends the exact average (only stage 1 quantizes)
+    emu_gather     one quantization per contribution: each rank quantizes its whole
+                   gradient (error feedback), all ranks sum everyone's decoded values
     emu_warmN      the first N steps uncompressed (e.g. emu_warm50)
     emu_sN         sparsity multiplier N/100 on the bucket scale (e.g. emu_s150)
     emu_blockN     one scale per N elements (blocks never span two tensors)
@@ -80,12 +82,12 @@ class Emulated3LC:
     with knobs: scale segments, error feedback per stage, stage 2 on/off, sparsity."""
 
     def __init__(self, comm, count: int, segments: list[tuple[int, int]], sparsity: float = 1.0,
-                 ef1: bool = True, ef2: bool = True, stage2: bool = True):
+                 ef1: bool = True, ef2: bool = True, stage2: bool = True, gather: bool = False):
         import numpy as np
 
         self.comm, self.n, self.me = comm, comm.size, comm.rank
         self.count, self.sparsity = count, sparsity
-        self.ef1, self.ef2, self.stage2 = ef1, ef2, stage2
+        self.ef1, self.ef2, self.stage2, self.gather = ef1, ef2, stage2, gather
         base, extra = divmod(count, self.n)
         self.bounds = [(p * base + min(p, extra), (p + 1) * base + min(p + 1, extra)) for p in range(self.n)]
         self.segments = segments  # [(begin, end)] sharing one scale, covering [0, count)
@@ -113,6 +115,13 @@ class Emulated3LC:
         import numpy as np
 
         g = np.asarray(grad, dtype=np.float64)
+        if self.gather:
+            # One quantization per contribution: every rank quantizes its whole gradient
+            # (error feedback) and all ranks sum every rank's decoded values.
+            acc = self.res1 + g
+            sent = self._quantize(acc, 0)
+            self.res1 = acc - sent if self.ef1 else np.zeros_like(acc)
+            return np.sum(self.comm.allgather(sent), axis=0) / self.n
         shares = []
         for p, (b, e) in enumerate(self.bounds):
             acc = self.res1[b:e] + g[b:e]
@@ -199,6 +208,8 @@ def train(args, series, variant: str, optimizer_name: str, comm):
                 kwargs["ef2"] = False
             elif knob == "1stage":
                 kwargs["stage2"] = False
+            elif knob == "gather":
+                kwargs["gather"] = True
             elif knob.startswith("warm") and knob[4:].isdigit():
                 warm = int(knob[4:])
             elif knob.startswith("s") and knob[1:].isdigit():
