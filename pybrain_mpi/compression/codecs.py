@@ -172,16 +172,22 @@ class ThreeLC(Compressor):
     trades detail for size: larger s sends fewer nonzeros (higher ratio). Inputs may be
     float32, bfloat16 or float16; a NaN/Inf in gradient + residual raises PbmError naming
     the tensor and leaves the state unchanged.
+
+    ``per_tensor`` (default True) tells :class:`pybrain_mpi.DistributedDataParallel` to give
+    every parameter tensor its own bucket, hence its own scale M and residuals: one M per
+    mixed bucket is set by its largest gradients and starves every tensor whose gradients
+    are much smaller (benchmarks/compression_quality.py measures the difference).
     """
 
     codec_id = _Codec.ThreeLC
 
-    def __init__(self, sparsity: float = 1.0):
+    def __init__(self, sparsity: float = 1.0, per_tensor: bool = True):
         sparsity = float(sparsity)
         if not 1.0 <= sparsity < 2.0:
             raise ValueError(f"ThreeLC sparsity multiplier must be in [1, 2), got {sparsity}: "
                              "1 keeps the most detail, values towards 2 send fewer nonzeros")
         self.sparsity = sparsity
+        self.per_tensor = bool(per_tensor)
 
     def new_state(self, tensor: Any, name: str | None = None) -> ThreeLCState:
         """A zero residual shaped for ``tensor`` (only its element count matters)."""
@@ -218,7 +224,7 @@ class ThreeLC(Compressor):
         return _finish_payload(out, used, name)
 
     def __repr__(self) -> str:
-        return f"ThreeLC(sparsity={self.sparsity})"
+        return f"ThreeLC(sparsity={self.sparsity}, per_tensor={self.per_tensor})"
 
 
 class Cast(Compressor):

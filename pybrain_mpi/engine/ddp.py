@@ -161,8 +161,13 @@ class DistributedDataParallel(torch.nn.Module):
         check_same_parameters(list(module.named_parameters()) + list(module.named_buffers()), group=group)
         _flatten_broadcast([p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()],
                            root=0, what="initial parameters and buffers", ranks=group)
+        # 3LC scales each allreduce by its largest value, so a bucket mixing tensors whose
+        # gradients differ by orders of magnitude starves the small ones (they wait in the
+        # residual until they reach half the largest): per_tensor gives each its own bucket.
+        per_tensor = isinstance(compression, ThreeLC) and compression.per_tensor
         self._buckets = self._build_buckets(named, bucket_bytes, first_bucket_bytes,
-                                            shared=algorithm in _SHARED_MEMORY_ALGORITHMS)
+                                            shared=algorithm in _SHARED_MEMORY_ALGORITHMS,
+                                            per_tensor=per_tensor)
         if isinstance(compression, ThreeLC):
             for bucket in self._buckets:
                 bucket.state = compression.new_state(bucket.flat, name=f"bucket {bucket.index}")
@@ -177,7 +182,7 @@ class DistributedDataParallel(torch.nn.Module):
     # -- construction -------------------------------------------------------------------
     @staticmethod
     def _build_buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int,
-                       first_bucket_bytes: int, shared: bool = False) -> list[_Bucket]:
+                       first_bucket_bytes: int, shared: bool = False, per_tensor: bool = False) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         pending: dict[torch.dtype, tuple[list, list]] = {}
 
@@ -201,7 +206,7 @@ class DistributedDataParallel(torch.nn.Module):
             params.append(param)
             names.append(name)
             limit = first_bucket_bytes if not buckets else bucket_bytes
-            if sum(p.numel() for p in params) * param.element_size() >= limit:
+            if per_tensor or sum(p.numel() for p in params) * param.element_size() >= limit:
                 close(param.dtype)
         for dtype in list(pending):
             close(dtype)

@@ -338,3 +338,36 @@ def test_resumed_3lc_run_matches_the_uninterrupted_one_bitwise(comm, nodes):
     # 2 nodes of 2 ranks, and 2 + 1 (a lone node rank owning both slices); hierarchical 3LC
     # (both stages' residuals per owned slice) and the flat 3LC allreduce
     _resume_3lc(comm, "hierarchical,ring", "3")
+
+
+@on(2, 3)
+def test_3lc_per_tensor_gives_each_parameter_its_own_scale_and_residuals(comm):
+    # ThreeLC(per_tensor=True) (the default): one bucket per parameter, so each gradient is
+    # 3LC-averaged with its own scale and error feedback, exactly as allreduce_ of that
+    # tensor alone with its own state; per_tensor=False keeps the byte-size buckets.
+    from pybrain_mpi.compression import ThreeLC
+
+    n, r = comm.Get_size(), comm.Get_rank()
+    model = make_model(seed=0).float()
+    ddp = pbm.DistributedDataParallel(model, compression=ThreeLC(1.0))
+    assert len(ddp.bucket_sizes_bytes) == len(list(model.parameters()))
+    shadow = make_model(seed=0).float()
+    codec = ThreeLC(1.0)
+    states = [codec.new_state(p, name=name) for name, p in shadow.named_parameters()]
+    for step in range(4):
+        x, y = global_batch(step, 4, n)
+        mine = slice(r * 4, (r + 1) * 4)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[mine].float()), y[mine].float()).backward()
+        shadow.zero_grad()
+        torch.nn.functional.mse_loss(shadow(x[mine].float()), y[mine].float()).backward()
+        # DDP launches buckets in reverse parameter order; the states are per tensor, so the
+        # order of these allreduces does not change their results.
+        for (name, p), q, state in zip(model.named_parameters(), shadow.parameters(), states):
+            expected = q.grad.detach().clone().reshape(-1)
+            pbm.allreduce_(expected, op="avg", compression=codec, state=state, name=name)
+            assert torch.equal(p.grad.reshape(-1), expected), f"step {step}: {name} differs on rank {r}"
+    ddp.remove_hooks()
+    bucketed = pbm.DistributedDataParallel(make_model(seed=0).float(), compression=ThreeLC(1.0, per_tensor=False))
+    assert len(bucketed.bucket_sizes_bytes) == 1, bucketed.bucket_sizes_bytes
+    bucketed.remove_hooks()
