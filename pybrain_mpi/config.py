@@ -94,6 +94,7 @@ class Field:
     item_type: type | None = None
     length: int | None = None
     path: bool = False  # a file-system path: "~" expanded, returned as pathlib.Path
+    also: tuple = ()  # values accepted as they are besides the type (a list field's "auto")
 
     @property
     def required(self) -> bool:
@@ -102,6 +103,9 @@ class Field:
 
     def describe(self) -> str:
         """Expected value in words, e.g. ``a float > 0`` or ``one of "sgd", "adam"``."""
+        if self.also:
+            return " or ".join(_show(a) for a in self.also) + " or " + \
+                dataclasses.replace(self, also=()).describe()
         if self.choices is not None:
             return "one of " + ", ".join(_show(c) for c in self.choices)
         if self.type is list:
@@ -135,6 +139,8 @@ class Field:
 
     def convert(self, value: Any) -> Any:
         """Return the checked (and converted) value or raise ``ValueError`` with the reason."""
+        if self.also and isinstance(value, str) and value in self.also:
+            return value
         if self.type is list:
             if not isinstance(value, list):
                 raise ValueError(f"got {_toml_type_name(value)} {_show(value)}")
@@ -202,6 +208,10 @@ class Section:
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 TRAIN_MODES = ("sync", "downpour")
+PARALLEL_KINDS = ("data", "pipeline", "hybrid")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+#: Keys that only a pipelined run (parallel = "pipeline" or "hybrid") reads.
+PIPELINE_KEYS = ("pipeline_stages", "micro_batches", "schedule", "balance")
 DOWNPOUR_KEYS = ("servers", "server_optimizer", "fetch_every", "push_every", "warm_start_steps",
                  "max_staleness")
 PRECISIONS = ("auto", "fp32", "fp64", "bf16", "fp16")
@@ -378,7 +388,9 @@ class TrainConfig:
     """[train]: optimisation, precision, compression and checkpointing."""
 
     epochs: int = key(int, minimum=1, doc="passes over the training data")
-    batch_size: int = key(int, minimum=1, doc="samples per rank per step")
+    batch_size: int = key(int, minimum=1, doc="samples per rank per step (parallel = \"pipeline\" "
+                                              "or \"hybrid\": per pipeline, i.e. per data-parallel "
+                                              "replica)")
     lr: float = key(float, minimum=0.0, exclusive_minimum=True, doc="learning rate")
     optimizer: str = key(str, "adam", choices=OPTIMIZERS)
     weight_decay: float = key(float, 0.0, minimum=0.0)
@@ -420,6 +432,23 @@ class TrainConfig:
     mode: str = key(str, "sync", choices=TRAIN_MODES,
                     doc="sync: gradient allreduce every step; downpour: asynchronous, the first "
                         "[train] servers ranks hold the parameters (docs/parameter_server.md)")
+    parallel: str = key(str, "data", choices=PARALLEL_KINDS,
+                        doc="data: every rank holds the whole model; pipeline: the model's layers "
+                            "split over all ranks (one stage each); hybrid: pipeline_stages "
+                            "stages x (ranks / pipeline_stages) data-parallel pipelines")
+    pipeline_stages: int | None = key(int, None, minimum=1,
+                                      doc="pipeline/hybrid: stages per pipeline (pipeline: must "
+                                          "equal the number of ranks, the default; hybrid: "
+                                          "required, must divide it)")
+    micro_batches: int = key(int, 1, minimum=1,
+                             doc="pipeline/hybrid: micro-batches per step (at most batch_size; "
+                                 "need not divide it)")
+    schedule: str = key(str, "gpipe", choices=PIPELINE_SCHEDULES,
+                        doc="pipeline/hybrid: gpipe (all forwards, then all backwards) or 1f1b "
+                            "(at most S - s micro-batches' activations alive on stage s)")
+    balance: Any = key(list, "auto", item_type=int, minimum=1, also=("auto",),
+                       doc="pipeline/hybrid: layers per stage, or auto (measured on rank 0, "
+                           "sent to all; a resume keeps the checkpoint's)")
     servers: int = key(int, 1, minimum=1, doc="downpour: parameter-server ranks (the others train)")
     server_optimizer: str = key(str, "adagrad", choices=OPTIMIZERS,
                                 doc="downpour: the servers' optimizer (with [train] lr)")
@@ -679,6 +708,7 @@ def _check_model_matches_data(v: _Validator, model: dict, data: dict):
 def _check_mode(v: _Validator, train: dict) -> None:
     """[train] mode and the downpour keys: given only with mode = "downpour", and what that mode
     does not do yet refused by name."""
+    _check_parallel(v, train)
     if train["mode"] != "downpour":
         for name in DOWNPOUR_KEYS:
             if ("train", name) in v.lines:
@@ -692,6 +722,65 @@ def _check_mode(v: _Validator, train: dict) -> None:
     if train["activation_checkpointing"] != "none":
         v.problem(("train", "activation_checkpointing"), '[train] activation_checkpointing is not '
                   'supported with mode = "downpour"; set it to "none"')
+
+
+def _check_parallel(v: _Validator, train: dict) -> None:
+    """[train] parallel and the pipeline keys: given only with a pipelined run, and the
+    combinations a pipelined run does not support refused by name. What needs the number of
+    ranks (pipeline_stages against the world) is checked when training starts."""
+    parallel = train["parallel"]
+    if parallel == "data":
+        for name in PIPELINE_KEYS:
+            if ("train", name) in v.lines:
+                v.problem(("train", name), f'[train] {name} applies to parallel = "pipeline" or '
+                          '"hybrid" only (this run is parallel = "data"); remove it or set parallel')
+        return
+    refuse = f'with [train] parallel = "{parallel}"'
+    if train["mode"] != "sync":
+        v.problem(("train", "mode"), f'[train] mode = "{train["mode"]}" cannot run {refuse}; set '
+                  'mode = "sync" or parallel = "data"')
+    if parallel == "hybrid" and train["pipeline_stages"] is None:
+        v.problem(("train", "parallel"), '[train] parallel = "hybrid" needs [train] '
+                  "pipeline_stages, the stages per pipeline (the ranks are split into "
+                  "pipelines of that many consecutive ranks)")
+    if train["micro_batches"] > train["batch_size"]:
+        v.problem(("train", "micro_batches"), f"[train] micro_batches = {train['micro_batches']} "
+                  f"exceeds batch_size = {train['batch_size']} (every micro-batch needs a sample "
+                  "of the pipeline's batch)")
+    balance = train["balance"]
+    stages = train["pipeline_stages"]
+    if not isinstance(balance, str) and stages is not None and len(balance) != stages:
+        v.problem(("train", "balance"), f"[train] balance = {list(balance)} gives "
+                  f"{len(balance)} stages but pipeline_stages = {stages}")
+    if train["compression"]["kind"] != "none":
+        v.problem(("train", "compression", "kind"), f'[train.compression] kind = '
+                  f'"{train["compression"]["kind"]}" is not supported {refuse}; set kind = "none"')
+    if train["activation_checkpointing"] != "none":
+        v.problem(("train", "activation_checkpointing"), "[train] activation_checkpointing is "
+                  f'not supported {refuse}; set it to "none"')
+    if train["precision"] == "fp16":
+        v.problem(("train", "precision"), f'[train] precision = "fp16" (loss scaling) is not '
+                  f'supported {refuse}; use "fp32", "bf16" or "fp64"')
+
+
+def _check_pipeline_model(v: _Validator, model: dict, train: dict) -> None:
+    """A pipelined run splits the model into consecutive layers: an ``nn.Sequential`` or a
+    model with ``pipeline_layers()``."""
+    if train["parallel"] == "data":
+        return
+    from torch import nn
+
+    from .models import ModelNotFound, resolve_model
+
+    try:
+        cls = resolve_model(model["name"])
+    except ModelNotFound:
+        return  # reported by _check_model
+    if not (issubclass(cls, nn.Sequential) or hasattr(cls, "pipeline_layers")):
+        v.problem(("train", "parallel"), f'[train] parallel = "{train["parallel"]}" splits the '
+                  f"model into stages of consecutive layers, but [model] {model['name']} "
+                  f"({cls.__name__}) is neither an nn.Sequential nor has pipeline_layers(); use "
+                  'such a model or parallel = "data"')
 
 
 def _check_data(v: _Validator, data: dict, train: dict) -> None:
@@ -768,6 +857,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     data = values["data"]
     _check_data(v, data, values["train"])
     _check_model_matches_data(v, values["model"], data)
+    _check_pipeline_model(v, values["model"], values["train"])
     v.report()
     config = _build(SCHEMA, values)
     return dataclasses.replace(config, source=source)
