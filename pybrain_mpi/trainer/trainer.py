@@ -208,6 +208,18 @@ class Trainer:
         # Phase 1: everything that can be refused without reading data.
         self.codec = self._together("checking the configuration",
                                     lambda: build_codec(train.compression.kind, train.compression.sparsity))
+        # Pipelined runs (pipelined.py): which stage of which replica this rank is; the
+        # sampler deals each epoch over the replicas.
+        self.pipe = None
+        self.layout = None
+        self.layout_text = ""
+        if train.parallel != "data":
+            from . import pipelined
+
+            self.layout = self._together("laying out the pipeline",
+                                         lambda: pipelined.plan(config, self.size, self.rank))
+        replica, replicas = ((self.rank, self.size) if self.layout is None
+                             else (self.layout.replica, self.layout.data_parallel))
         self._together("checking the output directories", self._check_directories)
         # Phase 2: data, then the model against it.
         self.data: TrainingData = self._together(
@@ -220,8 +232,10 @@ class Trainer:
         self.module = self.policy.prepare(self.module)
         self.scaler = LossScaler() if self.policy.needs_loss_scaling else None
         self.sampler = self._together("sharding the data", lambda: ShuffledSampler(
-            self.data.size("train"), train.batch_size, seed=train.seed, rank=self.rank,
-            world_size=self.size))
+            self.data.size("train"), train.batch_size, seed=train.seed, rank=replica,
+            world_size=replicas))
+        if self.layout is not None:
+            self._together("checking the model for a pipeline", lambda: pipelined.check_supported(self))
         # Epoch schedule: ordinary epochs of this world start at global step epoch_anchor[0]
         # with epoch epoch_anchor[1]; a resume on another world size first runs the rest of
         # the interrupted epoch (self.remainder, from global step remainder_start).
@@ -238,10 +252,20 @@ class Trainer:
 
         self.checkpointing = (self._apply_checkpointing() if train.activation_checkpointing == "sqrt"
                               else "none")
-        # Downpour exchanges gradients with parameter servers (downpour.py): no allreduce hooks.
-        self.model = (self.module if train.mode == "downpour" else
-                      DistributedDataParallel(self.module, compression=self.codec, algorithm=train.allreduce))
-        self.optimizer = _build_optimizer(config, self.module.parameters())
+        if self.layout is not None:
+            # Each rank keeps its stage's layers; a hybrid run's stages average among replicas.
+            self.pipe = pipelined.build(self, saved)
+            if saved is not None:
+                self._together("checking the checkpoint against the stage",
+                               lambda: pipelined.check_resumed_model(self, saved))
+            self.model = self.pipe
+            self.optimizer = _build_optimizer(config, self.pipe.parameters())
+        else:
+            # Downpour exchanges gradients with parameter servers (downpour.py): no allreduce hooks.
+            self.model = (self.module if train.mode == "downpour" else
+                          DistributedDataParallel(self.module, compression=self.codec,
+                                                  algorithm=train.allreduce))
+            self.optimizer = _build_optimizer(config, self.module.parameters())
 
         # Training state (all of it is in the checkpoint).
         self.step = 0
@@ -324,6 +348,8 @@ class Trainer:
     def _check_directories(self) -> None:
         _probe_writable(self.output_dir, "[output] dir", self.rank)
         _probe_writable(self.output_dir / "logs", "log directory", self.rank)
+        if self.config.train.parallel != "data":  # every stage writes its shard
+            _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
         if self.rank == 0:
             _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
             # A run killed while writing (SIGKILL, node failure) left a temporary file; the
@@ -423,6 +449,10 @@ class Trainer:
         return wrapped
 
     def _read_checkpoint(self) -> dict | None:
+        if self.layout is not None:
+            from .pipelined import read_checkpoint
+
+            return read_checkpoint(self)
         path = self.checkpoint_file
         if not path.exists():
             return None
@@ -451,7 +481,7 @@ class Trainer:
 
     def _restore(self, saved: dict) -> None:
         tree = saved["tree"]
-        self.module.load_state_dict(tree["model"]["state"])
+        (self.module if self.pipe is None else self.pipe.stage_module).load_state_dict(tree["model"]["state"])
         self.optimizer.load_state_dict(tree["optimizer"])
         if self.scaler is not None and tree.get("scaler", {}).get("kind") != "none":
             self.scaler.load_state_dict(tree["scaler"])
@@ -470,7 +500,8 @@ class Trainer:
         self._restore_schedule(sampler)
         if old_ranks == self.size:
             ckpt.set_rng_state(tree["rng"][self.rank])
-            self.model.load_compression_state_dict(tree.get("compression", {}).get(self.rank, {}))
+            if self.pipe is None:
+                self.model.load_compression_state_dict(tree.get("compression", {}).get(self.rank, {}))
         else:
             # Another world: no saved generator belongs to this rank, so each rank's is derived
             # from (seed, step, rank, world); the old ranks' 3LC residuals are folded into one
@@ -489,7 +520,7 @@ class Trainer:
         where = (f"; the rest of epoch {epoch} ({self.remainder.steps} steps, "
                  f"{len(self.remainder.pool)} samples) is dealt over {self.size} ranks"
                  if self._in_remainder(self.step) else "")
-        self._say(f"resumed from {self.checkpoint_file} at step {self.step} "
+        self._say(f"resumed from {saved.get('path', self.checkpoint_file)} at step {self.step} "
                   f"(epoch {epoch}), written by {old_ranks} rank(s){where}")
 
     def _restore_schedule(self, sampler: dict) -> None:
@@ -583,6 +614,10 @@ class Trainer:
         return self._loss(output, x, y)
 
     def _train_step(self, epoch: int, step_in_epoch: int, stop_flags: tuple[float, float]):
+        if self.pipe is not None:
+            from .pipelined import train_step
+
+            return train_step(self, epoch, step_in_epoch, stop_flags)
         t0 = time.perf_counter()
         read, indices, weight = self._batch_for(epoch, step_in_epoch)
         x_np, y_np = self.data.batch("train", epoch, read)
@@ -630,6 +665,10 @@ class Trainer:
         Each rank evaluates every ``size``-th sample; the wrapped module is used directly, so
         ranks with different sample counts run no collective but the final sum.
         """
+        if self.pipe is not None:
+            from .pipelined import evaluate
+
+            return evaluate(self, split)
         n = self.data.size(split)
         if n == 0:
             return None
@@ -689,6 +728,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str) -> Path | None:
         """Write the checkpoint (collective; rank 0 writes). Refuses non-finite weights."""
+        if self.pipe is not None:  # one shard per stage (pipelined.py)
+            from .pipelined import save_checkpoint
+
+            return save_checkpoint(self, reason)
         # Bounded gathers (PBM_TIMEOUT_S): a rank that stopped answering is named in a
         # CollectiveTimeout instead of freezing rank 0 here.
         rng_states = gather_objects(ckpt.rng_state(), 0, name=f"RNG states for the checkpoint ({reason})")
@@ -879,13 +922,27 @@ class Trainer:
     def describe(self, stop_at: int) -> str:
         """One paragraph on what is about to run."""
         config = self.config
+        per = "rank" if self.layout is None else "pipeline"
         return (f"{config.model.name} ({parameter_count(self.module):,} parameters) on "
                 f"{self.data.description}\n  {self.size} rank(s) x {self.threads} thread(s), "
-                f"batch {config.train.batch_size} per rank, {self.sampler.steps_per_epoch} "
+                f"batch {config.train.batch_size} per {per}, {self.sampler.steps_per_epoch} "
                 f"steps/epoch, steps {self.step}..{stop_at} of {self.total_steps}, "
                 f"compression {config.train.compression.kind}, output {self.output_dir}\n"
                 f"  compute: {self.policy.describe()}; {self.threads} thread(s) per rank from "
-                f"{self.threads_from}")
+                f"{self.threads_from}" + (f"\n{self.layout_text}" if self.layout_text else ""))
+
+    def _parallel_summary(self) -> dict:
+        """How the model was laid out: ``{"kind": "data"}`` or the pipeline's layout."""
+        if self.pipe is None:
+            return {"kind": "data", "ranks": self.size}
+        from .pipelined import shard_path
+
+        return {"kind": self.layout.parallel, "stages": self.layout.stages,
+                "data_parallel": self.layout.data_parallel,
+                "balance": [int(b) for b in self.pipe.balance], "balance_from": self.balance_from,
+                "micro_batches": self.pipe.micro_batches, "schedule": self.pipe.schedule,
+                "checkpoint_shards": str(shard_path(self.checkpoint_file, 0, self.layout.stages,
+                                                    self.step)).replace(".stage0-", ".stage*-")}
 
     def _finish(self, stop_reason: str, samples_this_run: int, run_seconds: float) -> dict:
         held_out = self.evaluate("held_out")
@@ -922,7 +979,9 @@ class Trainer:
             # run only): bytes stored into peers' buffers, which MPI never sees.
             "bytes_shared_memory_this_run": shm_run,
             "wall_seconds": time.perf_counter() - self.started_at,
-            "checkpoint": str(self.checkpoint_file),
+            "checkpoint": (str(self.checkpoint_file) if self.pipe is None
+                           else self._parallel_summary()["checkpoint_shards"]),
+            "parallel": self._parallel_summary(),
             "data": self.data.description,
             "seed": self.config.train.seed, "split_seed": self.config.data.split_seed,
             "peak_rss_mb_per_rank": peaks,
