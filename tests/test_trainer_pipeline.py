@@ -262,3 +262,13 @@ def test_valid_pipeline_keys_are_accepted(tmp_path):
             train_config.schedule, train_config.balance) == ("hybrid", 2, 8, "1f1b", (4, 1))
     assert parse_config(write(tmp_path / "d.toml", tmp_path / "o", tmp_path / "cache", "")
                         .read_text()).train.balance == "auto"
+
+
+def test_the_readme_example_of_the_pipeline_keys_is_a_valid_config(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Pipeline and hybrid training"):]
+    block = re.search(r"```toml\n\[train\]\n(.*?)```", section, re.S).group(1)
+    keys = "\n".join(line for line in block.splitlines() if not line.startswith("batch_size"))
+    config = parse_config(write(tmp_path / "c.toml", tmp_path / "o", tmp_path / "cache", keys).read_text())
+    assert (config.train.parallel, config.train.pipeline_stages, config.train.micro_batches) == \
+        ("hybrid", 2, 4)

@@ -150,16 +150,26 @@ def check_supported(trainer: "Trainer") -> None:
 
 def _auto_balance(trainer: "Trainer") -> list[int]:
     """Rank 0 profiles the layers on a training batch and splits them; every rank gets its
-    choice (bounded wait)."""
-    chosen = None
+    choice, or its error (one bounded allgather, so a failure on rank 0 stops every rank)."""
+    from .trainer import TrainingSetupError
+
+    chosen, error = None, None
     if trainer.rank == 0:
-        n = min(trainer.config.train.batch_size, trainer.data.size("train"))
-        x_np, _ = trainer.data.batch("train", 0, np.arange(n))
-        times, memory = _profile_layers(pipeline_layers(trainer.module), trainer._tensor(x_np))
-        total_t, total_m = sum(times) or 1.0, sum(memory) or 1
-        costs = [t / total_t + m / total_m for t, m in zip(times, memory)]
-        chosen = partition_balanced(costs, trainer.layout.stages)
-    return allgather_objects(chosen, name="pipeline balance (rank 0's)")[0]
+        try:
+            n = min(trainer.config.train.batch_size, trainer.data.size("train"))
+            x_np, _ = trainer.data.batch("train", 0, np.arange(n))
+            times, memory = _profile_layers(pipeline_layers(trainer.module), trainer._tensor(x_np))
+            total_t, total_m = sum(times) or 1.0, sum(memory) or 1
+            costs = [t / total_t + m / total_m for t, m in zip(times, memory)]
+            chosen = partition_balanced(costs, trainer.layout.stages)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    chosen, error = allgather_objects((chosen, error), name="pipeline balance (rank 0's)")[0]
+    if error is not None:
+        raise TrainingSetupError(f'[train] balance = "auto": profiling the layers on rank 0 failed '
+                                 f"({error}); give the layers per stage as a list\nno training "
+                                 "step was run")
+    return chosen
 
 
 def build(trainer: "Trainer", saved: dict | None) -> Any:
@@ -171,7 +181,7 @@ def build(trainer: "Trainer", saved: dict | None) -> Any:
     if saved is not None:
         balance, how = list(saved["balance"]), "from the checkpoint"
     elif isinstance(train.balance, str):
-        balance = trainer._together("measuring the pipeline balance", lambda: _auto_balance(trainer))
+        balance = _auto_balance(trainer)
         how = "auto, measured on rank 0"
     else:
         balance, how = list(train.balance), "[train] balance"

@@ -455,6 +455,13 @@ class Trainer:
             return read_checkpoint(self)
         path = self.checkpoint_file
         if not path.exists():
+            from .pipelined import find_shards
+
+            if find_shards(path):
+                raise ckpt.CheckpointMismatch(
+                    f"{path.parent} holds per-stage checkpoint shards of a pipelined run "
+                    f"({path.name}.stage*-of-*.step*); resume with the same [train] parallel, or "
+                    "move them away to start fresh")
             return None
         tree, metadata = ckpt.load_checkpoint(path)
         ckpt.check_model_matches(tree, self.module, path)
