@@ -149,11 +149,18 @@ def test_three_stage_1f1b_pipeline_with_explicit_balance_matches_one_rank(root, 
     assert_close_weights(full_weights(output), full_weights(reference_1), "3 stages")
 
 
-def test_hybrid_two_stages_by_two_replicas_matches_two_rank_data_parallel(root):
+HYBRID = 'parallel = "hybrid"\npipeline_stages = 2\nmicro_batches = 2\nschedule = "1f1b"\nbalance = [3, 2]'
+
+
+@pytest.fixture(scope="module")
+def hybrid_4(root) -> tuple:
+    """Two pipelines of two stages on 4 ranks, 5 uninterrupted steps."""
+    return train(4, root, "hybrid4", HYBRID, "--steps", str(STEPS))
+
+
+def test_hybrid_two_stages_by_two_replicas_matches_two_rank_data_parallel(root, hybrid_4):
     reference = train(2, root, "data2", "", "--steps", str(STEPS))[0]
-    output, result = train(4, root, "hybrid4", 'parallel = "hybrid"\npipeline_stages = 2\n'
-                           'micro_batches = 2\nschedule = "1f1b"\nbalance = [3, 2]',
-                           "--steps", str(STEPS))
+    output, result = hybrid_4
     assert "hybrid: 2 pipeline(s) x 2 stage(s)" in result.stdout, result.stdout
     assert "stage 0 on rank(s) [0, 2]: layers 0..2" in result.stdout, result.stdout
     assert "stage 1 on rank(s) [1, 3]: layers 3..4" in result.stdout, result.stdout
@@ -202,6 +209,22 @@ def test_resumed_pipeline_matches_the_uninterrupted_run_bitwise_and_checks_the_l
     assert other.returncode != 0
     assert "written with balance [2, 3], this run has [train] balance = [3, 2]" in \
         other.stdout + other.stderr, other.stderr
+    _, data = train(1, root, "parts", "", "--steps", str(STEPS + 1), "--resume", check=False)
+    assert data.returncode != 0
+    assert "holds per-stage checkpoint shards of a pipelined run" in data.stdout + data.stderr, data.stderr
+
+
+def test_resumed_hybrid_run_matches_the_uninterrupted_one_bitwise(root, hybrid_4):
+    parts, _ = train(4, root, "hybrid_parts", HYBRID, "--steps", "3")
+    _, resumed = train(4, root, "hybrid_parts", HYBRID, "--steps", str(STEPS), "--resume")
+    assert "at step 3" in resumed.stdout, resumed.stdout
+    whole = hybrid_4[0]
+    for rank in range(4):  # replica 1 resumed from replica 0's shards and its own RNG state
+        a = [(r["step"], r["loss"], r["local_loss"]) for r in step_lines(whole, rank)]
+        b = [(r["step"], r["loss"], r["local_loss"]) for r in step_lines(parts, rank)]
+        assert a == b, f"rank {rank}: loss curves differ\n{a}\n{b}"
+    wa, wb = full_weights(whole), full_weights(parts)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_layouts_the_world_cannot_hold_are_refused_naming_the_numbers(root):
