@@ -25,6 +25,10 @@ One :class:`Trainer` per rank, built from a validated :class:`~pybrain_mpi.confi
    derived per rank and 3LC residuals folded (``_restore_schedule``, README "Resuming on
    another number of ranks").
 5. **Finish.** Held-out metrics, a loss-curve PNG, ``summary.json`` and a printed summary.
+
+``[train] parallel = "pipeline"`` / ``"hybrid"`` keeps this set-up and loop but splits the model
+into stages over the ranks: steps, evaluation and checkpoints (per-stage shards) are
+:mod:`.pipelined`'s. ``mode = "downpour"`` runs :mod:`.downpour`'s loop instead.
 """
 
 from __future__ import annotations
@@ -348,10 +352,9 @@ class Trainer:
     def _check_directories(self) -> None:
         _probe_writable(self.output_dir, "[output] dir", self.rank)
         _probe_writable(self.output_dir / "logs", "log directory", self.rank)
-        if self.config.train.parallel != "data":  # every stage writes its shard
+        if self.rank == 0 or self.config.train.parallel != "data":  # pipelines: every stage writes
             _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
         if self.rank == 0:
-            _probe_writable(self.checkpoint_file.parent, "checkpoint directory", self.rank)
             # A run killed while writing (SIGKILL, node failure) left a temporary file; the
             # checkpoint itself is whole (written by rename), the temporary is garbage.
             for leftover in ckpt.remove_stale_temporaries(self.checkpoint_file):
