@@ -298,3 +298,23 @@ def test_the_readme_example_of_the_pipeline_keys_is_a_valid_config(tmp_path):
     config = parse_config(write(tmp_path / "c.toml", tmp_path / "o", tmp_path / "cache", keys).read_text())
     assert (config.train.parallel, config.train.pipeline_stages, config.train.micro_batches) == \
         ("hybrid", 2, 4)
+
+
+def test_naive_cnn3d_trains_as_a_two_stage_pipeline_through_its_pipeline_layers(root):
+    """A registered model with ``pipeline_layers()`` (and ``pipeline_input`` adding the channel
+    axis) on MNI152 patches, through an epoch end (validation): finite losses on both stages,
+    the same validation record on both."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "cnn3d_mni.toml"
+    output = root / "cnn"
+    result = run_mpi(2, "train_cli.py", "train", str(example), "--steps", "3", "--no-progress",
+                     "--set", f'output.dir="{output}"', "--set", 'train.parallel="pipeline"',
+                     "--set", "train.micro_batches=2", "--set", "data.patches_per_volume=16",
+                     "--set", 'train.schedule="1f1b"', env={"PBM_CACHE_DIR": str(root / "cache")},
+                     timeout_s=240)
+    assert "pipeline: 1 pipeline(s) x 2 stage(s)" in result.stdout, result.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["held_out"]["n_samples"] == 64
+    assert all(torch.isfinite(torch.tensor(losses(output, rank))).all() for rank in (0, 1))
+    epochs = [[json.loads(line) for line in (output / "logs" / f"rank{rank}.jsonl").read_text().splitlines()
+               if '"event": "epoch"' in line] for rank in (0, 1)]
+    assert epochs[0] and epochs[0] == epochs[1], epochs  # every rank reports the same figures

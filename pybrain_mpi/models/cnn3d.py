@@ -113,6 +113,11 @@ class NaiveCNN3D(nn.Module):
         shape check or channel insertion, which ``forward`` does)."""
         return [*self.features, *self.head]
 
+    def pipeline_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch as the first of :meth:`pipeline_layers` takes it: ``(N, D, H, W)`` gets its
+        channel axis when ``in_channels == 1`` (as in :meth:`forward`)."""
+        return x.unsqueeze(1) if x.dim() == 4 and self.in_channels == 1 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict ``(N, out_features)`` from a batch of volumes."""
         if x.dim() == 4 and self.in_channels == 1:

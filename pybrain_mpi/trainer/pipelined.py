@@ -148,6 +148,15 @@ def check_supported(trainer: "Trainer") -> None:
                                  f"but the model has {len(layers)}")
 
 
+def stage_input(trainer: "Trainer", x_np: np.ndarray) -> torch.Tensor:
+    """Stage 0's input tensor: the batch as the model's first layer takes it (a model whose
+    ``forward`` reshapes its input, e.g. inserting a channel axis, says how in
+    ``pipeline_input(x)``)."""
+    x = trainer._tensor(x_np)
+    adapt = getattr(trainer.module, "pipeline_input", None)
+    return adapt(x) if callable(adapt) else x
+
+
 def _auto_balance(trainer: "Trainer") -> list[int]:
     """Rank 0 profiles the layers on a training batch and splits them; every rank gets its
     choice, or its error (one bounded allgather, so a failure on rank 0 stops every rank)."""
@@ -158,7 +167,7 @@ def _auto_balance(trainer: "Trainer") -> list[int]:
         try:
             n = min(trainer.config.train.batch_size, trainer.data.size("train"))
             x_np, _ = trainer.data.batch("train", 0, np.arange(n))
-            times, memory = _profile_layers(pipeline_layers(trainer.module), trainer._tensor(x_np))
+            times, memory = _profile_layers(pipeline_layers(trainer.module), stage_input(trainer, x_np))
             total_t, total_m = sum(times) or 1.0, sum(memory) or 1
             costs = [t / total_t + m / total_m for t, m in zip(times, memory)]
             chosen = partition_balanced(costs, trainer.layout.stages)
@@ -248,7 +257,7 @@ def train_step(trainer: "Trainer", epoch: int, step_in_epoch: int, stop_flags: t
     if first or last:
         x_np, y_np = trainer.data.batch("train", epoch, read)
         if first:
-            x = trainer._tensor(x_np)
+            x = stage_input(trainer, x_np)
         if last:
             y = trainer._tensor(x_np) if trainer.data.autoencoder else trainer._target(y_np)
     t1 = time.perf_counter()
@@ -302,7 +311,7 @@ def evaluate(trainer: "Trainer", split: str) -> dict | None:
                 if first or last:
                     x_np, y_np = trainer.data.batch(split, 0, indices)
                 with trainer.policy.autocast():
-                    out = pipe.predict(trainer._tensor(x_np) if first else None)
+                    out = pipe.predict(stage_input(trainer, x_np) if first else None)
                 if last:
                     target = trainer._tensor(x_np if trainer.data.autoencoder else y_np)
                     loss, pred = trainer._loss(out, target, target)
