@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cluster_allreduce import SCRIPT, cluster, probe  # noqa: E402
-from common import print_table, write_json_lines  # noqa: E402
+from common import plot_panels, print_table, write_json_lines  # noqa: E402
 
 ROOT = HERE.parent
 # The console script next to this Python (not `python -m`, which would import the checkout's
@@ -210,30 +210,13 @@ def _seconds(value: float | None) -> str:
 
 def write_plot(path: str, records: list[dict]) -> None:
     """Validation R^2 against wall time, one panel per (model, rate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys((r["model"], r["rate"]) for r in records))
-    columns = min(2, len(panels))
-    rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    for ax, (model, rate) in zip(axes.flat, panels):
-        for record in (r for r in records if r["model"] == model and r["rate"] == rate):
-            points = [(e["seconds"], e["val_r2"]) for e in record["epochs"] if e["val_r2"] is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=record["variant"])
-        ax.set_title(f"{model}, {rate}")
-        ax.set_xlabel("wall time since start (s)")
-        ax.set_ylabel("validation R^2")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(path, [(f"{model}, {rate}",
+                        {r["variant"]: [(e["seconds"], e["val_r2"]) for e in r["epochs"]
+                                        if e["val_r2"] is not None]
+                         for r in records if r["model"] == model and r["rate"] == rate})
+                       for model, rate in panels],
+                xlabel="wall time since start (s)", ylabel="validation R^2")
 
 
 if __name__ == "__main__":
