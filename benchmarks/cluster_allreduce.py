@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from allreduce import IMPLS, write_plot  # noqa: E402
-from common import human_bytes, print_table, write_json_lines  # noqa: E402
+from common import human_bytes, plot_panels, print_table, write_json_lines  # noqa: E402
 
 SCRIPT = HERE.parent / "slurm" / "emulated_cluster.sh"
 # Implementations measured by default; the hierarchical ones join automatically once
@@ -149,36 +149,18 @@ def main() -> None:
 
 def write_cluster_plot(path: str, records: list[dict], args) -> None:
     """One panel per (rate, placement): busbw vs size per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys((r["rate"], r["placement"]) for r in records))
     if len(panels) == 1:
         write_plot(path, records, f"{args.nodes}x{args.ppn} emulated, {panels[0][0]}, {panels[0][1]}")
         return
-    columns = min(2, len(panels))
-    rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    for ax, (rate, placement) in zip(axes.flat, panels):
-        subset = [r for r in records if r["rate"] == rate and r["placement"] == placement]
-        for impl in dict.fromkeys(r["impl"] for r in subset):
-            points = sorted((r["size_bytes"], r["busbw_gbps"]) for r in subset if r["impl"] == impl)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"{args.nodes} nodes x {args.ppn} ranks, {rate}, {placement}")
-        ax.set_xlabel("message size (bytes, float32)")
-        ax.set_ylabel("busbw (GB/s)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(path, [(f"{args.nodes} nodes x {args.ppn} ranks, {rate}, {placement}",
+                        {impl: sorted((r["size_bytes"], r["busbw_gbps"]) for r in records
+                                      if r["rate"] == rate and r["placement"] == placement
+                                      and r["impl"] == impl)
+                         for impl in dict.fromkeys(r["impl"] for r in records
+                                                   if r["rate"] == rate and r["placement"] == placement)})
+                       for rate, placement in panels],
+                xlabel="message size (bytes, float32)", ylabel="busbw (GB/s)", xlog=True, ylog=True)
 
 
 if __name__ == "__main__":

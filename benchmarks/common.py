@@ -81,3 +81,34 @@ def write_json_lines(path: str | os.PathLike, records: list[dict]) -> None:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     os.replace(temp, target)
+
+
+def plot_panels(path: str | os.PathLike, panels: list[tuple[str, dict]], *, xlabel: str, ylabel: str,
+                xlog: bool = False, ylog: bool = False) -> None:
+    """A PNG of line panels, two per row: ``panels`` is ``[(title, {label: [(x, y), ...]})]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(2, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for label, points in series.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if xlog:
+            ax.set_xscale("log", base=2)
+        if ylog:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -20,6 +20,8 @@
 # CredType=cred/none, and the daemons run in the background as root. This is a test cluster:
 # auth/none means any local user can act as any other, so never expose its ports.
 set -euo pipefail
+# The slurm.conf settings this cluster shares with two_node_cluster.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/container_conf.sh"
 
 STATE_DIR="${PBM_SLURM_DIR:-${TMPDIR:-/tmp}/pbm-slurm-$(id -u)}"
 CONF="$STATE_DIR/slurm.conf"
@@ -68,10 +70,7 @@ write_conf() {
     cat >"$CONF" <<EOF
 # Written by slurm/local_cluster.sh; regenerated on every start.
 ClusterName=pbm-local
-# Job ids never repeat across clusters started on one machine: MPICH names its shared-memory
-# segments after the PMI job ("jobid.step"), and a segment a killed job 1.0 left in /dev/shm
-# would be picked up by the next cluster's job 1.0 and break its MPI_Init.
-FirstJobId=$(( ( $(date +%s) % 600000 ) * 100 + RANDOM % 100 + 1 ))
+$(slurm_first_job_id)
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
@@ -88,34 +87,7 @@ SlurmctldPidFile=$STATE_DIR/slurmctld.pid
 SlurmdPidFile=$STATE_DIR/slurmd.pid
 SlurmctldLogFile=$STATE_DIR/slurmctld.log
 SlurmdLogFile=$STATE_DIR/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# No cgroups in containers: track processes by parent pid, bind nothing.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-SchedulerType=sched/backfill
-# Schedule at once and every second (defaults: batch jobs deferred up to 3 s, main loop every
-# 60 s, backfill every 30 s): a one-node test cluster has nothing to protect from the overhead.
-SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=pmi2
-# Reject jobs that can never run (more tasks than CPUs) instead of leaving them pending forever.
-EnforcePartLimits=ALL
-# Trust the CPU count below rather than the hardware, so n-rank tests fit on 2 cores.
-SlurmdParameters=config_overrides
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-# sbatch --wait polls every 2 s only while MinJobAge <= 4 (otherwise after 2, 10, 42 s...);
-# the price is that finished jobs leave scontrol show job 4 s after they end.
-MinJobAge=${PBM_SLURM_MIN_JOB_AGE_S:-4}
-SlurmdTimeout=60
-InactiveLimit=0
+$(slurm_container_settings pmi2 "${PBM_SLURM_MIN_JOB_AGE_S:-4}")
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -42,6 +42,8 @@
 #   PBM_SLURM_NO_INSTALL=1  never run apt-get; fail with the command to run instead
 # Two clusters at once need different prefixes and subnets (the tests use their own).
 set -Eeuo pipefail
+# The slurm.conf settings this cluster shares with local_cluster.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/container_conf.sh"
 
 PREFIX="${PBM_2N_PREFIX:-pbm2n}"
 SUBNET="${PBM_2N_SUBNET:-10.215.9}"
@@ -136,10 +138,7 @@ write_conf() {
         cat <<EOF
 # Written by slurm/two_node_cluster.sh up; regenerated on every up.
 ClusterName=pbm-two-node
-# Job ids never repeat across clusters started on one machine: MPICH names its shared-memory
-# segments after the PMI job ("jobid.step"), and a segment a killed job 1.0 left in /dev/shm
-# would be picked up by the next cluster's job 1.0 and break its MPI_Init.
-FirstJobId=$(( ( $(date +%s) % 600000 ) * 100 + RANDOM % 100 + 1 ))
+$(slurm_first_job_id)
 SlurmctldHost=$HEAD_NAME($HEAD_IP)
 SlurmUser=root
 SlurmdUser=root
@@ -157,30 +156,7 @@ SlurmdPidFile=$STATE_DIR/%n/slurmd.pid
 SlurmdLogFile=$STATE_DIR/%n/slurmd.log
 TmpFS=$STATE_DIR/%n/tmp
 TaskProlog=$STATE_DIR/task_prolog.sh
-SlurmctldDebug=info
-SlurmdDebug=info
-# No cgroups in containers: track processes by parent pid, bind nothing.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=none
-# Reject jobs that can never run instead of leaving them pending forever.
-EnforcePartLimits=ALL
-# Trust the CPU counts below rather than the hardware.
-SlurmdParameters=config_overrides
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=${PBM_2N_MIN_JOB_AGE_S:-4}
-SlurmdTimeout=60
-InactiveLimit=0
+$(slurm_container_settings none "${PBM_2N_MIN_JOB_AGE_S:-4}")
 EOF
         for ((i = 0; i < NODES; i++)); do
             echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") NodeHostname=$(node_name "$i")" \

@@ -142,3 +142,29 @@ def test_summary_records_git_commit_versions_seed_config_and_memory(tmp_path, mo
     assert main(["train", str(config), "--no-progress", "--steps", "4", "--resume"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["run_git_commit"] == head + "-dirty"
+
+
+def test_epoch_records_carry_wall_time_that_time_to_accuracy_reads(tmp_path):
+    """benchmarks/cluster_training.py reads validation R^2 against wall time from the step log."""
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cluster_training import read_run, time_to
+
+    config = _config(tmp_path, tensorboard=False)
+    before = time.time()
+    assert main(["train", str(config), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "logs" / "rank0.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r.get("event") == "start")
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    assert len(epochs) == 2
+    assert before <= start["time"] <= epochs[0]["time"] <= epochs[1]["time"] <= time.time()
+    run = read_run(tmp_path / "out")
+    assert [e["epoch"] for e in run["epochs"]] == [r["epoch"] for r in epochs]
+    assert [e["seconds"] for e in run["epochs"]] == [r["time"] - start["time"] for r in epochs]
+    assert run["held_out_r2"] is not None and run["steps"] > 0
+    # The first epoch whose R^2 reaches the target; None when none does.
+    curve = [{"val_r2": 0.2, "seconds": 1.0}, {"val_r2": None, "seconds": 2.0},
+             {"val_r2": 0.5, "seconds": 3.0}, {"val_r2": 0.4, "seconds": 4.0}]
+    assert time_to(curve, 0.45) == 3.0 and time_to(curve, 0.2) == 1.0
+    assert time_to(curve, 0.6) is None and time_to(curve, None) is None

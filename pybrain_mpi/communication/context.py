@@ -143,17 +143,7 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
         _guard_exit(rank_, size_, timeout)  # MPI_Finalize would wait for the missing rank too
         raise
     engine = _core.Engine(comm.py2f(), timeout, progress_thread)
-    chunk = _env_int("PBM_RING_CHUNK_BYTES")
-    if chunk:
-        engine.ring_chunk_bytes = chunk
-
-    forced = ranks_per_node if ranks_per_node is not None else _env_int("PBM_RANKS_PER_NODE")
-    if forced is not None:
-        if forced <= 0:
-            raise PbmError(f"ranks_per_node must be positive, got {forced}")
-        local_comm = comm.Split(color=rank_ // forced, key=rank_)
-    else:
-        local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank_)
+    local_comm = _node_comm(MPI, comm, ranks_per_node)
     # Nodes are numbered by their lowest world rank, so every rank derives the same order.
     leader = node_leader(local_comm, comm)
     try:
@@ -166,15 +156,7 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     # The shared-memory node stage (algorithms "shm", "hierarchical", "auto") uses the same
     # grouping: its node communicator is split by the node's lowest rank.
     engine.configure_nodes(leader)
-    shm_min = _env_int("PBM_SHM_MIN_BYTES")
-    if shm_min is not None:
-        engine.shm_min_bytes = shm_min
-    small_max = _env_int("PBM_SMALL_MAX_BYTES")
-    if small_max is not None:
-        engine.small_max_bytes = small_max
-    shm_chunk = _env_int("PBM_SHM_CHUNK_BYTES")
-    if shm_chunk:
-        engine.shm_chunk_bytes = shm_chunk
+    _tune_from_environment(engine)
     _context = _Context(
         comm=comm,
         engine=engine,
@@ -192,6 +174,34 @@ def init(comm: Any = None, *, timeout_s: float | None = None, ranks_per_node: in
     _guard_exit(rank_, size_, timeout)
     if size_ > 1 and os.environ.get("PBM_ABORT_ON_ERROR", "1") != "0":
         _abort_on_uncaught_exception(MPI, rank_)
+
+
+def _node_comm(MPI: Any, comm: Any, ranks_per_node: int | None) -> Any:
+    """The communicator of this rank's node: ranks sharing memory, or forced blocks of ranks.
+
+    ``ranks_per_node`` (else ``PBM_RANKS_PER_NODE``) groups consecutive blocks of that many
+    ranks, so tests can emulate several nodes on one machine.
+    """
+    rank_ = comm.Get_rank()
+    forced = ranks_per_node if ranks_per_node is not None else _env_int("PBM_RANKS_PER_NODE")
+    if forced is None:
+        return comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank_)
+    if forced <= 0:
+        raise PbmError(f"ranks_per_node must be positive, got {forced}")
+    return comm.Split(color=rank_ // forced, key=rank_)
+
+
+def _tune_from_environment(engine: Any) -> None:
+    """Applies the engine tunables that PBM_* environment variables set (README lists them)."""
+    for variable, attribute, zero_means_default in (
+            ("PBM_RING_CHUNK_BYTES", "ring_chunk_bytes", True),
+            ("PBM_SHM_MIN_BYTES", "shm_min_bytes", False),
+            ("PBM_SMALL_MAX_BYTES", "small_max_bytes", False),
+            ("PBM_SHM_CHUNK_BYTES", "shm_chunk_bytes", True)):
+        value = _env_int(variable)
+        if value is None or (zero_means_default and value == 0):
+            continue
+        setattr(engine, attribute, value)
 
 
 _exit_guard: dict = {}

@@ -897,7 +897,8 @@ class Trainer:
         if val and "mean_dice" in val:
             record["val_mean_dice"] = val["mean_dice"]
         self.history.append(record)
-        self.log.write({"event": "epoch", **record})
+        # Wall-clock time as in the start record: benchmarks read time to accuracy from it.
+        self.log.write({"event": "epoch", **record, "time": time.time()})
         if self.tensorboard is not None:
             self.tensorboard.epoch(self.step, record)
         if val is None or self.config.train.patience == 0:
