@@ -10,20 +10,26 @@
   rank 0 add up (steps, pushes, versions, the final model equals the servers' saved shards).
 - Resume: a 1-worker run stopped by ``--steps`` mid push interval and resumed equals the
   uninterrupted run bit for bit; a resume on another layout is refused naming both.
+  So does a run whose worker was preempted (SIGUSR1 to that rank only).
 - Configuration errors name the key.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_mpi
+from conftest import WORKERS, mpiexec_path, run_mpi
 from train_fixtures import step_lines, write_config
 from pybrain_mpi.config import ConfigError, parse_config
 from pybrain_mpi.parallel.parameter_server import shard_ranges
@@ -98,6 +104,64 @@ def test_resumed_one_worker_run_equals_the_uninterrupted_one_bitwise(one_worker)
     assert json.loads((checkpoints / "ps_layout.json").read_text()) == {"servers": 1, "workers": 1, "ranks": 2}
     assert (checkpoints / "ps_shard0.pt").exists() and (checkpoints / "ps_worker0.pt").exists()
     assert not list(checkpoints.glob("*.tmp")) and not list(checkpoints.glob(".*tmp"))
+
+
+def _rank_pid(config: Path, rank: int, launcher: int) -> int | None:
+    """The pid of MPI rank ``rank`` among the processes running ``config`` (not mpiexec)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == launcher:
+            continue
+        try:
+            if str(config).encode() not in (entry / "cmdline").read_bytes():
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_worker_preempted_by_a_signal_resumes_to_the_uninterrupted_run_bitwise(one_worker):
+    root = one_worker["root"]
+    output = root / "preempted"
+    config = write_config(root / "preempted.toml", output, root / "cache", extra_train=(
+        'mode = "downpour"\nserver_optimizer = "adagrad"\npush_every = 2\nfetch_every = 3\n'
+        "checkpoint_every = 2\n"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PBM_TIMEOUT_S="60",
+               PBM_DOWNPOUR_STEP_DELAY="1:0.3")
+    command = [mpiexec_path(), "-n", "2", sys.executable, str(WORKERS / "train_cli.py"), "train",
+               str(config), "--steps", "300", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        state = output / "checkpoints" / "ps_worker0.pt"
+        while not state.exists():  # the worker's first periodic state: it is training
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the worker never saved its state"
+            time.sleep(0.05)
+        pid = _rank_pid(config, 1, process.pid)
+        assert pid is not None
+        os.kill(pid, signal.SIGUSR1)  # the worker only
+        stdout, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stdout + stderr
+    assert "rank 1 received SIGUSR1" in stderr, stderr
+    stopped = _summary(output)
+    assert stopped["stopped"] == ["preempted"], stopped["stopped"]
+    at = stopped["downpour"]["per_worker"][0]["steps"]
+    assert 4 <= at < 9, at
+    _train(2, config, "--steps", "9", "--resume")
+    resumed, whole = _summary(output), _summary(one_worker["whole"])
+    assert resumed["downpour"]["per_worker"][0]["resumed_at_step"] == at
+    assert resumed["train_losses_worker0"] == whole["train_losses_worker0"]
+    a = torch.load(one_worker["whole"] / "final_model.pt", weights_only=True)
+    b = torch.load(output / "final_model.pt", weights_only=True)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_resume_on_another_layout_is_refused_naming_both_layouts(one_worker):
