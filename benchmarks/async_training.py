@@ -9,7 +9,8 @@ Data and model: examples/dca_fmri.toml (DCA, hidden 64, on nitime's two real fMR
 with the nitime package: every voxel's 40-point series, 20% of the voxels held out), trained
 through the real trainer (``pybrain_mpi.trainer.Trainer``) with ``[train] mode`` "sync" or
 "downpour" (``servers = 1``, ``fetch_every = push_every = 1``, ``--server-optimizer``, default
-the example's Adam so only the synchronisation differs); time budget, early stopping and
+the mode's Adagrad; the sync run uses the example's Adam. Measured on a shared 2-core machine, 4
+ranks, 1 epoch: Adam on the server reached a held-out R^2 ratio of 0.25 to sync, Adagrad 0.91); time budget, early stopping and
 periodic checkpoints off, ``--epochs`` epochs. Each mode runs on the same N ranks.
 
 Every ``--eval-every`` steps rank 0 (sync) or worker 0 (downpour: the parameters it just fetched,
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.02, help="straggler's sleep per step (s); 0: none")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-optimizer", default="adam")
+    parser.add_argument("--server-optimizer", default="adagrad")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
