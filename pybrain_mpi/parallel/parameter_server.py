@@ -488,19 +488,73 @@ class ParameterServer:
         elif fetch:
             self.fetch()
 
-    def finish(self, *, final_fetch: bool = True) -> None:
-        """Pushes what is left, optionally fetches the final parameters, and tells every server
-        this worker is done (then they stop waiting for it)."""
+    def finish(self, *, final_fetch: bool = True, push_pending: bool = True) -> None:
+        """Pushes what is left (unless ``push_pending`` is false: a worker stopping to resume
+        later keeps its partial gradient sum in :meth:`worker_state_dict` instead), optionally
+        fetches the final parameters, and tells every server this worker is done (then they stop
+        waiting for it)."""
         self._require_worker("finish")
         if self._finished:
             return
-        if self._pending_grads:
+        if self._pending_grads and push_pending:
             self._push(final_fetch)
         elif final_fetch:
             self.fetch()
         for message in self._request(_DONE):
             message.wait()
         self._finished = True
+
+    def worker_state_dict(self) -> dict:
+        """A worker's whole state, for an exact resume: its parameters (the last fetched values it
+        computes gradients on), the gradient sum not pushed yet, its step count and the shard
+        versions it fetched and heard of, and its statistics. Plain tensors, ints and lists."""
+        self._require_worker("worker_state_dict")
+        return {"params": [p.detach().clone() for p in self.params],
+                "accumulated": [t.clone() for t in self._accumulated],
+                "local_steps": self._local_steps, "pending_grads": self._pending_grads,
+                "fetched": list(self._fetched), "known": list(self._known),
+                "staleness": list(self.staleness), "dropped_pushes": self.dropped_pushes,
+                "fetches": self.fetches, "servers": self.servers, "workers": self.workers,
+                "worker": self.worker, "elements": sum(self.shard_sizes)}
+
+    def load_worker_state_dict(self, state: dict) -> None:
+        """Restores :meth:`worker_state_dict` (same model, servers and worker count, same worker);
+        a worker that had fetched before computes on its saved parameters, without fetching
+        first."""
+        self._require_worker("load_worker_state_dict")
+        mine = (self.servers, self.workers, self.worker, sum(self.shard_sizes))
+        saved = (state["servers"], state["workers"], state["worker"], state["elements"])
+        if saved != mine:
+            raise PbmError(f"rank {self.world_rank}: parameter-server worker state is worker {saved[2]} of "
+                           f"{saved[1]} with {saved[0]} server(s) ({saved[3]} elements); this rank is "
+                           f"worker {mine[2]} of {mine[1]} with {mine[0]} server(s) ({mine[3]} elements)")
+        with torch.no_grad():
+            for p, value in zip(self.params, state["params"]):
+                p.copy_(value)
+            for total, value in zip(self._accumulated, state["accumulated"]):
+                total.copy_(value)
+        self._local_steps = int(state["local_steps"])
+        self._pending_grads = int(state["pending_grads"])
+        self._fetched = [int(v) for v in state["fetched"]]
+        self._known = [int(v) for v in state["known"]]
+        self.staleness = [int(v) for v in state["staleness"]]
+        self.dropped_pushes = int(state["dropped_pushes"])
+        self.fetches = int(state["fetches"])
+
+    @property
+    def local_steps(self) -> int:
+        """Steps this worker has taken (counting restored ones)."""
+        return self._local_steps
+
+    @property
+    def known_versions(self) -> list[int]:
+        """Each server's newest shard version this worker has heard of (from its last replies)."""
+        return list(self._known)
+
+    @property
+    def pending_grads(self) -> int:
+        """Steps summed into the local gradient since the last push."""
+        return self._pending_grads
 
     def stats(self) -> dict:
         """A worker's own figures: steps, fetches, pushes dropped, staleness of its pushes."""

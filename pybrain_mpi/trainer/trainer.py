@@ -108,19 +108,24 @@ def _lr_at(config: Config, step: int, epoch: int, total_steps: int) -> float:
     return lr
 
 
-def _build_optimizer(config: Config, params) -> torch.optim.Optimizer:
+def _build_optimizer(config: Config, params, kind: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (default ``[train] optimizer``) over ``params`` with ``[train] lr``,
+    ``weight_decay`` and (SGD) ``momentum``; downpour's servers build ``[train]
+    server_optimizer`` with it, so one worker on one server steps exactly like ``mode = "sync"``
+    on one rank."""
     train = config.train
+    kind = train.optimizer if kind is None else kind
     kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
              "adagrad": torch.optim.Adagrad}
     kwargs: dict[str, Any] = {"lr": train.lr, "weight_decay": train.weight_decay}
-    if train.optimizer == "sgd":
+    if kind == "sgd":
         kwargs["momentum"] = train.momentum
     params = list(params)
     # fused kernels run at memory bandwidth on CPU (docs/measurements.md); fall back where unsupported.
     try:
-        return kinds[train.optimizer](params, fused=True, **kwargs)
+        return kinds[kind](params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return kinds[train.optimizer](params, **kwargs)
+        return kinds[kind](params, **kwargs)
 
 
 def _apply_activation_checkpointing(model: torch.nn.Module) -> str:
@@ -225,6 +230,10 @@ class Trainer:
         replica, replicas = ((self.rank, self.size) if self.layout is None
                              else (self.layout.replica, self.layout.data_parallel))
         self._together("checking the output directories", self._check_directories)
+        if train.mode == "downpour":
+            from .downpour import check_layout
+
+            self._together("checking the configuration", lambda: check_layout(config, self.size))
         # Phase 2: data, then the model against it.
         self.data: TrainingData = self._together(
             "loading the data", lambda: build_data(config.data, train.val_fraction, self.rank,
@@ -694,25 +703,7 @@ class Trainer:
             finally:
                 self.module.train()
         mine = np.arange(self.rank, n, self.size)
-        stats = None
-        loss_sum = 0.0
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(mine), max(1, self.config.train.batch_size * 4)):
-                    indices = mine[start:start + self.config.train.batch_size * 4]
-                    x_np, y_np = self.data.batch(split, 0, indices)
-                    x, y = self._tensor(x_np), self._tensor(y_np)
-                    loss, pred = self._forward(self.module, x, y)
-                    target = x if self.data.autoencoder else y
-                    p = pred.double().reshape(len(indices), -1).numpy()
-                    t = target.double().reshape(len(indices), -1).numpy()
-                    if stats is None:
-                        stats = RegressionStats(p.shape[1])
-                    stats.update(p, t)
-                    loss_sum += float(loss) * len(indices)
-        finally:
-            self.module.train()
+        stats, loss_sum = self.evaluate_samples(split, mine)
         outputs = int(np.prod(self.data.input_shape)) if self.data.autoencoder else 1
         stats = stats or RegressionStats(outputs)
         vector = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), stats.as_tensor()])
@@ -721,6 +712,33 @@ class Trainer:
         report = total.compute(self.data.roi_labels)
         report["loss"] = float(vector[0]) / total.count
         return report
+
+    def evaluate_samples(self, split: str, indices: np.ndarray) -> tuple[RegressionStats | None, float]:
+        """``(regression statistics or None when ``indices`` is empty, loss summed over the
+        samples)`` of ``split``'s samples ``indices`` on this rank alone (no collective; the module
+        is put in eval mode meanwhile). :meth:`evaluate` sums them over ranks; downpour's rank 0
+        evaluates every sample with it."""
+        stats = None
+        loss_sum = 0.0
+        batch = max(1, self.config.train.batch_size * 4)
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(indices), batch):
+                    chunk = indices[start:start + batch]
+                    x_np, y_np = self.data.batch(split, 0, chunk)
+                    x, y = self._tensor(x_np), self._tensor(y_np)
+                    loss, pred = self._forward(self.module, x, y)
+                    target = x if self.data.autoencoder else y
+                    p = pred.double().reshape(len(chunk), -1).numpy()
+                    t = target.double().reshape(len(chunk), -1).numpy()
+                    if stats is None:
+                        stats = RegressionStats(p.shape[1])
+                    stats.update(p, t)
+                    loss_sum += float(loss) * len(chunk)
+        finally:
+            self.module.train()
+        return stats, loss_sum
 
     def _evaluation_step(self, x_np: np.ndarray, y_np: np.ndarray | None):
         """``(loss summed over the batch or None, model output as float32 numpy)`` for the

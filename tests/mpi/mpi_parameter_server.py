@@ -176,3 +176,44 @@ def test_misuse_is_refused_with_clear_errors(rank):
         ParameterServer(make_model(), servers=WORLD)
     with pytest.raises(pbm.PbmError, match="same dtype"):
         pbm.parallel.shard_ranges([3, 4], 1, [4, 8])
+
+
+@on(2)
+def test_state_saved_mid_push_interval_and_restored_continues_exactly(rank):
+    """Server state (shard, Adagrad sums, version) and worker state (fetched parameters, unpushed
+    gradient sum, step count) saved after step 3 of push_every=2 / fetch_every=3 and restored
+    into fresh ParameterServers: the run ends bit for bit where the uninterrupted one does."""
+    adagrad = functools.partial(torch.optim.Adagrad, lr=0.05)
+    kwargs = dict(servers=1, fetch_every=3, push_every=2)
+
+    def run(first: int, last: int, state=None):
+        model = make_model()
+        ps = ParameterServer(model, adagrad, **kwargs)
+        if ps.is_server:
+            if state is not None:
+                ps.load_state_dict(state)
+            ps.serve()
+            return ps.state_dict()
+        if state is not None:
+            ps.load_worker_state_dict(state)
+        assert ps.local_steps == first
+        for step in range(first, last):
+            ps.begin_step()
+            loss_of(ps.model, step).backward()
+            ps.step()
+        state = ps.worker_state_dict()
+        final = last == 7
+        ps.finish(final_fetch=final, push_pending=final)
+        return [p.detach().clone() for p in model.parameters()] if final else state
+
+    whole = run(0, 7)
+    middle = run(0, 3)
+    if rank == 1:
+        assert middle["pending_grads"] == 1 and middle["fetched"] == [1] and middle["local_steps"] == 3
+    resumed = run(3, 7, middle)
+    if rank == 0:
+        assert resumed["version"] == whole["version"] == 4
+        assert torch.equal(resumed["shard"], whole["shard"])
+    else:
+        for a, b in zip(whole, resumed):
+            assert torch.equal(a, b)
