@@ -214,7 +214,7 @@ def test_several_workers_learn_and_every_rank_reports_consistent_figures(tmp_pat
     # The model rank 0 evaluated and saved is the servers' final shards, assembled.
     model = torch.load(output / "final_model.pt", weights_only=True)
     names = list(model)  # DCA: every state entry is a trainable parameter, in order
-    shards = [torch.load(output / "checkpoints" / f"ps_shard{s}.pt", weights_only=False) for s in range(servers)]
+    shards = [torch.load(output / "checkpoints" / f"ps_shard{s}.pt", weights_only=True) for s in range(servers)]
     ranges = shard_ranges([model[n].numel() for n in names], servers, model[names[0]].element_size())
     for s, (pieces, shard) in enumerate(zip(ranges, shards)):
         assert shard["version"] == d["per_server"][s]["version"]

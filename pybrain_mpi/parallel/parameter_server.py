@@ -364,9 +364,19 @@ class ParameterServer:
         return path
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restores :meth:`save`'s file for this server."""
+        """Restores :meth:`save`'s file for this server (tensors and plain values only: the file
+        is read with ``torch.load(weights_only=True)``, never as an arbitrary pickle)."""
         self._require_server("load")
-        self.load_state_dict(torch.load(Path(directory) / f"ps_shard{self.rank}.pt", weights_only=False))
+        path = Path(directory) / f"ps_shard{self.rank}.pt"
+        if not path.exists():
+            raise PbmError(f"rank {self.world_rank}: no parameter-server checkpoint {path} "
+                           f"(shard {self.rank} of {self.servers})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated file, or one holding more than weights
+            raise PbmError(f"rank {self.world_rank}: cannot read parameter-server checkpoint {path}: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        self.load_state_dict(state)
 
     def _require_server(self, what: str) -> None:
         if not self.is_server:

@@ -29,6 +29,7 @@ import pybrain_mpi as pbm
 from pybrain_mpi.parallel import ParameterServer
 
 MODE, OUT = sys.argv[1], Path(sys.argv[2])
+SETUP_TIMEOUT_S = 60.0  # pbm.init and the channel rendezvous (not the deadlines under test)
 
 
 def _write(rank: int, result: dict) -> None:
@@ -56,18 +57,28 @@ def _train(ps: ParameterServer, steps: int, die_after: int | None = None, pause_
     ps.finish()
 
 
+def _server(optimizer, servers: int, worker_timeout_s: float) -> ParameterServer:
+    ps = ParameterServer(_model(), optimizer, servers=servers, worker_timeout_s=worker_timeout_s,
+                         timeout_s=SETUP_TIMEOUT_S)
+    ps.channel.timeout_s = float(os.environ.get("PBM_TIMEOUT_S", "4"))
+    return ps
+
+
 def main() -> None:
     # Under -disable-auto-cleanup MPICH tells the survivors of a dead rank with SIGUSR1, whose
     # default action would end them: these ranks must carry on.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    pbm.init()
+    # Set-up (the init and channel rendezvous) gets a generous deadline of its own: on a loaded
+    # machine the ranks' torch imports alone can be seconds apart. The deadlines under test are
+    # the channel's (PBM_TIMEOUT_S) and the server's (PS_WORKER_TIMEOUT_S), set after it.
+    pbm.init(timeout_s=SETUP_TIMEOUT_S)
     rank = pbm.rank()
     (OUT / f"rank{rank}.pid").write_text(str(os.getpid()))
     torch.set_num_threads(1)
     adagrad = functools.partial(torch.optim.Adagrad, lr=0.05)
     worker_timeout_s = float(os.environ.get("PS_WORKER_TIMEOUT_S", "3"))
     if MODE == "worker_killed":
-        ps = ParameterServer(_model(), adagrad, servers=1, worker_timeout_s=worker_timeout_s)
+        ps = _server(adagrad, 1, worker_timeout_s)
         if ps.is_server:
             report = ps.serve()
             _write(rank, {"report": report.as_dict(), "time": time.time()})
@@ -75,7 +86,7 @@ def main() -> None:
             _train(ps, 40, die_after=5 if rank == 2 else None, pause_s=0.02)
             _write(rank, {"stats": ps.stats(), "time": time.time()})
     elif MODE == "server_killed":
-        ps = ParameterServer(_model(), adagrad, servers=2, worker_timeout_s=worker_timeout_s)
+        ps = _server(adagrad, 2, worker_timeout_s)
         if ps.is_server:
             if rank == 1:
                 serving = threading.Thread(target=ps.serve, daemon=True)
