@@ -346,7 +346,11 @@ def poll(handle: int) -> bool:
     """True if the asynchronous operation behind ``handle`` has finished."""
     if handle not in _handles:
         raise ValueError(f"unknown or already synchronized handle {handle}")
-    return _handles[handle][0].event.is_set()
+    request = _handles[handle][0]
+    done = request.event.is_set()
+    if done and isinstance(request, _coord.FastRequest):
+        request.collected = True  # seen done: its name may be used again on this rank
+    return done
 
 
 def synchronize(handle: int) -> Any:

@@ -99,10 +99,16 @@ class FastRequest:
 
     ``k`` is this rank's call number of the name (1 for its first fast allreduce of that
     name): the engine pairs the k-th call of a name with the k-th on every rank.
+
+    ``collected``: the caller has seen the call end (a blocking call returned, or its handle
+    was synchronized or polled done). Until then the name is in flight on this rank, whether
+    or not the engine has finished: a second call of the name raises on every rank alike
+    (see :meth:`Coordinator.submit_fast`).
     """
 
     __slots__ = ("name", "key", "kind", "set_id", "k", "tensor", "work", "args", "operation",
-                 "finished", "result", "error", "submitted", "reported", "event", "on_done", "args_op")
+                 "finished", "result", "error", "submitted", "reported", "event", "on_done", "args_op",
+                 "collected")
 
     def __init__(self, name: str, k: int, tensor: torch.Tensor, work: torch.Tensor, args: Any):
         self.name, self.key, self.kind, self.set_id, self.k = name, f"0/{name}", "allreduce", 0, k
@@ -116,6 +122,7 @@ class FastRequest:
         self.event = self  # poll() and groups ask request.event.is_set()
         self.on_done: Callable | None = None
         self.args_op: Any = None  # the engine's ReduceOp (AllreduceArgs does not expose it)
+        self.collected = False  # the caller has seen it end (see the class docstring)
 
     def is_set(self) -> bool:
         """Whether the engine has finished this call (successfully or not)."""
@@ -240,8 +247,14 @@ class Coordinator:
         # thread of this rank submits).
         if self.failure is not None:
             raise HorovodInternalError(f"rank {self.rank}: the Horovod coordinator stopped: {self.failure}")
+        # In flight means "not yet collected by the caller", not "not yet finished by the
+        # engine": the engine may finish a call within microseconds when the peers' calls were
+        # already waiting (on the last rank to submit), and sooner or later than the caller's
+        # next statement depending on scheduling. A name's second call would then raise on the
+        # early ranks and reach the engine on the late ones, a call no peer ever pairs: it
+        # times out and leaves that rank's engine refusing every later collective.
         prior = self.fast_inflight.get(name)
-        if (prior is not None and not prior.is_set()) or (self.mine and f"0/{name}" in self.mine):
+        if (prior is not None and not prior.collected) or (self.mine and f"0/{name}" in self.mine):
             raise ValueError(f"rank {self.rank}: a collective named '{name}' is already in "
                              "flight on this rank; names of concurrent collectives must be unique")
         k = self.fast_counts.get(name, 0) + 1
@@ -264,6 +277,7 @@ class Coordinator:
             except BaseException as error:
                 request.error = self._fast_error(request, error)
             request.finished = True
+            request.collected = True
         else:
             request.operation = self.engine.allreduce_async(args)
         return request
@@ -279,6 +293,7 @@ class Coordinator:
         return HorovodInternalError(f"{where} failed: {error}")
 
     def _wait_fast(self, request: FastRequest, timeout_s: float | None) -> Any:
+        request.collected = True  # the caller waits for it (a timeout gives the name up too)
         if not request.finished:
             limit = self.timeout_s if timeout_s is None else timeout_s
             operation = request.operation

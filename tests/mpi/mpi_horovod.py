@@ -172,6 +172,43 @@ def test_joined_rank_serves_every_call_of_a_repeated_name_so_later_calls_stay_pa
         assert torch.equal(total, torch.full((2,), float(n * (n + 1) // 2)))
 
 
+def test_second_call_of_an_uncollected_name_raises_on_every_rank_even_once_the_engine_is_done():
+    """A name is in flight on a rank until the caller collects the call (synchronize, poll
+    done, or a blocking call's return), as Horovod's duplicate-name check expects: the late
+    rank's first call finishes in the engine as soon as it is made (the others' calls were
+    waiting), and its second call must still raise there, not reach the engine unpaired
+    (which timed out and left that rank's engine refusing every later collective)."""
+    n, r = hvd.size(), hvd.rank()
+    late = n - 1
+    tensor = torch.full((5,), float(r + 1))
+    handle = None
+    for turn in (0, late):  # every rank but the last first, then the last one
+        if (r != late) == (turn == 0):
+            handle = hvd.allreduce_async(tensor, name="dup_uncollected", op=hvd.Sum)
+            if r == late:
+                request = hvd._handles[handle][0]
+                deadline = time.monotonic() + 20
+                while not request.event.is_set():  # the engine finished it: the window of the race
+                    assert time.monotonic() < deadline, f"rank {r}: the first call never finished"
+                    time.sleep(0.001)
+            with pytest.raises(ValueError, match="already in flight"):
+                hvd.allreduce_async(tensor, name="dup_uncollected", op=hvd.Sum)
+        hvd.barrier()
+    assert torch.equal(hvd.synchronize(handle), torch.full((5,), float(n * (n + 1) // 2)))
+    # Collected: the name may be used again, and every rank's engine still pairs calls.
+    for _ in range(2):
+        assert torch.equal(hvd.allreduce(tensor, name="dup_uncollected", op=hvd.Sum),
+                           torch.full((5,), float(n * (n + 1) // 2)))
+    polled = hvd.allreduce_async(tensor, name="dup_polled", op=hvd.Sum)
+    deadline = time.monotonic() + 20
+    while not hvd.poll(polled):  # poll() seeing it done collects it too
+        assert time.monotonic() < deadline, f"rank {r}: 'dup_polled' never finished"
+        time.sleep(0.001)
+    again = hvd.allreduce(tensor, name="dup_polled", op=hvd.Sum)
+    assert torch.equal(again, torch.full((5,), float(n * (n + 1) // 2)))
+    assert torch.equal(hvd.synchronize(polled), torch.full((5,), float(n * (n + 1) // 2)))
+
+
 def test_same_name_with_different_scale_factors_or_dtypes_raises_on_every_rank():
     """The fast path compares what the engine's header does not carry (Horovod dtype, shape,
     scale factors) through the header's signature."""
