@@ -435,6 +435,8 @@ void bind_allreduce_args(py::module_& m) {
       .def_readwrite("wire", &pbm::AllreduceArgs::wire, "How the values travel (default: plain).")
       .def_readwrite("check_finite", &pbm::AllreduceArgs::check_finite,
                      "Have the Operation report finite() of the result.")
+      .def_readwrite("signature", &pbm::AllreduceArgs::signature,
+                     "The caller's 64-bit description of the call, compared across ranks (0: none).")
       .def_property_readonly("count", [](const pbm::AllreduceArgs& a) { return a.count; })
       .def_property_readonly("dtype", [](const pbm::AllreduceArgs& a) { return a.dtype; });
 }

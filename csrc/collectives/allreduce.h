@@ -56,6 +56,9 @@ struct AllreduceArgs {
   Wire wire;
   // Report whether every element of the result is finite (AllreduceResult::finite).
   bool check_finite = false;
+  // The caller's own description of the call (e.g. a hash of its shape and original dtype),
+  // compared across ranks like the rest of the header: a difference is a mismatch. 0: none.
+  uint64_t signature = 0;
 
   // --- resolved by the engine before run(); algorithms only read these ---
   double divisor = 1.0;         // avg: the world size (each algorithm divides where it is cheapest)

@@ -40,6 +40,7 @@ bool same_collective(const CollectiveHeader& a, const CollectiveHeader& b, std::
   else if (a.algorithm != b.algorithm) difference = "algorithm";
   else if (a.root != b.root) difference = "root";
   else if (a.sparsity != b.sparsity) difference = "compression";
+  else if (a.signature != b.signature) difference = "caller's signature (shape, dtype or scale factors)";
   if (difference && what) *what = difference;
   return difference == nullptr;
 }
@@ -55,6 +56,7 @@ std::string describe_header(const CollectiveHeader& header) {
     out << ", op=" << reduce_op_name(static_cast<ReduceOp>(header.op))
         << ", algorithm=" << algorithm_name(static_cast<Algorithm>(header.algorithm));
     if (header.sparsity > 0) out << ", compression=3lc(s=" << header.sparsity << ")";
+    if (header.signature) out << ", signature=" << std::hex << header.signature << std::dec;
   }
   if (kind == CollectiveKind::kBroadcast) out << ", root=" << header.root;
   out << ")";

@@ -24,7 +24,7 @@
 namespace pbm {
 
 constexpr uint32_t kHeaderMagic = 0x50424d31;  // "PBM1"
-constexpr uint32_t kHeaderVersion = 3;
+constexpr uint32_t kHeaderVersion = 4;
 // Largest payload that rides along with a header (see Handshake).
 constexpr size_t kMaxInlinePayloadBytes = 64 * 1024;
 
@@ -45,6 +45,9 @@ struct CollectiveHeader {
   int32_t root = 0;
   uint32_t payload_bytes = 0;
   float sparsity = 0.f;  // 3LC sparsity multiplier; 0 when uncompressed
+  // A caller's own description of the call (AllreduceArgs::signature, e.g. a hash of a
+  // shape the element count does not capture); part of the agreement. 0: none.
+  uint64_t signature = 0;
   // Zero-copy node stage: the shared pool window (-1: none) and offset of this rank's
   // buffer. Not part of the agreement: the node ranks fall back to copying when they differ.
   int32_t shm_window = -1;
@@ -86,7 +89,7 @@ std::string describe_header(const CollectiveHeader& header);
 uint64_t name_hash(const std::string& name);
 uint64_t unnamed_hash(uint64_t place);
 // Whether two headers of the same name describe the same collective (kind, dtype, count,
-// op, algorithm, compression, root); `what` gets the first difference when not.
+// op, algorithm, compression, root, signature); `what` gets the first difference when not.
 bool same_collective(const CollectiveHeader& a, const CollectiveHeader& b, std::string* what = nullptr);
 
 }  // namespace pbm

@@ -4,10 +4,12 @@ Horovod's names, defaults, argument order, return values and semantics, executed
 pybrain-mpi on CPU tensors over MPI (``docs/horovod.md`` lists what is covered, what is
 ignored and the results of Horovod's own test suite against this module):
 
-* Collectives are matched **by name** across ranks, as in Horovod: a background coordinator
-  (:mod:`._coordinator`) negotiates every cycle which names every rank has submitted and
-  runs them in one agreed order, so ranks may submit in different orders (gradient hooks,
-  parameters used on some ranks only). Unnamed calls are named ``<op>.noname.<n>`` by call
+* Collectives are matched **by name** across ranks, as in Horovod, so ranks may submit in
+  different orders (gradient hooks, parameters used on some ranks only): allreduces of the
+  global set go straight to pybrain-mpi's engine, which matches names natively (the fast
+  path); the other collectives go through a background coordinator (:mod:`._coordinator`)
+  that negotiates every cycle which names every rank has submitted and runs them in one
+  agreed order. Unnamed calls are named ``<op>.noname.<n>`` by call
   order. Same name with a different dtype, shape, op or root: :class:`HorovodInternalError`
   (a :class:`~pybrain_mpi.CollectiveMismatch`) on every rank. Every wait is bounded by
   ``PBM_TIMEOUT_S`` and names the ranks that have not submitted.
@@ -26,6 +28,7 @@ ignored and the results of Horovod's own test suite against this module):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import os
@@ -114,6 +117,12 @@ def _engine_allreduce(tensor: torch.Tensor, op: str, name: str, timeout_s: float
     _comm.allreduce_(tensor, op=op, name=name, timeout_s=timeout_s)
 
 
+def _native() -> Any:
+    from ..communication.collectives import _native as native
+
+    return native()
+
+
 def init(comm: Any = None, process_sets: Any = None) -> None:
     """Initializes on ``comm`` (an mpi4py communicator or list of ranks; default WORLD).
 
@@ -130,6 +139,7 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
     if _coordinator is None:
         ctx = _context.current()
         _coordinator = _coord.Coordinator(ctx.comm, _engine_allreduce, ctx.timeout_s)
+        _coordinator.engine, _coordinator.engine_core = ctx.engine, _native()
         global_process_set.ranks = list(range(ctx.size))
         path = os.environ.get("HOROVOD_TIMELINE")
         if path and path != "DYNAMIC":
@@ -336,7 +346,11 @@ def poll(handle: int) -> bool:
     """True if the asynchronous operation behind ``handle`` has finished."""
     if handle not in _handles:
         raise ValueError(f"unknown or already synchronized handle {handle}")
-    return _handles[handle][0].event.is_set()
+    request = _handles[handle][0]
+    done = request.event.is_set()
+    if done and isinstance(request, _coord.FastRequest):
+        request.collected = True  # seen done: its name may be used again on this rank
+    return done
 
 
 def synchronize(handle: int) -> Any:
@@ -353,10 +367,9 @@ def synchronize(handle: int) -> Any:
 def _check_tensor(tensor: Any, what: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise ValueError(f"{what}: pybrain_mpi.horovod works on CPU tensors (got {tensor.device})")
-    dtype_name = str(tensor.dtype).replace("torch.", "")
-    if dtype_name not in _coord.DTYPES:
+    if tensor.dtype not in _coord.TORCH_DTYPES:
         raise TypeError(f"{what}: unsupported dtype {tensor.dtype}; supported: {sorted(_coord.DTYPES)}")
     return tensor
 
@@ -408,17 +421,80 @@ def _resolve_op(average: bool | None, op: int | None, what: str = "allreduce") -
 # -- allreduce -----------------------------------------------------------------------------
 
 
+# The fast path's wire: dtypes the engine lacks travel as int32 (exact: sums of 8/16-bit
+# integers over any world of fewer than 65536 ranks fit; Horovod's wrap-around is the cast back;
+# a bool's sum/max is "any", its min "all").
+_FAST_WIDEN = {torch.uint8, torch.int8, torch.int16, torch.bool}
+_ENGINE_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                       torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int64: "int64"}
+_SIGNATURES: dict = {}
+_FAST_ARGS: dict = {}
+_FAST_CACHE_LIMIT = 4096
+
+
+def _signature(dtype: torch.dtype, shape: tuple, op: int, prescale: float, postscale: float) -> int:
+    """What ranks must agree on beyond the engine's own header (which compares element count,
+    wire dtype and op): the Horovod dtype, shape, op and scale factors, as a nonzero 64-bit
+    hash the engine compares across ranks (a difference raises on every rank)."""
+    key = (dtype, shape, op, prescale, postscale)
+    signature = _SIGNATURES.get(key)
+    if signature is None:
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+        signature = int.from_bytes(digest, "little") or 1
+        if len(_SIGNATURES) >= _FAST_CACHE_LIMIT:
+            _SIGNATURES.clear()
+        _SIGNATURES[key] = signature
+    return signature
+
+
+def _engine_args(work: torch.Tensor, wire: str, name: str, signature: int) -> tuple[Any, Any]:
+    """The engine's arguments and op for an allreduce of contiguous engine-dtype ``work``."""
+    core = _native()
+    op = getattr(core.ReduceOp, wire)
+    args = core.AllreduceArgs(work.data_ptr(), work.numel(), getattr(core.DType, _ENGINE_DTYPE_NAMES[work.dtype]),
+                              op, core.Algorithm.ring, _coord.fast_engine_name(name))
+    args.signature = signature
+    return args, op
+
+
+def _fast_plan(out: torch.Tensor, name: str, op: int, prescale: float, postscale: float) -> tuple:
+    """How the fast path runs an allreduce of contiguous ``out``: (engine args or None when
+    ``out`` is widened, engine op, wire, signature, the postscale left to apply here). Cached
+    per buffer, name, op and factors: a training loop's gradients and metrics repeat them."""
+    key = (out.data_ptr(), out.dtype, out.shape, name, op, prescale, postscale)
+    plan = _FAST_ARGS.get(key)
+    if plan is None:
+        signature = _signature(out.dtype, tuple(out.shape), op, float(prescale), float(postscale))
+        wire, post = _OP_WIRE[op], float(postscale)
+        if op == Average:
+            if out.dtype.is_floating_point:
+                wire = "avg"  # the engine divides by the world size itself
+            else:
+                post *= 1.0 / _context.current().size
+        if out.dtype in _FAST_WIDEN:
+            plan = (None, getattr(_native().ReduceOp, wire), wire, signature, post)
+        else:
+            args, engine_op = _engine_args(out, wire, name, signature)
+            plan = (args, engine_op, wire, signature, post)
+        if len(_FAST_ARGS) >= _FAST_CACHE_LIMIT:
+            _FAST_ARGS.clear()
+        _FAST_ARGS[key] = plan
+    return plan
+
+
 def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_factor: float,
-                      postscale_factor: float, process_set: Any, target: torch.Tensor | None = None):
-    """Submits an in-place allreduce of contiguous ``out``; returns (request, finish)."""
+                      postscale_factor: float, process_set: Any, target: torch.Tensor | None = None,
+                      fast: bool = True, blocking: bool = False):
+    """Submits an in-place allreduce of contiguous ``out``; returns (request, finish).
+
+    Allreduces of the global set (op other than Product, ``fast``) take the fast path: the
+    engine itself, which matches them by name (``blocking``: on the calling thread, done when
+    this returns). The others are negotiated by the coordinator.
+    """
     ps = _set_of(process_set)
     name = _auto_name("allreduce", name)
     _scale(out, prescale_factor)
     wire = _OP_WIRE[op]
-    fuse = (ps.process_set_id == 0 and out.dtype in _coord.ENGINE_DTYPES and wire in ("sum", "min", "max"))
-    desc = _desc("allreduce", name, out, op=wire, prescale=float(prescale_factor),
-                 postscale=float(postscale_factor), fuse=fuse)
-    request = Request(name, "allreduce", ps.process_set_id, desc, out)
     post = float(postscale_factor) * (1.0 / len(ps.ranks) if op == Average else 1.0)
 
     def finish(result: torch.Tensor) -> torch.Tensor:
@@ -431,7 +507,22 @@ def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_fac
             return target
         return result
 
-    _coordinator_or_init().submit(request)
+    coordinator = _coordinator_or_init()
+    if fast and ps.process_set_id == 0 and wire != "prod" and out.numel() > 0:
+        args, engine_op, fast_wire, signature, fast_post = _fast_plan(out, name, op, prescale_factor,
+                                                                      postscale_factor)
+        work = out
+        if args is None:  # widened: a new int32 buffer each call
+            work = out.to(torch.int32)
+            args, engine_op = _engine_args(work, fast_wire, name, signature)
+        if fast_post != post:
+            post = fast_post
+        return coordinator.submit_fast(name, out, work, args, engine_op, blocking), finish
+    fuse = (ps.process_set_id == 0 and out.dtype in _coord.ENGINE_DTYPES and wire in ("sum", "min", "max"))
+    desc = _desc("allreduce", name, out, op=wire, prescale=float(prescale_factor),
+                 postscale=float(postscale_factor), fuse=fuse)
+    request = Request(name, "allreduce", ps.process_set_id, desc, out)
+    coordinator.submit(request)
     return request, finish
 
 
@@ -439,7 +530,7 @@ def _contiguous_work(tensor: torch.Tensor, inplace: bool) -> tuple[torch.Tensor,
     if not inplace:
         return tensor.detach().clone(memory_format=torch.contiguous_format), None
     if tensor.is_contiguous():  # the collective writes through a detached view of the same memory
-        return tensor.detach(), tensor
+        return (tensor.detach() if tensor.requires_grad else tensor), tensor
     return tensor.detach().contiguous(), tensor
 
 
@@ -447,33 +538,45 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                      process_set: Any = global_process_set) -> int:
     """Starts an in-place allreduce; returns a handle for :func:`synchronize` / :func:`poll`."""
+    return _register(*_start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
+                                       process_set, inplace=True, blocking=False))
+
+
+def _start_allreduce(tensor: torch.Tensor, average: bool | None, name: str | None, op: int | None,
+                     prescale_factor: float, postscale_factor: float, process_set: Any, inplace: bool,
+                     blocking: bool):
+    """Checks and submits an allreduce (in place or into a copy); returns (request, finish)."""
     _check_tensor(tensor, "allreduce")
-    work, target = _contiguous_work(tensor, True)
-    request, finish = _submit_allreduce(work, name, _resolve_op(average, op), prescale_factor, postscale_factor,
-                                        process_set, target)
-    return _register(request, finish)
+    work, target = _contiguous_work(tensor, inplace)
+    return _submit_allreduce(work, name, _resolve_op(average, op), prescale_factor, postscale_factor,
+                             process_set, target, blocking=blocking)
+
+
+def _allreduce_now(tensor: torch.Tensor, average: bool | None, name: str | None, op: int | None,
+                   prescale_factor: float, postscale_factor: float, process_set: Any, inplace: bool) -> torch.Tensor:
+    """An allreduce the caller waits for: on the fast path it runs on the calling thread."""
+    request, finish = _start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
+                                       process_set, inplace, blocking=True)
+    return finish(_coordinator_or_init().wait(request))
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                     process_set: Any = global_process_set) -> int:
     """Starts an allreduce into a new tensor; :func:`synchronize` returns it."""
-    _check_tensor(tensor, "allreduce")
-    work, _ = _contiguous_work(tensor, False)
-    request, finish = _submit_allreduce(work, name, _resolve_op(average, op), prescale_factor, postscale_factor,
-                                        process_set)
-    return _register(request, finish)
+    return _register(*_start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
+                                       process_set, inplace=False, blocking=False))
 
 
 class _AllreduceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name, op, prescale_factor, postscale_factor, process_set):
         ctx.op, ctx.pre, ctx.post, ctx.ps = op, prescale_factor, postscale_factor, process_set
-        return synchronize(allreduce_async(tensor, None, name, op, prescale_factor, postscale_factor, process_set))
+        return _allreduce_now(tensor, None, name, op, prescale_factor, postscale_factor, process_set, False)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = synchronize(allreduce_async(grad_output.contiguous(), None, None, ctx.op, ctx.pre, ctx.post, ctx.ps))
+        grad = _allreduce_now(grad_output.contiguous(), None, None, ctx.op, ctx.pre, ctx.post, ctx.ps, False)
         return grad, None, None, None, None, None
 
 
@@ -494,8 +597,7 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
     if _wants_grad(compressed):
         reduced = _AllreduceFn.apply(compressed, name, op, prescale_factor, postscale_factor, process_set)
     else:
-        reduced = synchronize(allreduce_async(compressed, None, name, op, prescale_factor, postscale_factor,
-                                              process_set))
+        reduced = _allreduce_now(compressed, None, name, op, prescale_factor, postscale_factor, process_set, False)
     return compression.decompress(reduced, ctx)
 
 
@@ -503,7 +605,7 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                process_set: Any = global_process_set) -> torch.Tensor:
     """Reduces ``tensor`` over all ranks in place (average by default) and returns it."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set))
+    return _allreduce_now(tensor, average, name, op, prescale_factor, postscale_factor, process_set, True)
 
 
 def _group_names(name: str | None, count: int, kind: str) -> list[str | None]:
@@ -806,7 +908,7 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, compressi
     ps = _set_of(process_set)
     name = _auto_name("reducescatter", name)
     work = tensor.detach().clone(memory_format=torch.contiguous_format)
-    request, finish = _submit_allreduce(work, name, op, prescale_factor, postscale_factor, ps)
+    request, finish = _submit_allreduce(work, name, op, prescale_factor, postscale_factor, ps, fast=False)
     rows = _scatter_rows(tensor.shape[0], len(ps.ranks))
     mine = ps.ranks.index(rank())
     start = sum(rows[:mine])

@@ -19,6 +19,19 @@ shim level, in one background thread per rank:
   cycle), everything else with non-blocking MPI on the set's communicator, each wait bounded
   by the engine's timeout.
 
+The fast path: allreduces of the global set (any dtype, op sum/average/min/max) skip all of
+the above. They go straight to pybrain-mpi's engine, which matches collectives by name natively
+(``docs/negotiation.md``): ranks may submit them in different orders, a name whose description
+differs fails on every rank (the Horovod dtype, shape and scale factors travel as the engine
+header's ``signature``), and while ranks submit the same names in the same order they cost what
+an engine allreduce costs. The coordinator keeps one duty for them, which the engine cannot do:
+a rank that has joined must contribute zeros to the allreduces its peers still make. While any
+rank is joined (the cycles tell every rank so, in the same round), each rank lists its
+unfinished fast allreduces in its cycle messages with their per-name call number ``k``; a
+joined rank submits zero tensors of those names to the engine until its own count of the name
+reaches ``k`` (the k-th call of a name pairs with the k-th on every rank), so every call is
+served exactly once.
+
 Waiting callers are bounded too: :meth:`Coordinator.wait` raises :class:`CollectiveTimeout`
 after ``PBM_TIMEOUT_S`` naming the ranks that have not submitted the name (or that have not
 answered the negotiation at all).
@@ -44,6 +57,7 @@ _TAG = 9181
 DTYPES = {str(d).replace("torch.", ""): d for d in (
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
     torch.float32, torch.float64, torch.bool)}
+TORCH_DTYPES = frozenset(DTYPES.values())
 ENGINE_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64}
 
 
@@ -78,6 +92,48 @@ class Request:
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.event.set()
+
+
+class FastRequest:
+    """An allreduce of the global set run by pybrain-mpi's engine directly (the fast path).
+
+    ``k`` is this rank's call number of the name (1 for its first fast allreduce of that
+    name): the engine pairs the k-th call of a name with the k-th on every rank.
+
+    ``collected``: the caller has seen the call end (a blocking call returned, or its handle
+    was synchronized or polled done). Until then the name is in flight on this rank, whether
+    or not the engine has finished: a second call of the name raises on every rank alike
+    (see :meth:`Coordinator.submit_fast`).
+    """
+
+    __slots__ = ("name", "key", "kind", "set_id", "k", "tensor", "work", "args", "operation",
+                 "finished", "result", "error", "submitted", "reported", "event", "on_done", "args_op",
+                 "collected")
+
+    def __init__(self, name: str, k: int, tensor: torch.Tensor, work: torch.Tensor, args: Any):
+        self.name, self.key, self.kind, self.set_id, self.k = name, f"0/{name}", "allreduce", 0, k
+        self.tensor, self.work, self.args = tensor, work, args
+        self.operation: Any = None  # the engine's Operation (async calls)
+        self.finished = False  # set once the result (or error) is in place
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.submitted = time.monotonic()
+        self.reported = False  # listed in a cycle message (only while some rank is joined)
+        self.event = self  # poll() and groups ask request.event.is_set()
+        self.on_done: Callable | None = None
+        self.args_op: Any = None  # the engine's ReduceOp (AllreduceArgs does not expose it)
+        self.collected = False  # the caller has seen it end (see the class docstring)
+
+    def is_set(self) -> bool:
+        """Whether the engine has finished this call (successfully or not)."""
+        return self.finished or (self.operation is not None and self.operation.done())
+
+    def report(self) -> list:
+        """What a cycle message says of this call: name, k and what a joined rank needs to
+        submit its zeros (element count, wire dtype, op, signature)."""
+        args = self.args
+        return [self.name, self.k, int(args.count), str(args.dtype).split(".")[-1],
+                str(self.args_op).split(".")[-1], int(args.signature)]
 
 
 def describe(desc: dict) -> str:
@@ -145,6 +201,16 @@ class Coordinator:
         self.busy_everywhere = False
         self.timeline: Any = None
         self.failure: BaseException | None = None
+        # The fast path (see the module docstring): this rank's fast allreduces by name (the
+        # latest call of each), how many it has submitted of each name (served zeros
+        # included), the highest unfinished call number peers reported per name while a rank
+        # was joined, and the zero tensors this rank submitted while joined.
+        self.fast_inflight: dict[str, FastRequest] = {}
+        self.fast_counts: dict[str, int] = {}
+        self.fast_wanted: dict[str, list] = {}
+        self.served: list[tuple[Any, torch.Tensor]] = []
+        self.engine: Any = None  # set by the API: the engine of pybrain-mpi's context
+        self.engine_core: Any = None  # and the native core (AllreduceArgs, DType, ReduceOp)
         self.thread = threading.Thread(target=self._run, name="pbm-horovod-coordinator", daemon=True)
         self.thread.start()
 
@@ -165,9 +231,99 @@ class Coordinator:
             self.lock.notify_all()
         return request
 
+    def submit_fast(self, name: str, tensor: torch.Tensor, work: torch.Tensor, args: Any, op: Any,
+                    blocking: bool) -> FastRequest:
+        """Runs an allreduce of the global set on the engine (``args`` describe ``work``, the
+        contiguous engine-dtype tensor reduced in place; ``tensor`` receives the result).
+
+        ``blocking``: run it on the calling thread and return once done (the error, if any,
+        is kept for :meth:`wait`); else queue it on the engine's progress thread. ValueError if
+        an allreduce of this name is already in flight on this rank.
+        """
+        # No lock: a contended lock costs a GIL hand-off (milliseconds) on this microsecond
+        # path. Each step is one atomic dict operation, this rank has at most one call of a
+        # name in flight (so its calls reach the engine in the order of their numbers k), and
+        # the coordinator thread writes fast_counts only while this rank is joined (when no
+        # thread of this rank submits).
+        if self.failure is not None:
+            raise HorovodInternalError(f"rank {self.rank}: the Horovod coordinator stopped: {self.failure}")
+        # In flight means "not yet collected by the caller", not "not yet finished by the
+        # engine": the engine may finish a call within microseconds when the peers' calls were
+        # already waiting (on the last rank to submit), and sooner or later than the caller's
+        # next statement depending on scheduling. A name's second call would then raise on the
+        # early ranks and reach the engine on the late ones, a call no peer ever pairs: it
+        # times out and leaves that rank's engine refusing every later collective.
+        prior = self.fast_inflight.get(name)
+        if (prior is not None and not prior.collected) or (self.mine and f"0/{name}" in self.mine):
+            raise ValueError(f"rank {self.rank}: a collective named '{name}' is already in "
+                             "flight on this rank; names of concurrent collectives must be unique")
+        k = self.fast_counts.get(name, 0) + 1
+        self.fast_counts[name] = k
+        request = FastRequest(name, k, tensor, work, args)
+        request.args_op = op
+        self.fast_inflight[name] = request
+        if self.timeline is not None:
+            # The engine negotiates by itself; the timeline shows the submission as an empty
+            # negotiation (and, with mark_cycles, a cycle), then the allreduce until it is waited for.
+            self.timeline.begin(name, "NEGOTIATE_ALLREDUCE")
+            self.timeline.cycle()
+            self.timeline.begin(name, "ALLREDUCE")
+        if self.joined:
+            with self.lock:
+                self.lock.notify_all()  # a peer is joined: report this call in the next cycle
+        if blocking:
+            try:
+                self.engine.allreduce(args, self.timeout_s)
+            except BaseException as error:
+                request.error = self._fast_error(request, error)
+            request.finished = True
+            request.collected = True
+        else:
+            request.operation = self.engine.allreduce_async(args)
+        return request
+
+    def _fast_error(self, request: FastRequest, error: BaseException) -> BaseException:
+        """The Horovod error for an engine error of a fast allreduce."""
+        mine = f"{str(request.tensor.dtype).replace('torch.', '')} shape {list(request.tensor.shape)}"
+        where = f"rank {self.rank}: allreduce '{request.name}' (this rank: {mine})"
+        if isinstance(error, CollectiveTimeout):
+            return HorovodTimeout(f"{where}: {error}", list(getattr(error, "missing_ranks", []) or []))
+        if isinstance(error, CollectiveMismatch):
+            return HorovodMismatch(f"{where}: {error}")
+        return HorovodInternalError(f"{where} failed: {error}")
+
+    def _wait_fast(self, request: FastRequest, timeout_s: float | None) -> Any:
+        request.collected = True  # the caller waits for it (a timeout gives the name up too)
+        if not request.finished:
+            limit = self.timeout_s if timeout_s is None else timeout_s
+            operation = request.operation
+            if not operation.wait(max(0.0, request.submitted + limit - time.monotonic())):
+                missing = list(operation.waiting_for())
+                raise HorovodTimeout(
+                    f"rank {self.rank}: allreduce '{request.name}' did not complete within {limit:g} s "
+                    f"({operation.phase()}); ranks that have not submitted it: "
+                    f"{', '.join(map(str, missing)) or 'unknown'}", missing)
+            try:
+                operation.check()
+            except BaseException as error:
+                request.error = self._fast_error(request, error)
+            request.finished = True
+        if self.timeline is not None:
+            self.timeline.end(request.name)
+        if request.error is not None:
+            raise request.error
+        if request.result is None:
+            if request.work is not request.tensor:  # widened (8/16-bit integers, bool): cast back
+                with torch.no_grad():
+                    request.tensor.copy_(request.work.view(request.tensor.shape).to(request.tensor.dtype))
+            request.result = request.tensor
+        return request.result
+
     def wait(self, request: Request, timeout_s: float | None = None) -> Any:
         """Waits for ``request``; raises its error, or :class:`HorovodTimeout` naming the ranks
         that have not submitted it after ``timeout_s`` (default the engine's timeout)."""
+        if isinstance(request, FastRequest):
+            return self._wait_fast(request, timeout_s)
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not request.event.wait(max(0.0, request.submitted + limit - time.monotonic())):
             with self.lock:
@@ -235,6 +391,8 @@ class Coordinator:
                     message = {"r": [[q.name, q.set_id, q.desc] for q in outgoing],
                                "j": 1 if self.join_request is not None else 0,
                                "x": 1 if self.want_exit else 0}
+                    if self.joined or self.join_request is not None:
+                        message["f"] = self._unreported_fast()
                 received = self._exchange(message)
                 if self._apply(received):
                     return
@@ -247,6 +405,36 @@ class Coordinator:
                 request.finish(error=HorovodInternalError(f"rank {self.rank}: coordinator failed: {error!r}"))
             if self.join_request is not None:
                 self.join_request.finish(error=HorovodInternalError(f"rank {self.rank}: coordinator failed"))
+
+    def _unreported_fast(self) -> list:
+        """This rank's unfinished fast allreduces not yet listed in a cycle (caller holds the lock)."""
+        out = []
+        for request in list(self.fast_inflight.values()):  # one atomic copy: the API adds entries
+            if not request.reported and not request.is_set():
+                request.reported = True
+                out.append(request.report())
+        return out
+
+    def _serve_joined(self, received: dict[int, dict]) -> None:
+        """Records the peers' reported fast allreduces; while this rank is joined, submits
+        zeros for every call number it has not submitted yet (the engine pairs them)."""
+        for rank in range(self.size):
+            for name, k, count, dtype, op, signature in received[rank].get("f", ()):
+                wanted = self.fast_wanted.get(name)
+                if wanted is None or wanted[0] < k:
+                    self.fast_wanted[name] = [k, count, dtype, op, signature]
+        if self.join_request is None or not self.fast_wanted:
+            return
+        core = self.engine_core
+        self.served = [(op, t) for op, t in self.served if not op.done()]
+        for name, (k, count, dtype, op, signature) in self.fast_wanted.items():
+            while self.fast_counts.get(name, 0) < k:
+                self.fast_counts[name] = self.fast_counts.get(name, 0) + 1
+                zeros = torch.zeros(count, dtype=DTYPES[dtype])
+                args = core.AllreduceArgs(zeros.data_ptr(), count, getattr(core.DType, dtype),
+                                          getattr(core.ReduceOp, op), core.Algorithm.ring, fast_engine_name(name))
+                args.signature = signature
+                self.served.append((self.engine.allreduce_async(args), zeros))
 
     def _exchange(self, message: dict) -> dict[int, dict]:
         """One negotiation cycle: send ``message`` to every peer, receive theirs."""
@@ -290,6 +478,9 @@ class Coordinator:
                 self.table.setdefault(f"{set_id}/{name}", {})[rank] = dict(desc, set_id=set_id)
         joined = {r for r in range(self.size) if received[r]["j"]}
         exiting = {r for r in range(self.size) if received[r]["x"]}
+        with self.lock:
+            self.joined = joined  # the same on every rank this round
+            self._serve_joined(received)
         ready: list[tuple[str, dict[int, dict]]] = []
         for name, descs in self.table.items():
             set_id = next(iter(descs.values()))["set_id"]
@@ -307,6 +498,9 @@ class Coordinator:
             newly = joined - self.prev_joined
             last = max(newly) if newly else max(joined)
             self.prev_joined = set()
+            with self.lock:
+                # Every rank has served every call reported up to now: start afresh.
+                self.fast_wanted.clear()
             request, self.join_request = self.join_request, None
             if request is not None:
                 request.finish(result=last)
@@ -487,6 +681,11 @@ class Coordinator:
             result = out.view(dtype).reshape([int(recv_rows.sum())] + desc["trailing"])
             return result, torch.tensor(recv_rows.astype(np.int32))
         raise PbmError(f"rank {self.rank}: unknown collective kind {kind!r} for '{name}'")
+
+
+def fast_engine_name(name: str) -> str:
+    """The engine's name of a fast allreduce (kept apart from a script's own pbm calls)."""
+    return "hvd:" + name
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:

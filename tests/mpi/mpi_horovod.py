@@ -147,6 +147,81 @@ def test_joined_ranks_contribute_zeros_and_other_collectives_raise():
     assert hvd.allgather_object(last) == [last] * n
 
 
+def test_joined_rank_serves_every_call_of_a_repeated_name_so_later_calls_stay_paired():
+    """The fast path (engine allreduces) with a joined rank: each call of a repeated name, in
+    place or async, in different orders on different ranks, gets the joined rank's zeros
+    exactly once, so the name's calls after the join still pair with the right ones."""
+    n, r = hvd.size(), hvd.rank()
+    active = n - 1  # ranks 0..n-2 keep training while rank n-1 has joined
+    if r == n - 1:
+        hvd.join()
+    else:
+        for step in range(3):
+            x = torch.full((4,), float(r + 1 + step))
+            hvd.allreduce_(x, name="repeated", op=hvd.Sum)
+            assert torch.equal(x, torch.full((4,), float(sum(k + 1 + step for k in range(active)))))
+            names = ["async_a", "async_b"] if r % 2 == 0 else ["async_b", "async_a"]
+            handles = {m: hvd.allreduce_async(torch.full((3,), float(r + 1)), name=m, op=hvd.Average)
+                       for m in names}
+            for m in ("async_a", "async_b"):
+                expected = sum(k + 1 for k in range(active)) / n  # Average divides by the full size
+                assert torch.allclose(hvd.synchronize(handles[m]), torch.full((3,), expected), rtol=0, atol=1e-12)
+        hvd.join()
+    for name in ("repeated", "async_a", "async_b"):  # every rank back, the next call of each name
+        total = hvd.allreduce(torch.full((2,), float(r + 1)), name=name, op=hvd.Sum)
+        assert torch.equal(total, torch.full((2,), float(n * (n + 1) // 2)))
+
+
+def test_second_call_of_an_uncollected_name_raises_on_every_rank_even_once_the_engine_is_done():
+    """A name is in flight on a rank until the caller collects the call (synchronize, poll
+    done, or a blocking call's return), as Horovod's duplicate-name check expects: the late
+    rank's first call finishes in the engine as soon as it is made (the others' calls were
+    waiting), and its second call must still raise there, not reach the engine unpaired
+    (which timed out and left that rank's engine refusing every later collective)."""
+    n, r = hvd.size(), hvd.rank()
+    late = n - 1
+    tensor = torch.full((5,), float(r + 1))
+    handle = None
+    for turn in (0, late):  # every rank but the last first, then the last one
+        if (r != late) == (turn == 0):
+            handle = hvd.allreduce_async(tensor, name="dup_uncollected", op=hvd.Sum)
+            if r == late:
+                request = hvd._handles[handle][0]
+                deadline = time.monotonic() + 20
+                while not request.event.is_set():  # the engine finished it: the window of the race
+                    assert time.monotonic() < deadline, f"rank {r}: the first call never finished"
+                    time.sleep(0.001)
+            with pytest.raises(ValueError, match="already in flight"):
+                hvd.allreduce_async(tensor, name="dup_uncollected", op=hvd.Sum)
+        hvd.barrier()
+    assert torch.equal(hvd.synchronize(handle), torch.full((5,), float(n * (n + 1) // 2)))
+    # Collected: the name may be used again, and every rank's engine still pairs calls.
+    for _ in range(2):
+        assert torch.equal(hvd.allreduce(tensor, name="dup_uncollected", op=hvd.Sum),
+                           torch.full((5,), float(n * (n + 1) // 2)))
+    polled = hvd.allreduce_async(tensor, name="dup_polled", op=hvd.Sum)
+    deadline = time.monotonic() + 20
+    while not hvd.poll(polled):  # poll() seeing it done collects it too
+        assert time.monotonic() < deadline, f"rank {r}: 'dup_polled' never finished"
+        time.sleep(0.001)
+    again = hvd.allreduce(tensor, name="dup_polled", op=hvd.Sum)
+    assert torch.equal(again, torch.full((5,), float(n * (n + 1) // 2)))
+    assert torch.equal(hvd.synchronize(polled), torch.full((5,), float(n * (n + 1) // 2)))
+
+
+def test_same_name_with_different_scale_factors_or_dtypes_raises_on_every_rank():
+    """The fast path compares what the engine's header does not carry (Horovod dtype, shape,
+    scale factors) through the header's signature."""
+    r = hvd.rank()
+    with pytest.raises(hvd.HorovodInternalError, match="signature"):
+        hvd.allreduce(torch.ones(4), name="prescaled", op=hvd.Sum, prescale_factor=1.0 + r)
+    dtype = torch.uint8 if r == 0 else torch.int16  # both travel as int32
+    with pytest.raises(hvd.HorovodInternalError, match="signature"):
+        hvd.allreduce(torch.ones(4, dtype=dtype), name="narrow_ints", op=hvd.Sum)
+    after = hvd.allreduce(torch.ones(4), name="after_mismatch", op=hvd.Sum)  # the ranks stay in step
+    assert torch.equal(after, torch.full((4,), float(hvd.size())))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.bool, torch.bfloat16])
 def test_every_horovod_dtype_is_reduced_broadcast_and_gathered_exactly(dtype):
     n, r = hvd.size(), hvd.rank()
