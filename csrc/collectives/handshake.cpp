@@ -40,6 +40,7 @@ bool same_collective(const CollectiveHeader& a, const CollectiveHeader& b, std::
   else if (a.algorithm != b.algorithm) difference = "algorithm";
   else if (a.root != b.root) difference = "root";
   else if (a.sparsity != b.sparsity) difference = "compression";
+  else if (a.threelc_block != b.threelc_block) difference = "compression (3LC block size)";
   if (difference && what) *what = difference;
   return difference == nullptr;
 }
@@ -54,7 +55,11 @@ std::string describe_header(const CollectiveHeader& header) {
   if (kind == CollectiveKind::kAllreduce) {
     out << ", op=" << reduce_op_name(static_cast<ReduceOp>(header.op))
         << ", algorithm=" << algorithm_name(static_cast<Algorithm>(header.algorithm));
-    if (header.sparsity > 0) out << ", compression=3lc(s=" << header.sparsity << ")";
+    if (header.sparsity > 0) {
+      out << ", compression=3lc(s=" << header.sparsity;
+      if (header.threelc_block) out << ", block=" << header.threelc_block;
+      out << ")";
+    }
   }
   if (kind == CollectiveKind::kBroadcast) out << ", root=" << header.root;
   out << ")";
