@@ -627,6 +627,21 @@ void decode_dispatch(const ThreeLCBody& body, const MutableElements& out, const 
   });
 }
 
+// out[i] += values[i] * scales[i / block] where values[i] != 0 (else out[i] keeps its bits),
+// as a select so that it vectorizes.
+PBM_MULTIVERSION void add_scaled_f32(const float* __restrict values, const float* __restrict scales, size_t block,
+                                     size_t count, float* __restrict out) {
+  for (size_t first = 0, b = 0; first < count; first += block, ++b) {
+    const float m = scales[b];
+    const size_t end = std::min(count, first + block);
+    for (size_t i = first; i < end; ++i) {
+      const float v = values[i];
+      const float sum = out[i] + v * m;
+      out[i] = v != 0.f ? sum : out[i];
+    }
+  }
+}
+
 // Block-scaled decode (threelc.h): the trit stream is decoded with scale 1 (values -1, 0,
 // +1, exact in every dtype), then scaled per block: in place (set), or from a float32
 // scratch added into `out` (add; zero trits leave `out` bit-for-bit unchanged). 16-bit
@@ -680,6 +695,10 @@ void decode_blocks(const ThreeLCBody& body, const MutableElements& out, const ch
   thread_local std::vector<float> values;
   values.resize(count);
   decode_dispatch<false>(trits, MutableElements{values.data(), count, DType::kFloat32}, name);
+  if (out.dtype == DType::kFloat32) {
+    add_scaled_f32(values.data(), scales.data(), block, count, static_cast<float*>(out.data));
+    return;
+  }
   element_io::dispatch_float_io(out.dtype, "3LC decode", [&](auto io) {
     using Out = decltype(io);
     auto* o = static_cast<typename Out::T*>(out.data);
