@@ -16,6 +16,10 @@ Held-out R^2 (pybrain_mpi.metrics.r2_score over time points) is measured every
 ``--eval-every`` steps. Variants (comma-separated):
   none         pbm.DistributedDataParallel, uncompressed (the baseline)
   3lc          pbm.DistributedDataParallel(compression=ThreeLC(--sparsity)): the library path
+               with the library's default block size
+  3lc_tensor   ThreeLC(--sparsity, block=0): one scale per parameter tensor (per allreduce
+               partition)
+  3lc_blockN   ThreeLC(--sparsity, block=N): one scale per N elements (e.g. 3lc_block64)
   3lc_bucket   the same with ThreeLC(per_tensor=False): one scale per DDP bucket (the
                library's behaviour before per_tensor existed)
   emu_*        a float64 numpy emulation of the library's two-stage 3LC allreduce
@@ -33,8 +37,12 @@ Held-out R^2 (pybrain_mpi.metrics.r2_score over time points) is measured every
     emu_blockN     one scale per N elements (blocks never span two tensors)
     knobs combine with '+': emu_tensor+1stage
 For each run: final held-out R^2, the ratio to the uncompressed run of the same source and
-optimizer, and the steps the run took to reach 98% of the uncompressed final R^2 (and the
-ratio to the steps the uncompressed run took to reach the same). JSON lines go to --json.
+optimizer, the steps the run took to reach 98% of the uncompressed final R^2 (and the
+ratio to the steps the uncompressed run took to reach the same), and the bytes this rank
+sent (pybrain_mpi.communication.context.bytes_sent) over the uncompressed run's: the
+compression ratio of the whole allreduce traffic. A run whose loss turns NaN/Inf (or whose
+3LC allreduce refuses a NaN gradient) stops there and is recorded as "diverged at step N"
+with the last finite held-out R^2. JSON lines go to --json.
 """
 
 from __future__ import annotations
@@ -165,12 +173,17 @@ def train(args, series, variant: str, optimizer_name: str, comm):
 
     emulated = None
     warm = 0
-    if variant in ("none", "3lc", "3lc_bucket"):
+    library_block = variant.startswith("3lc_block") and variant[9:].isdigit()
+    if variant in ("none", "3lc", "3lc_bucket", "3lc_tensor") or library_block:
         codec = None
         if variant == "3lc":
             codec = pbm.compression.ThreeLC(args.sparsity)
         elif variant == "3lc_bucket":
-            codec = pbm.compression.ThreeLC(args.sparsity, per_tensor=False)
+            codec = pbm.compression.ThreeLC(args.sparsity, per_tensor=False, block=0)
+        elif variant == "3lc_tensor":
+            codec = pbm.compression.ThreeLC(args.sparsity, block=0)
+        elif library_block:
+            codec = pbm.compression.ThreeLC(args.sparsity, block=int(variant[9:]))
         net = pbm.DistributedDataParallel(model, compression=codec)
         buckets = None
     else:
@@ -239,13 +252,30 @@ def train(args, series, variant: str, optimizer_name: str, comm):
         model.train()
         curve.append((step, float(r2_score(pred, held_x))))
 
+    from pybrain_mpi.communication import context
+
+    diverged = None
+    bytes_before = int(context.bytes_sent())
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         picks = rng.choice(len(train_x), size=args.batch * comm.size, replace=False)
         x = torch.from_numpy(train_x[picks[comm.rank::comm.size]]).unsqueeze(1)
         opt.zero_grad(set_to_none=False)
         x_hat, (z, z_prime) = net(x)
-        dca_loss(x, x_hat, z, z_prime).backward()
+        loss = dca_loss(x, x_hat, z, z_prime)
+        # Every rank stops at the same step: one rank's NaN loss is every rank's divergence.
+        if comm.allreduce(0 if bool(torch.isfinite(loss)) else 1):
+            diverged = step
+            break
+        try:
+            loss.backward()
+            step_ok = True
+        except pbm.PbmError:
+            # 3LC refuses a NaN/Inf gradient on every rank alike (an agreed failure).
+            step_ok = False
+        if not step_ok:
+            diverged = step
+            break
         if emulated is not None:
             flat = torch.cat([named[i][1].grad.reshape(-1) for i in flat_order]).double().numpy()
             if step <= warm:
@@ -260,7 +290,9 @@ def train(args, series, variant: str, optimizer_name: str, comm):
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
-    return curve, time.perf_counter() - start
+    if not curve:
+        curve.append((0, float("nan")))
+    return curve, time.perf_counter() - start, diverged, int(context.bytes_sent()) - bytes_before
 
 
 def steps_to(curve, target: float):
@@ -282,17 +314,24 @@ def worker(args) -> None:
         series, description = load_source(source)
         for optimizer_name in args.optimizers.split(","):
             base_curve = None
+            base_bytes = None
             for variant in args.variants.split(","):
-                curve, seconds = train(args, series, variant, optimizer_name, comm)
-                if variant == "none":
-                    base_curve = curve
+                curve, seconds, diverged, sent = train(args, series, variant, optimizer_name, comm)
+                if variant == "none" and diverged is None:
+                    base_curve, base_bytes = curve, sent
                 final = curve[-1][1]
                 record = {"source": source, "data": description, "series": int(series.shape[0]),
                           "length": int(series.shape[1]), "optimizer": optimizer_name, "variant": variant,
-                          "steps": args.steps, "final_r2": final, "seconds": seconds, "curve": curve}
+                          "steps": args.steps, "final_r2": final, "seconds": seconds, "curve": curve,
+                          "diverged_at": diverged, "bytes_sent": sent}
                 row = {"source": source, "optimizer": optimizer_name, "variant": variant, "r2": f"{final:.4f}",
-                       "ratio": "-", "reached": "-", "base_reached": "-", "steps_ratio": "-"}
-                if base_curve is not None:
+                       "ratio": "-", "reached": "-", "base_reached": "-", "steps_ratio": "-", "bytes": "-",
+                       "status": "ok" if diverged is None else f"diverged at step {diverged}"}
+                # The emulations exchange through mpi4py: the engine's byte count says nothing.
+                if base_bytes and variant != "none" and not variant.startswith("emu_") and diverged is None:
+                    record.update(compression=base_bytes / max(sent, 1))
+                    row.update(bytes=f"{base_bytes / max(sent, 1):.1f}x")
+                if base_curve is not None and diverged is None:
                     base_final = base_curve[-1][1]
                     target = 0.98 * base_final
                     reached, base_reached = steps_to(curve, target), steps_to(base_curve, target)
@@ -306,7 +345,8 @@ def worker(args) -> None:
     if comm.rank == 0:
         print_table(rows, [("source", "source"), ("optimizer", "optimizer"), ("variant", "variant"),
                            ("r2", "held-out R^2"), ("ratio", "/ none"), ("reached", "steps to 98% of none"),
-                           ("base_reached", "none's steps"), ("steps_ratio", "steps ratio")])
+                           ("base_reached", "none's steps"), ("steps_ratio", "steps ratio"),
+                           ("bytes", "bytes: none / this"), ("status", "status")])
         if args.json:
             with open(args.json, "w") as f:
                 for record in records:

@@ -148,7 +148,8 @@ void bind_enums(py::module_& m) {
   py::enum_<pbm::PayloadCodec>(m, "PayloadCodec", "Codec ids of self-describing payloads (payload.h).")
       .value("NoCompression", pbm::PayloadCodec::kRaw)
       .value("ThreeLC", pbm::PayloadCodec::kThreeLC)
-      .value("Cast", pbm::PayloadCodec::kCast);
+      .value("Cast", pbm::PayloadCodec::kCast)
+      .value("ThreeLCBlock", pbm::PayloadCodec::kThreeLCBlock);
   py::enum_<pbm::WireKind>(m, "WireKind", "How an allreduce's values travel (allreduce.h).")
       .value("plain", pbm::WireKind::kPlain)
       .value("half", pbm::WireKind::kHalf)
@@ -183,13 +184,16 @@ void bind_wire(py::module_& m) {
           py::arg("dtype"), "16-bit values on the wire (the caller casts the buffer to `dtype`).")
       .def_static(
           "threelc",
-          [](float sparsity, std::shared_ptr<pbm::ThreeLCState> state) {
-            return pbm::Wire{pbm::WireKind::kThreeLC, pbm::DType::kBFloat16, sparsity, std::move(state)};
+          [](float sparsity, std::shared_ptr<pbm::ThreeLCState> state, uint32_t block) {
+            return pbm::Wire{pbm::WireKind::kThreeLC, pbm::DType::kBFloat16, sparsity, std::move(state), block};
           },
-          py::arg("sparsity"), py::arg("state"), "The 3LC-compressed allreduce with this error-feedback state.")
+          py::arg("sparsity"), py::arg("state"), py::arg("block") = 0,
+          "The 3LC-compressed allreduce with this error-feedback state (block > 0: one scale per block "
+          "of that many elements).")
       .def_readonly("kind", &pbm::Wire::kind)
       .def_readonly("half_dtype", &pbm::Wire::half_dtype)
-      .def_readonly("sparsity", &pbm::Wire::sparsity);
+      .def_readonly("sparsity", &pbm::Wire::sparsity)
+      .def_readonly("block", &pbm::Wire::block);
 }
 
 // Self-describing payloads behind pybrain_mpi.compression; a codec's wire names the codec.
@@ -198,7 +202,7 @@ pbm::PayloadCodec payload_codec(const pbm::Wire& wire) {
   switch (wire.kind) {
     case pbm::WireKind::kPlain: return pbm::PayloadCodec::kRaw;
     case pbm::WireKind::kHalf: return pbm::PayloadCodec::kCast;
-    case pbm::WireKind::kThreeLC: return pbm::PayloadCodec::kThreeLC;
+    case pbm::WireKind::kThreeLC: return wire.block ? pbm::PayloadCodec::kThreeLCBlock : pbm::PayloadCodec::kThreeLC;
   }
   return pbm::PayloadCodec::kRaw;
 }
@@ -213,7 +217,7 @@ size_t encode_payload(const pbm::Wire& wire, std::uintptr_t address, size_t coun
     case pbm::WireKind::kThreeLC: {
       if (!wire.state || wire.state->count() != count) throw pbm::PbmError("3LC encode: the state belongs to another tensor");
       float* residual = wire.state->buffer(pbm::ResidualKind::kResidual)->data();
-      return pbm::threelc_encode_payload(grad, residual, wire.sparsity, into, capacity, name_or_null(name));
+      return pbm::threelc_encode_payload(grad, residual, wire.sparsity, into, capacity, name_or_null(name), wire.block);
     }
     case pbm::WireKind::kHalf:
       return pbm::cast_encode_payload(grad, wire.half_dtype, into, capacity, name_or_null(name));
@@ -230,7 +234,7 @@ void bind_payloads(py::module_& m) {
       "payload_max_bytes",
       [](const pbm::Wire& wire, size_t count, pbm::DType dtype) {
         const pbm::DType body = wire.kind == pbm::WireKind::kHalf ? wire.half_dtype : dtype;
-        return pbm::payload_max_bytes(payload_codec(wire), count, dtype, body);
+        return pbm::payload_max_bytes(payload_codec(wire), count, dtype, body, wire.block);
       },
       py::arg("wire"), py::arg("count"), py::arg("dtype"), "Largest payload (header included) of an encode.");
   m.def("encode_payload", &encode_payload, py::arg("wire"), py::arg("address"), py::arg("count"),
@@ -247,6 +251,7 @@ void bind_payloads(py::module_& m) {
         info["wire_dtype"] = header.wire_dtype;
         info["count"] = header.count;
         info["scale"] = header.scale;
+        info["block"] = header.block;
         info["body_bytes"] = header.body_bytes;
         return info;
       },

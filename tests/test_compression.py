@@ -465,3 +465,145 @@ def test_state_reset_clears_residual():
     assert np.abs(state.residual).max() > 0 and isinstance(state, ThreeLCState)
     state.reset()
     assert not state.residual.any() and state.steps == 0
+
+
+# --- block scaling: one scale per block of B elements ---------------------------------------
+
+def ref_block_encode(grad32: np.ndarray, residual: np.ndarray, sparsity: float, block: int):
+    """(body bytes, scales, new residual) of ThreeLC(block=B): step 2 per block (the
+    reference ref_quantize on each), the scales as float32 little-endian ahead of the trit
+    stream of the whole tensor."""
+    acc = (residual.astype(np.float64) + grad32.astype(np.float64)).astype(np.float32)
+    q = np.zeros(acc.size, np.int64)
+    new_residual = acc.copy()
+    scales = []
+    for b in range(0, acc.size, block):
+        qb, scale, rb = ref_quantize(acc[b:b + block], sparsity)
+        q[b:b + block], new_residual[b:b + block] = qb, rb
+        scales.append(scale)
+    scales = np.array(scales, np.float32)
+    return scales.astype("<f4").tobytes() + ref_zero_run(ref_quartic(q)), scales, new_residual, q, acc
+
+
+def block_gradient(rng, n, block):
+    """Gradient-like values whose blocks differ by orders of magnitude (what block scaling
+    is for), with one all-zero block when there are at least three."""
+    g = gradient_like(rng, n) * np.float32(10.0) ** rng.integers(-4, 2, size=max(1, -(-n // block))).repeat(block)[:n]
+    if n >= 3 * block:
+        g[block:2 * block] = 0
+    return g.astype(np.float32)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 100, 4096])
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 1000, 5003, 70_001])
+def test_block_encode_and_decode_match_float64_reference(count, block):
+    rng = np.random.default_rng(count * 31 + block)
+    codec = ThreeLC(1.0, block=block)
+    grad = block_gradient(rng, count, block)
+    residual = (gradient_like(rng, count) * np.float32(0.1)).astype(np.float32)
+    state = codec.new_state(grad, "g")
+    state.residual[:] = residual
+    payload = codec.encode(grad, state)
+    body, scales, new_residual, q, acc = ref_block_encode(grad, residual, 1.0, block)
+    assert payload.codec_name == "ThreeLCBlock" and payload.block == block and payload.scale == 0
+    assert bytes(payload)[HEADER_BYTES:] == body
+    assert payload.nbytes == HEADER_BYTES + len(body)
+    np.testing.assert_array_equal(state.residual, new_residual)
+    # the trit stream decodes (reference decoder) to the reference trits
+    np.testing.assert_array_equal(ref_decode(body[4 * scales.size:], 1.0, count), q)
+    expected = (q * np.repeat(scales.astype(np.float64), block)[:count]).astype(np.float32)
+    out = np.full(count, np.nan, np.float32)
+    codec.decode(payload, out)
+    np.testing.assert_array_equal(out, expected)
+    # error feedback: decoded + residual is the accumulated input exactly (Sterbenz, per block)
+    np.testing.assert_array_equal(out.astype(np.float64) + state.residual.astype(np.float64), acc.astype(np.float64))
+    # add: zero trits leave the output bit-for-bit alone (-0.0 stays -0.0)
+    base = np.full(count, -0.0, np.float32)
+    codec.decode(payload, base, add=True)
+    np.testing.assert_array_equal(base, expected)
+    assert (np.signbit(base) == ((q < 0) | (q == 0))).all()
+
+
+def test_block_with_all_zero_blocks_and_zero_tensor():
+    codec = ThreeLC(1.0, block=64)
+    grad = np.zeros(200, np.float32)
+    grad[70] = 3.0  # block 1 only
+    state = codec.new_state(grad)
+    payload = codec.encode(grad, state)
+    scales = np.frombuffer(bytes(payload)[HEADER_BYTES:HEADER_BYTES + 16], "<f4")
+    np.testing.assert_array_equal(scales, [0, 3, 0, 0])
+    out = np.full(200, np.nan, np.float32)
+    codec.decode(payload, out)
+    np.testing.assert_array_equal(out, grad)
+    assert not np.signbit(out).any()  # zeros are +0.0
+    np.testing.assert_array_equal(state.residual, 0)
+    zero = np.zeros(130, np.float32)
+    payload = codec.encode(zero, codec.new_state(zero))
+    assert bytes(payload)[HEADER_BYTES:] == bytes(12) + ref_zero_run(ref_quartic(np.zeros(130, np.int64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_sixteen_bit_gradients_and_outputs_round_once(dtype):
+    rng = np.random.default_rng(4)
+    grad32 = block_gradient(rng, 1001, 64)
+    grad = torch.from_numpy(grad32).to(dtype)
+    codec = ThreeLC(1.0, block=64)
+    state = codec.new_state(grad)
+    payload = codec.encode(grad, state)
+    body, scales, new_residual, q, _ = ref_block_encode(grad.float().numpy(), np.zeros(1001, np.float32), 1.0, 64)
+    assert bytes(payload)[HEADER_BYTES:] == body
+    np.testing.assert_array_equal(state.residual, new_residual)
+    expected = (q * np.repeat(scales.astype(np.float64), 64)[:1001]).astype(np.float32)
+    out = torch.full((1001,), float("nan"), dtype=dtype)
+    codec.decode(payload, out)
+    assert torch.equal(out, torch.from_numpy(expected).to(dtype))
+    summed = torch.full((1001,), 0.5, dtype=dtype)
+    codec.decode(payload, summed, add=True)
+    assert torch.equal(summed, torch.from_numpy((expected.astype(np.float32) + np.float32(0.5))).to(dtype))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_block_non_finite_gradient_raises_naming_tensor_and_keeps_residual(bad):
+    codec = ThreeLC(block=64)
+    grad = np.ones(1000, np.float32)
+    grad[417] = bad
+    state = codec.new_state(grad, name="encoder.conv1.weight")
+    state.residual[:] = 0.25
+    with pytest.raises(PbmError, match=r"encoder\.conv1\.weight.*element 417"):
+        codec.encode(grad, state)
+    np.testing.assert_array_equal(state.residual, 0.25)
+
+
+def test_block_size_is_validated_and_per_tensor_mode_stays_available():
+    for bad in (-1, 2**32, 1.5, True):
+        with pytest.raises(ValueError, match="block"):
+            ThreeLC(block=bad)
+    grad = gradient_like(np.random.default_rng(0), 500)
+    per_tensor = ThreeLC(1.0, block=0)
+    payload = per_tensor.encode(grad, per_tensor.new_state(grad))
+    assert payload.codec_name == "ThreeLC" and payload.block == 0
+    body, scale, _, _ = ref_encode(grad, np.zeros(500, np.float32), 1.0)
+    assert bytes(payload)[HEADER_BYTES:] == body and payload.scale == scale
+    # either ThreeLC decodes either payload: the payload names its own format
+    out = np.zeros(500, np.float32)
+    ThreeLC(block=64).decode(payload, out)
+    np.testing.assert_array_equal(out, (ref_decode(body, scale, 500) * np.float64(scale)).astype(np.float32))
+
+
+def test_block_payload_size_bound_and_ratio():
+    # at B = 64 the scales cost 4/64 byte per element: payload <= 32 + n/16 + n/5 (+ rounding)
+    n = 100_000
+    grad = gradient_like(np.random.default_rng(2), n)
+    codec = ThreeLC(1.0, block=64)
+    payload = codec.encode(grad, codec.new_state(grad))
+    assert payload.nbytes <= HEADER_BYTES + 4 * (-(-n // 64)) + -(-n // 5)
+    assert payload.compression_ratio > 4 * n / (HEADER_BYTES + 4 * (-(-n // 64)) + -(-n // 5)) - 1e-9
+
+
+def test_payload_of_another_format_version_is_refused_naming_both():
+    grad = np.ones(100, np.float32)
+    codec = ThreeLC(block=64)
+    data = bytearray(bytes(codec.encode(grad, codec.new_state(grad))))
+    data[4] = 1  # a version-1 peer's payload
+    with pytest.raises(PbmError, match="version 1, this build reads 2"):
+        Payload(bytes(data))

@@ -40,6 +40,7 @@ struct Wire {
   DType half_dtype = DType::kBFloat16;   // kHalf: the 16-bit dtype the caller's buffer is cast to
   float sparsity = 1.0f;                 // kThreeLC: the multiplier s in [1, 2)
   std::shared_ptr<ThreeLCState> state;   // kThreeLC: the tensor's error-feedback state
+  uint32_t block = 0;                    // kThreeLC: one scale per block of this many elements (0: per tensor)
   bool threelc() const { return kind == WireKind::kThreeLC; }
 };
 

@@ -20,7 +20,9 @@ struct PartHeader {
   uint32_t reserved = 0;
 };
 
-size_t slot_bytes(size_t elements) { return sizeof(PartHeader) + threelc_max_encoded_bytes(elements); }
+size_t slot_bytes(size_t elements, uint32_t block) {
+  return sizeof(PartHeader) + threelc_max_encoded_bytes(elements, block);
+}
 
 PartHeader* header_at(char* slot) { return reinterpret_cast<PartHeader*>(slot); }
 const PartHeader* header_at(const char* slot) { return reinterpret_cast<const PartHeader*>(slot); }
@@ -107,11 +109,11 @@ ThreeLCExchange::Call ThreeLCExchange::plan(const ThreeLCExchangeArgs& args) {
   const int me = transport_.rank();
   Call call{args, n, me, static_cast<char*>(args.data), dtype_size(args.dtype), Partition::even(args.count, n),
             std::vector<size_t>(n + 1, 0), nullptr, nullptr, 0, nullptr, false, {}};
-  for (int p = 0; p < n; ++p) call.slot_offset[p + 1] = call.slot_offset[p] + slot_bytes(call.elems(p));
+  for (int p = 0; p < n; ++p) call.slot_offset[p + 1] = call.slot_offset[p] + slot_bytes(call.elems(p), args.block);
   call.send = transport_.scratch(kScratchThreeLCSend, call.slot_offset[n]);
-  call.my_slot = slot_bytes(call.elems(me));
+  call.my_slot = slot_bytes(call.elems(me), args.block);
   size_t recv_bytes = call.my_slot * n;
-  for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(call.elems(p)) * n);
+  for (int p = 0; p < n; ++p) recv_bytes = std::max(recv_bytes, slot_bytes(call.elems(p), args.block) * n);
   call.recv = transport_.scratch(kScratchThreeLCRecv, recv_bytes);
   call.sum = reinterpret_cast<float*>(
       transport_.scratch(kScratchThreeLCSum, std::max<size_t>(call.elems(me), 1) * sizeof(float)));
@@ -143,7 +145,8 @@ ThreeLCFailure ThreeLCExchange::run(const ThreeLCExchangeArgs& args, const Progr
   // send buffer (free again), so what it drops now is sent in a later step.
   char* reduced = call.send;
   const ThreeLCEncoded encoded = threelc_encode(Elements{call.sum, call.elems(call.me), DType::kFloat32},
-                                                args.owner_residual, args.sparsity, body_at(reduced), args.name);
+                                                args.owner_residual, args.sparsity, body_at(reduced), args.name,
+                                                args.block);
   *header_at(reduced) = PartHeader{encoded.scale, static_cast<uint32_t>(encoded.bytes), 0, 0};
 
   // Step 4: allgather the re-encoded partitions and decode each into place (and into the
@@ -191,10 +194,10 @@ std::string ThreeLCExchange::encode_share(Call& call, int p) {
       const uint32_t largest = threelc_reduce_max(part, call.inputs_at(call.begin(p)), args.node_input_count,
                                                   call.elems(p), residual);
       encoded = threelc_encode_known_max(Elements{part, call.elems(p), DType::kFloat32}, residual, args.sparsity,
-                                         body_at(slot), largest, args.name);
+                                         body_at(slot), largest, args.name, args.block);
     } else {
       encoded = threelc_encode(Elements{call.data + call.begin(p) * call.esize, call.elems(p), args.dtype}, residual,
-                               args.sparsity, body_at(slot), args.name);
+                               args.sparsity, body_at(slot), args.name, args.block);
     }
     header_at(slot)->scale = encoded.scale;
     header_at(slot)->bytes = static_cast<uint32_t>(encoded.bytes);
@@ -237,7 +240,7 @@ void ThreeLCExchange::reduce_own_partition(Call& call, const Progress& progress)
     if (q == me) continue;
     const char* slot = call.recv + call.my_slot * q;
     check_body_fits(slot, call.my_slot, me, q, progress);
-    threelc_decode_add(ThreeLCBody{body_at(slot), header_at(slot)->bytes, header_at(slot)->scale},
+    threelc_decode_add(ThreeLCBody{body_at(slot), header_at(slot)->bytes, header_at(slot)->scale, args.block},
                        MutableElements{call.sum, mine, DType::kFloat32}, args.name);
   }
   if (args.average && call.n > 1) {
@@ -258,7 +261,8 @@ void ThreeLCExchange::gather_and_decode(Call& call, const Progress& progress) {
   // q * scale / divisor equals q * (scale / divisor) bitwise in float32 (q is -1, 0 or 1),
   // so the division rides in the decode table; 16-bit outputs divide after decoding.
   const double divisor = args.divisor;
-  const bool fuse = args.dtype == DType::kFloat32 || divisor == 1.0;
+  // Block-scaled bodies carry their scales inside: the division then follows the decode.
+  const bool fuse = args.block == 0 ? args.dtype == DType::kFloat32 || divisor == 1.0 : divisor == 1.0;
   const size_t extras = args.also_out ? args.also_out->size() : 0;
   for (int p = 0; p < call.n; ++p) {
     const char* slot = gathered + offset[p];
@@ -266,7 +270,7 @@ void ThreeLCExchange::gather_and_decode(Call& call, const Progress& progress) {
     const float scale = fuse && divisor != 1.0 ? static_cast<float>(header_at(slot)->scale / static_cast<float>(divisor))
                                                : header_at(slot)->scale;
     char* also = fuse && extras > 0 ? static_cast<char*>((*args.also_out)[0]) + call.begin(p) * call.esize : nullptr;
-    threelc_decode(ThreeLCBody{body_at(slot), header_at(slot)->bytes, scale},
+    threelc_decode(ThreeLCBody{body_at(slot), header_at(slot)->bytes, scale, args.block},
                    MutableElements{call.data + call.begin(p) * call.esize, call.elems(p), args.dtype}, args.name, also);
   }
   if (!fuse) divide_in_place(call.data, args.count, args.dtype, divisor);
@@ -290,6 +294,7 @@ AllreduceResult ThreeLCAllreduce::run(const AllreduceArgs& args, const Progress&
   exchange.dtype = args.dtype;
   exchange.average = args.op == ReduceOp::kAvg;
   exchange.sparsity = args.wire.sparsity;
+  exchange.block = args.wire.block;
   exchange.residual = args.residuals.first_data();
   exchange.owner_residual = args.residuals.second_data();
   exchange.name = args.name.c_str();

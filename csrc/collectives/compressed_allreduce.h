@@ -38,6 +38,7 @@ struct ThreeLCExchangeArgs {
   bool average = false;   // divide the reduced partition by n before the second encode
   double divisor = 1.0;   // divide the result in the final decode (after `average`)
   float sparsity = 1.0f;
+  uint32_t block = 0;  // 3LC block size B (0: one scale per partition)
   float* residual = nullptr;        // float32 x count: this rank's first stage
   float* owner_residual = nullptr;  // float32 x Partition::even(count, n).length(rank)
   const char* name = "";

@@ -26,6 +26,7 @@ CollectiveHeader header_for(const CollectiveSpec& spec, uint64_t seq, uint64_t u
   header.root = spec.root;
   header.sparsity = args.wire.threelc() ? args.wire.sparsity : 0.f;
   header.signature = args.signature;
+  header.threelc_block = args.wire.threelc() ? args.wire.block : 0;
   std::strncpy(header.name, args.name.c_str(), sizeof(header.name) - 1);
   return header;
 }

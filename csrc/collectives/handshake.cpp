@@ -41,6 +41,7 @@ bool same_collective(const CollectiveHeader& a, const CollectiveHeader& b, std::
   else if (a.root != b.root) difference = "root";
   else if (a.sparsity != b.sparsity) difference = "compression";
   else if (a.signature != b.signature) difference = "caller's signature (shape, dtype or scale factors)";
+  else if (a.threelc_block != b.threelc_block) difference = "compression (3LC block size)";
   if (difference && what) *what = difference;
   return difference == nullptr;
 }
@@ -55,7 +56,11 @@ std::string describe_header(const CollectiveHeader& header) {
   if (kind == CollectiveKind::kAllreduce) {
     out << ", op=" << reduce_op_name(static_cast<ReduceOp>(header.op))
         << ", algorithm=" << algorithm_name(static_cast<Algorithm>(header.algorithm));
-    if (header.sparsity > 0) out << ", compression=3lc(s=" << header.sparsity << ")";
+    if (header.sparsity > 0) {
+      out << ", compression=3lc(s=" << header.sparsity;
+      if (header.threelc_block) out << ", block=" << header.threelc_block;
+      out << ")";
+    }
     if (header.signature) out << ", signature=" << std::hex << header.signature << std::dec;
   }
   if (kind == CollectiveKind::kBroadcast) out << ", root=" << header.root;

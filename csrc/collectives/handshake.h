@@ -24,7 +24,7 @@
 namespace pbm {
 
 constexpr uint32_t kHeaderMagic = 0x50424d31;  // "PBM1"
-constexpr uint32_t kHeaderVersion = 4;
+constexpr uint32_t kHeaderVersion = 5;  // 4: signature, 5: threelc_block
 // Largest payload that rides along with a header (see Handshake).
 constexpr size_t kMaxInlinePayloadBytes = 64 * 1024;
 
@@ -45,6 +45,7 @@ struct CollectiveHeader {
   int32_t root = 0;
   uint32_t payload_bytes = 0;
   float sparsity = 0.f;  // 3LC sparsity multiplier; 0 when uncompressed
+  uint32_t threelc_block = 0;  // 3LC block size B (0: one scale per tensor / partition)
   // A caller's own description of the call (AllreduceArgs::signature, e.g. a hash of a
   // shape the element count does not capture); part of the agreement. 0: none.
   uint64_t signature = 0;

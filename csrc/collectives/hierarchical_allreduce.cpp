@@ -168,6 +168,7 @@ HierarchicalAllreduce::InterNode HierarchicalAllreduce::inter_node(Call& call, c
   exchange.dtype = args.dtype;
   exchange.divisor = args.divisor;
   exchange.sparsity = args.wire.sparsity;
+  exchange.block = args.wire.block;
   exchange.residual = args.residuals.first_data() + call.cursor.first;
   exchange.owner_residual = args.residuals.second_data() + call.cursor.second;
   exchange.name = args.name.c_str();

@@ -38,7 +38,7 @@ bool same_name(const CollectiveHeader& a, const CollectiveHeader& b) {
 bool same_call(const CollectiveHeader& a, const CollectiveHeader& b) {
   return a.magic == b.magic && a.version == b.version && same_name(a, b) && a.kind == b.kind &&
          a.algorithm == b.algorithm && a.op == b.op && a.dtype == b.dtype && a.count == b.count &&
-         a.root == b.root && a.sparsity == b.sparsity;
+         a.root == b.root && a.sparsity == b.sparsity && a.threelc_block == b.threelc_block;
 }
 }  // namespace
 

@@ -27,6 +27,7 @@ const char* codec_name(PayloadCodec codec) {
     case PayloadCodec::kRaw: return "NoCompression";
     case PayloadCodec::kThreeLC: return "ThreeLC";
     case PayloadCodec::kCast: return "Cast";
+    case PayloadCodec::kThreeLCBlock: return "ThreeLCBlock";
   }
   return "unknown";
 }
@@ -80,7 +81,11 @@ size_t finish_payload(uint8_t* out, const PayloadHeader& header) {
   out[6] = static_cast<uint8_t>(header.dtype);
   out[7] = static_cast<uint8_t>(header.wire_dtype);
   put<uint64_t>(out + 8, header.count);
-  put<float>(out + 16, header.scale);
+  if (header.codec == PayloadCodec::kThreeLCBlock) {
+    put<uint32_t>(out + 16, header.block);
+  } else {
+    put<float>(out + 16, header.scale);
+  }
   put<uint32_t>(out + 20, 0);
   put<uint64_t>(out + 24, header.body_bytes);
   put<uint32_t>(out + 20, payload_checksum(out, out + kPayloadHeaderBytes, header.body_bytes));
@@ -88,8 +93,8 @@ size_t finish_payload(uint8_t* out, const PayloadHeader& header) {
 }
 
 void check_capacity(PayloadCodec codec, size_t count, DType dtype, DType wire, size_t capacity,
-                    const char* name) {
-  const size_t need = payload_max_bytes(codec, count, dtype, wire);
+                    const char* name, uint32_t block = 0) {
+  const size_t need = payload_max_bytes(codec, count, dtype, wire, block);
   if (capacity < need) {
     throw PbmError(std::string(codec_name(codec)) + " encode of " + label(name) + ": output buffer has " +
                    std::to_string(capacity) + " bytes, " + std::to_string(need) + " needed");
@@ -141,21 +146,26 @@ void decode_raw(const uint8_t* body, DType body_dtype, const MutableElements& el
 
 }  // namespace
 
-size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype) {
+size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype, uint32_t block) {
   switch (codec) {
     case PayloadCodec::kRaw: return kPayloadHeaderBytes + count * dtype_size(dtype);
     case PayloadCodec::kThreeLC: return kPayloadHeaderBytes + threelc_max_encoded_bytes(count);
+    case PayloadCodec::kThreeLCBlock:
+      if (block == 0) throw PbmError("ThreeLCBlock payload: the block size must be > 0");
+      return kPayloadHeaderBytes + threelc_max_encoded_bytes(count, block);
     case PayloadCodec::kCast: return kPayloadHeaderBytes + count * 2;
   }
   throw PbmError("unknown payload codec " + std::to_string(static_cast<int>(codec)));
 }
 
 size_t threelc_encode_payload(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                              size_t capacity, const char* name) {
-  check_capacity(PayloadCodec::kThreeLC, grad.count, grad.dtype, DType::kFloat32, capacity, name);
-  const ThreeLCEncoded body = threelc_encode(grad, residual, sparsity, out + kPayloadHeaderBytes, name);
+                              size_t capacity, const char* name, uint32_t block) {
+  const PayloadCodec codec = block ? PayloadCodec::kThreeLCBlock : PayloadCodec::kThreeLC;
+  check_capacity(codec, grad.count, grad.dtype, DType::kFloat32, capacity, name, block);
+  const ThreeLCEncoded body = threelc_encode(grad, residual, sparsity, out + kPayloadHeaderBytes, name, block);
   PayloadHeader header;
-  header.codec = PayloadCodec::kThreeLC;
+  header.codec = codec;
+  header.block = block;
   header.dtype = grad.dtype;
   header.wire_dtype = static_cast<DType>(0);
   header.count = grad.count;
@@ -204,7 +214,7 @@ PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* n
                           std::to_string(kPayloadVersion) + " (mixed pybrain-mpi versions?)");
   }
   PayloadHeader header;
-  if (in[5] > static_cast<uint8_t>(PayloadCodec::kCast)) {
+  if (in[5] > static_cast<uint8_t>(PayloadCodec::kThreeLCBlock)) {
     bad_payload(name, "unknown codec id " + std::to_string(in[5]) + " (corrupted header)");
   }
   header.codec = static_cast<PayloadCodec>(in[5]);
@@ -212,7 +222,11 @@ PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* n
   header.dtype = static_cast<DType>(in[6]);
   header.wire_dtype = static_cast<DType>(in[7]);
   header.count = get<uint64_t>(in + 8);
-  header.scale = get<float>(in + 16);
+  if (header.codec == PayloadCodec::kThreeLCBlock) {
+    header.block = get<uint32_t>(in + 16);
+  } else {
+    header.scale = get<float>(in + 16);
+  }
   header.body_bytes = get<uint64_t>(in + 24);
   if (header.body_bytes != bytes - kPayloadHeaderBytes) {
     bad_payload(name, "the header announces a " + std::to_string(header.body_bytes) +
@@ -241,6 +255,15 @@ PayloadHeader read_payload_header(const uint8_t* in, size_t bytes, const char* n
         bad_payload(name, "3LC body is longer than any encoding of " + std::to_string(header.count) + " elements");
       }
       break;
+    case PayloadCodec::kThreeLCBlock:
+      if (header.block == 0) bad_payload(name, "block-scaled 3LC payload with block size 0");
+      if (header.body_bytes > threelc_max_encoded_bytes(header.count, header.block) ||
+          header.body_bytes < 4 * threelc_blocks(header.count, header.block)) {
+        bad_payload(name, "block-scaled 3LC body of " + std::to_string(header.body_bytes) +
+                              " bytes cannot encode " + std::to_string(header.count) + " elements in blocks of " +
+                              std::to_string(header.block));
+      }
+      break;
   }
   return header;
 }
@@ -260,6 +283,15 @@ void decode_payload(const uint8_t* in, size_t bytes, const MutableElements& out,
         threelc_decode(ThreeLCBody{body, header.body_bytes, header.scale}, out, name);
       }
       return;
+    case PayloadCodec::kThreeLCBlock: {
+      const ThreeLCBody blocks{body, header.body_bytes, 0.f, header.block};
+      if (add) {
+        threelc_decode_add(blocks, out, name);
+      } else {
+        threelc_decode(blocks, out, name);
+      }
+      return;
+    }
     case PayloadCodec::kCast: {
       // Bodies from Python bytes objects need not be 2-byte aligned.
       if (reinterpret_cast<uintptr_t>(body) % 2 != 0) {

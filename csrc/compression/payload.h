@@ -11,11 +11,14 @@
 //        6     1  dtype code of the tensor that was encoded (common/dtype.h)
 //        7     1  wire dtype code of the body elements (raw and cast), 0 for 3LC
 //        8     8  element count
-//       16     4  scale M (float32; 3LC only, else 0)
+//       16     4  scale M (float32; ThreeLC only, else 0), or for ThreeLCBlock the block
+//                 size B (uint32; the body starts with the ceil(count / B) scales)
 //       20     4  checksum of the header (with this field zeroed) and the body
 //       24     8  body length in bytes
 // Decoding validates every field and the checksum, so a truncated, corrupted or
 // mismatched payload raises PbmError instead of producing a wrong gradient.
+// Version 2 added the ThreeLCBlock codec; a version-1 reader refuses version-2 payloads
+// (and this build refuses version 1) with a message naming both versions.
 #pragma once
 
 #include <cstddef>
@@ -26,9 +29,10 @@
 namespace pbm {
 
 constexpr size_t kPayloadHeaderBytes = 32;
-constexpr uint8_t kPayloadVersion = 1;
+constexpr uint8_t kPayloadVersion = 2;
 
-enum class PayloadCodec : uint8_t { kRaw = 0, kThreeLC = 1, kCast = 2 };
+// kThreeLCBlock: 3LC with one scale per block of B elements (threelc.h, block scaling).
+enum class PayloadCodec : uint8_t { kRaw = 0, kThreeLC = 1, kCast = 2, kThreeLCBlock = 3 };
 
 struct PayloadHeader {
   PayloadCodec codec = PayloadCodec::kRaw;
@@ -36,15 +40,18 @@ struct PayloadHeader {
   DType wire_dtype = DType::kFloat32;
   uint64_t count = 0;
   float scale = 0.f;
+  uint32_t block = 0;  // ThreeLCBlock: B
   uint64_t body_bytes = 0;
 };
 
-// Largest payload (header included) that encoding `count` elements of `dtype` can produce.
-size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype);
+// Largest payload (header included) that encoding `count` elements of `dtype` can produce
+// (`block`: B of ThreeLCBlock).
+size_t payload_max_bytes(PayloadCodec codec, size_t count, DType dtype, DType wire_dtype, uint32_t block = 0);
 
 // Each writes a complete payload into `out` (capacity bytes) and returns its length.
+// threelc_encode_payload writes ThreeLC (block == 0) or ThreeLCBlock (block = B > 0).
 size_t threelc_encode_payload(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                              size_t capacity, const char* name);
+                              size_t capacity, const char* name, uint32_t block = 0);
 size_t cast_encode_payload(const Elements& in, DType wire_dtype, uint8_t* out, size_t capacity,
                            const char* name);
 size_t raw_encode_payload(const Elements& in, uint8_t* out, size_t capacity, const char* name);

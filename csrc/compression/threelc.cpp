@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -254,12 +255,73 @@ struct EncodeJob {
   uint8_t* out;
   const char* name;
   const uint32_t* known_largest_bits;  // pass 1 done by the caller (else null)
+  uint32_t block = 0;                  // B > 0: one scale per block of B elements
 };
+
+[[noreturn]] void throw_non_finite_input(const char* name, const std::string& problem) {
+  throw PbmError("3LC encode of " + label(name) + ": " + problem +
+                 ". Nothing was encoded and the residual is unchanged; a NaN/Inf gradient "
+                 "usually means the loss diverged (lower the learning rate or the loss scale).");
+}
+
+// Block-scaled encode (threelc.h): pass 1 takes each block's max and writes its scale M_b
+// into the body's leading scale array; pass 2 is the per-tensor pass 2 with each L1 block
+// quantized piecewise, one call of the quantize kernel per stretch of a scale block.
+template <class In>
+ThreeLCEncoded encode_blocks(const typename In::T* grad, size_t count, float* residual, const EncodeJob& job,
+                             const EncodeKernels<In>& kernels) {
+  const size_t block = job.block;
+  const size_t blocks = threelc_blocks(count, job.block);
+  uint8_t* scales = job.out;
+  uint32_t worst = 0;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t first = b * block;
+    const uint32_t bits = kernels.max_pass(grad + first, residual + first, std::min(block, count - first));
+    worst = bits > worst ? bits : worst;
+    // M_b = max_b|acc| * s clamped to FLT_MAX; 0 for an all-zero block.
+    const float scale = bits == 0 ? 0.f : std::min(bits_to_float(bits) * job.sparsity, FLT_MAX);
+    std::memcpy(scales + 4 * b, &scale, 4);
+  }
+  if (worst >= kInfBits) throw_non_finite_input(job.name, describe_non_finite<In>(grad, residual, count));
+
+  alignas(64) uint8_t trits[kBlockElements + 8];  // + 8: pack_group reads ahead
+  alignas(64) uint8_t quartic[kBlockGroups];
+  ZeroRunWriter writer(job.out + 4 * blocks, threelc_groups(count));
+  for (size_t start = 0; start < count; start += kBlockElements) {
+    const size_t n = std::min(kBlockElements, count - start);
+    for (size_t s = start; s < start + n;) {
+      const size_t b = s / block;
+      const size_t end = std::min(start + n, (b + 1) * block);
+      float scale;
+      std::memcpy(&scale, scales + 4 * b, 4);
+      // An all-zero block keeps q = 0 (infinite threshold); a denormal M_b whose half
+      // rounds to 0 must still leave zeros at q = 0.
+      const float threshold = scale == 0.f ? INFINITY : std::max(scale * 0.5f, FLT_TRUE_MIN);
+      kernels.quantize(grad + s, residual + s, end - s, scale, threshold, trits + (s - start));
+      s = end;
+    }
+    const size_t groups = (n + 4) / 5;
+    std::memset(trits + n, 1, groups * 5 - n);  // padding rule: zero trits
+    std::memset(trits + groups * 5, 0, 8);       // defined bytes for pack_group's read-ahead
+    pack_quartic(trits, groups, quartic);
+    writer.push(quartic, start / 5, groups);
+  }
+  ThreeLCEncoded result;
+  result.bytes = 4 * blocks + writer.finish();
+  result.scale = 0.f;  // the scales travel in the body
+  return result;
+}
 
 template <class In>
 ThreeLCEncoded encode_impl(const typename In::T* grad, size_t count, float* residual, const EncodeJob& job,
                            const EncodeKernels<In>& kernels) {
   const char* name = job.name;
+  if (job.block > 0) {
+    // A known max only screens for NaN/Inf here: the blocks need their own maxima.
+    if (job.known_largest_bits && *job.known_largest_bits >= kInfBits)
+      throw_non_finite_input(name, describe_non_finite<In>(grad, residual, count));
+    return encode_blocks<In>(grad, count, residual, job, kernels);
+  }
   // Pass 1 is skipped when the caller computed max|grad + residual| while producing grad.
   const uint32_t largest_bits =
       job.known_largest_bits ? *job.known_largest_bits : kernels.max_pass(grad, residual, count);
@@ -529,7 +591,14 @@ void check_scale(float scale, const char* name) {
 }
 
 template <bool kAdd>
+void decode_blocks(const ThreeLCBody& body, const MutableElements& out, const char* name, void* also_out);
+
+template <bool kAdd>
 void decode_dispatch(const ThreeLCBody& body, const MutableElements& out, const char* name, void* also_out = nullptr) {
+  if (body.block > 0) {
+    decode_blocks<kAdd>(body, out, name, also_out);
+    return;
+  }
   check_scale(body.scale, name);
   const size_t count = out.count;
   if (count > 0 && out.data == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
@@ -558,10 +627,95 @@ void decode_dispatch(const ThreeLCBody& body, const MutableElements& out, const 
   });
 }
 
+// out[i] += values[i] * scales[i / block] where values[i] != 0 (else out[i] keeps its bits),
+// as a select so that it vectorizes.
+PBM_MULTIVERSION void add_scaled_f32(const float* __restrict values, const float* __restrict scales, size_t block,
+                                     size_t count, float* __restrict out) {
+  for (size_t first = 0, b = 0; first < count; first += block, ++b) {
+    const float m = scales[b];
+    const size_t end = std::min(count, first + block);
+    for (size_t i = first; i < end; ++i) {
+      const float v = values[i];
+      const float sum = out[i] + v * m;
+      out[i] = v != 0.f ? sum : out[i];
+    }
+  }
+}
+
+// Block-scaled decode (threelc.h): the trit stream is decoded with scale 1 (values -1, 0,
+// +1, exact in every dtype), then scaled per block: in place (set), or from a float32
+// scratch added into `out` (add; zero trits leave `out` bit-for-bit unchanged). 16-bit
+// outputs multiply or add in float32 and round once, as the per-tensor decode does.
+template <bool kAdd>
+void decode_blocks(const ThreeLCBody& body, const MutableElements& out, const char* name, void* also_out) {
+  const size_t count = out.count;
+  const size_t block = body.block;
+  const size_t blocks = threelc_blocks(count, body.block);
+  if (body.bytes < 4 * blocks) {
+    malformed(name, "it has " + std::to_string(body.bytes) + " bytes, fewer than the " + std::to_string(4 * blocks) +
+                        " of its " + std::to_string(blocks) + " block scales (block size " +
+                        std::to_string(block) + ")");
+  }
+  if (count > 0 && out.data == nullptr) throw PbmError("3LC decode of " + label(name) + ": null output");
+  if (body.bytes > 0 && body.data == nullptr) throw PbmError("3LC decode of " + label(name) + ": null input");
+  thread_local std::vector<float> scales;
+  scales.resize(blocks);
+  if (blocks) std::memcpy(scales.data(), body.data, 4 * blocks);
+  for (size_t b = 0; b < blocks; ++b) {
+    if (!(scales[b] >= 0.f && scales[b] <= FLT_MAX)) {
+      malformed(name, "the scale of block " + std::to_string(b) + " (elements " + std::to_string(b * block) + ".." +
+                          std::to_string(std::min(count, (b + 1) * block) - 1) + ") is " + std::to_string(scales[b]) +
+                          ", not a finite number >= 0");
+    }
+  }
+  const ThreeLCBody trits{body.data + 4 * blocks, body.bytes - 4 * blocks, 1.0f, 0};
+  if (!kAdd) {
+    decode_dispatch<false>(trits, out, name);
+    if (out.dtype == DType::kFloat32) {
+      float* o = static_cast<float*>(out.data);
+      for (size_t b = 0; b < blocks; ++b) {
+        const float m = scales[b];
+        const size_t end = std::min(count, (b + 1) * block);
+        for (size_t i = b * block; i < end; ++i) o[i] *= m;
+      }
+    } else {
+      element_io::dispatch_float_io(out.dtype, "3LC decode", [&](auto io) {
+        using Out = decltype(io);
+        auto* o = static_cast<typename Out::T*>(out.data);
+        for (size_t b = 0; b < blocks; ++b) {
+          const float m = scales[b];
+          const size_t end = std::min(count, (b + 1) * block);
+          for (size_t i = b * block; i < end; ++i) o[i] = Out::store(Out::load(o[i]) * m);
+        }
+      });
+    }
+    if (also_out != nullptr && count > 0) std::memcpy(also_out, out.data, count * dtype_size(out.dtype));
+    return;
+  }
+  thread_local std::vector<float> values;
+  values.resize(count);
+  decode_dispatch<false>(trits, MutableElements{values.data(), count, DType::kFloat32}, name);
+  if (out.dtype == DType::kFloat32) {
+    add_scaled_f32(values.data(), scales.data(), block, count, static_cast<float*>(out.data));
+    return;
+  }
+  element_io::dispatch_float_io(out.dtype, "3LC decode", [&](auto io) {
+    using Out = decltype(io);
+    auto* o = static_cast<typename Out::T*>(out.data);
+    for (size_t b = 0; b < blocks; ++b) {
+      const float m = scales[b];
+      const size_t end = std::min(count, (b + 1) * block);
+      for (size_t i = b * block; i < end; ++i) {
+        if (values[i] != 0.f) o[i] = Out::store(Out::load(o[i]) + values[i] * m);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 ThreeLCEncoded threelc_encode(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                              const char* name) {
+                              const char* name, uint32_t block) {
   if (!(sparsity >= 1.f && sparsity < 2.f)) {
     throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
                    std::to_string(sparsity) + " is outside [1, 2) (1 keeps the most detail, "
@@ -570,7 +724,7 @@ ThreeLCEncoded threelc_encode(const Elements& grad, float* residual, float spars
   const size_t count = grad.count;
   if (count == 0) return ThreeLCEncoded{};
   if (!grad.data || !residual || !out) throw PbmError("3LC encode of " + label(name) + ": null buffer");
-  const EncodeJob job{sparsity, out, name, nullptr};
+  const EncodeJob job{sparsity, out, name, nullptr, block};
   switch (grad.dtype) {
     case DType::kFloat32:
       return encode_impl<Float32>(static_cast<const float*>(grad.data), count, residual, job,
@@ -708,7 +862,7 @@ bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count
 }
 
 ThreeLCEncoded threelc_encode_known_max(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                                        uint32_t largest_bits, const char* name) {
+                                        uint32_t largest_bits, const char* name, uint32_t block) {
   if (!(sparsity >= 1.f && sparsity < 2.f)) {
     throw PbmError("3LC encode of " + label(name) + ": sparsity multiplier s = " +
                    std::to_string(sparsity) + " is outside [1, 2)");
@@ -716,7 +870,7 @@ ThreeLCEncoded threelc_encode_known_max(const Elements& grad, float* residual, f
   if (grad.dtype != DType::kFloat32) throw PbmError("3LC encode of " + label(name) + ": a known max takes float32");
   if (grad.count == 0) return ThreeLCEncoded{};
   return encode_impl<Float32>(static_cast<const float*>(grad.data), grad.count, residual,
-                              EncodeJob{sparsity, out, name, &largest_bits}, {max_abs_bits_f32, quantize_block_f32});
+                              EncodeJob{sparsity, out, name, &largest_bits, block}, {max_abs_bits_f32, quantize_block_f32});
 }
 
 bool threelc_accumulate(const Elements& elements, const float* residual, float* out, const char* name) {

@@ -36,6 +36,15 @@
 //          zero-run encode that buffer into `out` (runs carry over block boundaries).
 //   Traffic: 8 bytes/element read in pass 1, 8 read + 4 written in pass 2, out ~N/5 bytes
 //   at most. Recomputing acc in pass 2 is cheaper than writing it in pass 1 and rereading.
+//
+// Block scaling (`block` = B > 0): step 2 runs on each block of B consecutive elements
+// (the last one may be shorter) with its own M_b = min(max_b|acc| * s, FLT_MAX), so a few
+// large gradients no longer zero out the rest of the tensor. The body then starts with the
+// ceil(N / B) scales M_b (float32, little-endian, unaligned), followed by the trit stream of
+// steps 3-4 over the whole tensor (groups and zero runs cross block boundaries freely).
+// ThreeLCEncoded::scale is 0 and ThreeLCBody::scale is ignored: the scales travel in the
+// body. An all-zero block has M_b = 0 and only zero trits; the Sterbenz argument holds per
+// block, so error feedback is exact as above. B = 0 is the per-tensor format above.
 #pragma once
 
 #include <cstddef>
@@ -54,29 +63,38 @@ struct ThreeLCEncoded {
 struct ThreeLCBody {
   const uint8_t* data = nullptr;
   size_t bytes = 0;
-  float scale = 0.f;
+  float scale = 0.f;   // per-tensor M (block == 0)
+  uint32_t block = 0;  // B > 0: block-scaled body (its scales lead the body)
 };
 
 // Number of quartic groups (bytes before zero-run encoding) of `count` elements.
 inline size_t threelc_groups(size_t count) { return (count + 4) / 5; }
 
+// Number of scales of a block-scaled body of `count` elements (0 for block == 0).
+inline size_t threelc_blocks(size_t count, uint32_t block) { return block ? (count + block - 1) / block : 0; }
+
 // Upper bound of the body size of `count` elements: one byte per group (zero-run coding
-// never grows the stream). Size `out` of threelc_encode with it.
-inline size_t threelc_max_encoded_bytes(size_t count) { return threelc_groups(count); }
+// never grows the stream), plus 4 bytes per block when block-scaled. Size `out` of
+// threelc_encode with it.
+inline size_t threelc_max_encoded_bytes(size_t count, uint32_t block = 0) {
+  return 4 * threelc_blocks(count, block) + threelc_groups(count);
+}
 
 // Encodes `grad` (float32, bfloat16 or float16) with error feedback into `residual`
 // (float32, grad.count elements, updated in place) and writes the body to `out` (at least
-// threelc_max_encoded_bytes(grad.count) bytes). `sparsity` is 3LC's multiplier s in [1, 2).
-// `name` (may be null) labels the tensor in error messages.
+// threelc_max_encoded_bytes(grad.count, block) bytes). `sparsity` is 3LC's multiplier s in
+// [1, 2); `block` is B (0: one scale for the tensor). `name` (may be null) labels the tensor
+// in error messages.
 // Throws PbmError if grad + residual has a NaN or Inf (the residual is then unchanged) or
 // on a bad argument.
 ThreeLCEncoded threelc_encode(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                              const char* name = nullptr);
+                              const char* name = nullptr, uint32_t block = 0);
 
 // out[i] += q_i * scale for the out.count elements encoded in `body`. `out` is float32,
 // bfloat16 or float16 (16-bit outputs add in float32 and round once). Elements whose trit
 // is zero are left bit-for-bit unchanged. Throws PbmError naming `name` when the body is
-// malformed (wrong length, runs past the end, bad padding).
+// malformed (wrong length, runs past the end, bad padding, a block scale that is not a
+// finite number >= 0).
 void threelc_decode_add(const ThreeLCBody& body, const MutableElements& out, const char* name = nullptr);
 
 // out[i] = q_i * scale (zeros are +0.0). Same checks as threelc_decode_add. `also_out`
@@ -103,7 +121,9 @@ uint32_t threelc_reduce_max(float* out, const float* const* inputs, int n_inputs
 bool threelc_accumulate_n(const float* const* inputs, int n_inputs, size_t count, const float* residual,
                           float* out, const char* name = nullptr);
 // threelc_encode of float32 `grad` given largest_bits = bits of max|grad + residual|.
+// Block-scaled (block > 0) it still takes each block's max itself; largest_bits then only
+// screens for NaN/Inf.
 ThreeLCEncoded threelc_encode_known_max(const Elements& grad, float* residual, float sparsity, uint8_t* out,
-                                        uint32_t largest_bits, const char* name = nullptr);
+                                        uint32_t largest_bits, const char* name = nullptr, uint32_t block = 0);
 
 }  // namespace pbm

@@ -34,7 +34,7 @@ class Payload:
     and the checksum, so a truncated or corrupted payload raises :class:`PbmError` here.
     """
 
-    __slots__ = ("_data", "codec", "tensor_dtype", "wire_dtype", "count", "scale", "body_nbytes")
+    __slots__ = ("_data", "codec", "tensor_dtype", "wire_dtype", "count", "scale", "block", "body_nbytes")
 
     def __init__(self, data: Any, name: str | None = None):
         array = _as_uint8(data)
@@ -44,7 +44,8 @@ class Payload:
         self.tensor_dtype = header["dtype"]  # the core's DType of the encoded tensor
         self.wire_dtype = header["wire_dtype"]
         self.count: int = header["count"]
-        self.scale: float = header["scale"]
+        self.scale: float = header["scale"]  # ThreeLC's M (0 for ThreeLCBlock: its scales lead the body)
+        self.block: int = header["block"]  # ThreeLCBlock's block size B (else 0)
         self.body_nbytes: int = header["body_bytes"]
 
     @property
@@ -54,7 +55,7 @@ class Payload:
 
     @property
     def codec_name(self) -> str:
-        """``"ThreeLC"``, ``"Cast"`` or ``"NoCompression"``."""
+        """``"ThreeLC"``, ``"ThreeLCBlock"``, ``"Cast"`` or ``"NoCompression"``."""
         return self.codec.name
 
     @property
@@ -84,5 +85,6 @@ class Payload:
 
     def __repr__(self) -> str:
         scale = f", scale={self.scale:.6g}" if self.codec == _core.PayloadCodec.ThreeLC else ""
+        scale = f", block={self.block}" if self.codec == _core.PayloadCodec.ThreeLCBlock else scale
         return (f"Payload({self.codec_name}, {self.dtype}[{self.count}], {self.nbytes} bytes, "
                 f"{self.compression_ratio:.1f}x{scale})")

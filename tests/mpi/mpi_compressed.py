@@ -16,16 +16,18 @@ import torch
 import pybrain_mpi as pbm
 from .helpers import WORLD, on
 from pybrain_mpi.compression import Cast, ThreeLC
-from .threelc_reference import gradients, partitions, quantize
+from .threelc_reference import gradients, partitions, quantize_blocks
 
 RANKS = (1, 2, 3, 4)
 TIMEOUT_S = 600
 
 
-def _reference(comm, count_text: str, sparsity_text: str, op: str) -> None:
+def _reference(comm, count_text: str, sparsity_text: str, op: str, block: int = 0) -> None:
+    """`block` > 0: one scale per block of that many elements of each partition (blocks
+    restart at every partition, as each partition is encoded on its own)."""
     n, r = comm.Get_size(), comm.Get_rank()
     count, sparsity = int(count_text), float(sparsity_text)
-    codec = ThreeLC(sparsity)
+    codec = ThreeLC(sparsity, block=block)
     parts = partitions(count, n)
     # Residuals start nonzero (as after a resume with another rank layout): the owner's
     # share of its own partition must be delivered and cleared, the rest carried on.
@@ -50,13 +52,13 @@ def _reference(comm, count_text: str, sparsity_text: str, op: str) -> None:
                 if q == p:
                     continue
                 acc = residual[q][part] + grads[q][part]
-                qs, scale = quantize(acc, sparsity)
+                qs, scale = quantize_blocks(acc, sparsity, block)
                 residual[q][part] = acc - qs * scale
                 total += qs * scale
             if op == "avg":
                 total *= np.float32(1.0 / n)
             acc2 = owner_residual[p] + total
-            q2, scale2 = quantize(acc2, sparsity)
+            q2, scale2 = quantize_blocks(acc2, sparsity, block)
             owner_residual[p] = acc2 - q2 * scale2
             expected[part] = q2 * scale2
         tolerance = 4 * n * np.finfo(np.float32).eps * (np.abs(expected).max(initial=0) + 1)
@@ -81,7 +83,7 @@ def _traffic(comm) -> None:
     before = pbm.bytes_sent()
     pbm.allreduce(g)
     plain = pbm.bytes_sent() - before
-    codec = ThreeLC(1.5)
+    codec = ThreeLC(1.5, block=0)
     state = codec.new_state(g)
     before = pbm.bytes_sent()
     pbm.allreduce(g, compression=codec, state=state)
@@ -170,11 +172,31 @@ def _convergence(comm, cache_dir: str) -> None:
 
 REFERENCE_CASES = [(1, 1003, "1.0", "sum"), (2, 1003, "1.0", "avg"), (3, 50_001, "1.5", "avg"),
                    (4, 7, "1.9", "sum"), (3, 2, "1.0", "sum"), (2, 0, "1.0", "avg")]
+# (ranks, count, sparsity, op, block): partitions not divisible by the block, a block of 1,
+# blocks larger than a partition.
+BLOCK_CASES = [(2, 1003, "1.0", "avg", 64), (2, 130, "1.0", "sum", 1), (2, 70_001, "1.0", "avg", 64),
+               (3, 1003, "1.0", "sum", 64), (3, 50_001, "1.5", "avg", 7), (3, 100, "1.0", "avg", 4096),
+               (4, 1003, "1.0", "avg", 64)]
 
 
 @pytest.mark.parametrize("count,sparsity,op", [case[1:] for case in REFERENCE_CASES if case[0] == WORLD])
 def test_matches_reference_two_stage_algorithm_with_error_feedback(comm, count, sparsity, op):
     _reference(comm, str(count), sparsity, op)
+
+
+@pytest.mark.parametrize("count,sparsity,op,block", [case[1:] for case in BLOCK_CASES if case[0] == WORLD])
+def test_block_scaled_matches_reference_two_stage_algorithm(comm, count, sparsity, op, block):
+    _reference(comm, str(count), sparsity, op, block)
+
+
+@on(2, 3)
+def test_ranks_with_different_block_sizes_get_a_mismatch_error(comm):
+    n, r = comm.Get_size(), comm.Get_rank()
+    codec = ThreeLC(1.0, block=64 if r == 0 else 0)
+    g = torch.ones(1000)
+    with pytest.raises(pbm.CollectiveMismatch, match="block"):
+        pbm.allreduce_(g, compression=codec, state=codec.new_state(g), name="mismatched")
+    assert torch.all(pbm.allreduce(torch.ones(3)) == n)  # ranks still in step
 
 
 @on(2)

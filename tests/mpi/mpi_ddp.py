@@ -211,10 +211,11 @@ def _horovod_compression(comm) -> None:
     assert len(ddp.bucket_sizes_bytes) > 1
 
 
-def _resume_3lc(comm, algorithms: str, steps_text: str) -> None:
+def _resume_3lc(comm, algorithms: str, steps_text: str, block: int = 0) -> None:
     """3LC DDP saved after k steps and resumed in a fresh wrapper (model, optimizer and
     compression state loaded) continues bitwise like the run that was never interrupted:
-    every residual of the path (flat, or both hierarchical stages) is in the state dict."""
+    every residual of the path (flat, or both hierarchical stages) is in the state dict.
+    `block`: ThreeLC's block size (0: one scale per tensor)."""
     from pybrain_mpi.compression import ThreeLC
 
     n, r = comm.Get_size(), comm.Get_rank()
@@ -223,7 +224,7 @@ def _resume_3lc(comm, algorithms: str, steps_text: str) -> None:
     def wrap(seed: int) -> tuple:
         model = make_model(seed).float()
         ddp = pbm.DistributedDataParallel(model, bucket_bytes=2048, first_bucket_bytes=256,
-                                          algorithm=algorithm, compression=ThreeLC(1.0))
+                                          algorithm=algorithm, compression=ThreeLC(1.0, block=block))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         return model, ddp, opt
 
@@ -340,19 +341,33 @@ def test_resumed_3lc_run_matches_the_uninterrupted_one_bitwise(comm, nodes):
     _resume_3lc(comm, "hierarchical,ring", "3")
 
 
+@grouping((4, 2), (3, 2))
+def test_resumed_block_scaled_3lc_run_matches_the_uninterrupted_one_bitwise(comm, nodes):
+    _resume_3lc(comm, "hierarchical,ring", "3", block=64)
+
+
 @on(2, 3)
 def test_3lc_per_tensor_gives_each_parameter_its_own_scale_and_residuals(comm):
+    _per_tensor_3lc(comm, block=0)
+
+
+@on(2, 3)
+def test_block_scaled_3lc_ddp_matches_allreduce_of_each_parameter(comm):
+    _per_tensor_3lc(comm, block=64)
+
+
+def _per_tensor_3lc(comm, block: int) -> None:
     # ThreeLC(per_tensor=True) (the default): one bucket per parameter, so each gradient is
-    # 3LC-averaged with its own scale and error feedback, exactly as allreduce_ of that
+    # 3LC-averaged with its own scale(s) and error feedback, exactly as allreduce_ of that
     # tensor alone with its own state; per_tensor=False keeps the byte-size buckets.
     from pybrain_mpi.compression import ThreeLC
 
     n, r = comm.Get_size(), comm.Get_rank()
     model = make_model(seed=0).float()
-    ddp = pbm.DistributedDataParallel(model, compression=ThreeLC(1.0))
+    ddp = pbm.DistributedDataParallel(model, compression=ThreeLC(1.0, block=block))
     assert len(ddp.bucket_sizes_bytes) == len(list(model.parameters()))
     shadow = make_model(seed=0).float()
-    codec = ThreeLC(1.0)
+    codec = ThreeLC(1.0, block=block)
     states = [codec.new_state(p, name=name) for name, p in shadow.named_parameters()]
     for step in range(4):
         x, y = global_batch(step, 4, n)

@@ -16,7 +16,7 @@ import pybrain_mpi as pbm
 from .helpers import grouping, nodes  # noqa: F401  (nodes: the fixture)
 from pybrain_mpi.communication import context
 from pybrain_mpi.compression import ThreeLC
-from .threelc_reference import gradients, partitions, quantize
+from .threelc_reference import gradients, partitions, quantize_blocks
 
 RANKS = (1, 2, 3, 4)
 TIMEOUT_S = 900
@@ -170,16 +170,21 @@ def _compressed(comm, ops: str) -> None:
         compressed_matches_simulation(comm, op)
     # partitions of >= 64 Ki float32: the final decode streams its windows into both buffers
     compressed_matches_simulation(comm, ops.split(",")[-1], count=300_007)
+    # block scaling: one scale per 64 elements of each slice partition (partitions not
+    # divisible by 64), and blocks of 7 on the streamed sizes
+    compressed_matches_simulation(comm, ops.split(",")[0], block=64)
+    compressed_matches_simulation(comm, ops.split(",")[-1], count=300_007, block=7)
 
 
-def compressed_matches_simulation(comm, op: str, count: int = 10_007) -> None:
-    """3LC on the inter-node stage only: matches a simulation of node sum + per-slice 3LC."""
+def compressed_matches_simulation(comm, op: str, count: int = 10_007, block: int = 0) -> None:
+    """3LC on the inter-node stage only: matches a simulation of node sum + per-slice 3LC
+    (`block` > 0: one scale per block of that many elements of each partition)."""
     n, r = comm.Get_size(), comm.Get_rank()
     layout = context.current().engine.node_layout()
     nodes = layout["node_count"]
     assert nodes > 1, layout
     sparsity = 1.0
-    codec = ThreeLC(sparsity)
+    codec = ThreeLC(sparsity, block=block)
     state = codec.new_state(np.zeros(count, np.float32))
     slices_n = layout["slices"]
     per_slice = -(-count // slices_n)  # ceil, then rounded up to 64 bytes of float32
@@ -221,13 +226,13 @@ def compressed_matches_simulation(comm, op: str, count: int = 10_007) -> None:
                     if j == p:
                         continue
                     acc = residual[(j, s)][part] + node_sums[j][part]
-                    qs, scale = quantize(acc, sparsity)
+                    qs, scale = quantize_blocks(acc, sparsity, block)
                     residual[(j, s)][part] = acc - qs * scale
                     total += qs * scale
                 if owner[(p, s)] is None:
                     owner[(p, s)] = np.zeros(part.stop - part.start, np.float32)
                 acc2 = owner[(p, s)] + total
-                q2, scale2 = quantize(acc2, sparsity)
+                q2, scale2 = quantize_blocks(acc2, sparsity, block)
                 owner[(p, s)] = acc2 - q2 * scale2
                 result[part] = q2 * scale2
             want[sl] = result / np.float32(n) if op == "avg" else result

@@ -17,6 +17,19 @@ def quantize(acc: np.ndarray, sparsity: float) -> tuple[np.ndarray, np.float32]:
     return q, scale
 
 
+def quantize_blocks(acc: np.ndarray, sparsity: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-scaled 3LC step 2: `quantize` on each block of `block` elements (block 0: the
+    whole array); returns q and each element's scale M_b (float32 arrays of acc's shape)."""
+    if block == 0:
+        q, scale = quantize(acc, sparsity)
+        return q, np.full(acc.shape, scale, np.float32)
+    q = np.zeros(acc.shape, np.float32)
+    scales = np.zeros(acc.shape, np.float32)
+    for b in range(0, acc.size, block):
+        q[b:b + block], scales[b:b + block] = quantize(acc[b:b + block], sparsity)
+    return q, scales
+
+
 def partitions(count: int, n: int) -> list[slice]:
     bounds = [(count // n) * p + min(p, count % n) for p in range(n + 1)]
     return [slice(bounds[p], bounds[p + 1]) for p in range(n)]

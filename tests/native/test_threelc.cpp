@@ -189,3 +189,109 @@ CHECK_CASE(threelc, non_finite_input_is_refused_and_the_residual_kept) {
   EXPECT_ERROR(pbm::threelc_encode({grad.data(), grad.size(), DType::kInt32}, residual.data(), 1.f, out.data(), "w"),
                "not supported");
 }
+
+// --- block scaling (one scale per block of B elements) ------------------------------------
+
+namespace {
+
+// Input whose block b holds the trits q times (b + 1), so block b's scale is b + 1 (each
+// block's last element is +-1 times that, hence nonzero) and its trits are q's.
+std::vector<float> block_input(const std::vector<float>& q, uint32_t block) {
+  std::vector<float> grad(q);
+  for (size_t i = 0; i < grad.size(); ++i) {
+    const size_t b = i / block;
+    if (i + 1 == std::min(grad.size(), (b + 1) * block) && grad[i] == 0.f) grad[i] = 1.f;
+    grad[i] *= static_cast<float>(b + 1);
+  }
+  return grad;
+}
+
+pbm::ThreeLCBody block_view(const std::vector<uint8_t>& bytes, uint32_t block) {
+  return {bytes.data(), bytes.size(), 0.f, block};
+}
+
+}  // namespace
+
+CHECK_CASE(threelc, block_scaled_bodies_round_trip_at_every_decoder_path) {
+  for (uint32_t block : {1u, 5u, 64u, 1000u}) {
+    for (size_t count : {size_t{0}, size_t{1}, size_t{63}, size_t{64}, size_t{65}, size_t{4099}, size_t{65537}}) {
+      const std::vector<float> grad = block_input(trits("dense", count, 9), block);
+      std::vector<float> residual(count, 0.f);
+      std::vector<uint8_t> bytes(pbm::threelc_max_encoded_bytes(count, block));
+      const auto e = pbm::threelc_encode({grad.data(), count, DType::kFloat32}, residual.data(), 1.f, bytes.data(), "g",
+                                         block);
+      CHECK(e.scale == 0.f && e.bytes <= bytes.size() && e.bytes >= 4 * pbm::threelc_blocks(count, block));
+      bytes.resize(e.bytes);
+      for (size_t b = 0; b < pbm::threelc_blocks(count, block); ++b) {
+        float scale;
+        std::memcpy(&scale, bytes.data() + 4 * b, 4);
+        CHECK_THAT(scale == static_cast<float>(b + 1), "block " << b << " of B=" << block << " x" << count);
+      }
+      for (float r : residual) CHECK(r == 0.f);
+      std::vector<float> out(count, NAN), also(count, NAN), sum(count, -0.0f);
+      pbm::threelc_decode(block_view(bytes, block), {out.data(), count, DType::kFloat32}, "g", also.data());
+      pbm::threelc_decode_add(block_view(bytes, block), {sum.data(), count, DType::kFloat32}, "g");
+      for (size_t i = 0; i < count; ++i) {
+        CHECK_THAT(out[i] == grad[i] && also[i] == grad[i], "B=" << block << " x" << count << " element " << i);
+        CHECK_THAT(grad[i] == 0.f ? same_bits(sum[i], -0.0f) : sum[i] == grad[i], "add, element " << i);
+      }
+      std::vector<uint16_t> half(count);
+      pbm::threelc_decode(block_view(bytes, block), {half.data(), count, DType::kBFloat16}, "g");
+      for (size_t i = 0; i < count; ++i)
+        CHECK_THAT(pbm::bf16_to_float(half[i]) == pbm::bf16_to_float(pbm::float_to_bf16(grad[i])), "bf16 " << i);
+    }
+  }
+}
+
+CHECK_CASE(threelc, block_scaled_known_max_encode_matches_the_plain_encode) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> normal;
+  const size_t count = 10007;
+  std::vector<float> a(count), b(count), sum(count), residual(count), residual2(count);
+  for (size_t i = 0; i < count; ++i) {
+    a[i] = normal(rng);
+    b[i] = normal(rng) * (i < 5000 ? 1e-3f : 1.f);
+    residual[i] = residual2[i] = 0.1f * normal(rng);
+  }
+  const float* inputs[2] = {a.data(), b.data()};
+  const uint32_t largest = pbm::threelc_reduce_max(sum.data(), inputs, 2, count, residual.data());
+  std::vector<uint8_t> one(pbm::threelc_max_encoded_bytes(count, 64)), two(one.size());
+  const pbm::Elements input{sum.data(), count, DType::kFloat32};
+  const auto e1 = pbm::threelc_encode(input, residual.data(), 1.f, one.data(), "g", 64);
+  const auto e2 = pbm::threelc_encode_known_max(input, residual2.data(), 1.f, two.data(), largest, "g", 64);
+  CHECK(e1.bytes == e2.bytes && std::memcmp(one.data(), two.data(), e1.bytes) == 0);
+  CHECK(std::memcmp(residual.data(), residual2.data(), count * 4) == 0);
+  const uint32_t inf_bits = 0x7f800000u;
+  EXPECT_ERROR(pbm::threelc_encode_known_max(input, residual2.data(), 1.f, two.data(), inf_bits, "g", 64),
+               "not finite");
+}
+
+CHECK_CASE(threelc, malformed_block_scaled_bodies_raise_clear_errors) {
+  std::vector<float> out(200);
+  auto decode = [&](std::vector<uint8_t> body, size_t count, uint32_t block) {
+    pbm::threelc_decode({body.data(), body.size(), 0.f, block}, {out.data(), count, DType::kFloat32}, "g");
+  };
+  auto with_scales = [](std::vector<float> scales, std::vector<uint8_t> stream) {
+    std::vector<uint8_t> body(4 * scales.size());
+    std::memcpy(body.data(), scales.data(), body.size());
+    body.insert(body.end(), stream.begin(), stream.end());
+    return body;
+  };
+  // 130 elements in blocks of 64: 3 scales, then 26 groups (255, 253 = 14 + 12 zero groups)
+  decode(with_scales({1.f, 2.f, 0.f}, {255, 253}), 130, 64);
+  EXPECT_ERROR(decode(with_scales({1.f, 2.f}, {}), 130, 64), "fewer than the 12 of its 3 block scales");
+  EXPECT_ERROR(decode(with_scales({1.f, 2.f, NAN}, {255, 253}), 130, 64), "scale of block 2 (elements 128..129)");
+  EXPECT_ERROR(decode(with_scales({INFINITY, 2.f, 1.f}, {255, 253}), 130, 64), "scale of block 0");
+  EXPECT_ERROR(decode(with_scales({-1.f, 2.f, 1.f}, {255, 253}), 130, 64), "not a finite number >= 0");
+  EXPECT_ERROR(decode(with_scales({1.f, 2.f, 0.f}, {255}), 130, 64), "holds 14 groups, 26 expected");
+}
+
+CHECK_CASE(threelc, block_scaled_non_finite_input_is_refused_and_the_residual_kept) {
+  std::vector<float> grad(1000, 1.f), residual(1000, 0.25f);
+  grad[417] = INFINITY;
+  std::vector<uint8_t> out(pbm::threelc_max_encoded_bytes(grad.size(), 64));
+  EXPECT_ERROR(pbm::threelc_encode({grad.data(), grad.size(), DType::kFloat32}, residual.data(), 1.f, out.data(), "w",
+                                   64),
+               "element 417");
+  for (float r : residual) CHECK(r == 0.25f);
+}
