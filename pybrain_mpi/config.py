@@ -381,6 +381,9 @@ class CompressionConfig:
     kind: str = key(str, "none", choices=COMPRESSIONS)
     sparsity: float = key(float, 1.0, minimum=1.0, maximum=2.0, exclusive_maximum=True,
                           doc="3LC sparsity multiplier s (larger: more zeros)")
+    block: int = key(int, 0, minimum=0, maximum=2**32 - 1,
+                     doc="3LC: one scale per block of this many elements (0: one per tensor; "
+                         "README's 3LC table measures 32-256)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -709,6 +712,11 @@ def _check_mode(v: _Validator, train: dict) -> None:
     """[train] mode and the downpour keys: given only with mode = "downpour", and what that mode
     does not do yet refused by name."""
     _check_parallel(v, train)
+    compression = train["compression"]
+    if compression["block"] and compression["kind"] != "3lc":
+        v.problem(("train", "compression", "block"), f"[train.compression] block = "
+                  f'{compression["block"]} applies to kind = "3lc" only (this run is kind = '
+                  f'"{compression["kind"]}"); remove it or set kind = "3lc"')
     if train["mode"] != "downpour":
         for name in DOWNPOUR_KEYS:
             if ("train", name) in v.lines:

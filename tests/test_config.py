@@ -83,6 +83,16 @@ def test_exclusive_upper_bound_of_3lc_sparsity_inside_inline_table():
         in str(err)
 
 
+def test_3lc_block_size_is_read_and_refused_without_3lc():
+    config = parse_config(_replace_line(VALID, "sparsity = 1.5 }", "sparsity = 1.5, block = 64 }"), "run.toml")
+    assert config.train.compression.block == 64
+    assert parse_config(VALID, "run.toml").train.compression.block == 0
+    err = _error(_replace_line(VALID, 'kind = "3lc", sparsity = 1.5 }', 'kind = "bf16", block = 64 }'))
+    assert 'run.toml:16: [train.compression] block = 64 applies to kind = "3lc" only' in str(err)
+    err = _error(_replace_line(VALID, "sparsity = 1.5 }", "sparsity = 1.5, block = -1 }"))
+    assert "[train.compression] block = -1" in str(err)
+
+
 def test_bad_choice_lists_the_valid_choices():
     err = _error(_replace_line(VALID, '"adagrad"', '"rmsprop"'))
     assert 'run.toml:15: [train] optimizer = "rmsprop": expected one of "sgd", "adam", ' \

@@ -116,7 +116,8 @@ def test_compression_kinds_map_to_the_native_codecs():
     cast = build_codec("bf16")
     assert isinstance(cast, Cast) and cast.dtype == "bf16"
     threelc = build_codec("3lc", 1.5)
-    assert isinstance(threelc, ThreeLC) and threelc.sparsity == 1.5
+    assert isinstance(threelc, ThreeLC) and threelc.sparsity == 1.5 and threelc.block == 0
+    assert build_codec("3lc", 1.0, 64).block == 64
     assert build_codec("none") is None
 
 

@@ -216,7 +216,8 @@ class Trainer:
                                             "contiguous")
         # Phase 1: everything that can be refused without reading data.
         self.codec = self._together("checking the configuration",
-                                    lambda: build_codec(train.compression.kind, train.compression.sparsity))
+                                    lambda: build_codec(train.compression.kind, train.compression.sparsity,
+                                                        train.compression.block))
         # Pipelined runs (pipelined.py): which stage of which replica this rank is; the
         # sampler deals each epoch over the replicas.
         self.pipe = None

@@ -173,8 +173,8 @@ def _convergence(comm, cache_dir: str) -> None:
 REFERENCE_CASES = [(1, 1003, "1.0", "sum"), (2, 1003, "1.0", "avg"), (3, 50_001, "1.5", "avg"),
                    (4, 7, "1.9", "sum"), (3, 2, "1.0", "sum"), (2, 0, "1.0", "avg")]
 # (ranks, count, sparsity, op, block): partitions not divisible by the block, a block of 1,
-# blocks larger than a partition.
-BLOCK_CASES = [(2, 1003, "1.0", "avg", 64), (2, 130, "1.0", "sum", 1), (2, 70_001, "1.0", "avg", 64),
+# blocks larger than a partition; one rank alone (its partition is the whole tensor).
+BLOCK_CASES = [(1, 1003, "1.0", "sum", 64), (2, 1003, "1.0", "avg", 64), (2, 130, "1.0", "sum", 1), (2, 70_001, "1.0", "avg", 64),
                (3, 1003, "1.0", "sum", 64), (3, 50_001, "1.5", "avg", 7), (3, 100, "1.0", "avg", 4096),
                (4, 1003, "1.0", "avg", 64)]
 
