@@ -59,6 +59,14 @@ def cluster(*args: str, check: bool = True, capture: bool = False) -> subprocess
                           capture_output=capture, env=dict(os.environ, PYTHON=sys.executable))
 
 
+def refuse_unless_root_outside_mpiexec(parser: argparse.ArgumentParser) -> None:
+    """The emulated-cluster benchmarks create network namespaces and start mpiexec themselves."""
+    if os.geteuid() != 0:
+        parser.error("needs root: it creates network namespaces (run with sudo)")
+    if "PMI_RANK" in os.environ or "PMI_FD" in os.environ:
+        parser.error("run this directly, not under mpiexec: it starts mpiexec itself")
+
+
 def theory_link_bytes(size: int, nodes: int, ppn: int, placement: str) -> dict:
     """Bytes one node's link carries out per call for the flat ring and the hierarchical scheme."""
     n = nodes * ppn
@@ -90,10 +98,7 @@ def main() -> None:
     parser.add_argument("--json", default="results/cluster_allreduce.jsonl")
     parser.add_argument("--plot", default=None, help="PNG (default: --json with .png)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("needs root: it creates network namespaces (run with sudo)")
-    if "PMI_RANK" in os.environ or "PMI_FD" in os.environ:
-        parser.error("run this directly, not under mpiexec: it starts mpiexec itself")
+    refuse_unless_root_outside_mpiexec(parser)
 
     python = sys.executable
     env = dict(os.environ, OMP_NUM_THREADS="1")

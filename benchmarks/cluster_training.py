@@ -51,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cluster_allreduce import SCRIPT, cluster, probe  # noqa: E402
+from cluster_allreduce import SCRIPT, cluster, probe, refuse_unless_root_outside_mpiexec  # noqa: E402
 from common import plot_panels, print_table, write_json_lines  # noqa: E402
 
 ROOT = HERE.parent
@@ -147,10 +147,7 @@ def main() -> None:
     parser.add_argument("--json", default="results/cluster_training.jsonl")
     parser.add_argument("--plot", default=None, help="PNG (default: --json with .png; 'none': no plot)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("needs root: it creates network namespaces (run with sudo)")
-    if "PMI_RANK" in os.environ or "PMI_FD" in os.environ:
-        parser.error("run this directly, not under mpiexec: it starts mpiexec itself")
+    refuse_unless_root_outside_mpiexec(parser)
     models = args.models.split(",")
     variants = args.variants.split(",")
     for name, known in (("--models", MODELS), ("--variants", VARIANTS)):

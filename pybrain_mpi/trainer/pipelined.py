@@ -363,11 +363,7 @@ def save_checkpoint(trainer: "Trainer", reason: str) -> Path | None:
             "layout": _layout_state(trainer),
             "sampler": trainer._sampler_state(),
             "rng": {r: s for r, s in enumerate(rng_states)},
-            "progress": {"step": trainer.step, "best_val": trainer.best_val,
-                         "bad_epochs": trainer.bad_epochs, "train_seconds": trainer.train_seconds,
-                         "samples_seen": trainer.samples_seen,
-                         "bytes_sent": trainer.bytes_before + trainer._bytes_now(),
-                         "finished": trainer.finished or ""},
+            "progress": trainer._progress_state(),
             "history": trainer.history,
             "step_losses": torch.tensor(trainer.step_losses, dtype=torch.float64),
         }

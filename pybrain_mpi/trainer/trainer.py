@@ -785,11 +785,7 @@ class Trainer:
                 "compression": {r: s for r, s in enumerate(residuals)},
                 "sampler": self._sampler_state(),
                 "rng": {r: s for r, s in enumerate(rng_states)},
-                "progress": {"step": self.step, "best_val": self.best_val,
-                             "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
-                             "samples_seen": self.samples_seen,
-                             "bytes_sent": self.bytes_before + self._bytes_now(),
-                             "finished": self.finished or ""},
+                "progress": self._progress_state(),
                 "history": self.history,
                 "step_losses": torch.tensor(self.step_losses, dtype=torch.float64),
             }
@@ -803,6 +799,12 @@ class Trainer:
         # PBM_TIMEOUT_S, not the set-up wait: the write must not hide a stopped rank for long.
         return self._together(f"writing the checkpoint ({reason})", write,
                               wait_s=context.current().timeout_s)
+
+    def _progress_state(self) -> dict:
+        """The checkpoint's progress entry (step, early stopping, counters), for every mode."""
+        return {"step": self.step, "best_val": self.best_val, "bad_epochs": self.bad_epochs,
+                "train_seconds": self.train_seconds, "samples_seen": self.samples_seen,
+                "bytes_sent": self.bytes_before + self._bytes_now(), "finished": self.finished or ""}
 
     def _sampler_state(self) -> dict:
         """Where the run is in its epoch: enough for a resume on this or another world size."""
