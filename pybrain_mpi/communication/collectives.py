@@ -209,23 +209,24 @@ def _contiguous_tensor_args(x: Any, op: str, algorithm: str, name: str | None) -
     return args
 
 
-def _allreduce(buffer: Buffer, op: str, algorithm: str, name: str | None, async_op: bool,
-               timeout_s: float | None, wire: Any = None, check_finite: bool = False,
-               group: Any = None) -> Any:
-    ctx = context.current() if group is None else group
+def _engine_args(buffer: Buffer, op: str, algorithm: str, name: str | None, wire: Any = None,
+                 check_finite: bool = False) -> Any:
+    """The core's AllreduceArgs for ``buffer`` (the cached plain form when nothing is added)."""
     if wire is None and not check_finite:
-        args = _plain_args(buffer, op, algorithm, name)
-    else:
-        args = _native().AllreduceArgs(buffer.address, buffer.count, buffer.dtype,
-                                       _op(op, buffer, name), _algorithm(algorithm), name or "")
-        if wire is not None:
-            args.wire = wire
-        if check_finite:
-            args.check_finite = True
-    if async_op:
-        return ctx.engine.allreduce_async(args)
+        return _plain_args(buffer, op, algorithm, name)
+    args = _native().AllreduceArgs(buffer.address, buffer.count, buffer.dtype,
+                                   _op(op, buffer, name), _algorithm(algorithm), name or "")
+    if wire is not None:
+        args.wire = wire
+    if check_finite:
+        args.check_finite = True
+    return args
+
+
+def _run(args: Any, group: Any, timeout_s: float | None) -> None:
+    """Runs one blocking allreduce on ``group``'s engine (all ranks when None)."""
+    ctx = context.current() if group is None else group
     ctx.engine.allreduce(args, ctx.timeout_s if timeout_s is None else float(timeout_s))
-    return None
 
 
 def _buffer(x: Any, compression: Any, state: Any, name: str | None) -> tuple[Buffer, Any]:
@@ -281,7 +282,7 @@ def allreduce_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: str | 
         buffer, wire = as_buffer(x, name), None
     else:
         buffer, wire = _compressed_buffer(x, compression, state, name)
-    _allreduce(buffer, op, algorithm, name, False, timeout_s, wire, group=group)
+    _run(_engine_args(buffer, op, algorithm, name, wire), group, timeout_s)
     return buffer.finish()
 
 
@@ -311,7 +312,9 @@ def allreduce_async_(x: Any, op: str = "sum", algorithm: str = "ring", *, name: 
     e.g. the data-parallel peers of a pipeline stage) instead of all ranks.
     """
     buffer, wire = _buffer(x, compression, state, name)
-    return Handle(_allreduce(buffer, op, algorithm, name, True, None, wire, check_finite, group), buffer)
+    ctx = context.current() if group is None else group
+    return Handle(ctx.engine.allreduce_async(_engine_args(buffer, op, algorithm, name, wire, check_finite)),
+                  buffer)
 
 
 def broadcast_(x: Any, root: int = 0, *, name: str | None = None, timeout_s: float | None = None,

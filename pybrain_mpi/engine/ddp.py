@@ -121,7 +121,7 @@ class DistributedDataParallel(torch.nn.Module):
     gradients locally for gradient accumulation.
     """
 
-    def __init__(self, module: torch.nn.Module, bucket_bytes: int = 25 * MiB,
+    def __init__(self, module: torch.nn.Module, *, bucket_bytes: int = 25 * MiB,
                  first_bucket_bytes: int = 1 * MiB, algorithm: str = "ring",
                  compression: Any = None, broadcast_buffers: bool = True,
                  stall_warn_s: float | None = None, check_finite: bool = False, group: Any = None):

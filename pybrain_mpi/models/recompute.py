@@ -166,30 +166,31 @@ class _TiledRun(torch.autograd.Function):
     """Forward tile by tile without keeping activations; backward recomputes each tile."""
 
     @staticmethod
-    def forward(ctx, segment, tile, halo, down, x, *params):
-        ctx.segment, ctx.tile, ctx.halo, ctx.down = segment, tile, halo, down
+    def forward(ctx, tiled, x, *params):
+        ctx.tiled = tiled
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return _TiledRun._sweep(segment, x, tile, halo, down, None, None, None)
+            return _TiledRun._sweep(tiled, x)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        params = [p for p in ctx.segment.parameters()]
+        params = [p for p in ctx.tiled.segment.parameters()]
         grads = [torch.zeros_like(p) if p.requires_grad else None for p in params]
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[4] else None
-        _TiledRun._sweep(ctx.segment, x, ctx.tile, ctx.halo, ctx.down, grad_out, grads, grad_x)
-        return (None, None, None, None, grad_x, *grads)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        _TiledRun._sweep(ctx.tiled, x, grad_out, grads, grad_x)
+        return (None, grad_x, *grads)
 
     @staticmethod
-    def _sweep(segment, x, tile, halo, down, grad_out, grads, grad_x):
-        """One pass over the output tiles. Each output tile's values depend only on input
+    def _sweep(tiled, x, grad_out=None, grads=None, grad_x=None):
+        """One pass over the output tiles of ``tiled`` (a :class:`TiledSegment`). Each output tile's values depend only on input
         voxels within ``halo`` of its input region, so computing the segment on that region
         (zero padding at its cut faces) and cropping the halo off gives exact values; at the
         volume's own faces the region ends where the full computation pads, so they match
         too. Without ``grad_out``: assembles the output. With it: recomputes each tile with
         autograd and accumulates parameter and input gradients (tiles overlap in the input;
         their contributions add)."""
+        segment, tile, halo, down = tiled.segment, tiled.tile, tiled.halo, tiled.downsample
         spatial = x.shape[2:]
         out = None
         params = [p for p in segment.parameters()]
@@ -271,8 +272,8 @@ class TiledSegment(torch.nn.Module):
         params = list(self.segment.parameters())
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
             with torch.no_grad():
-                return _TiledRun._sweep(self.segment, x, self.tile, self.halo, self.downsample, None, None, None)
-        return _TiledRun.apply(self.segment, self.tile, self.halo, self.downsample, x, *params)
+                return _TiledRun._sweep(self, x)
+        return _TiledRun.apply(self, x, *params)
 
 
 __all__ = ["CheckpointedSequential", "POLICIES", "TiledSegment", "checkpoint_sequential", "segments_for_policy"]

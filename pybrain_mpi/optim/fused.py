@@ -70,6 +70,21 @@ def _check_flat(tensor: torch.Tensor, name: str) -> None:
                         f"{getattr(tensor, 'device', '?')}")
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Parameters ``first:last`` of a flat group and where their gradients are: element k of
+    the group's layout is ``grad[k - grad_offset]``."""
+
+    first: int
+    last: int
+    grad: torch.Tensor
+    grad_offset: int
+
+    def gradients(self, begin: int, n: int) -> Any:
+        """The core's span over the gradients of layout elements ``begin : begin + n``."""
+        return span(self.grad, begin - self.grad_offset, n, "gradients")
+
+
 @dataclass
 class _FlatGroup:
     """One parameter group laid out flat: params[i] is elements offsets[i]:offsets[i+1]."""
@@ -281,7 +296,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale *= min(1.0, float(max_grad_norm) / (self.last_grad_norm + 1e-6))
         for group, flat, runs in zip(self.param_groups, self._flat, plans):
             for first, last in runs:
-                self._update(group, flat, first, last, flat.grad, 0, scale, threads)
+                self._update(group, flat, _Part(first, last, flat.grad, 0), scale, threads)
         return loss
 
     @torch.no_grad()
@@ -320,13 +335,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not finite:
                 self.last_step_finite = False
                 return False
-        self._update(self.param_groups[group_index], flat, first, last, flat_grad, offset,
+        self._update(self.param_groups[group_index], flat, _Part(first, last, flat_grad, offset),
                      float(grad_scale), threads)
         return True
 
-    def _update(self, group: dict, flat: _FlatGroup, first: int, last: int,
-                grad: torch.Tensor, grad_offset: int, scale: float, threads: int) -> None:
-        """Applies the update to params[first:last]; grad element k is at grad[k - grad_offset]."""
+    def _update(self, group: dict, flat: _FlatGroup, part: "_Part", scale: float, threads: int) -> None:
+        """Applies the update to params[part.first:part.last], whose gradients ``part`` holds."""
         raise NotImplementedError
 
     def _advance_steps(self, flat: _FlatGroup, first: int, last: int) -> list[tuple[int, int, float]]:
@@ -367,7 +381,8 @@ class FusedSGD(_FusedOptimizer):
         self._flat_state_keys = ("momentum_buffer",)
         super().__init__(params, defaults, num_threads)
 
-    def _update(self, group, flat, first, last, grad, grad_offset, scale, threads):
+    def _update(self, group, flat, part, scale, threads):
+        first, last = part.first, part.last
         momentum = float(group["momentum"])
         sign = -1.0 if group["maximize"] else 1.0
         # Parameters whose momentum buffer exists continue it; the others start it with the
@@ -385,7 +400,7 @@ class FusedSGD(_FusedOptimizer):
             begin, end = flat.offsets[a], flat.offsets[b]
             n = end - begin
             _core.sgd_step(span(flat.param, begin, n, "parameters"),
-                           span(grad, begin - grad_offset, n, "gradients"),
+                           part.gradients(begin, n),
                            span(buffer, begin, n, "momentum_buffer") if buffer is not None else 0, n,
                            _core.SgdParams(lr=float(group["lr"]), momentum=momentum,
                                            dampening=float(group["dampening"]),
@@ -423,7 +438,8 @@ class FusedAdam(_FusedOptimizer):
         self._flat_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         super().__init__(params, defaults, num_threads)
 
-    def _update(self, group, flat, first, last, grad, grad_offset, scale, threads):
+    def _update(self, group, flat, part, scale, threads):
+        first, last = part.first, part.last
         amsgrad = bool(group["amsgrad"])
         for i in range(first, last):
             state = self.state[flat.params[i]]
@@ -439,7 +455,7 @@ class FusedAdam(_FusedOptimizer):
             begin, end = flat.offsets[a], flat.offsets[b]
             n = end - begin
             _core.adam_step(span(flat.param, begin, n, "parameters"),
-                            span(grad, begin - grad_offset, n, "gradients"),
+                            part.gradients(begin, n),
                             (span(flat.buffer("exp_avg"), begin, n, "exp_avg"),
                              span(flat.buffer("exp_avg_sq"), begin, n, "exp_avg_sq"),
                              span(flat.buffer("max_exp_avg_sq"), begin, n, "max_exp_avg_sq")
@@ -502,13 +518,14 @@ class FusedAdagrad(_FusedOptimizer):
         if hasattr(self, "_flat"):
             self._init_group_state(self.param_groups[-1], self._flat[-1])
 
-    def _update(self, group, flat, first, last, grad, grad_offset, scale, threads):
+    def _update(self, group, flat, part, scale, threads):
+        first, last = part.first, part.last
         sign = -1.0 if group["maximize"] else 1.0
         for a, b, step in self._advance_steps(flat, first, last):
             begin, end = flat.offsets[a], flat.offsets[b]
             n = end - begin
             _core.adagrad_step(span(flat.param, begin, n, "parameters"),
-                               span(grad, begin - grad_offset, n, "gradients"),
+                               part.gradients(begin, n),
                                span(flat.buffer("sum"), begin, n, "sum"), n,
                                _core.AdagradParams(lr=float(group["lr"]),
                                                    lr_decay=float(group["lr_decay"]),
