@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import WORKERS, mpiexec_path
+from train_fixtures import launch as launch_training
 from train_fixtures import step_lines, write_config
 
 TIMEOUT_S = 4  # PBM_TIMEOUT_S of these runs, and their PBM_EXIT_TIMEOUT_S
@@ -164,13 +165,8 @@ def _train(tmp_path: Path, env: dict, mpiexec_args: tuple[str, ...] = ()):
     output = tmp_path / "run"
     config = write_config(tmp_path / "cfg.toml", output, tmp_path / "cache", precision="fp32",
                           extra_train="checkpoint_every = 1")
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                    PBM_TIMEOUT_S=str(TIMEOUT_S), PBM_EXIT_TIMEOUT_S=str(TIMEOUT_S), **env)
-    command = [mpiexec_path(), *mpiexec_args, "-n", "2", sys.executable,
-               str(WORKERS / "train_cli.py"), "train", str(config), "--steps", "400",
-               "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=full_env, start_new_session=True)
+    process = launch_training(config, "--steps", "400", mpiexec_args=mpiexec_args,
+                              env={"PBM_TIMEOUT_S": str(TIMEOUT_S), "PBM_EXIT_TIMEOUT_S": str(TIMEOUT_S), **env})
     return process, output
 
 

@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORKERS, mpiexec_path, run_mpi
-from train_fixtures import step_lines, write_config
+from conftest import run_mpi
+from train_fixtures import launch, step_lines, write_config
 from pybrain_mpi.config import ConfigError, parse_config
 from pybrain_mpi.parallel.parameter_server import shard_ranges
 
@@ -128,11 +126,7 @@ def test_worker_preempted_by_a_signal_resumes_to_the_uninterrupted_run_bitwise(o
     config = write_config(root / "preempted.toml", output, root / "cache", extra_train=(
         'mode = "downpour"\nserver_optimizer = "adagrad"\npush_every = 2\nfetch_every = 3\n'
         "checkpoint_every = 2\n"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PBM_TIMEOUT_S="60",
-               PBM_DOWNPOUR_STEP_DELAY="1:0.3")
-    command = [mpiexec_path(), "-n", "2", sys.executable, str(WORKERS / "train_cli.py"), "train",
-               str(config), "--steps", "300", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = launch(config, "--steps", "300", env={"PBM_DOWNPOUR_STEP_DELAY": "1:0.3"})
     try:
         deadline = time.monotonic() + 120
         state = output / "checkpoints" / "ps_worker0.pt"

@@ -8,14 +8,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS, mpiexec_path, run_mpi
-from train_fixtures import step_lines, write_config
+from conftest import run_mpi
+from train_fixtures import launch, step_lines, write_config
 from pybrain_mpi.trainer.checkpoint import load_checkpoint
 
 
@@ -87,11 +86,7 @@ def test_resumed_float64_run_matches_the_uninterrupted_loss_curve_bitwise(runs):
 def test_sigusr1_to_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_0(tmp_path):
     output = tmp_path / "run"
     config = write_config(tmp_path / "cfg.toml", output, tmp_path / "cache", precision="fp32")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PBM_TIMEOUT_S="60",
-               PBM_TRAIN_STEP_DELAY_S="0.2")
-    command = [mpiexec_path(), "-n", "2", sys.executable, str(WORKERS / "train_cli.py"), "train",
-               str(config), "--steps", "400", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = launch(config, "--steps", "400", env={"PBM_TRAIN_STEP_DELAY_S": "0.2"})
     try:
         deadline = time.monotonic() + 120
         while len(step_lines(output, 1)) < 2:
@@ -154,16 +149,6 @@ def test_encoding_example_on_two_ranks_reports_per_roi_metrics_matching_numpy(tm
 
 # ------------------------------------------------------------------------ SIGKILL and resume
 KILL_SEED = 20261122  # the kill steps below are drawn from this seed and printed
-
-
-def launch(config: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """2-rank training in its own session (so the whole launch can be killed at once)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PBM_TIMEOUT_S="60",
-                    **(env or {}))
-    command = [mpiexec_path(), "-n", "2", sys.executable, str(WORKERS / "train_cli.py"), "train",
-               str(config), "--no-progress", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, start_new_session=True)
 
 
 def rank_pids(output: Path) -> list[int]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+from conftest import WORKERS, mpiexec_path
 
 
 def write_config(path: Path, output: Path, cache: Path, precision: str = "fp64",
@@ -31,6 +36,19 @@ log_every = 1
 dir = "{output}"
 """)
     return path
+
+
+def launch(config: Path, *args: str, env: dict | None = None, ranks: int = 2,
+           mpiexec_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``pybrain-mpi train config --no-progress *args`` on ``ranks`` ranks in its own session
+    (so the whole launch can be killed at once); ``env`` adds to or overrides the test defaults."""
+    full_env = dict(os.environ)
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PBM_TIMEOUT_S": "60"})
+    full_env.update(env or {})
+    command = [mpiexec_path(), *mpiexec_args, "-n", str(ranks), sys.executable, str(WORKERS / "train_cli.py"),
+               "train", str(config), "--no-progress", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, start_new_session=True)
 
 
 def step_lines(output: Path, rank: int) -> list[dict]:

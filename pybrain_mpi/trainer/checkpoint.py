@@ -96,6 +96,13 @@ def model_entry(model: nn.Module) -> dict:
             "state": {k: v.detach() for k, v in model.state_dict().items()}}
 
 
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of ``model``'s floating-point state entries that hold a NaN or Inf (a diverged
+    model is never written over a good checkpoint)."""
+    return [name for name, p in model.state_dict().items()
+            if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
 def _check_tree(value: Any, key: str) -> Any:
     """Return ``value`` with tensors detached; raise naming ``key`` on anything not loadable."""
     if isinstance(value, torch.Tensor):

@@ -351,8 +351,7 @@ def save_checkpoint(trainer: "Trainer", reason: str) -> Path | None:
     def write():
         if not writer:
             return None
-        bad = [name for name, p in pipe.stage_module.state_dict().items()
-               if p.is_floating_point() and not torch.isfinite(p).all()]
+        bad = ckpt.nonfinite_weights(pipe.stage_module)
         if bad:
             raise TrainingDiverged(f"stage {pipe.stage} weights {bad[:3]} contain NaN/Inf at step "
                                    f"{trainer.step}; not writing {path.name}")

@@ -771,8 +771,7 @@ class Trainer:
         def write():
             if self.rank != 0:
                 return None
-            bad = [name for name, p in self.module.state_dict().items()
-                   if p.is_floating_point() and not torch.isfinite(p).all()]
+            bad = ckpt.nonfinite_weights(self.module)
             if bad:
                 raise TrainingDiverged(f"model weights {bad[:3]} contain NaN/Inf at step "
                                        f"{self.step}; not overwriting {self.checkpoint_file}")
