@@ -149,6 +149,11 @@ def test_mnist_runs_with_only_the_import_changed(tmp_path: Path):
     assert all(int(total) == per_rank for _, total, _ in train), train
     losses = [float(loss) for _, _, loss in train]
     assert all(math.isfinite(v) for v in losses), losses
+    # Training did something: each rank's loss at its last logged batch (sample 768) is below
+    # the ranks' loss at their first (sample 0, about ln 10 for the untrained net).
+    first = [float(v) for seen, _, v in train if int(seen) == 0]
+    last = [float(v) for seen, _, v in train if int(seen) == 24 * 32]
+    assert len(first) == len(last) == RANKS and max(last) < min(first), train
     test = re.search(r"Test set: Average loss: ([^,\s]+), Accuracy: ([\d.]+)%", out)
     assert test is not None, out
     loss, accuracy = float(test.group(1)), float(test.group(2))
