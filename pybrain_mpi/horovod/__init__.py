@@ -34,6 +34,7 @@ import itertools
 import os
 import pickle
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
@@ -482,8 +483,25 @@ def _fast_plan(out: torch.Tensor, name: str, op: int, prescale: float, postscale
     return plan
 
 
-def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_factor: float,
-                      postscale_factor: float, process_set: Any, target: torch.Tensor | None = None,
+@dataclass(frozen=True)
+class _Reduction:
+    """What an allreduce call asks for, besides its tensor: Horovod's name, op (resolved),
+    scale factors and process set."""
+
+    name: str | None
+    op: int
+    prescale_factor: float = 1.0
+    postscale_factor: float = 1.0
+    process_set: Any = None
+
+    @classmethod
+    def of(cls, average: bool | None, name: str | None, op: int | None, prescale_factor: float,
+           postscale_factor: float, process_set: Any) -> "_Reduction":
+        """From a Horovod call's arguments (``average`` and ``op`` resolved as Horovod does)."""
+        return cls(name, _resolve_op(average, op), prescale_factor, postscale_factor, process_set)
+
+
+def _submit_allreduce(out: torch.Tensor, spec: _Reduction, target: torch.Tensor | None = None,
                       fast: bool = True, blocking: bool = False):
     """Submits an in-place allreduce of contiguous ``out``; returns (request, finish).
 
@@ -491,8 +509,9 @@ def _submit_allreduce(out: torch.Tensor, name: str | None, op: int, prescale_fac
     engine itself, which matches them by name (``blocking``: on the calling thread, done when
     this returns). The others are negotiated by the coordinator.
     """
-    ps = _set_of(process_set)
-    name = _auto_name("allreduce", name)
+    op, prescale_factor, postscale_factor = spec.op, spec.prescale_factor, spec.postscale_factor
+    ps = _set_of(spec.process_set)
+    name = _auto_name("allreduce", spec.name)
     _scale(out, prescale_factor)
     wire = _OP_WIRE[op]
     post = float(postscale_factor) * (1.0 / len(ps.ranks) if op == Average else 1.0)
@@ -538,25 +557,20 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                      process_set: Any = global_process_set) -> int:
     """Starts an in-place allreduce; returns a handle for :func:`synchronize` / :func:`poll`."""
-    return _register(*_start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
-                                       process_set, inplace=True, blocking=False))
+    spec = _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set)
+    return _register(*_start_allreduce(tensor, spec, inplace=True, blocking=False))
 
 
-def _start_allreduce(tensor: torch.Tensor, average: bool | None, name: str | None, op: int | None,
-                     prescale_factor: float, postscale_factor: float, process_set: Any, inplace: bool,
-                     blocking: bool):
+def _start_allreduce(tensor: torch.Tensor, spec: _Reduction, inplace: bool, blocking: bool):
     """Checks and submits an allreduce (in place or into a copy); returns (request, finish)."""
     _check_tensor(tensor, "allreduce")
     work, target = _contiguous_work(tensor, inplace)
-    return _submit_allreduce(work, name, _resolve_op(average, op), prescale_factor, postscale_factor,
-                             process_set, target, blocking=blocking)
+    return _submit_allreduce(work, spec, target, blocking=blocking)
 
 
-def _allreduce_now(tensor: torch.Tensor, average: bool | None, name: str | None, op: int | None,
-                   prescale_factor: float, postscale_factor: float, process_set: Any, inplace: bool) -> torch.Tensor:
+def _allreduce_now(tensor: torch.Tensor, spec: _Reduction, inplace: bool) -> torch.Tensor:
     """An allreduce the caller waits for: on the fast path it runs on the calling thread."""
-    request, finish = _start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
-                                       process_set, inplace, blocking=True)
+    request, finish = _start_allreduce(tensor, spec, inplace, blocking=True)
     return finish(_coordinator_or_init().wait(request))
 
 
@@ -564,20 +578,21 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                     process_set: Any = global_process_set) -> int:
     """Starts an allreduce into a new tensor; :func:`synchronize` returns it."""
-    return _register(*_start_allreduce(tensor, average, name, op, prescale_factor, postscale_factor,
-                                       process_set, inplace=False, blocking=False))
+    spec = _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set)
+    return _register(*_start_allreduce(tensor, spec, inplace=False, blocking=False))
 
 
 class _AllreduceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, prescale_factor, postscale_factor, process_set):
-        ctx.op, ctx.pre, ctx.post, ctx.ps = op, prescale_factor, postscale_factor, process_set
-        return _allreduce_now(tensor, None, name, op, prescale_factor, postscale_factor, process_set, False)
+    def forward(ctx, tensor, spec):
+        ctx.spec = spec
+        return _allreduce_now(tensor, spec, False)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = _allreduce_now(grad_output.contiguous(), None, None, ctx.op, ctx.pre, ctx.post, ctx.ps, False)
-        return grad, None, None, None, None, None
+        # the gradient's allreduce is unnamed: named by its place among the unnamed calls
+        grad = _allreduce_now(grad_output.contiguous(), replace(ctx.spec, name=None), False)
+        return grad, None
 
 
 def _wants_grad(tensor: torch.Tensor) -> bool:
@@ -592,12 +607,12 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
     The input is unchanged; differentiable (the gradient is the allreduce of the gradient).
     """
     _check_tensor(tensor, "allreduce")
-    op = _resolve_op(average, op)
+    spec = _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set)
     compressed, ctx = compression.compress(tensor)
     if _wants_grad(compressed):
-        reduced = _AllreduceFn.apply(compressed, name, op, prescale_factor, postscale_factor, process_set)
+        reduced = _AllreduceFn.apply(compressed, spec)
     else:
-        reduced = _allreduce_now(compressed, None, name, op, prescale_factor, postscale_factor, process_set, False)
+        reduced = _allreduce_now(compressed, spec, False)
     return compression.decompress(reduced, ctx)
 
 
@@ -605,7 +620,8 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                process_set: Any = global_process_set) -> torch.Tensor:
     """Reduces ``tensor`` over all ranks in place (average by default) and returns it."""
-    return _allreduce_now(tensor, average, name, op, prescale_factor, postscale_factor, process_set, True)
+    return _allreduce_now(tensor, _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set),
+                          True)
 
 
 def _group_names(name: str | None, count: int, kind: str) -> list[str | None]:
@@ -908,7 +924,8 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, compressi
     ps = _set_of(process_set)
     name = _auto_name("reducescatter", name)
     work = tensor.detach().clone(memory_format=torch.contiguous_format)
-    request, finish = _submit_allreduce(work, name, op, prescale_factor, postscale_factor, ps, fast=False)
+    request, finish = _submit_allreduce(work, _Reduction(name, op, prescale_factor, postscale_factor, ps),
+                                        fast=False)
     rows = _scatter_rows(tensor.shape[0], len(ps.ranks))
     mine = ps.ranks.index(rank())
     start = sum(rows[:mine])
@@ -923,10 +940,10 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, compressi
 
 class _ReducescatterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, process_set, prescale_factor, postscale_factor):
-        ctx.op, ctx.ps, ctx.pre, ctx.post = op, process_set, prescale_factor, postscale_factor
-        return synchronize(reducescatter_async(tensor, name, Compression.none, op, process_set,
-                                               prescale_factor, postscale_factor))
+    def forward(ctx, tensor, spec):
+        ctx.op, ctx.ps, ctx.pre, ctx.post = spec.op, spec.process_set, spec.prescale_factor, spec.postscale_factor
+        return synchronize(reducescatter_async(tensor, spec.name, Compression.none, spec.op, spec.process_set,
+                                               spec.prescale_factor, spec.postscale_factor))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -934,7 +951,7 @@ class _ReducescatterFn(torch.autograd.Function):
         # Horovod's rule: the gathered gradient, times the set size for Sum (as the gradient of
         # an allreduce-sum of identical gradients), unscaled for Average.
         factor = ctx.pre * ctx.post * (len(_set_of(ctx.ps).ranks) if ctx.op == Sum else 1.0)
-        return grad * factor if factor != 1.0 else grad, None, None, None, None, None
+        return grad * factor if factor != 1.0 else grad, None
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: Any = Compression.none,
@@ -946,7 +963,8 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: An
         raise ValueError("reducescatter needs a tensor with at least one dimension")
     compressed, ctx = compression.compress(tensor)
     if _wants_grad(compressed):
-        out = _ReducescatterFn.apply(compressed, name, op, process_set, prescale_factor, postscale_factor)
+        out = _ReducescatterFn.apply(compressed, _Reduction(name, op, prescale_factor, postscale_factor,
+                                                            process_set))
     else:
         out = synchronize(reducescatter_async(compressed, name, Compression.none, op, process_set,
                                               prescale_factor, postscale_factor))
