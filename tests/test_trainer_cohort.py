@@ -284,6 +284,39 @@ def test_own_model_from_a_file_is_built_with_its_arguments_and_checked_against_t
         parse_config(text.replace(name, 'name = "no_such_module:Net"'), "own.toml")
 
 
+def test_predict_writes_zarr_labels_and_class_probabilities_on_request(segmentation, world):
+    """One rank, the 2-rank run's checkpoint: labels as OME-Zarr with the input's affine,
+    probabilities as NIfTI (classes last) and as Zarr (classes first), all one prediction."""
+    from pybrain_mpi.config import load_config
+    from pybrain_mpi.trainer.predict import PredictError, predict
+
+    root, image = segmentation["root"], segmentation["image"]
+    config = load_config(root / "seg.toml")
+    checkpoint = root / "run" / "checkpoints" / "checkpoint.pt"
+    out = root / "pred1"
+    records = predict(config, checkpoint, str(image), out / "brain.zarr",
+                      probabilities=out / "probs.nii.gz")
+    predict(config, checkpoint, str(image), out / "again.nii.gz", probabilities=out / "probs.zarr")
+    source = nib.load(image)
+    with pbm.data.Volume(str(out / "brain.zarr")) as stored:
+        labels = stored.read()
+        np.testing.assert_allclose(stored.affine, source.affine)
+    assert labels.shape == source.shape and records[0]["probabilities"] == str(out / "probs.nii.gz")
+    probs = np.asarray(nib.load(out / "probs.nii.gz").dataobj)
+    assert probs.shape == (*source.shape, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(axis=-1), labels)
+    import zarr
+
+    first = np.asarray(zarr.open_group(str(out / "probs.zarr"), mode="r")["0"])
+    np.testing.assert_allclose(np.moveaxis(first, 0, -1), probs, atol=1e-6)
+    # One rank predicts what the two ranks of the CLI run predicted (grid shared, aggregated).
+    two_ranks = np.asarray(nib.load(root / "pred" / "brain.nii.gz").dataobj)
+    assert (two_ranks == labels).mean() > 0.999
+    with pytest.raises(PredictError, match=r"--probabilities p.png: write it as .nii, .nii.gz or .zarr"):
+        predict(config, checkpoint, str(image), out / "x.zarr", probabilities="p.png")
+
+
 def test_config_keys_lists_every_key_with_its_type_default_and_meaning(capsys):
     from pybrain_mpi.cli import main
     from pybrain_mpi.config import SCHEMA, Section
