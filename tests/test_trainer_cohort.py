@@ -284,6 +284,63 @@ def test_own_model_from_a_file_is_built_with_its_arguments_and_checked_against_t
         parse_config(text.replace(name, 'name = "no_such_module:Net"'), "own.toml")
 
 
+def test_a_label_absent_from_a_held_out_subject_is_undefined_there_with_the_reason(
+        world, cohort, tmp_path, capsys):
+    """A held-out subject without the label (an empty label map: synthetic, as for a lesion
+    absent from a healthy subject) and a model that predicts background everywhere: that
+    subject's Dice is undefined, with the reason in summary.json and the printed table, never
+    a bare nan; the other held-out subject's Dice is a defined 0."""
+    from pybrain_mpi.trainer import Trainer
+
+    (tmp_path / "background.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Background(nn.Module):
+            def __init__(self, in_channels=1, out_channels=2):
+                super().__init__()
+                self.conv = nn.Conv3d(in_channels, out_channels, 1)
+
+            def forward(self, x):
+                logits = torch.zeros(x.shape[0], self.conv.out_channels, *x.shape[2:])
+                logits[:, 0] = 10.0
+                return logits + 0.0 * self.conv(x)  # a parameter to train, no effect
+        """))
+    mask = nib.load(cohort.parent / "synth-03" / "brain_mask.nii.gz")
+    empty = tmp_path / "empty_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine), empty)
+    header, *rows = cohort.read_text().splitlines()
+    columns = header.split("\t")
+    lines = [header + "\tsplit"]
+    for row in rows:
+        cells = row.split("\t")
+        cells = [c if not c.endswith(".nii.gz") else str(cohort.parent / c) for c in cells]
+        subject = cells[columns.index("subject")]
+        if subject == "synth-03":
+            cells[columns.index("brain_mask")] = str(empty)
+        lines.append("\t".join(cells) + ("\ttest" if subject in ("synth-03", "synth-04") else "\ttrain"))
+    manifest = tmp_path / "absent.tsv"
+    manifest.write_text("\n".join(lines) + "\n")
+    text = seg_config(tmp_path / "s.toml", manifest, tmp_path / "run", tmp_path / "cache",
+                      patch=16).read_text()
+    text = text.replace('name = "unet3d"\ndepth = 2\nwidth = 8\nnorm = "none"',
+                        f'name = "{tmp_path / "background.py"}:Background"')
+    capsys.readouterr()
+    Trainer(parse_config(text, "absent.toml"), max_steps=1, progress=False).fit()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_subject = {s["subject"]: s for s in summary["held_out_per_subject"]}
+    absent = per_subject["synth-03"]
+    assert absent["mean_dice"] is None and absent["dice"]["1"] is None
+    assert absent["undefined"]["dice[1]"] == "label 1 is in neither the target nor the prediction"
+    assert "no foreground label" in absent["undefined"]["mean_dice"]
+    assert per_subject["synth-04"]["mean_dice"] == 0.0 and "undefined" not in per_subject["synth-04"]
+    assert summary["held_out"]["mean_dice"] == 0.0  # synth-04's brain, all missed
+    printed = capsys.readouterr().out
+    assert re.search(r"subject synth-03 +mean Dice undefined \(no foreground label is in the "
+                     r"target or the prediction\)", printed), printed
+    assert "nan" not in printed.lower() and "NaN" not in (tmp_path / "run" / "summary.json").read_text()
+
+
 def test_predict_writes_zarr_labels_and_class_probabilities_on_request(segmentation, world):
     """One rank, the 2-rank run's checkpoint: labels as OME-Zarr with the input's affine,
     probabilities as NIfTI (classes last) and as Zarr (classes first), all one prediction."""

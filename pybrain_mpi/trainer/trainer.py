@@ -1161,8 +1161,10 @@ def format_summary(summary: dict) -> str:
                         f"  ({held.get('undefined', {}).get(f'dice[{label}]', 'undefined')})"))
                     for label, dice in (held.get("dice") or {}).items()]
         for subject in summary.get("held_out_per_subject") or []:
-            metrics.append((f"  subject {subject['subject']}",
-                            f"mean Dice {num(subject.get('mean_dice'), '.4f')}"))
+            reason = (subject.get("undefined") or {}).get("mean_dice")
+            metrics.append((f"  subject {subject['subject']}", "mean Dice " + (
+                f"undefined ({reason})" if subject.get("mean_dice") is None and reason
+                else num(subject.get("mean_dice"), ".4f"))))
         metrics.append(("held-out subjects", str(held.get("n_samples", "-"))))
     else:
         metrics = [("held-out R^2", _shown(summary, "r2", ".4f")),
