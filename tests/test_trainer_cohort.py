@@ -284,6 +284,41 @@ def test_own_model_from_a_file_is_built_with_its_arguments_and_checked_against_t
         parse_config(text.replace(name, 'name = "no_such_module:Net"'), "own.toml")
 
 
+def test_a_bids_dataset_named_in_the_config_trains_with_its_participants_split(
+        world, cohort, tmp_path):
+    """``[data] bids``: T1w images, brain masks from a derivatives pipeline, the split from
+    participants.tsv; the held-out subjects are the ones it names."""
+    import shutil
+
+    from pybrain_mpi.trainer import Trainer
+
+    bids = tmp_path / "bids"
+    header, *rows = cohort.read_text().splitlines()
+    columns = header.split("\t")
+    participants = ["participant_id\tsplit"]
+    for number, row in enumerate(rows, start=1):
+        cells = dict(zip(columns, row.split("\t")))
+        sub = f"sub-{number:02d}"
+        anat = bids / sub / "anat"
+        derived = bids / "derivatives" / "masks" / sub / "anat"
+        anat.mkdir(parents=True)
+        derived.mkdir(parents=True)
+        shutil.copy(cohort.parent / cells["t1"], anat / f"{sub}_T1w.nii.gz")
+        shutil.copy(cohort.parent / cells["brain_mask"], derived / f"{sub}_desc-brain_mask.nii.gz")
+        participants.append(f"{sub}\t{'test' if number >= 4 else 'train'}")
+    (bids / "participants.tsv").write_text("\n".join(participants) + "\n")
+    text = seg_config(tmp_path / "s.toml", cohort, tmp_path / "run", tmp_path / "cache",
+                      patch=16).read_text()
+    text = text.replace(f'manifest = "{cohort}"\nimages = ["t1"]\nlabel = "brain_mask"',
+                        f'bids = "{bids}"\nbids_suffix = "T1w"\nlabel = "mask"')
+    assert f'bids = "{bids}"' in text
+    summary = Trainer(parse_config(text, "bids.toml"), max_steps=2, progress=False,
+                      echo=False).fit()
+    assert [s["subject"] for s in summary["held_out_per_subject"]] == ["sub-04", "sub-05"]
+    assert summary["config"]["data"]["bids"] == str(bids) and summary["held_out"]["n_samples"] == 2
+    assert summary["held_out"]["dice"]["1"] is not None  # the derivatives' masks were read
+
+
 def test_a_label_absent_from_a_held_out_subject_is_undefined_there_with_the_reason(
         world, cohort, tmp_path, capsys):
     """A held-out subject without the label (an empty label map: synthetic, as for a lesion
