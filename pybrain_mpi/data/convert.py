@@ -199,11 +199,9 @@ def _truncated(path: str, got: int, expected: int, within: int = 0) -> str:
     """The one-line message of a file with fewer voxel bytes than its header announces
     (``within``: ``got`` may be short of what the file holds by up to this many bytes)."""
     holds = f"{got:,}" if not within else f"{got:,} to {min(expected, got + within):,}"
+    missing = f"{expected - got:,} missing" + (" at most" if within else "")
     return (f"{path} is truncated: its header announces {expected:,} bytes of voxel data but "
-            f"the file holds {holds} ({expected - got:,} missing at most); copy or download it "
-            "again" if within else
-            f"{path} is truncated: its header announces {expected:,} bytes of voxel data but "
-            f"the file holds {holds} ({expected - got:,} missing); copy or download it again")
+            f"the file holds {holds} ({missing}); copy or download it again")
 
 
 def _time_step_s(img, shape) -> float | None:
