@@ -93,6 +93,10 @@ def test_unet3d_segments_the_brain_of_held_out_subjects_on_two_ranks(segmentatio
     assert summary["config"]["data"]["patch_size"] == [32, 32, 32] and summary["seed"] == 0
     assert {"pybrain_mpi", "torch", "numpy", "mpi"} <= set(summary["versions"])
     assert len(summary["peak_rss_mb_per_rank"]) == 2 and min(summary["peak_rss_mb_per_rank"]) > 50
+    # The best validation loss is reported without early stopping too (patience 0 here).
+    epochs = [json.loads(line) for line in (segmentation["root"] / "run" / "logs" / "rank0.jsonl")
+              .read_text().splitlines() if '"event": "epoch"' in line]
+    assert len(epochs) == 4 and summary["best_val_loss"] == min(e["val_loss"] for e in epochs)
 
 
 def test_predict_writes_labels_on_the_input_grid_and_a_picture(segmentation):
