@@ -164,6 +164,30 @@ def test_truncated_nifti_is_one_error_naming_the_file_and_leaves_no_store(suffix
     assert not [n for n in os.listdir(scratch_dir()) if n.startswith(f".cut{suffix}.zarr.")]
 
 
+def test_a_truncated_nifti_reports_how_much_voxel_data_it_still_holds():
+    import re
+    import zlib
+
+    cut = _truncated_copy(nilearn_mni("t1"), "counted_cut.nii.gz", 0.6)
+    with pytest.raises(pbd.DataError) as raised:
+        pbd.convert(cut, _tmp("counted_cut.zarr"), chunks=(32, 32, 32), progress=False)
+    found = re.search(r"announces ([\d,]+) bytes of voxel data but the file holds ([\d,]+) to "
+                      r"([\d,]+) \(([\d,]+) missing at most\)", str(raised.value))
+    assert found, raised.value
+    expected, low, high, missing = (int(g.replace(",", "")) for g in found.groups())
+    header = nib.load(nilearn_mni("t1")).dataobj.offset
+    # What the cut stream really still decompresses to (zlib reads as far as the bytes go).
+    really = len(zlib.decompressobj(31).decompress(open(cut, "rb").read())) - header
+    assert expected == 197 * 233 * 189 and 0 < low <= really <= high < expected
+    assert high - low <= 2**16 and missing == expected - low
+    raw = _tmp("counted_cut_raw.nii")
+    nib.save(nib.load(nilearn_mni("t1")), raw)
+    cut_raw = _truncated_copy(raw, "counted_cut_raw_cut.nii", 0.5)
+    with pytest.raises(pbd.DataError, match=rf"but the file holds {os.path.getsize(cut_raw) - header:,} "
+                                            r"\([\d,]+ missing\)"):
+        pbd.convert(cut_raw, _tmp("counted_cut_raw.zarr"), progress=False)
+
+
 def test_a_failed_overwrite_keeps_the_previous_store_intact():
     dst = _tmp("kept.zarr")
     data = np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10)

@@ -93,6 +93,10 @@ def test_unet3d_segments_the_brain_of_held_out_subjects_on_two_ranks(segmentatio
     assert summary["config"]["data"]["patch_size"] == [32, 32, 32] and summary["seed"] == 0
     assert {"pybrain_mpi", "torch", "numpy", "mpi"} <= set(summary["versions"])
     assert len(summary["peak_rss_mb_per_rank"]) == 2 and min(summary["peak_rss_mb_per_rank"]) > 50
+    # The best validation loss is reported without early stopping too (patience 0 here).
+    epochs = [json.loads(line) for line in (segmentation["root"] / "run" / "logs" / "rank0.jsonl")
+              .read_text().splitlines() if '"event": "epoch"' in line]
+    assert len(epochs) == 4 and summary["best_val_loss"] == min(e["val_loss"] for e in epochs)
 
 
 def test_predict_writes_labels_on_the_input_grid_and_a_picture(segmentation):
@@ -282,6 +286,131 @@ def test_own_model_from_a_file_is_built_with_its_arguments_and_checked_against_t
                              "own.toml"), progress=False, echo=False)
     with pytest.raises(ConfigError, match=r"own.toml:\d+: \[model\] name = .*no_such_module:Net.*cannot import"):
         parse_config(text.replace(name, 'name = "no_such_module:Net"'), "own.toml")
+
+
+def test_a_bids_dataset_named_in_the_config_trains_with_its_participants_split(
+        world, cohort, tmp_path):
+    """``[data] bids``: T1w images, brain masks from a derivatives pipeline, the split from
+    participants.tsv; the held-out subjects are the ones it names."""
+    import shutil
+
+    from pybrain_mpi.trainer import Trainer
+
+    bids = tmp_path / "bids"
+    header, *rows = cohort.read_text().splitlines()
+    columns = header.split("\t")
+    participants = ["participant_id\tsplit"]
+    for number, row in enumerate(rows, start=1):
+        cells = dict(zip(columns, row.split("\t")))
+        sub = f"sub-{number:02d}"
+        anat = bids / sub / "anat"
+        derived = bids / "derivatives" / "masks" / sub / "anat"
+        anat.mkdir(parents=True)
+        derived.mkdir(parents=True)
+        shutil.copy(cohort.parent / cells["t1"], anat / f"{sub}_T1w.nii.gz")
+        shutil.copy(cohort.parent / cells["brain_mask"], derived / f"{sub}_desc-brain_mask.nii.gz")
+        participants.append(f"{sub}\t{'test' if number >= 4 else 'train'}")
+    (bids / "participants.tsv").write_text("\n".join(participants) + "\n")
+    text = seg_config(tmp_path / "s.toml", cohort, tmp_path / "run", tmp_path / "cache",
+                      patch=16).read_text()
+    text = text.replace(f'manifest = "{cohort}"\nimages = ["t1"]\nlabel = "brain_mask"',
+                        f'bids = "{bids}"\nbids_suffix = "T1w"\nlabel = "mask"')
+    assert f'bids = "{bids}"' in text
+    summary = Trainer(parse_config(text, "bids.toml"), max_steps=2, progress=False,
+                      echo=False).fit()
+    assert [s["subject"] for s in summary["held_out_per_subject"]] == ["sub-04", "sub-05"]
+    assert summary["config"]["data"]["bids"] == str(bids) and summary["held_out"]["n_samples"] == 2
+    assert summary["held_out"]["dice"]["1"] is not None  # the derivatives' masks were read
+
+
+def test_a_label_absent_from_a_held_out_subject_is_undefined_there_with_the_reason(
+        world, cohort, tmp_path, capsys):
+    """A held-out subject without the label (an empty label map: synthetic, as for a lesion
+    absent from a healthy subject) and a model that predicts background everywhere: that
+    subject's Dice is undefined, with the reason in summary.json and the printed table, never
+    a bare nan; the other held-out subject's Dice is a defined 0."""
+    from pybrain_mpi.trainer import Trainer
+
+    (tmp_path / "background.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Background(nn.Module):
+            def __init__(self, in_channels=1, out_channels=2):
+                super().__init__()
+                self.conv = nn.Conv3d(in_channels, out_channels, 1)
+
+            def forward(self, x):
+                logits = torch.zeros(x.shape[0], self.conv.out_channels, *x.shape[2:])
+                logits[:, 0] = 10.0
+                return logits + 0.0 * self.conv(x)  # a parameter to train, no effect
+        """))
+    mask = nib.load(cohort.parent / "synth-03" / "brain_mask.nii.gz")
+    empty = tmp_path / "empty_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine), empty)
+    header, *rows = cohort.read_text().splitlines()
+    columns = header.split("\t")
+    lines = [header + "\tsplit"]
+    for row in rows:
+        cells = row.split("\t")
+        cells = [c if not c.endswith(".nii.gz") else str(cohort.parent / c) for c in cells]
+        subject = cells[columns.index("subject")]
+        if subject == "synth-03":
+            cells[columns.index("brain_mask")] = str(empty)
+        lines.append("\t".join(cells) + ("\ttest" if subject in ("synth-03", "synth-04") else "\ttrain"))
+    manifest = tmp_path / "absent.tsv"
+    manifest.write_text("\n".join(lines) + "\n")
+    text = seg_config(tmp_path / "s.toml", manifest, tmp_path / "run", tmp_path / "cache",
+                      patch=16).read_text()
+    text = text.replace('name = "unet3d"\ndepth = 2\nwidth = 8\nnorm = "none"',
+                        f'name = "{tmp_path / "background.py"}:Background"')
+    capsys.readouterr()
+    Trainer(parse_config(text, "absent.toml"), max_steps=1, progress=False).fit()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_subject = {s["subject"]: s for s in summary["held_out_per_subject"]}
+    absent = per_subject["synth-03"]
+    assert absent["mean_dice"] is None and absent["dice"]["1"] is None
+    assert absent["undefined"]["dice[1]"] == "label 1 is in neither the target nor the prediction"
+    assert "no foreground label" in absent["undefined"]["mean_dice"]
+    assert per_subject["synth-04"]["mean_dice"] == 0.0 and "undefined" not in per_subject["synth-04"]
+    assert summary["held_out"]["mean_dice"] == 0.0  # synth-04's brain, all missed
+    printed = capsys.readouterr().out
+    assert re.search(r"subject synth-03 +mean Dice undefined \(no foreground label is in the "
+                     r"target or the prediction\)", printed), printed
+    assert "nan" not in printed.lower() and "NaN" not in (tmp_path / "run" / "summary.json").read_text()
+
+
+def test_predict_writes_zarr_labels_and_class_probabilities_on_request(segmentation, world):
+    """One rank, the 2-rank run's checkpoint: labels as OME-Zarr with the input's affine,
+    probabilities as NIfTI (classes last) and as Zarr (classes first), all one prediction."""
+    from pybrain_mpi.config import load_config
+    from pybrain_mpi.trainer.predict import PredictError, predict
+
+    root, image = segmentation["root"], segmentation["image"]
+    config = load_config(root / "seg.toml")
+    checkpoint = root / "run" / "checkpoints" / "checkpoint.pt"
+    out = root / "pred1"
+    records = predict(config, checkpoint, str(image), out / "brain.zarr",
+                      probabilities=out / "probs.nii.gz")
+    predict(config, checkpoint, str(image), out / "again.nii.gz", probabilities=out / "probs.zarr")
+    source = nib.load(image)
+    with pbm.data.Volume(str(out / "brain.zarr")) as stored:
+        labels = stored.read()
+        np.testing.assert_allclose(stored.affine, source.affine)
+    assert labels.shape == source.shape and records[0]["probabilities"] == str(out / "probs.nii.gz")
+    probs = np.asarray(nib.load(out / "probs.nii.gz").dataobj)
+    assert probs.shape == (*source.shape, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(axis=-1), labels)
+    import zarr
+
+    first = np.asarray(zarr.open_group(str(out / "probs.zarr"), mode="r")["0"])
+    np.testing.assert_allclose(np.moveaxis(first, 0, -1), probs, atol=1e-6)
+    # One rank predicts what the two ranks of the CLI run predicted (grid shared, aggregated).
+    two_ranks = np.asarray(nib.load(root / "pred" / "brain.nii.gz").dataobj)
+    assert (two_ranks == labels).mean() > 0.999
+    with pytest.raises(PredictError, match=r"--probabilities p.png: write it as .nii, .nii.gz or .zarr"):
+        predict(config, checkpoint, str(image), out / "x.zarr", probabilities="p.png")
 
 
 def test_config_keys_lists_every_key_with_its_type_default_and_meaning(capsys):

@@ -64,6 +64,8 @@ CODECS = {
 DEFAULT_SLAB_BYTES = 32 * 2**20
 #: Bytes copied per read when a compressed file is decompressed into a temporary file.
 _SPOOL_BYTES = 8 * 2**20
+#: Largest single read from a voxel stream (the precision of a truncation's byte count).
+_READ_PIECE_BYTES = 2**16
 
 
 def _compressors(codec: str, clevel: int):
@@ -149,18 +151,29 @@ class _VoxelFile:
                             "truncated or damaged") from None
 
     def _read_exact(self, count: int, done: int) -> bytes:
+        # In pieces, into one buffer: a gzip stream that ends early raises EOFError and drops
+        # what that read had decompressed, so the count of bytes found is exact to a piece.
+        buffer = bytearray(count)
+        view, got = memoryview(buffer), 0
         try:
-            data = self._file.read(count)
+            while got < count:
+                n = self._file.readinto(view[got:got + min(_READ_PIECE_BYTES, count - got)])
+                if not n:
+                    break
+                got += n
         except EOFError:  # gzip: the stream ends before its end-of-stream marker
-            data = b""
+            pass
         except OSError as exc:  # gzip.BadGzipFile, zlib.error (a subclass of Exception)
             raise DataError(f"{self.path}: the compressed voxel data is damaged ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - zlib.error is not an OSError
             raise DataError(f"{self.path}: the compressed voxel data is damaged "
                             f"({type(exc).__name__}: {exc})") from None
-        if len(data) != count:
-            raise DataError(_truncated(self.path, done + len(data), self.nbytes))
-        return data
+        finally:
+            view.release()
+        if got != count:
+            raise DataError(_truncated(self.path, done + got, self.nbytes,
+                                       within=_READ_PIECE_BYTES if self.compressed else 0))
+        return buffer
 
     def read(self, start: int, count: int) -> bytes:
         """``count`` bytes of voxel data from byte ``start`` of the voxel stream."""
@@ -182,9 +195,13 @@ class _VoxelFile:
             self._spool = None
 
 
-def _truncated(path: str, got: int, expected: int) -> str:
+def _truncated(path: str, got: int, expected: int, within: int = 0) -> str:
+    """The one-line message of a file with fewer voxel bytes than its header announces
+    (``within``: ``got`` may be short of what the file holds by up to this many bytes)."""
+    holds = f"{got:,}" if not within else f"{got:,} to {min(expected, got + within):,}"
+    missing = f"{expected - got:,} missing" + (" at most" if within else "")
     return (f"{path} is truncated: its header announces {expected:,} bytes of voxel data but "
-            f"the file holds {got:,} ({expected - got:,} missing); copy or download it again")
+            f"the file holds {holds} ({missing}); copy or download it again")
 
 
 def _time_step_s(img, shape) -> float | None:

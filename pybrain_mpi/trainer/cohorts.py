@@ -345,8 +345,10 @@ class SegmentationData(_CohortPatches):
             one = SegmentationStats(self.num_classes)
             one.update(predicted, truth)
             stats.merge(one)
+            # A subject's undefined values keep their reasons (a label absent from it).
             per_subject.append({"subject": self.subjects[index].id, **{
-                k: v for k, v in one.compute(self.labels).items() if k in ("mean_dice", "dice")}})
+                k: v for k, v in one.compute(self.labels).items()
+                if k in ("mean_dice", "dice") or (k == "undefined" and v)}})
         report = stats.compute(self.labels)
         report["per_subject"] = per_subject
         report["n_samples"] = len(per_subject)

@@ -921,13 +921,16 @@ class Trainer:
         self.log.write({"event": "epoch", **record, "time": time.time()})
         if self.tensorboard is not None:
             self.tensorboard.epoch(self.step, record)
-        if val is None or self.config.train.patience == 0:
+        # The best validation loss is tracked whether or not early stopping is on (patience 0):
+        # the summary reports it either way.
+        if val is None or val.get("loss") is None:
             return None
         if val["loss"] < self.best_val:
             self.best_val, self.bad_epochs = val["loss"], 0
             return None
         self.bad_epochs += 1
-        return "early stopping" if self.bad_epochs >= self.config.train.patience else None
+        patience = self.config.train.patience
+        return "early stopping" if patience and self.bad_epochs >= patience else None
 
     def _progress_bar(self, stop_at: int):
         if self.rank != 0 or not self.progress:
@@ -1160,8 +1163,10 @@ def format_summary(summary: dict) -> str:
                         f"  ({held.get('undefined', {}).get(f'dice[{label}]', 'undefined')})"))
                     for label, dice in (held.get("dice") or {}).items()]
         for subject in summary.get("held_out_per_subject") or []:
-            metrics.append((f"  subject {subject['subject']}",
-                            f"mean Dice {num(subject.get('mean_dice'), '.4f')}"))
+            reason = (subject.get("undefined") or {}).get("mean_dice")
+            metrics.append((f"  subject {subject['subject']}", "mean Dice " + (
+                f"undefined ({reason})" if subject.get("mean_dice") is None and reason
+                else num(subject.get("mean_dice"), ".4f"))))
         metrics.append(("held-out subjects", str(held.get("n_samples", "-"))))
     else:
         metrics = [("held-out R^2", _shown(summary, "r2", ".4f")),
