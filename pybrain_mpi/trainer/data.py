@@ -185,9 +185,13 @@ class VolumePatches(TrainingData):
 
     autoencoder = False
 
-    def __init__(self, image, gm, patch_size, patches_per_volume: int,
-                 target: str, held_out_fraction: float, val_fraction: float, seed: int,
-                 where: str, eval_patches: int = 64, stats: dict | None = None):
+    eval_patches = 64  # fixed val / held-out patches
+
+    def __init__(self, image, gm, config: DataConfig, val_fraction: float, where: str,
+                 stats: dict | None = None):
+        """``config``: the run's [data] (patch_size, patches_per_volume, target,
+        held_out_fraction, split_seed); ``val_fraction``: the [train] validation share."""
+        patch_size, target, seed = config.patch_size, config.target, config.split_seed
         from ..data import Volume
 
         if isinstance(image, Volume) and isinstance(gm, Volume):
@@ -226,10 +230,10 @@ class VolumePatches(TrainingData):
         self.gm_scale = np.float32(1.0 / max(gm_max, 1e-6))
         self.target = target
         self.seed = int(seed)
-        self.patches_per_volume = int(patches_per_volume)
+        self.patches_per_volume = int(config.patches_per_volume)
         # Slab boundaries along axis 0 (corner ranges so whole patches stay in the volume).
         extent = int(hi[0] - lo[0])
-        held = max(self.patch[0], int(round(held_out_fraction * extent)))
+        held = max(self.patch[0], int(round(config.held_out_fraction * extent)))
         val = max(self.patch[0], int(round(val_fraction * extent))) if val_fraction > 0 else 0
         train_end = int(hi[0]) - held - val
         if train_end - lo[0] < self.patch[0]:
@@ -239,7 +243,7 @@ class VolumePatches(TrainingData):
                         "held_out": (int(hi[0]) - held, int(hi[0]))}
         self.lo, self.hi = lo, hi
         self.input_shape = self.patch
-        self.fixed = {split: self._corners(split, 3 * self.seed + 1 + i, 0, eval_patches)
+        self.fixed = {split: self._corners(split, 3 * self.seed + 1 + i, 0, self.eval_patches)
                       for i, split in enumerate(("val", "held_out")) if val or split == "held_out"}
         if "val" not in self.fixed:
             self.fixed["val"] = np.zeros((0, 3), dtype=np.int64)
@@ -519,12 +523,8 @@ def build_data(config: DataConfig, val_fraction: float, rank: int, share: Callab
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"cannot open the MNI152 example cache {example.root}: {exc}; "
                             "delete that directory to have it rebuilt") from None
-        return VolumePatches(image, gm, config.patch_size, config.patches_per_volume,
-                             config.target, config.held_out_fraction, val_fraction,
-                             config.split_seed, f"MNI152 (Zarr, {example.root})",
+        return VolumePatches(image, gm, config, val_fraction, f"MNI152 (Zarr, {example.root})",
                              stats=example.stats)
     arrays = _load_npz(config.path, ("input", "target"), "3D arrays 'input' and 'target', or use "
                        "source = \"mni152\"")
-    return VolumePatches(arrays["input"], arrays["target"], config.patch_size,
-                         config.patches_per_volume, config.target, config.held_out_fraction,
-                         val_fraction, config.split_seed, str(config.path))
+    return VolumePatches(arrays["input"], arrays["target"], config, val_fraction, str(config.path))
