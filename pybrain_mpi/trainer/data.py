@@ -43,7 +43,6 @@ Adapters:
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
