@@ -79,6 +79,33 @@ def _uniform(shape, bound: float, dtype, initialize: bool = True) -> nn.Paramete
     return nn.Parameter(tensor.uniform_(-bound, bound) if initialize else tensor)
 
 
+def _draw_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, start: int, rows: int, fan_in: int,
+                      chunk_elements: int = 1 << 24) -> None:
+    """Fills ``weight`` (rows ``[start, start + len(weight))`` of a ``rows x fan_in`` layer) and
+    ``bias`` (that block of it) as ``nn.Linear.reset_parameters`` fills the whole layer from the
+    global RNG: kaiming-uniform weight rows in order, then the bias; other rows are drawn into a
+    scratch chunk and dropped. CPU ``uniform_`` draws serially, so chunks continue the stream."""
+    # The bounds exactly as nn.init.kaiming_uniform_(a=sqrt(5)) and nn.Linear compute them.
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    w_bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    b_bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    end = start + weight.shape[0]
+    step = max(1, chunk_elements // max(1, fan_in))
+    with torch.no_grad():
+        scratch = torch.empty((min(step, rows), fan_in), dtype=weight.dtype)
+        row = 0
+        while row < rows:
+            n = min(step, rows - row)
+            block = scratch[:n].uniform_(-w_bound, w_bound)
+            lo, hi = max(row, start), min(row + n, end)
+            if lo < hi:
+                weight[lo - start:hi - start].copy_(block[lo - row:hi - row])
+            row += n
+        if bias is not None:
+            full = torch.empty(rows, dtype=bias.dtype).uniform_(-b_bound, b_bound)
+            bias.copy_(full[start:end])
+
+
 class ColumnParallelLinear(nn.Module):
     """``nn.Linear(in_features, out_features)`` with the output features split over ``group``
     (a :class:`~pybrain_mpi.parallel.Group`, default all ranks).
@@ -110,6 +137,18 @@ class ColumnParallelLinear(nn.Module):
             layer.weight.copy_(linear.weight[layer.out_start:layer.out_end])
             if layer.bias is not None:
                 layer.bias.copy_(linear.bias[layer.out_start:layer.out_end])
+        return layer
+
+    @classmethod
+    def like_linear(cls, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
+                    gather_output: bool = True, name: str = "column linear") -> "ColumnParallelLinear":
+        """This rank's block of the weights ``nn.Linear(in_features, out_features)`` would draw
+        from the global RNG now, without materialising the full layer: the draws run in row
+        chunks through the same stream (keeping this block's rows), so the RNG ends where
+        ``nn.Linear`` leaves it and the block is bitwise the unsplit layer's (default dtype)."""
+        layer = cls(in_features, out_features, bias, group=group, gather_output=gather_output, name=name,
+                    _initialize=False)
+        _draw_like_linear(layer.weight, layer.bias, layer.out_start, out_features, in_features)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
