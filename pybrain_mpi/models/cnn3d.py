@@ -82,7 +82,10 @@ def _first_fc(flat: int, fc1: int):
             return nn.Linear(flat, fc1)
         from ..parallel.tensor import ColumnParallelLinear
 
-        return ColumnParallelLinear.like_linear(flat, fc1, group=group, name="NaiveCNN3D fc1")
+        layer = ColumnParallelLinear.like_linear(flat, fc1, group=group, name="NaiveCNN3D fc1")
+        # 98% of the parameters at 176^3: no block-sized temporary per micro-batch's backward.
+        layer.accumulate_in_place = True
+        return layer
     return build
 
 

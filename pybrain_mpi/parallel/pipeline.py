@@ -209,6 +209,9 @@ class Pipeline(nn.Module):
         self.balance = self._resolve_balance(layers, balance, sample)
         start = sum(self.balance[:self.stage])
         self.layer_range = (start, start + self.balance[self.stage])
+        if data_group is not None and len(self.members) != self.channel.size:
+            raise ValueError(f"rank {context.rank()}: Pipeline: a data group with stages of several ranks "
+                             f"(stage_ranks {[len(r) for r in self.members]}) is not supported")
         self.tensor_group = self._tensor_group()
         kept = (module.build_range(*self.layer_range, self.tensor_group) if staged
                 else layers[start:start + self.balance[self.stage]])

@@ -72,6 +72,38 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None, None
 
 
+class _LinearAccumulating(torch.autograd.Function):
+    """``linear(x, W, b)`` whose backward adds the weight and bias gradients into ``W.grad`` /
+    ``b.grad`` in place once they exist (one BLAS ``addmm_``), instead of returning a new
+    gradient of the weight's size for autograd to add: over M micro-batches no temporary as
+    large as the layer. The first backward after ``zero_grad(set_to_none=True)`` returns it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias = weight, bias
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = grad_b = None
+        with torch.no_grad():
+            if weight.grad is None:
+                grad_w = rows.t() @ inputs
+            else:
+                weight.grad.addmm_(rows.t(), inputs)
+            if bias is not None:
+                if bias.grad is None:
+                    grad_b = rows.sum(0)
+                else:
+                    bias.grad.add_(rows.sum(0))
+        return grad_x, grad_w, grad_b
+
+
 def _uniform(shape, bound: float, dtype, initialize: bool = True) -> nn.Parameter:
     # initialize False (from_linear): no draw, so the global RNG stays in step across ranks
     # whatever the size of each rank's block.
@@ -112,7 +144,13 @@ class ColumnParallelLinear(nn.Module):
 
     ``gather_output=True`` returns the full output on every rank; False returns this rank's
     block ``[out_start, out_end)`` (feed it to a ``RowParallelLinear(input_is_parallel=True)``).
-    Initialised like ``nn.Linear`` block by block; :meth:`from_linear` copies a full layer.
+    Initialised like ``nn.Linear`` block by block; :meth:`from_linear` copies a full layer,
+    :meth:`like_linear` draws exactly the unsplit layer's block without building it.
+
+    ``accumulate_in_place = True`` (default False) adds each backward's weight gradient into
+    ``weight.grad`` in place (no temporary of the block's size per micro-batch); the gradient
+    hooks of the weight then see the first backward only, so not for DDP (Pipeline refuses a
+    data group with a multi-rank stage).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
@@ -120,6 +158,7 @@ class ColumnParallelLinear(nn.Module):
                  _initialize: bool = True):
         super().__init__()
         self.group, self.gather_output, self.name = group, bool(gather_output), name
+        self.accumulate_in_place = False
         rank, size = _group_of(group)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.out_start, self.out_end = even_split(out_features, size, rank)
@@ -154,7 +193,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``: full (gather_output) or this rank's block of the output features."""
         x = _CopyToGroup.apply(x, self.group, self.name)
-        local = nn.functional.linear(x, self.weight, self.bias)
+        if self.accumulate_in_place and torch.is_grad_enabled():
+            local = _LinearAccumulating.apply(x, self.weight, self.bias)
+        else:
+            local = nn.functional.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return local
         pad = (self.out_start, self.out_features - self.out_end)

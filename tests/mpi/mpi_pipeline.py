@@ -414,3 +414,6 @@ def test_staged_layers_refuse_auto_balance_and_bad_stage_ranks():
         Pipeline(_cnn_layers(), balance="auto", micro_batches=1)
     with pytest.raises(ValueError, match=f"summing to the {WORLD} ranks"):
         Pipeline(make_model(), balance=[7], stage_ranks=[WORLD + 1], micro_batches=1)
+    # fc1's in-place gradient accumulation would bypass DDP's hooks.
+    with pytest.raises(ValueError, match="data group with stages of several ranks"):
+        Pipeline(make_model(), balance=[7], stage_ranks=[WORLD], micro_batches=1, data_group=object())
