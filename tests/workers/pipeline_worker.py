@@ -107,7 +107,7 @@ def mode_kill_named(comm, stage: str, schedule: str, report_dir: str) -> None:
         out.write(str(os.getpid()))
     # Hydra tells survivors of a dead rank with SIGUSR1 (tests/test_failures.py), whose default
     # action would end them before their deadline: this test is about that deadline.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: None)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(2 * pbm.size())])
     # The warm-up step under a generous deadline (a loaded machine), the halting one under TIMEOUT_S.
