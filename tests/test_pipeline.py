@@ -41,14 +41,14 @@ def test_stage_killed_mid_step_ends_the_job_without_a_hang():
 def test_stage_killed_mid_step_is_named_by_the_surviving_ranks(tmp_path, ranks, stage, schedule):
     """SIGKILL under mpiexec -disable-auto-cleanup: a survivor's step ends in
     CollectiveTimeout or PeerFailure naming exactly the killed stage. MPICH 5.0.2's hydra still
-    SIGKILLs survivors, often within a second of the death (before their 4 s deadline; rank 0
-    was never seen to outlive it here, rank 2 mostly did): each launch's reports must name the
-    killed stage, and at least one survivor must report in one of four launches."""
+    SIGKILLs survivors, often within a second of the death (before their 4 s deadline; the last
+    rank mostly outlives it, rank 0 seldom): each launch's reports must name the killed stage,
+    and at least one survivor must report in one of six launches."""
     from test_failures import caught, launch
 
     survivors = [r for r in range(ranks) if r != stage]
     reported = []
-    for attempt in range(4):
+    for attempt in range(6):
         run_dir = tmp_path / f"launch{attempt}"
         run_dir.mkdir()
         result, _ = launch(ranks, [str(WORKERS / "pipeline_worker.py"), "kill_named", str(stage), schedule,
@@ -66,7 +66,7 @@ def test_stage_killed_mid_step_is_named_by_the_surviving_ranks(tmp_path, ranks, 
         if reports:
             break
     print(f"survivors {survivors}; reports per launch: {reported}")
-    assert any(reported), f"no survivor outlived the launcher's clean-up in 4 launches: {reported}"
+    assert any(reported), f"no survivor outlived the launcher's clean-up in 6 launches: {reported}"
 
 
 def test_partition_balanced_is_optimal_and_contiguous():
