@@ -25,7 +25,7 @@ import sys
 
 from torch import nn
 
-from .cnn3d import NaiveCNN3D, naive_cnn3d_parameter_count
+from .cnn3d import NaiveCNN3D, naive_cnn3d_layers, naive_cnn3d_parameter_count
 from .dca import DCA, dca_loss, dca_parameter_count
 from .encoding import EncodingMLP, encoding_mlp_parameter_count
 from .resnet3d import ResNet50_3D, resnet50_3d_parameter_count
@@ -33,7 +33,7 @@ from .unet3d import UNet3D, unet3d_parameter_count
 
 __all__ = ["DCA", "NaiveCNN3D", "ResNet50_3D", "EncodingMLP", "UNet3D", "MODELS", "build_model",
            "model_arguments", "resolve_model", "is_model_spec", "ModelNotFound", "parameter_count",
-           "dca_loss", "dca_parameter_count", "naive_cnn3d_parameter_count",
+           "dca_loss", "dca_parameter_count", "naive_cnn3d_parameter_count", "naive_cnn3d_layers",
            "resnet50_3d_parameter_count", "encoding_mlp_parameter_count", "unet3d_parameter_count"]
 
 MODELS: dict[str, type[nn.Module]] = {

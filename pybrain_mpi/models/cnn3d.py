@@ -18,6 +18,11 @@ Parameter count::
     fc   = flat * fc1 + fc1 + fc1 * fc2 + fc2 + fc2 * out + out
 
 Default (``input_shape=(64, 64, 64)``, derived widths 232/116, 1 output): **1,329,187**.
+
+For a model too large for one rank, :func:`naive_cnn3d_layers` gives the same layers as builders
+(:class:`~pybrain_mpi.parallel.staged.StagedLayers`): a pipeline stage builds only its own, each
+under its own seed, and a stage spread over several ranks holds the first FC layer as a
+column-parallel block. ``NaiveCNN3D(seed=s)`` is the unsplit model with exactly those weights.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["NaiveCNN3D", "naive_cnn3d_parameter_count", "CNN3D_CHANNELS"]
+__all__ = ["NaiveCNN3D", "naive_cnn3d_layers", "naive_cnn3d_parameter_count", "CNN3D_CHANNELS"]
 
 CNN3D_CHANNELS = (10, 20, 40, 80)
 _REDUCTION = 2 ** len(CNN3D_CHANNELS)
@@ -61,6 +66,53 @@ def naive_cnn3d_parameter_count(input_shape=(64, 64, 64), in_channels: int = 1,
     return conv + fc
 
 
+def _conv_block(c_in: int, c_out: int, dropout: float, batch_norm: bool):
+    def build(group):
+        layers = [nn.Conv3d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm3d(c_out))
+        layers += [nn.MaxPool3d(2), nn.ReLU(inplace=True), nn.Dropout3d(dropout)]
+        return nn.Sequential(*layers)
+    return build
+
+
+def _first_fc(flat: int, fc1: int):
+    def build(group):
+        if group is None or group.size == 1:
+            return nn.Linear(flat, fc1)
+        from ..parallel.tensor import ColumnParallelLinear
+
+        layer = ColumnParallelLinear.like_linear(flat, fc1, group=group, name="NaiveCNN3D fc1")
+        # 98% of the parameters at 176^3: no block-sized temporary per micro-batch's backward.
+        layer.accumulate_in_place = True
+        return layer
+    return build
+
+
+def naive_cnn3d_layers(input_shape=(64, 64, 64), in_channels: int = 1, fc_widths=None,
+                       out_features: int = 1, dropout: float = 0.1, batch_norm: bool = True, *,
+                       seed: int | None = 0):
+    """NaiveCNN3D's :meth:`~NaiveCNN3D.pipeline_layers` as builders, nothing built yet: a
+    :class:`~pybrain_mpi.parallel.staged.StagedLayers` (the four conv blocks, then the head's
+    eight layers). Arguments as :class:`NaiveCNN3D`'s. The first FC layer, built for a stage of
+    several ranks, is a ``ColumnParallelLinear`` block of the unsplit layer's weights."""
+    from ..parallel.staged import StagedLayers
+
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"NaiveCNN3D: dropout must be in [0, 1), got {dropout}")
+    flat, fc1, fc2 = _derived_widths(tuple(int(s) for s in input_shape))
+    if fc_widths is not None:
+        if len(fc_widths) != 2 or min(int(w) for w in fc_widths) < 1:
+            raise ValueError(f"NaiveCNN3D: fc_widths must be two positive widths, got {fc_widths}")
+        fc1, fc2 = (int(w) for w in fc_widths)
+    chans = [int(in_channels), *CNN3D_CHANNELS]
+    builders = [_conv_block(chans[i], chans[i + 1], dropout, batch_norm) for i in range(len(CNN3D_CHANNELS))]
+    builders += [lambda g: nn.Flatten(), _first_fc(flat, fc1), lambda g: nn.ReLU(inplace=True),
+                 lambda g: nn.Dropout(dropout), lambda g: nn.Linear(fc1, fc2), lambda g: nn.ReLU(inplace=True),
+                 lambda g: nn.Dropout(dropout), lambda g: nn.Linear(fc2, int(out_features))]
+    return StagedLayers(builders, seed=seed)
+
+
 class NaiveCNN3D(nn.Module):
     """Four-block 3D CNN regressor (channels 10/20/40/80) with fully connected head.
 
@@ -71,6 +123,8 @@ class NaiveCNN3D(nn.Module):
         out_features: regression outputs (1 in the original).
         dropout: dropout probability after each conv block and hidden FC layer.
         batch_norm: BatchNorm3d after each convolution.
+        seed: None (default) draws the weights from the global RNG in order; an int builds each
+            layer under its own seed, as :func:`naive_cnn3d_layers` (``seed=``) does stage by stage.
 
     ``forward(x)`` takes ``(N, C, D, H, W)`` (or ``(N, D, H, W)`` when ``in_channels == 1``)
     and returns ``(N, out_features)``. ``features`` is an ``nn.Sequential`` of the four conv
@@ -78,34 +132,17 @@ class NaiveCNN3D(nn.Module):
     """
 
     def __init__(self, input_shape=(64, 64, 64), in_channels: int = 1, fc_widths=None,
-                 out_features: int = 1, dropout: float = 0.1, batch_norm: bool = True):
+                 out_features: int = 1, dropout: float = 0.1, batch_norm: bool = True, *,
+                 seed: int | None = None):
         super().__init__()
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"NaiveCNN3D: dropout must be in [0, 1), got {dropout}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.in_channels = int(in_channels)
-        flat, fc1, fc2 = _derived_widths(self.input_shape)
-        if fc_widths is not None:
-            if len(fc_widths) != 2 or min(int(w) for w in fc_widths) < 1:
-                raise ValueError(f"NaiveCNN3D: fc_widths must be two positive widths, "
-                                 f"got {fc_widths}")
-            fc1, fc2 = (int(w) for w in fc_widths)
-        self.fc_widths = (fc1, fc2)
-        blocks = []
-        c_in = self.in_channels
-        for c_out in CNN3D_CHANNELS:
-            layers = [nn.Conv3d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
-            if batch_norm:
-                layers.append(nn.BatchNorm3d(c_out))
-            layers += [nn.MaxPool3d(2), nn.ReLU(inplace=True), nn.Dropout3d(dropout)]
-            blocks.append(nn.Sequential(*layers))
-            c_in = c_out
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(flat, fc1), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc1, fc2), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc2, int(out_features)))
+        layers = naive_cnn3d_layers(self.input_shape, in_channels, fc_widths, out_features, dropout,
+                                    batch_norm, seed=seed).build_all()
+        self.fc_widths = (layers[5].out_features, layers[8].out_features)
+        blocks = len(CNN3D_CHANNELS)
+        self.features = nn.Sequential(*layers[:blocks])
+        self.head = nn.Sequential(*layers[blocks:])
 
     def pipeline_layers(self) -> list[nn.Module]:
         """The model as consecutive layers for :class:`pybrain_mpi.parallel.Pipeline`: the four

@@ -12,8 +12,9 @@ from .grid import Grid, Group
 from .p2p import Channel, Message
 from .parameter_server import ParameterServer, ServerReport, shard_ranges
 from .pipeline import SCHEDULES, Pipeline, partition_balanced, pipeline_layers
+from .staged import StagedLayers, layer_seed
 from .tensor import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["Pipeline", "Grid", "Group", "Channel", "Message", "ColumnParallelLinear",
            "RowParallelLinear", "partition_balanced", "pipeline_layers", "SCHEDULES",
-           "ParameterServer", "ServerReport", "shard_ranges"]
+           "ParameterServer", "ServerReport", "shard_ranges", "StagedLayers", "layer_seed"]

@@ -21,6 +21,15 @@ Schedules (``micro_batches = M``, ``S`` stages):
 
 After :meth:`step` the parameters' ``.grad`` hold the stage's gradients; any optimizer over
 :meth:`parameters` (which are this stage's only) then steps as in data parallelism.
+
+A model too large to build whole on one rank comes as :class:`~.staged.StagedLayers`: each rank
+builds only its stage's layers, each under its own seed (the unsplit model's weights). A stage
+may span several ranks (``stage_ranks``, e.g. ``[1, 3]``): its ranks form a
+:class:`~pybrain_mpi.parallel.Group` handed to the layer builders, which may tensor-split a
+layer over it (NaiveCNN3D's first FC layer as a ``ColumnParallelLinear``); every rank of the
+stage receives the stage's input activation and output gradient from the first rank (the lead)
+of the neighbouring stage, runs the same schedule (its tensor-split layers' collectives match),
+and only the lead sends on.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from torch import nn
 from ..communication import context
 from ..errors import PbmError
 from .p2p import Channel, Message
+from .staged import StagedLayers
 
 __all__ = ["Pipeline", "pipeline_layers", "partition_balanced", "SCHEDULES"]
 
@@ -144,7 +154,9 @@ class Pipeline(nn.Module):
 
     Args:
         module: an ``nn.Sequential``, a list of layers, or a model with ``pipeline_layers()``;
-            built identically on every rank (each keeps only its stage's layers).
+            built identically on every rank (each keeps only its stage's layers); or
+            :class:`~.staged.StagedLayers`, of which each rank builds only its stage's layers
+            (``balance`` must then be a list).
         balance: layers per stage (a list of ``comm.size`` positive counts summing to the
             number of layers), or ``"auto"``: split by each layer's measured forward+backward
             time and its parameter+activation memory on ``sample`` (profiled by stage 0, sent to
@@ -162,12 +174,16 @@ class Pipeline(nn.Module):
             :class:`~pybrain_mpi.DistributedDataParallel` over it, whose buckets average the
             gradients during the last micro-batch's backward (the others accumulate locally).
         ddp_options: further keyword arguments of that DDP (``bucket_bytes``, ``compression``...).
+        stage_ranks: ranks per stage, consecutive in ``comm`` (default one each; their sum is
+            ``comm.size``). A stage of several ranks gets ``tensor_group`` (a Group over them),
+            passed to the builders of a StagedLayers (module docstring).
     """
 
     def __init__(self, module: Any, balance: Sequence[int] | str = "auto", micro_batches: int = 1,
                  schedule: str = "gpipe", loss_fn: Callable | None = None, *, comm: Any = None,
                  sample: torch.Tensor | None = None, loss_reduction: str = "mean",
-                 timeout_s: float | None = None, data_group: Any = None, ddp_options: dict | None = None):
+                 timeout_s: float | None = None, data_group: Any = None, ddp_options: dict | None = None,
+                 stage_ranks: Sequence[int] | None = None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"Pipeline: schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -175,19 +191,31 @@ class Pipeline(nn.Module):
             raise ValueError(f"Pipeline: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if int(micro_batches) < 1:
             raise ValueError(f"Pipeline: micro_batches must be at least 1, got {micro_batches}")
-        layers = pipeline_layers(module)
+        staged = isinstance(module, StagedLayers)
+        if staged and isinstance(balance, str):
+            raise ValueError("Pipeline: StagedLayers need an explicit balance (a list of layer counts): "
+                             "'auto' would build every layer on stage 0")
+        layers = module if staged else pipeline_layers(module)
         self.channel = Channel(comm, timeout_s)
-        self.stages = self.channel.size
-        self.stage = self.channel.rank
+        self.members = self._stage_members(stage_ranks)  # channel ranks of each stage
+        self.stages = len(self.members)
+        self.stage = next(s for s, ranks in enumerate(self.members) if self.channel.rank in ranks)
+        self.is_lead = self.channel.rank == self.members[self.stage][0]
         self.micro_batches = int(micro_batches)
         self.schedule = schedule
         self.loss_fn = loss_fn if loss_fn is not None else nn.MSELoss()
         self.loss_reduction = loss_reduction
-        self.world_ranks = self.channel.world_ranks  # world rank of each stage
+        self.world_ranks = self.channel.world_ranks  # world rank of each rank of comm
         self.balance = self._resolve_balance(layers, balance, sample)
         start = sum(self.balance[:self.stage])
         self.layer_range = (start, start + self.balance[self.stage])
-        self.stage_module = nn.Sequential(*layers[start:start + self.balance[self.stage]])
+        if data_group is not None and len(self.members) != self.channel.size:
+            raise ValueError(f"rank {context.rank()}: Pipeline: a data group with stages of several ranks "
+                             f"(stage_ranks {[len(r) for r in self.members]}) is not supported")
+        self.tensor_group = self._tensor_group()
+        kept = (module.build_range(*self.layer_range, self.tensor_group) if staged
+                else layers[start:start + self.balance[self.stage]])
+        self.stage_module = nn.Sequential(*kept)
         # Not a registered submodule: the stage's parameters and state_dict keys stay its own.
         object.__setattr__(self, "ddp", None)
         if data_group is not None and data_group.size > 1 and any(
@@ -200,19 +228,45 @@ class Pipeline(nn.Module):
         self._step = 0
 
     # -- layout -------------------------------------------------------------------------
+    def _stage_members(self, stage_ranks: Sequence[int] | None) -> list[list[int]]:
+        size = self.channel.size
+        counts = [1] * size if stage_ranks is None else [int(c) for c in stage_ranks]
+        if not counts or min(counts) < 1 or sum(counts) != size:
+            raise ValueError(f"rank {context.rank()}: Pipeline stage_ranks {counts} must be positive rank "
+                             f"counts summing to the {size} ranks of the pipeline")
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+    def _tensor_group(self) -> Any:
+        """A Group over this stage's ranks when there are several (collective over the pipeline)."""
+        if all(len(ranks) == 1 for ranks in self.members):
+            return None
+        from .grid import Group
+
+        sub = self.channel.comm.Split(color=self.stage, key=self.channel.rank)
+        if len(self.members[self.stage]) == 1:
+            sub.Free()
+            return None
+        return Group(sub, self.channel.timeout_s)
+
+    def _lead(self, stage: int) -> int:
+        return self.members[stage][0]
+
     def _resolve_balance(self, layers: list[nn.Module], balance: Any, sample: Any) -> list[int]:
         n = len(layers)
         if isinstance(balance, str):
             if balance != "auto":
                 raise ValueError(f"Pipeline: balance must be a list of layer counts or 'auto', got {balance!r}")
-            if self.stage == 0:
+            if self.channel.rank == 0:
                 if sample is None:
                     raise PbmError(f"rank {context.rank()}: Pipeline(balance='auto') needs sample= on stage 0")
                 times, memory = _profile_layers(layers, sample)
                 total_t, total_m = sum(times) or 1.0, sum(memory) or 1
                 costs = [t / total_t + m / total_m for t, m in zip(times, memory)]
                 chosen = torch.tensor(partition_balanced(costs, self.stages), dtype=torch.int64)
-                sends = [self.channel.isend(chosen, r, _TAG_BALANCE, "balance") for r in range(1, self.stages)]
+                sends = [self.channel.isend(chosen, r, _TAG_BALANCE, "balance") for r in range(1, self.channel.size)]
                 for message in sends:
                     message.wait()
             else:
@@ -230,8 +284,11 @@ class Pipeline(nn.Module):
         line of the other stages is theirs to tell)."""
         first, end = self.layer_range
         params = sum(p.numel() for p in self.stage_module.parameters())
-        return (f"stage {self.stage}/{self.stages} on rank {self.world_ranks[self.stage]}: layers "
-                f"{first}..{end - 1} ({params:,} parameters)")
+        shared = len(self.members[self.stage])
+        split = (f", tensor-split over world ranks {[self.world_ranks[r] for r in self.members[self.stage]]}"
+                 if shared > 1 else "")
+        return (f"stage {self.stage}/{self.stages} on rank {self.world_ranks[self.channel.rank]}: layers "
+                f"{first}..{end - 1} ({params:,} parameters{split})")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - see step()
         raise PbmError("Pipeline: call step(inputs, targets) (forward and backward are interleaved), "
@@ -296,7 +353,7 @@ class Pipeline(nn.Module):
                 if first:
                     x = chunks[i]
                 else:
-                    x = self.channel.recv(self.stage - 1, _TAG_ACTIVATION,
+                    x = self.channel.recv(self._lead(self.stage - 1), _TAG_ACTIVATION,
                                           self._name("activation", i, self.stage - 1, self.stage))
                     if x.is_floating_point():
                         x.requires_grad_(True)
@@ -318,12 +375,14 @@ class Pipeline(nn.Module):
                 stats.compute_s += time.perf_counter() - started
                 stats.events.append(("F", i, started, time.perf_counter()))
                 if not last:
-                    pending.append(self.channel.isend(y, self.stage + 1, _TAG_ACTIVATION,
-                                                      self._name("activation", i, self.stage, self.stage + 1)))
+                    if self.is_lead:
+                        pending += [self.channel.isend(y, r, _TAG_ACTIVATION,
+                                                       self._name("activation", i, self.stage, self.stage + 1))
+                                    for r in self.members[self.stage + 1]]
                     entry["y"] = y
                     if y.is_floating_point():
                         entry["grad"] = self.channel.irecv(
-                            y.shape, y.dtype, self.stage + 1, _TAG_GRADIENT,
+                            y.shape, y.dtype, self._lead(self.stage + 1), _TAG_GRADIENT,
                             self._name("gradient", i, self.stage + 1, self.stage))
                 stored[i] = entry
             else:
@@ -342,10 +401,11 @@ class Pipeline(nn.Module):
                             entry["y"].backward(grad)
                 stats.compute_s += time.perf_counter() - started
                 stats.events.append(("B", i, started, time.perf_counter()))
-                if not first and x.is_floating_point():
+                if not first and self.is_lead and x.is_floating_point():
                     grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
-                    pending.append(self.channel.isend(grad_x, self.stage - 1, _TAG_GRADIENT,
-                                                      self._name("gradient", i, self.stage, self.stage - 1)))
+                    pending += [self.channel.isend(grad_x, r, _TAG_GRADIENT,
+                                                   self._name("gradient", i, self.stage, self.stage - 1))
+                                for r in self.members[self.stage - 1]]
             progress()
         for message in pending:
             message.wait()
@@ -356,14 +416,16 @@ class Pipeline(nn.Module):
         return loss
 
     def _share_loss(self, total: torch.Tensor) -> torch.Tensor:
-        """The last stage's batch loss, sent to every other stage."""
+        """The last stage's batch loss (every rank of it has it), sent to every other stage."""
         last = self.stages - 1
         if self.stage == last:
-            sends = [self.channel.isend(total, r, _TAG_LOSS, f"loss step {self._step}") for r in range(last)]
-            for message in sends:
-                message.wait()
+            if self.is_lead:
+                sends = [self.channel.isend(total, r, _TAG_LOSS, f"loss step {self._step}")
+                         for r in range(self.members[last][0])]
+                for message in sends:
+                    message.wait()
             return total
-        return self.channel.recv(last, _TAG_LOSS, f"loss step {self._step}")
+        return self.channel.recv(self._lead(last), _TAG_LOSS, f"loss step {self._step}")
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -374,9 +436,14 @@ class Pipeline(nn.Module):
                 raise PbmError(f"rank {context.rank()}: Pipeline.predict needs the inputs on stage 0")
             x = inputs
         else:
-            x = self.channel.recv(self.stage - 1, _TAG_ACTIVATION, f"predict activation stage {self.stage - 1}")
+            x = self.channel.recv(self._lead(self.stage - 1), _TAG_ACTIVATION,
+                                  f"predict activation stage {self.stage - 1}")
         y = self.stage_module(x)
         if last:
             return y
-        self.channel.isend(y, self.stage + 1, _TAG_ACTIVATION, f"predict activation stage {self.stage}").wait()
+        if self.is_lead:
+            sends = [self.channel.isend(y, r, _TAG_ACTIVATION, f"predict activation stage {self.stage}")
+                     for r in self.members[self.stage + 1]]
+            for message in sends:
+                message.wait()
         return None

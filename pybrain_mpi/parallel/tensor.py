@@ -72,11 +72,70 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None, None
 
 
+class _LinearAccumulating(torch.autograd.Function):
+    """``linear(x, W, b)`` whose backward adds the weight and bias gradients into ``W.grad`` /
+    ``b.grad`` in place once they exist (one BLAS ``addmm_``), instead of returning a new
+    gradient of the weight's size for autograd to add: over M micro-batches no temporary as
+    large as the layer. The first backward after ``zero_grad(set_to_none=True)`` returns it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias = weight, bias
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = grad_b = None
+        with torch.no_grad():
+            if weight.grad is None:
+                grad_w = rows.t() @ inputs
+            else:
+                weight.grad.addmm_(rows.t(), inputs)
+            if bias is not None:
+                if bias.grad is None:
+                    grad_b = rows.sum(0)
+                else:
+                    bias.grad.add_(rows.sum(0))
+        return grad_x, grad_w, grad_b
+
+
 def _uniform(shape, bound: float, dtype, initialize: bool = True) -> nn.Parameter:
     # initialize False (from_linear): no draw, so the global RNG stays in step across ranks
     # whatever the size of each rank's block.
     tensor = torch.empty(shape, dtype=dtype)
     return nn.Parameter(tensor.uniform_(-bound, bound) if initialize else tensor)
+
+
+def _draw_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, start: int, rows: int, fan_in: int,
+                      chunk_elements: int = 1 << 24) -> None:
+    """Fills ``weight`` (rows ``[start, start + len(weight))`` of a ``rows x fan_in`` layer) and
+    ``bias`` (that block of it) as ``nn.Linear.reset_parameters`` fills the whole layer from the
+    global RNG: kaiming-uniform weight rows in order, then the bias; other rows are drawn into a
+    scratch chunk and dropped. CPU ``uniform_`` draws serially, so chunks continue the stream."""
+    # The bounds exactly as nn.init.kaiming_uniform_(a=sqrt(5)) and nn.Linear compute them.
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    w_bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    b_bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    end = start + weight.shape[0]
+    step = max(1, chunk_elements // max(1, fan_in))
+    with torch.no_grad():
+        scratch = torch.empty((min(step, rows), fan_in), dtype=weight.dtype)
+        row = 0
+        while row < rows:
+            n = min(step, rows - row)
+            block = scratch[:n].uniform_(-w_bound, w_bound)
+            lo, hi = max(row, start), min(row + n, end)
+            if lo < hi:
+                weight[lo - start:hi - start].copy_(block[lo - row:hi - row])
+            row += n
+        if bias is not None:
+            full = torch.empty(rows, dtype=bias.dtype).uniform_(-b_bound, b_bound)
+            bias.copy_(full[start:end])
 
 
 class ColumnParallelLinear(nn.Module):
@@ -85,7 +144,13 @@ class ColumnParallelLinear(nn.Module):
 
     ``gather_output=True`` returns the full output on every rank; False returns this rank's
     block ``[out_start, out_end)`` (feed it to a ``RowParallelLinear(input_is_parallel=True)``).
-    Initialised like ``nn.Linear`` block by block; :meth:`from_linear` copies a full layer.
+    Initialised like ``nn.Linear`` block by block; :meth:`from_linear` copies a full layer,
+    :meth:`like_linear` draws exactly the unsplit layer's block without building it.
+
+    ``accumulate_in_place = True`` (default False) adds each backward's weight gradient into
+    ``weight.grad`` in place (no temporary of the block's size per micro-batch); the gradient
+    hooks of the weight then see the first backward only, so not for DDP (Pipeline refuses a
+    data group with a multi-rank stage).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
@@ -93,6 +158,7 @@ class ColumnParallelLinear(nn.Module):
                  _initialize: bool = True):
         super().__init__()
         self.group, self.gather_output, self.name = group, bool(gather_output), name
+        self.accumulate_in_place = False
         rank, size = _group_of(group)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.out_start, self.out_end = even_split(out_features, size, rank)
@@ -112,10 +178,25 @@ class ColumnParallelLinear(nn.Module):
                 layer.bias.copy_(linear.bias[layer.out_start:layer.out_end])
         return layer
 
+    @classmethod
+    def like_linear(cls, in_features: int, out_features: int, bias: bool = True, *, group: Any = None,
+                    gather_output: bool = True, name: str = "column linear") -> "ColumnParallelLinear":
+        """This rank's block of the weights ``nn.Linear(in_features, out_features)`` would draw
+        from the global RNG now, without materialising the full layer: the draws run in row
+        chunks through the same stream (keeping this block's rows), so the RNG ends where
+        ``nn.Linear`` leaves it and the block is bitwise the unsplit layer's (default dtype)."""
+        layer = cls(in_features, out_features, bias, group=group, gather_output=gather_output, name=name,
+                    _initialize=False)
+        _draw_like_linear(layer.weight, layer.bias, layer.out_start, out_features, in_features)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``: full (gather_output) or this rank's block of the output features."""
         x = _CopyToGroup.apply(x, self.group, self.name)
-        local = nn.functional.linear(x, self.weight, self.bias)
+        if self.accumulate_in_place and torch.is_grad_enabled():
+            local = _LinearAccumulating.apply(x, self.weight, self.bias)
+        else:
+            local = nn.functional.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return local
         pad = (self.out_start, self.out_features - self.out_end)

@@ -344,3 +344,76 @@ def test_each_stage_saves_its_shard_and_resume_is_exact(tmp_path_factory, comm):
     run(resumed, resumed_opt, range(2, 4))
     for index, (p, q) in enumerate(zip(resumed.parameters(), straight.parameters())):
         assert torch.equal(p.detach(), q.detach()), f"stage {resumed.stage} parameter {index} differs after resume"
+
+
+# ------------------------------------------------ stages built alone, tensor-split inside a stage
+# (stage_ranks, balance) per world size over NaiveCNN3D's 12 pipeline layers (4 conv blocks, the
+# head's 8: Flatten, fc1, ReLU, Dropout, fc2, ReLU, Dropout, fc3). A stage of several ranks holds
+# fc1 column-split over them; [2, 2] replicates the conv blocks on a 2-rank first stage.
+STAGED = {2: [([1, 1], [4, 8]), ([1, 1], [6, 6])],
+          3: [([1, 1, 1], [2, 3, 7]), ([1, 2], [4, 8])],
+          4: [([1, 1, 1, 1], [1, 3, 2, 6]), ([1, 3], [5, 7]), ([2, 2], [4, 8])]}
+CNN_SIDE = 16  # one voxel left after the four poolings: fc widths 80 -> 16 -> 8 -> 1
+
+
+def _cnn_layers(seed: int = 5):
+    from pybrain_mpi.models import naive_cnn3d_layers
+
+    return naive_cnn3d_layers((CNN_SIDE,) * 3, dropout=0.0, batch_norm=False, seed=seed)
+
+
+def _reference_block(pipe: Pipeline, reference: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(this rank's parameter, the unsplit model's value and gradient for it) pairs: a
+    column-parallel layer's weight and bias are their rows of the unsplit layer."""
+    start, end = pipe.layer_range
+    pairs = []
+    for mine, theirs in zip(pipe.stage_module, list(reference.pipeline_layers())[start:end]):
+        rows = slice(mine.out_start, mine.out_end) if isinstance(mine, ColumnParallelLinear) else slice(None)
+        for p, q in zip(mine.parameters(), theirs.parameters()):
+            pairs.append((p, q, rows))
+    return pairs
+
+
+@pytest.mark.parametrize("layout", range(len(STAGED[WORLD])))
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_stages_built_alone_match_the_unsplit_naive_cnn3d(comm, layout, schedule):
+    """Each rank builds only its stage's layers (StagedLayers, seeded per layer), a stage of
+    several ranks with fc1 column-split over them: initial weights bitwise the unsplit
+    NaiveCNN3D(seed=...)'s, gradients and loss over 5 samples in 3 micro-batches equal it."""
+    from pybrain_mpi.models import NaiveCNN3D
+
+    stage_ranks, balance = STAGED[WORLD][layout]
+    pipe = Pipeline(_cnn_layers(), balance=balance, stage_ranks=stage_ranks, micro_batches=3,
+                    schedule=schedule)
+    reference = NaiveCNN3D((CNN_SIDE,) * 3, dropout=0.0, batch_norm=False, seed=5)
+    what = f"{schedule} stage_ranks {stage_ranks} balance {balance} stage {pipe.stage}"
+    shared = len(pipe.members[pipe.stage]) > 1
+    split = [m for m in pipe.stage_module if isinstance(m, ColumnParallelLinear)]
+    assert (pipe.tensor_group is not None) == shared and len(split) == int(shared and pipe.layer_range[0] <= 5
+                                                                         < pipe.layer_range[1]), what
+    pairs = _reference_block(pipe, reference)
+    assert len(pairs) == len(list(pipe.parameters())), what
+    for index, (p, q, rows) in enumerate(pairs):
+        assert torch.equal(p.detach(), q.detach()[rows]), f"{what}: initial parameter {index} differs"
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(5, 1, *(CNN_SIDE,) * 3, generator=g), torch.randn(5, 1, generator=g)
+    loss = pipe.step(x, y)
+    expected = torch.nn.functional.mse_loss(reference(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=RTOL, atol=ATOL)
+    for index, (p, q, rows) in enumerate(pairs):
+        assert p.grad is not None, f"{what}: parameter {index} got no gradient"
+        torch.testing.assert_close(p.grad, q.grad[rows], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"{what}: parameter {index}: {m}")
+    if pipe.tensor_group is not None:
+        pipe.tensor_group.close()
+
+
+def test_staged_layers_refuse_auto_balance_and_bad_stage_ranks():
+    with pytest.raises(ValueError, match="explicit balance"):
+        Pipeline(_cnn_layers(), balance="auto", micro_batches=1)
+    with pytest.raises(ValueError, match=f"summing to the {WORLD} ranks"):
+        Pipeline(make_model(), balance=[7], stage_ranks=[WORLD + 1], micro_batches=1)
+    # fc1's in-place gradient accumulation would bypass DDP's hooks.
+    with pytest.raises(ValueError, match="data group with stages of several ranks"):
+        Pipeline(make_model(), balance=[7], stage_ranks=[WORLD], micro_batches=1, data_group=object())
