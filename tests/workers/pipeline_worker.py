@@ -2,7 +2,7 @@
 (tests/test_pipeline.py). Cannot run inside a pytest suite under mpiexec: its ranks agree on
 every outcome through a collective. Every other pipeline check is tests/mpi/mpi_pipeline.py.
 
-Usage: pipeline_worker.py stop|kill STAGE SCHEDULE, or kill_named STAGE SCHEDULE REPORT_DIR. The warm-up steps run under the launch's
+Usage: pipeline_worker.py stop|kill STAGE SCHEDULE. The warm-up steps run under the launch's
 PBM_TIMEOUT_S; the step in which a stage halts under a deadline of TIMEOUT_S.
 """
 
@@ -94,48 +94,6 @@ def mode_kill(comm, stage: str, schedule: str) -> None:
         assert error.missing_ranks == [target], (error.missing_ranks, str(error))
         raise SystemExit(3)
     raise AssertionError(f"rank {r}: the step finished although rank {target} was killed")
-
-
-def mode_kill_named(comm, stage: str, schedule: str, report_dir: str) -> None:
-    """Under ``mpiexec -disable-auto-cleanup``: stage STAGE kills itself (SIGKILL) in the
-    forward of micro-batch 2; every surviving rank's step ends in CollectiveTimeout or
-    PeerFailure naming it. Each survivor writes what it caught to REPORT_DIR/report<r>.txt
-    (the launcher may still SIGKILL survivors later, losing their stdout) and ends itself: its
-    MPI_Finalize would wait for the dead rank."""
-    target, r = int(stage), comm.Get_rank()
-    with open(os.path.join(report_dir, f"rank{r}.pid"), "w") as out:  # the test ends leftovers
-        out.write(str(os.getpid()))
-    # Hydra tells survivors of a dead rank with SIGUSR1 (tests/test_failures.py), whose default
-    # action would end them before their deadline: this test is about that deadline.
-    signal.signal(signal.SIGUSR1, lambda *_: None)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(2 * pbm.size())])
-    # The warm-up step under a generous deadline (a loaded machine), the halting one under TIMEOUT_S.
-    pipe = pbm.parallel.Pipeline(model, balance=[2] * pbm.size(), micro_batches=4, schedule=schedule,
-                                 timeout_s=60)
-    x, y = torch.randn(8, 8), torch.randn(8, 8)
-    pipe.step(x, y)
-    pipe.channel.timeout_s = TIMEOUT_S
-    if r == target:
-        _halt_on_micro_batch(pipe, 2, signal.SIGKILL)
-    try:
-        pipe.step(x, y)
-    except (pbm.CollectiveTimeout, pbm.PeerFailure) as error:
-        named = getattr(error, "missing_ranks", None) or getattr(error, "failed_ranks", None) or []
-        line = f"CAUGHT {type(error).__name__} ranks={sorted(named)} rank={r}: {error}".replace("\n", " ")
-        path = os.path.join(report_dir, f"report{r}.txt")
-        with open(path + ".tmp", "w") as out:
-            out.write(line + "\n")
-        os.replace(path + ".tmp", path)
-        print(line, flush=True)
-        # Leave once every survivor has reported: hydra may end the job when one leaves.
-        others = [os.path.join(report_dir, f"report{p}.txt") for p in range(comm.Get_size()) if p != target]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(os.path.exists(o) for o in others):
-            time.sleep(0.1)
-        os._exit(0)
-    print(f"NO ERROR rank {r}: the step finished although rank {target} was killed", flush=True)
-    os._exit(1)
 
 
 if __name__ == "__main__":
