@@ -8,6 +8,8 @@
 #                                 relative to this directory, or absolute), with its own CMake
 #                                 build directory, e.g. PBM_VENV=.venv-ompi PBM_SYSTEM_MPI=1
 #                                 beside the default .venv (CI's Open MPI tests).
+#   PBM_MPI4PY_WHEEL=1            with PBM_SYSTEM_MPI=1: mpi4py's binary wheel (it loads the
+#                                 system libmpi at run time) instead of compiling mpi4py.
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
@@ -32,8 +34,15 @@ if [ "${PBM_SYSTEM_MPI:-0}" = 1 ]; then
     exit 1
   fi
   export MPICC
-  # mpi4py compiled against the same MPI the core will link to.
-  "${pip[@]}" --no-binary=mpi4py mpi4py
+  if [ "${PBM_MPI4PY_WHEEL:-0}" = 1 ]; then
+    # mpi4py's binary wheel, which loads the libmpi it finds at run time (MPICH ABI or Open
+    # MPI's libmpi.so.40): seconds instead of many minutes of compiling; pybrain_mpi.init()
+    # refuses a libmpi other than the core's (MPILibraryMismatch).
+    "${pip[@]}" mpi4py
+  else
+    # mpi4py compiled against the same MPI the core will link to.
+    "${pip[@]}" --no-binary=mpi4py mpi4py
+  fi
 else
   "${pip[@]}" mpich mpi4py
   export MPICC="$(cd "$venv" && pwd)/bin/mpicc"
