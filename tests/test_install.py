@@ -17,10 +17,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CMAKE = shutil.which("cmake")
-# A directory with cmake and the C++ compiler but no MPI wrapper on it.
-BARE_PATH = "/usr/bin:/bin"
-needs_cmake = pytest.mark.skipif(CMAKE is None or shutil.which("mpicc", path=BARE_PATH) is not None,
-                                 reason="needs cmake, and no system mpicc on /usr/bin:/bin")
+SYSTEM_BIN = ("/usr/bin", "/bin")
+# Programs of an MPI installation (wrappers, launchers; Open MPI's opal/orte/shmem tools).
+MPI_PROGRAMS = ("mpi", "ompi", "orte", "opal", "oshmem", "shmem")
+needs_cmake = pytest.mark.skipif(CMAKE is None, reason="needs cmake")
+
+
+def _bare_path(tmp_path: Path) -> str:
+    """A PATH with the system's programs (compiler, make...) but no MPI: symlinks to everything
+    in /usr/bin and /bin except MPI programs, so a system MPI there (CI installs Open MPI) does
+    not hide the case "no mpicc on PATH"."""
+    bare = tmp_path / "bare-bin"
+    if not bare.exists():
+        bare.mkdir()
+        for directory in SYSTEM_BIN:
+            for entry in sorted(Path(directory).iterdir()):
+                target = bare / entry.name
+                if not entry.name.startswith(MPI_PROGRAMS) and not os.path.lexists(target):
+                    target.symlink_to(entry)
+    assert shutil.which("mpicc", path=str(bare)) is None
+    return str(bare)
 
 
 def _configure(tmp_path: Path, env: dict, python: str | None = None, name: str = "b"):
@@ -28,7 +44,7 @@ def _configure(tmp_path: Path, env: dict, python: str | None = None, name: str =
     command = [CMAKE, "-S", str(ROOT), "-B", str(tmp_path / name), "-DPBM_MPI_ONLY=ON"]
     if python:
         command.append(f"-DPython_EXECUTABLE={python}")
-    full = {"PATH": BARE_PATH, "HOME": os.environ.get("HOME", "/root"), **env}
+    full = {"PATH": _bare_path(tmp_path), "HOME": os.environ.get("HOME", "/root"), **env}
     result = subprocess.run(command, capture_output=True, text=True, env=full, timeout=300)
     chosen = [line for line in result.stdout.splitlines() if "pybrain-mpi: MPI at" in line]
     return result, (chosen[0] if chosen else "")
@@ -64,7 +80,7 @@ def test_the_mpi_is_chosen_by_one_rule_in_order(tmp_path):
     _, chosen = _configure(tmp_path, {"VIRTUAL_ENV": venv}, python=bare, name="venv")
     assert f"MPI at {venv}, chosen by the active virtual environment" in chosen, chosen
     # mpicc on PATH beats the Python's environment.
-    _, chosen = _configure(tmp_path, {"PATH": f"{VENV_BIN}:{BARE_PATH}"}, python=bare, name="path")
+    _, chosen = _configure(tmp_path, {"PATH": f"{VENV_BIN}:{_bare_path(tmp_path)}"}, python=bare, name="path")
     assert f"chosen by mpicc on PATH ({VENV_BIN / 'mpicc'})" in chosen, chosen
     # MPICC beats the active virtual environment; MPI_HOME beats MPICC.
     fake = tmp_path / "fake-mpi"

@@ -40,7 +40,8 @@ NOT_RUN = [
      "checked by test_ci_runs_the_readme_setup_and_test_commands)"),
     (r"^module load ",
      "needs environment modules (`module load`) and builds a second environment against the "
-     "system MPI (about 10 minutes); done by hand with Debian's Open MPI, see slurm/README.md"),
+     "system MPI (about 10 minutes); .ci/run does the same with Debian's Open MPI (PBM_VENV=.venv-ompi "
+     "PBM_SYSTEM_MPI=1 ./setup.sh) for tests/test_two_node_slurm.py"),
     (r"--gpus-per-task", "asks for GPU nodes, which this machine does not have"),
     (r"cluster_allreduce\.py\s+# 2x2",
      "the whole benchmark (2 rates x 2 placements x 3 sizes x 7 implementations, tens of "
