@@ -35,7 +35,7 @@ import os
 import pickle
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -187,49 +187,27 @@ def mpi_threads_supported() -> bool:
     return _context.current().thread_level == MPI.THREAD_MULTIPLE
 
 
-def mpi_enabled() -> bool:
-    """Always True: pybrain-mpi runs over MPI."""
-    return True
+def _build_flag(name: str, value: Any, doc: str) -> Callable[[], Any]:
+    """One of Horovod's build/feature queries, answering ``value`` (what pybrain-mpi is built with)."""
+
+    def flag() -> Any:
+        return value
+
+    flag.__name__ = flag.__qualname__ = name
+    flag.__doc__ = doc
+    return flag
 
 
-def mpi_built() -> bool:
-    """Always True."""
-    return True
-
-
-def gloo_enabled() -> bool:
-    """Always False: there is no Gloo controller."""
-    return False
-
-
-def gloo_built() -> bool:
-    """Always False."""
-    return False
-
-
-def nccl_built() -> int:
-    """0 (falsy; Horovod returns the NCCL version): collectives run over MPI on CPU tensors."""
-    return 0
-
-
-def ddl_built() -> bool:
-    """Always False."""
-    return False
-
-
-def ccl_built() -> bool:
-    """Always False."""
-    return False
-
-
-def cuda_built() -> bool:
-    """Always False: CPU tensors only."""
-    return False
-
-
-def rocm_built() -> bool:
-    """Always False."""
-    return False
+mpi_enabled = _build_flag("mpi_enabled", True, "Always True: pybrain-mpi runs over MPI.")
+mpi_built = _build_flag("mpi_built", True, "Always True.")
+gloo_enabled = _build_flag("gloo_enabled", False, "Always False: there is no Gloo controller.")
+gloo_built = _build_flag("gloo_built", False, "Always False.")
+nccl_built = _build_flag("nccl_built", 0, "0 (falsy; Horovod returns the NCCL version): collectives run over MPI "
+                         "on CPU tensors.")
+ddl_built = _build_flag("ddl_built", False, "Always False.")
+ccl_built = _build_flag("ccl_built", False, "Always False.")
+cuda_built = _build_flag("cuda_built", False, "Always False: CPU tensors only.")
+rocm_built = _build_flag("rocm_built", False, "Always False.")
 
 
 def _coordinator_or_init() -> _coord.Coordinator:
@@ -636,19 +614,22 @@ def grouped_allreduce_async(tensors: list, average: bool | None = None, name: st
                             op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                             process_set: Any = global_process_set) -> int:
     """Starts allreduces of every tensor of ``tensors`` (into new tensors) as one group."""
-    op = _resolve_op(average, op)
-    handles = [allreduce_async(t, None, n, op, prescale_factor, postscale_factor, process_set)
-               for t, n in zip(tensors, _group_names(name, len(tensors), "allreduce"))]
-    return _register_group(handles)
+    spec = _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set)
+    return _start_group(allreduce_async, tensors, spec)
 
 
 def grouped_allreduce_async_(tensors: list, average: bool | None = None, name: str | None = None,
                              op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                              process_set: Any = global_process_set) -> int:
     """Starts in-place allreduces of every tensor of ``tensors`` as one group."""
-    op = _resolve_op(average, op)
-    handles = [allreduce_async_(t, None, n, op, prescale_factor, postscale_factor, process_set)
-               for t, n in zip(tensors, _group_names(name, len(tensors), "allreduce"))]
+    spec = _Reduction.of(average, name, op, prescale_factor, postscale_factor, process_set)
+    return _start_group(allreduce_async_, tensors, spec)
+
+
+def _start_group(start: Callable[..., int], tensors: list, spec: _Reduction) -> int:
+    """Starts ``start`` (allreduce_async or allreduce_async_) on each tensor, named ``<name>.<i>``."""
+    handles = [start(t, None, n, spec.op, spec.prescale_factor, spec.postscale_factor, spec.process_set)
+               for t, n in zip(tensors, _group_names(spec.name, len(tensors), "allreduce"))]
     return _register_group(handles)
 
 
