@@ -197,6 +197,21 @@ def wait_for_requeued_job(cluster, job_state, result: Path, deadline: float, out
         state = job_state()
 
 
+def _job_probes(cluster: Cluster, output: Path, job_id: str):
+    """(output_text, job_state) of a submitted job: its output so far and its Slurm state
+    ("GONE" once finished jobs are purged after MinJobAge)."""
+
+    def output_text() -> str:
+        return output.read_text(errors="replace") if output.exists() else "(no output yet)"
+
+    def job_state() -> str:
+        shown = cluster.run("scontrol", "show", "job", "-o", job_id)
+        match = re.search(r"JobState=(\S+)", shown.stdout)
+        return match.group(1) if match else "GONE"
+
+    return output_text, job_state
+
+
 def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, tmp_path: Path):
     """USR1 to the batch script (what --signal=B:USR1@120 sends) ends in a requeued, resumed job.
 
@@ -212,13 +227,7 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster: Cluster, 
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
 
-    def output_text() -> str:
-        return output.read_text(errors="replace") if output.exists() else "(no output yet)"
-
-    def job_state() -> str:
-        shown = cluster.run("scontrol", "show", "job", "-o", job_id)
-        match = re.search(r"JobState=(\S+)", shown.stdout)
-        return match.group(1) if match else "GONE"   # finished jobs are purged after MinJobAge
+    output_text, job_state = _job_probes(cluster, output, job_id)
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
@@ -276,13 +285,7 @@ def test_preempted_real_training_job_resumes_and_ends_like_an_uninterrupted_run(
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
 
-    def output_text() -> str:
-        return output.read_text(errors="replace") if output.exists() else "(no output yet)"
-
-    def job_state() -> str:
-        shown = cluster.run("scontrol", "show", "job", "-o", job_id)
-        match = re.search(r"JobState=(\S+)", shown.stdout)
-        return match.group(1) if match else "GONE"
+    output_text, job_state = _job_probes(cluster, output, job_id)
 
     deadline = time.monotonic() + 150
     try:
