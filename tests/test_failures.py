@@ -75,6 +75,20 @@ def caught(stdout: str) -> list[dict]:
     return found
 
 
+def assert_timeouts_name(result: subprocess.CompletedProcess, missing: int, fragments: list[str]) -> None:
+    """Every rank but the last (``missing``) reported a CollectiveTimeout naming only it, whose
+    message holds each of ``fragments``, after about PBM_TIMEOUT_S (its ELAPSED lines)."""
+    out = result.stdout + result.stderr
+    reports = caught(result.stdout)
+    assert sorted(r["rank"] for r in reports) == list(range(missing)), out
+    for report in reports:
+        assert report["type"] == "CollectiveTimeout", out
+        assert report["ranks"] == [missing], out
+        assert all(fragment in report["message"] for fragment in fragments), out
+    for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
+        assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
+
+
 # --------------------------------------------------------------- a stopped peer, each wait
 @pytest.mark.parametrize("mode,ranks,what", [
     ("gather", 2, "RNG states"),
@@ -92,14 +106,7 @@ def test_a_stopped_rank_is_named_and_the_others_exit_while_it_stays_stopped(tmp_
                              tmp_path, limit_s=4 * TIMEOUT_S + 40)
     out = result.stdout + result.stderr
     stopped = ranks - 1
-    reports = caught(result.stdout)
-    assert sorted(r["rank"] for r in reports) == list(range(ranks - 1)), out
-    for report in reports:
-        assert report["type"] == "CollectiveTimeout", out
-        assert report["ranks"] == [stopped], out
-        assert str(stopped) in report["message"] and what in report["message"], out
-    for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
-        assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
+    assert_timeouts_name(result, stopped, [str(stopped), what])
     assert "RESUMED" not in out  # nobody waited for the stopped rank to continue
     # MPI_Finalize would have waited for it: each waiting rank said so and ended itself.
     for rank in range(ranks - 1):
@@ -290,13 +297,6 @@ def test_a_rank_absent_from_set_up_is_named_and_the_others_exit_without_it(tmp_p
                              tmp_path, limit_s=4 * TIMEOUT_S + 40)
     out = result.stdout + result.stderr
     absent = ranks - 1
-    reports = caught(result.stdout)
-    assert sorted(r["rank"] for r in reports) == list(range(ranks - 1)), out
-    for report in reports:
-        assert report["type"] == "CollectiveTimeout", out
-        assert report["ranks"] == [absent], out
-        assert f"rank {absent} did not arrive" in report["message"] and what in report["message"], out
-    for seconds in re.findall(r"^ELAPSED ([\d.]+)", result.stdout, re.M):
-        assert TIMEOUT_S * 0.9 <= float(seconds) <= 3 * TIMEOUT_S + 10, out
+    assert_timeouts_name(result, absent, [f"rank {absent} did not arrive", what])
     assert "LATE RANK EXITS" not in out and "NO ERROR" not in out  # nobody waited for it
     assert result.returncode != 0, out
